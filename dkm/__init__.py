@@ -1,0 +1,7 @@
+"""dkm: k-means and Gaussian mixtures as one EM over Dask arrays."""
+
+from dkm.estimators import GaussianMixture, KMeans
+from dkm.kernels.params import DegenerateComponentError, MixtureParams
+
+__version__ = "0.1.0"
+__all__ = ["DegenerateComponentError", "GaussianMixture", "KMeans", "MixtureParams", "__version__"]

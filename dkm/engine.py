@@ -1,0 +1,470 @@
+"""The EM loop over a Dask array: E-step per chunk, tree reduction, M-step on the client.
+
+Knows no YAML, no files and no CLI. Works on whatever Dask scheduler is current: the
+threaded scheduler by default, or a ``distributed.Client`` if one is active.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+from dask.base import tokenize
+from dask.delayed import Delayed, delayed
+from numpy.typing import NDArray
+
+from dkm._typing import Assignment, CovarianceType, Moments, moments_for
+from dkm.kernels import expectation as K
+from dkm.kernels.init import INIT_METHODS
+from dkm.kernels.mstep import gaussian_mstep, kmeans_centres
+from dkm.kernels.params import MixtureParams
+from dkm.reduce import tree_reduce
+from dkm.stats import DataSummary, SuffStats
+
+F64 = NDArray[np.float64]
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True, eq=False)
+class ChunkedData:
+    """Points partitioned by rows, optional weights on the same chunks, and an origin.
+
+    Kernels see ``X − origin``; the origin (the data mean once known) keeps distance
+    expansions such as ``‖x‖² − 2x·μ + ‖μ‖²`` accurate for data far from zero.
+    """
+
+    X: da.Array
+    weights: da.Array | None
+    origin: F64
+
+    @classmethod
+    def from_dask(cls, X: da.Array, weights: da.Array | None = None) -> ChunkedData:
+        if X.ndim != 2:
+            raise ValueError(f"expected a 2-D array of points, got {X.ndim} dimension(s)")
+        if X.dtype.kind not in "fiub" or X.dtype.kind == "c":
+            raise ValueError(f"expected a real numeric dtype, got {X.dtype}")
+        if X.dtype not in (np.float32, np.float64):
+            X = X.astype(np.float64)
+        if len(X.chunks[1]) != 1:
+            X = X.rechunk({1: -1})
+        if weights is not None:
+            if weights.shape != (X.shape[0],):
+                raise ValueError(
+                    f"sample_weight has shape {weights.shape}, expected ({X.shape[0]},)"
+                )
+            weights = weights.astype(np.float64).rechunk((X.chunks[0],))
+        return cls(X, weights, np.zeros(X.shape[1]))
+
+    @property
+    def n_features(self) -> int:
+        return int(self.X.shape[1])
+
+    @property
+    def offsets(self) -> list[int]:
+        return [0, *np.cumsum(self.X.chunks[0]).tolist()][:-1]
+
+    def with_origin(self, origin: F64) -> ChunkedData:
+        return replace(self, origin=np.asarray(origin, np.float64))
+
+    def block_tasks(self) -> list[tuple[Any, Any, int]]:
+        """(X block, weight block or None, row offset) per row chunk, as Delayed."""
+        xb = self.X.to_delayed().ravel().tolist()
+        wb = [None] * len(xb) if self.weights is None else self.weights.to_delayed().tolist()
+        return list(zip(xb, wb, self.offsets, strict=True))
+
+
+def centred(X: NDArray[Any], origin: F64, covariance_type: str) -> NDArray[Any]:
+    """``X − origin`` in the kernels' compute dtype (float32 stays float32 for k-means)."""
+    dtype = K.compute_dtype(np.dtype(X.dtype), covariance_type)
+    return np.asarray(X, dtype) - origin.astype(dtype)
+
+
+# --------------------------------------------------------------------------- passes
+
+
+@dataclass(frozen=True)
+class PassOptions:
+    """What one E-step pass computes."""
+
+    assignment: Assignment
+    moments: Moments
+    n_farthest: int = 0
+
+
+def _estep_chunk(
+    X: NDArray[Any],
+    w: NDArray[Any] | None,
+    params: MixtureParams,
+    origin: F64,
+    shift: F64 | None,
+    options: PassOptions,
+    row_offset: int,
+) -> SuffStats:
+    return K.estep(
+        centred(X, origin, params.covariance_type),
+        params,
+        assignment=options.assignment,
+        moments=options.moments,
+        shift=shift,
+        sample_weight=w,
+        n_farthest=options.n_farthest,
+        row_offset=row_offset,
+    )
+
+
+def _summary_chunk(
+    X: NDArray[Any], w: NDArray[Any] | None, row_offset: int, sample_size: int, seed: int
+) -> DataSummary:
+    weights = np.ones(X.shape[0]) if w is None else w
+    return DataSummary.from_chunk(X, weights, row_offset, sample_size, seed)
+
+
+def _reduce_and_compute(parts: list[Delayed], split_every: int, name: str) -> Any:
+    (total,) = dask.compute(tree_reduce(parts, split_every, name))
+    return total
+
+
+def stats_pass(
+    data: ChunkedData,
+    params: MixtureParams,
+    options: PassOptions,
+    *,
+    shift: F64 | None = None,
+    split_every: int = 8,
+) -> SuffStats:
+    """One E-step over all chunks, reduced to totals: a single ``compute``.
+
+    The parameters enter the graph once, as one key every E-step task depends on, so
+    each worker receives them once per iteration.
+    """
+    token = tokenize(
+        data.X.name,
+        params.means,
+        params.precisions_cholesky,
+        params.weights,
+        shift,
+        options,
+        data.origin,
+        split_every,
+    )
+    p = delayed(params, traverse=False, name=f"dkm-params-{token}")
+    o = delayed(data.origin, traverse=False, name=f"dkm-origin-{token}")
+    s = None if shift is None else delayed(shift, traverse=False, name=f"dkm-shift-{token}")
+    parts = [
+        delayed(_estep_chunk, pure=True)(
+            xb, wb, p, o, s, options, off, dask_key_name=(f"dkm-estep-{token}", i)
+        )
+        for i, (xb, wb, off) in enumerate(data.block_tasks())
+    ]
+    total: SuffStats = _reduce_and_compute(parts, split_every, f"dkm-merge-{token}")
+    return total
+
+
+def summarize(
+    data: ChunkedData, *, sample_size: int, seed: int, split_every: int = 8
+) -> DataSummary:
+    """One pass: counts, mean, variance, a weighted sample, and input checks.
+
+    Raises ValueError naming the first offending row for non-finite values or
+    negative/non-finite weights, and for data without positive total weight.
+    """
+    token = tokenize(
+        data.X.name, None if data.weights is None else data.weights.name, sample_size, seed
+    )
+    parts = [
+        delayed(_summary_chunk, pure=True)(
+            xb, wb, off, sample_size, seed, dask_key_name=(f"dkm-summary-{token}", i)
+        )
+        for i, (xb, wb, off) in enumerate(data.block_tasks())
+    ]
+    summary: DataSummary = _reduce_and_compute(parts, split_every, f"dkm-summary-merge-{token}")
+    if summary.n_nonfinite:
+        chunk = int(
+            np.searchsorted(np.cumsum(data.X.chunks[0]), summary.first_nonfinite_row, side="right")
+        )
+        raise ValueError(
+            f"Input X contains NaN or infinity: {summary.n_nonfinite} row(s), the first at "
+            f"row {summary.first_nonfinite_row} (chunk {chunk}). Remove or impute them."
+        )
+    if summary.n_bad_weights:
+        raise ValueError(
+            f"sample_weight has {summary.n_bad_weights} negative or non-finite value(s), "
+            f"the first at row {summary.first_bad_weight_row}; weights must be finite and >= 0."
+        )
+    if summary.count and summary.weight <= 0:
+        raise ValueError("sample_weight sums to zero: at least one point needs positive weight")
+    return summary
+
+
+# --------------------------------------------------------------------------- EM loop
+
+
+@dataclass(frozen=True, eq=False)
+class IterationInfo:
+    """What the per-iteration callback receives.
+
+    ``objective`` is the k-means inertia (under the centres the iteration started
+    from) or the mean log-likelihood (the lower bound); ``change`` is the squared centre
+    shift (k-means) or the change of the lower bound; ``params`` are the new
+    parameters, in the data's coordinates.
+    """
+
+    iteration: int
+    objective: float
+    change: float
+    seconds: float
+    params: MixtureParams
+
+
+Callback = Callable[[IterationInfo], None]
+
+
+@dataclass(frozen=True)
+class EMOptions:
+    covariance_type: CovarianceType = "full"
+    assignment: Assignment = "soft"
+    reg_covar: float = 1e-6
+    tol: float = 1e-3
+    max_iter: int = 100
+    split_every: int = 8
+
+    @property
+    def is_kmeans(self) -> bool:
+        return self.covariance_type == "identity" and self.assignment == "hard"
+
+
+@dataclass(eq=False)
+class EMResult:
+    """Outcome of one EM run. ``params`` are in the data's coordinates."""
+
+    params: MixtureParams
+    n_iter: int
+    converged: bool
+    objective: float  # k-means: final inertia; otherwise the last lower bound
+    covariances: F64 | None
+    history: list[IterationInfo] = field(default_factory=list)
+
+
+def _notify(callback: Callback | None, history: list[IterationInfo], info: IterationInfo) -> None:
+    history.append(info)
+    if callback is not None:
+        callback(info)
+
+
+def fit_em(
+    data: ChunkedData,
+    init: MixtureParams,
+    options: EMOptions,
+    *,
+    tol_abs: float | None = None,
+    init_covariances: F64 | None = None,
+    callback: Callback | None = None,
+) -> EMResult:
+    """Run EM from ``init`` (centred coordinates, i.e. relative to ``data.origin``).
+
+    k-means (identity, hard) converges like scikit-learn's Lloyd: when the summed
+    squared centre shift is ``<= tol_abs`` (which the caller derives from the data
+    variance). Its moments are taken around the fixed origin, so an iteration whose
+    labels did not change reproduces the centres bit for bit and stops at shift 0,
+    as scikit-learn's strict convergence does. Every other pair stops when the mean
+    log-likelihood changes by less than ``options.tol``, and takes its moments
+    around the previous means.
+    """
+    history: list[IterationInfo] = []
+    params, converged, n_iter = init, False, 0
+    covariances = init_covariances
+    if options.is_kmeans:
+        tol = 0.0 if tol_abs is None else tol_abs
+        opts = PassOptions("hard", "none", n_farthest=params.n_components)
+        for n_iter in range(1, options.max_iter + 1):
+            t0 = time.perf_counter()
+            stats = stats_pass(data, params, opts, split_every=options.split_every)
+            centres, _ = kmeans_centres(stats)
+            shift_tot = float(((centres - params.means) ** 2).sum())
+            params = MixtureParams.identity(centres)
+            _notify(
+                callback,
+                history,
+                IterationInfo(
+                    n_iter,
+                    stats.objective,
+                    shift_tot,
+                    time.perf_counter() - t0,
+                    params.translated(data.origin),
+                ),
+            )
+            if shift_tot <= tol:
+                converged = True
+                break
+        final = stats_pass(
+            data, params, PassOptions("hard", "none"), split_every=options.split_every
+        )
+        objective = final.objective
+    else:
+        opts = PassOptions(options.assignment, moments_for(options.covariance_type))
+        lower_bound = -math.inf
+        for n_iter in range(1, options.max_iter + 1):
+            t0 = time.perf_counter()
+            stats = stats_pass(
+                data, params, opts, shift=params.means, split_every=options.split_every
+            )
+            params, covariances = gaussian_mstep(
+                stats, params.means, options.covariance_type, options.reg_covar
+            )
+            previous, lower_bound = lower_bound, stats.objective / stats.n
+            change = lower_bound - previous
+            _notify(
+                callback,
+                history,
+                IterationInfo(
+                    n_iter,
+                    lower_bound,
+                    change,
+                    time.perf_counter() - t0,
+                    params.translated(data.origin),
+                ),
+            )
+            if abs(change) < options.tol:
+                converged = True
+                break
+        objective = lower_bound
+    return EMResult(
+        params.translated(data.origin), n_iter, converged, objective, covariances, history
+    )
+
+
+# --------------------------------------------------------------------------- init
+
+
+def sample_points(summary: DataSummary, origin: F64) -> tuple[F64, F64]:
+    """The init sample in centred coordinates and the weights to use with it.
+
+    A complete sample (every positive-weight row) keeps its weights and row order, so
+    k-means++ on small data is scikit-learn's k-means++ on the same points; a
+    subsample was drawn proportionally to weight and is used unweighted.
+    """
+    sample = summary.sample.in_row_order()
+    points = sample.points - origin
+    weights = sample.weights if summary.sample_is_complete else np.ones(len(sample.rows))
+    return points, weights
+
+
+def init_centres(
+    summary: DataSummary,
+    origin: F64,
+    n_clusters: int,
+    method: str,
+    random_state: np.random.RandomState,
+) -> F64:
+    """Initial centres (centred coordinates) by ``method`` on the summary's sample."""
+    try:
+        fn = INIT_METHODS[method]
+    except KeyError:
+        raise ValueError(
+            f"init: expected one of {', '.join(INIT_METHODS)} or an array, got {method!r}"
+        ) from None
+    points, weights = sample_points(summary, origin)
+    if points.shape[0] < n_clusters:
+        raise ValueError(
+            f"n_samples={points.shape[0]} (with positive weight) should be >= "
+            f"n_clusters={n_clusters}."
+        )
+    return fn(points, n_clusters, weights, random_state)
+
+
+def gaussian_from_partition(
+    data: ChunkedData,
+    centres: F64,
+    covariance_type: CovarianceType,
+    reg_covar: float,
+    split_every: int = 8,
+) -> tuple[MixtureParams, F64]:
+    """A mixture from the nearest-centre partition of the data (one pass).
+
+    This is scikit-learn's initialisation from k-means labels: one-hot
+    responsibilities, then an M-step. ``centres`` are in centred coordinates.
+    """
+    moments = moments_for(covariance_type)
+    stats = stats_pass(
+        data,
+        MixtureParams.identity(centres),
+        PassOptions("hard", moments),
+        shift=centres,
+        split_every=split_every,
+    )
+    return gaussian_mstep(stats, centres, covariance_type, reg_covar)
+
+
+# --------------------------------------------------------------------------- predict
+
+
+def _map_chunks(
+    fn: Callable[..., NDArray[Any]],
+    data: ChunkedData,
+    params: MixtureParams,
+    *,
+    name: str,
+    out_dtype: Any,
+    n_columns: int | None = None,
+) -> da.Array:
+    """Apply a per-row kernel lazily; the result keeps the input's row chunks."""
+    centred_params = params.translated(-data.origin)
+    token = tokenize(data.X.name, params.means, params.precisions_cholesky, params.weights)
+    kwargs: dict[str, Any] = {"dtype": out_dtype, "name": f"{name}-{token}"}
+    if n_columns is None:
+        kwargs["drop_axis"] = 1
+    else:
+        kwargs["chunks"] = (data.X.chunks[0], (n_columns,))
+    return da.map_blocks(_apply_kernel, data.X, fn, centred_params, data.origin, **kwargs)
+
+
+def _apply_kernel(
+    X: NDArray[Any], fn: Callable[..., NDArray[Any]], params: MixtureParams, origin: F64
+) -> NDArray[Any]:
+    return fn(centred(X, origin, params.covariance_type), params)
+
+
+def lazy_labels(data: ChunkedData, params: MixtureParams) -> da.Array:
+    return _map_chunks(K.predict_labels, data, params, name="dkm-predict", out_dtype=np.int64)
+
+
+def lazy_proba(data: ChunkedData, params: MixtureParams) -> da.Array:
+    return _map_chunks(
+        K.predict_proba,
+        data,
+        params,
+        name="dkm-proba",
+        out_dtype=np.float64,
+        n_columns=params.n_components,
+    )
+
+
+def lazy_score_samples(data: ChunkedData, params: MixtureParams) -> da.Array:
+    return _map_chunks(K.score_samples, data, params, name="dkm-score", out_dtype=np.float64)
+
+
+def lazy_distances(data: ChunkedData, params: MixtureParams) -> da.Array:
+    dtype = K.compute_dtype(np.dtype(data.X.dtype), "identity")
+    return _map_chunks(
+        K.distances,
+        data,
+        params,
+        name="dkm-transform",
+        out_dtype=dtype,
+        n_columns=params.n_components,
+    )
+
+
+def apply_in_memory(
+    fn: Callable[..., NDArray[Any]], X: NDArray[Any], params: MixtureParams, origin: F64
+) -> NDArray[Any]:
+    """The same kernel on an in-memory array (no Dask), for NumPy inputs."""
+    return _apply_kernel(X, fn, params.translated(-origin), origin)

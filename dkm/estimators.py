@@ -1,0 +1,645 @@
+"""scikit-learn estimators over the engine: ``KMeans`` and ``GaussianMixture``.
+
+Both accept NumPy arrays and Dask arrays. NumPy input is wrapped in a Dask array
+(row chunks, the current scheduler: threads by default, a ``distributed.Client`` if
+one is active) and per-point results come back as NumPy; for Dask input per-point
+results (``labels_``, ``predict``, ``predict_proba``, …) are lazy Dask arrays with the
+input's row chunks.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+import warnings
+from typing import Any, cast
+
+import dask.array as da
+import numpy as np
+from numpy.typing import NDArray
+from sklearn.base import (
+    BaseEstimator,
+    ClassNamePrefixFeaturesOutMixin,
+    ClusterMixin,
+    DensityMixin,
+    TransformerMixin,
+)
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.utils import check_random_state
+from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
+
+from dkm._typing import ASSIGNMENTS, Assignment, CovarianceType, check_choice
+from dkm.engine import (
+    ChunkedData,
+    EMOptions,
+    EMResult,
+    IterationInfo,
+    apply_in_memory,
+    fit_em,
+    gaussian_from_partition,
+    init_centres,
+    lazy_distances,
+    lazy_labels,
+    lazy_proba,
+    lazy_score_samples,
+    sample_points,
+    summarize,
+)
+from dkm.kernels import expectation as K
+from dkm.kernels.params import (
+    MixtureParams,
+    covariances_from_cholesky,
+    n_parameters,
+    precision_cholesky_from_precisions,
+    precisions_from_cholesky,
+)
+from dkm.stats import DataSummary
+
+F64 = NDArray[np.float64]
+GMM_COVARIANCE_TYPES = ("full", "tied", "diag", "spherical", "identity")
+#: Rows per chunk target for NumPy input: bounded bytes, enough chunks for every core.
+_CHUNK_BYTES = 32 * 2**20
+_MIN_CHUNK_ROWS = 4096
+
+
+def _auto_chunk_rows(n: int, d: int, itemsize: int) -> int:
+    by_bytes = max(_MIN_CHUNK_ROWS, _CHUNK_BYTES // max(1, d * itemsize))
+    by_cores = max(_MIN_CHUNK_ROWS, math.ceil(n / (os.cpu_count() or 1)))
+    return max(1, min(by_bytes, by_cores, n))
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_float(name: str, value: Any, minimum: float) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not float(value) >= minimum
+    ):
+        raise ValueError(f"{name} must be a number >= {minimum}, got {value!r}")
+    return float(value)
+
+
+class _DaskMixtureBase(BaseEstimator):
+    """Input handling shared by the estimators: NumPy or Dask in, ChunkedData out."""
+
+    chunk_size: int | str
+    split_every: int
+    init_sample_size: int | None
+    random_state: Any
+    verbose: int
+
+    def _as_data(
+        self, X: Any, sample_weight: Any, *, reset: bool, min_samples: int = 1
+    ) -> tuple[ChunkedData, NDArray[Any] | None]:
+        """Validate X (and weights); returns the chunked data and, for NumPy, the array."""
+        if isinstance(X, da.Array):
+            if X.ndim != 2:
+                raise ValueError(
+                    f"Expected 2D array, got {X.ndim}D array instead: reshape your data."
+                )
+            if X.dtype.kind not in "fiub":
+                raise ValueError(f"Dask array of dtype {X.dtype} is not supported (real numbers)")
+            self._check_n_features_dask(X, reset=reset)
+            if X.shape[0] < min_samples:
+                raise ValueError(
+                    f"Found array with {X.shape[0]} sample(s) while a minimum of "
+                    f"{min_samples} is required."
+                )
+            w = None
+            if sample_weight is not None:
+                w = (
+                    sample_weight
+                    if isinstance(sample_weight, da.Array)
+                    else da.from_array(np.asarray(sample_weight, np.float64), chunks=-1)
+                )
+            return ChunkedData.from_dask(X, w), None
+        Xn = validate_data(
+            self, X, reset=reset, dtype=[np.float64, np.float32], ensure_min_samples=min_samples
+        )
+        rows = (
+            _auto_chunk_rows(Xn.shape[0], Xn.shape[1], Xn.dtype.itemsize)
+            if self.chunk_size == "auto"
+            else _check_int("chunk_size", self.chunk_size, 1)
+        )
+        Xd = da.from_array(Xn, chunks=(rows, -1))
+        wd = None
+        if sample_weight is not None:
+            sw = _check_sample_weight(sample_weight, Xn, dtype=np.float64)
+            wd = da.from_array(sw, chunks=(Xd.chunks[0],))
+        return ChunkedData.from_dask(Xd, wd), Xn
+
+    def _check_n_features_dask(self, X: da.Array, *, reset: bool) -> None:
+        if reset:
+            self.n_features_in_ = int(X.shape[1])
+            if hasattr(self, "feature_names_in_"):
+                del self.feature_names_in_
+        elif X.shape[1] != self.n_features_in_:
+            raise ValueError(
+                f"X has {X.shape[1]} features, but {type(self).__name__} is expecting "
+                f"{self.n_features_in_} features as input."
+            )
+
+    def _summarize(
+        self, data: ChunkedData, n_clusters: int, rng: np.random.RandomState, name: str
+    ) -> DataSummary:
+        n = int(data.X.shape[0])
+        size = self.init_sample_size
+        if size is None:
+            size = max(10_000, 100 * n_clusters)
+        size = _check_int("init_sample_size", size, n_clusters)
+        seed = (
+            int(self.random_state)
+            if isinstance(self.random_state, numbers.Integral)
+            else int(rng.randint(np.iinfo(np.int32).max))
+        )
+        summary = summarize(
+            data, sample_size=min(size, n), seed=seed, split_every=self._split_every()
+        )
+        if summary.n_positive < n_clusters:
+            raise ValueError(
+                f"n_samples={summary.n_positive} should be >= {name}={n_clusters} "
+                "(counting only points with positive sample_weight)."
+            )
+        return summary
+
+    def _split_every(self) -> int:
+        return _check_int("split_every", self.split_every, 2)
+
+    def _callback(self) -> Any:
+        if not self.verbose:
+            return None
+
+        def report(info: IterationInfo) -> None:
+            print(
+                f"Iteration {info.iteration}: objective {info.objective:.6g}, "
+                f"change {info.change:.3g}, {info.seconds:.3f}s"
+            )
+
+        return report
+
+    def _per_point(self, X: Any, fn: Any, lazy: Any, n_columns: bool = False) -> Any:
+        """Run a per-row kernel on NumPy (eagerly) or Dask (lazily) input."""
+        check_is_fitted(self)
+        params = self._model_params()
+        if isinstance(X, da.Array):
+            data, _ = self._as_data(X, None, reset=False)
+            return lazy(data.with_origin(self._origin), params)
+        Xn = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
+        return apply_in_memory(fn, Xn, params, self._origin)
+
+    def _model_params(self) -> MixtureParams:
+        raise NotImplementedError
+
+    _origin: F64
+
+
+class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _DaskMixtureBase):
+    """k-means (Lloyd) over Dask arrays: the identity-covariance, hard-assignment mixture.
+
+    Parameters follow :class:`sklearn.cluster.KMeans`; with the same data and initial
+    centres, centres, labels, inertia and iteration count agree with scikit-learn's
+    ``algorithm="lloyd"``.
+
+    Parameters
+    ----------
+    n_clusters : int, default 8.
+    init : {"k-means++", "random"}, callable or array (n_clusters, n_features).
+        k-means++ and random run on a uniform (weight-proportional) sample of at most
+        ``init_sample_size`` points; on data no larger than that they are exactly
+        scikit-learn's. A callable gets ``(sample, n_clusters, random_state)``.
+    n_init : "auto" or int. "auto" is 1 for k-means++ or an array, 10 for random.
+    max_iter : int, default 300.
+    tol : float, default 1e-4, relative to the mean per-feature variance of the data.
+    verbose : int.
+    random_state : int, RandomState or None.
+    chunk_size : "auto" or int, rows per chunk when X is a NumPy array.
+    split_every : int, fan-in of the reduction tree.
+    init_sample_size : int or None (max(10 000, 100 · n_clusters)).
+
+    Attributes
+    ----------
+    cluster_centers_ : (n_clusters, n_features), in X's float dtype.
+    labels_ : (n_samples,) NumPy array, or a lazy Dask array for Dask input.
+    inertia_ : float, ``Σ w ‖x − μ_label‖²`` under the final centres.
+    n_iter_ : int.  converged_ : bool.
+    history_ : list of IterationInfo, one per iteration of the best run.
+    """
+
+    def __init__(
+        self,
+        n_clusters: int = 8,
+        *,
+        init: Any = "k-means++",
+        n_init: int | str = "auto",
+        max_iter: int = 300,
+        tol: float = 1e-4,
+        verbose: int = 0,
+        random_state: Any = None,
+        chunk_size: int | str = "auto",
+        split_every: int = 8,
+        init_sample_size: int | None = None,
+    ) -> None:
+        self.n_clusters = n_clusters
+        self.init = init
+        self.n_init = n_init
+        self.max_iter = max_iter
+        self.tol = tol
+        self.verbose = verbose
+        self.random_state = random_state
+        self.chunk_size = chunk_size
+        self.split_every = split_every
+        self.init_sample_size = init_sample_size
+
+    def __sklearn_tags__(self) -> Any:
+        tags = super().__sklearn_tags__()
+        tags.transformer_tags.preserves_dtype = ["float64", "float32"]
+        return tags
+
+    def _n_init(self) -> int:
+        if self.n_init == "auto":
+            return 1 if not isinstance(self.init, str) or self.init == "k-means++" else 10
+        n_init = _check_int("n_init", self.n_init, 1)
+        if not isinstance(self.init, str) and not callable(self.init) and n_init != 1:
+            warnings.warn(
+                "Explicit initial center position passed: performing only one init in "
+                f"{type(self).__name__} instead of n_init={n_init}.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return 1
+        return n_init
+
+    def _initial_centres(
+        self, summary: DataSummary, data: ChunkedData, k: int, rng: np.random.RandomState
+    ) -> F64:
+        d = data.n_features
+        if isinstance(self.init, str):
+            return init_centres(summary, data.origin, k, self.init, rng)
+        if callable(self.init):
+            points, _ = sample_points(summary, data.origin)
+            centres = np.asarray(self.init(points + data.origin, k, rng), np.float64)
+        else:
+            centres = np.asarray(self.init, np.float64)
+        if centres.shape != (k, d):
+            raise ValueError(
+                f"The shape of the initial centers {centres.shape} does not match the "
+                f"number of clusters {k} and features {d}: expected ({k}, {d})."
+            )
+        if not np.all(np.isfinite(centres)):
+            raise ValueError("init contains NaN or infinity")
+        return centres - data.origin
+
+    def fit(self, X: Any, y: Any = None, sample_weight: Any = None) -> KMeans:
+        """Compute k-means clustering. ``sample_weight``: (n_samples,) non-negative."""
+        k = _check_int("n_clusters", self.n_clusters, 1)
+        max_iter = _check_int("max_iter", self.max_iter, 1)
+        tol = _check_float("tol", self.tol, 0.0)
+        n_init = self._n_init()
+        if isinstance(self.init, str):
+            check_choice("init", self.init, ("k-means++", "random"))
+        data, Xn = self._as_data(X, sample_weight, reset=True)
+        rng = check_random_state(self.random_state)
+        summary = self._summarize(data, k, rng, "n_clusters")
+        data = data.with_origin(summary.mean)
+        tol_abs = float(np.mean(summary.variance)) * tol
+        options = EMOptions(
+            "identity", "hard", tol=tol, max_iter=max_iter, split_every=self._split_every()
+        )
+        best: EMResult | None = None
+        for _ in range(n_init):
+            centres = self._initial_centres(summary, data, k, rng)
+            result = fit_em(
+                data,
+                MixtureParams.identity(centres),
+                options,
+                tol_abs=tol_abs,
+                callback=self._callback(),
+            )
+            if best is None or result.objective < best.objective:
+                best = result
+        assert best is not None
+        self._origin = data.origin
+        self.cluster_centers_ = best.params.means.astype(data.X.dtype)
+        self._params = best.params
+        self.inertia_ = float(best.objective)
+        self.n_iter_ = best.n_iter
+        self.converged_ = best.converged
+        self.history_ = best.history
+        self.labels_: Any = (
+            lazy_labels(data, best.params)
+            if Xn is None
+            else apply_in_memory(K.predict_labels, Xn, best.params, data.origin)
+        )
+        return self
+
+    def _model_params(self) -> MixtureParams:
+        return self._params
+
+    def fit_predict(self, X: Any, y: Any = None, sample_weight: Any = None) -> Any:
+        return self.fit(X, sample_weight=sample_weight).labels_
+
+    def predict(self, X: Any) -> Any:
+        """Index of the closest centre per row."""
+        return self._per_point(X, K.predict_labels, lazy_labels)
+
+    def transform(self, X: Any) -> Any:
+        """Euclidean distances to every centre; (n_samples, n_clusters)."""
+        return self._per_point(X, K.distances, lazy_distances)
+
+    def fit_transform(self, X: Any, y: Any = None, sample_weight: Any = None) -> Any:
+        return self.fit(X, sample_weight=sample_weight).transform(X)
+
+    def score(self, X: Any, y: Any = None, sample_weight: Any = None) -> float:
+        """Opposite of the inertia of X under the fitted centres."""
+        check_is_fitted(self)
+        if isinstance(X, da.Array):
+            labels = self.predict(X)
+            diff = X.astype(np.float64) - da.from_array(self._params.means)[labels]
+            dist = (diff**2).sum(axis=1)
+            w = 1.0 if sample_weight is None else sample_weight
+            return -float((dist * w).sum().compute())
+        Xn = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
+        sw = None if sample_weight is None else _check_sample_weight(sample_weight, Xn)
+        Xc = Xn.astype(np.float64) - self._origin
+        return -K.inertia(Xc, self._params.translated(-self._origin), sw)
+
+    @property
+    def _n_features_out(self) -> int:
+        return int(self.cluster_centers_.shape[0])
+
+
+class GaussianMixture(DensityMixin, ClusterMixin, _DaskMixtureBase):
+    """Gaussian mixture fitted by EM over Dask arrays.
+
+    Parameters follow :class:`sklearn.mixture.GaussianMixture`; with the same data and
+    initial parameters the fitted weights, means, covariances and ``score`` agree with
+    scikit-learn's for every covariance type. Beyond scikit-learn:
+
+    covariance_type : also ``"identity"``, unit covariances and equal fixed weights
+        (soft k-means with ``assignment="soft"``).
+    assignment : ``"soft"`` (EM, default) or ``"hard"`` (classification EM: each point
+        wholly to its most likely component).
+    init_params : "kmeans" (default), "k-means++", "random" or "random_from_data":
+        centres by that method, then components from the nearest-centre partition.
+    sample_weight : accepted by ``fit``.
+    chunk_size, split_every, init_sample_size : as for :class:`KMeans`.
+
+    Attributes
+    ----------
+    weights_ (k,), means_ (k, d), covariances_, precisions_, precisions_cholesky_
+    (shapes by covariance type as in scikit-learn), converged_, n_iter_,
+    lower_bound_ (mean log-likelihood at the last iteration), lower_bounds_,
+    history_.
+    """
+
+    def __init__(
+        self,
+        n_components: int = 1,
+        *,
+        covariance_type: str = "full",
+        tol: float = 1e-3,
+        reg_covar: float = 1e-6,
+        max_iter: int = 100,
+        n_init: int = 1,
+        init_params: str = "kmeans",
+        weights_init: Any = None,
+        means_init: Any = None,
+        precisions_init: Any = None,
+        random_state: Any = None,
+        verbose: int = 0,
+        assignment: str = "soft",
+        chunk_size: int | str = "auto",
+        split_every: int = 8,
+        init_sample_size: int | None = None,
+    ) -> None:
+        self.n_components = n_components
+        self.covariance_type = covariance_type
+        self.tol = tol
+        self.reg_covar = reg_covar
+        self.max_iter = max_iter
+        self.n_init = n_init
+        self.init_params = init_params
+        self.weights_init = weights_init
+        self.means_init = means_init
+        self.precisions_init = precisions_init
+        self.random_state = random_state
+        self.verbose = verbose
+        self.assignment = assignment
+        self.chunk_size = chunk_size
+        self.split_every = split_every
+        self.init_sample_size = init_sample_size
+
+    # ----------------------------------------------------------------- init
+
+    def _check_inits(self, k: int, d: int) -> tuple[F64 | None, F64 | None, F64 | None]:
+        ct = self.covariance_type
+        weights = means = precisions = None
+        if self.weights_init is not None:
+            if ct == "identity":
+                raise ValueError("weights_init: identity mixtures have equal, fixed weights")
+            weights = np.asarray(self.weights_init, np.float64)
+            if weights.shape != (k,):
+                raise ValueError(f"weights_init should have shape ({k},), got {weights.shape}")
+            if np.any(weights < 0) or not np.isclose(weights.sum(), 1.0):
+                raise ValueError("weights_init must be non-negative and sum to 1")
+        if self.means_init is not None:
+            means = np.asarray(self.means_init, np.float64)
+            if means.shape != (k, d):
+                raise ValueError(f"means_init should have shape ({k}, {d}), got {means.shape}")
+        if self.precisions_init is not None:
+            if ct == "identity":
+                raise ValueError("precisions_init: identity mixtures have unit covariances")
+            precisions = np.asarray(self.precisions_init, np.float64)
+            expected = {"full": (k, d, d), "tied": (d, d), "diag": (k, d), "spherical": (k,)}[ct]
+            if precisions.shape != expected:
+                raise ValueError(
+                    f"precisions_init should have shape {expected} for covariance_type "
+                    f"{ct!r}, got {precisions.shape}"
+                )
+        return weights, means, precisions
+
+    def _initial_params(
+        self, data: ChunkedData, summary: DataSummary, rng: np.random.RandomState
+    ) -> tuple[MixtureParams, F64 | None]:
+        k, d, ct = self.n_components, data.n_features, self._ct
+        weights, means, precisions = self._check_inits(k, d)
+        given_all = means is not None and (
+            ct == "identity" or (weights is not None and precisions is not None)
+        )
+        cov: F64 | None = None
+        if given_all:
+            assert means is not None
+            params = MixtureParams.identity(means - data.origin)
+        else:
+            method = self.init_params
+            check_choice(
+                "init_params", method, ("kmeans", "k-means++", "random", "random_from_data")
+            )
+            if method == "kmeans":
+                centres = init_centres(summary, data.origin, k, "k-means++", rng)
+                km = fit_em(
+                    data,
+                    MixtureParams.identity(centres),
+                    EMOptions("identity", "hard", max_iter=300, split_every=self._split_every()),
+                    tol_abs=float(np.mean(summary.variance)) * 1e-4,
+                )
+                centres = km.params.means - data.origin
+            else:
+                name = "k-means++" if method == "k-means++" else "random"
+                centres = init_centres(summary, data.origin, k, name, rng)
+            if ct == "identity":
+                params = MixtureParams.identity(centres)
+            else:
+                params, cov = gaussian_from_partition(
+                    data, centres, ct, self.reg_covar, self._split_every()
+                )
+        if ct == "identity":
+            if means is not None:
+                params = MixtureParams.identity(means - data.origin)
+            return params, np.ones(k)
+        new_means = params.means if means is None else means - data.origin
+        new_weights = params.weights if weights is None else weights
+        prec_chol: F64 | None = params.precisions_cholesky
+        if precisions is not None:
+            prec_chol = precision_cholesky_from_precisions(precisions, ct)
+            cov = covariances_from_cholesky(prec_chol, ct)
+        assert prec_chol is not None
+        return MixtureParams(ct, new_weights, new_means, prec_chol), cov
+
+    # ----------------------------------------------------------------- fit
+
+    def fit(self, X: Any, y: Any = None, sample_weight: Any = None) -> GaussianMixture:
+        """Estimate the parameters with EM. ``sample_weight``: (n_samples,) non-negative."""
+        k = _check_int("n_components", self.n_components, 1)
+        check_choice("covariance_type", self.covariance_type, GMM_COVARIANCE_TYPES)
+        check_choice("assignment", self.assignment, ASSIGNMENTS)
+        max_iter = _check_int("max_iter", self.max_iter, 0)
+        n_init = _check_int("n_init", self.n_init, 1)
+        tol = _check_float("tol", self.tol, 0.0)
+        reg_covar = _check_float("reg_covar", self.reg_covar, 0.0)
+        data, _ = self._as_data(X, sample_weight, reset=True, min_samples=2)
+        rng = check_random_state(self.random_state)
+        summary = self._summarize(data, k, rng, "n_components")
+        data = data.with_origin(summary.mean)
+        options = EMOptions(
+            self._ct,
+            cast(Assignment, self.assignment),
+            reg_covar,
+            tol,
+            max_iter,
+            self._split_every(),
+        )
+        best: EMResult | None = None
+        for _ in range(n_init):
+            params, cov = self._initial_params(data, summary, rng)
+            result = fit_em(data, params, options, init_covariances=cov, callback=self._callback())
+            if best is None or result.objective > best.objective or best.objective == -math.inf:
+                best = result
+        assert best is not None
+        if not best.converged and max_iter > 0:
+            warnings.warn(
+                f"Best of {n_init} EM run(s) did not converge in max_iter={max_iter} "
+                "iterations. Try different init parameters, or increase max_iter or tol, "
+                "or check for degenerate data.",
+                ConvergenceWarning,
+                stacklevel=2,
+            )
+        self._set_params(best, data)
+        return self
+
+    @property
+    def _ct(self) -> CovarianceType:
+        return cast(CovarianceType, self.covariance_type)
+
+    def _set_params(self, result: EMResult, data: ChunkedData) -> None:
+        p, ct = result.params, self._ct
+        self._origin = data.origin
+        self._params = p
+        self.weights_ = p.weights
+        self.means_ = p.means
+        if ct == "identity":
+            self.precisions_cholesky_ = np.ones(p.n_components)
+        else:
+            assert p.precisions_cholesky is not None
+            self.precisions_cholesky_ = p.precisions_cholesky
+        self.precisions_ = precisions_from_cholesky(
+            self.precisions_cholesky_, "spherical" if ct == "identity" else ct
+        )
+        cov = result.covariances
+        if cov is None:
+            cov = covariances_from_cholesky(
+                self.precisions_cholesky_, ct if ct != "identity" else "spherical"
+            )
+        self.covariances_ = cov
+        self.converged_ = result.converged
+        self.n_iter_ = result.n_iter
+        self.lower_bound_ = float(result.objective)
+        self.lower_bounds_ = [info.objective for info in result.history]
+        self.history_ = result.history
+
+    def _model_params(self) -> MixtureParams:
+        return self._params
+
+    # ----------------------------------------------------------------- predict
+
+    def fit_predict(self, X: Any, y: Any = None, sample_weight: Any = None) -> Any:
+        """Fit, then label X with the final parameters (equal to ``fit(X).predict(X)``)."""
+        return self.fit(X, sample_weight=sample_weight).predict(X)
+
+    def predict(self, X: Any) -> Any:
+        return self._per_point(X, K.predict_labels, lazy_labels)
+
+    def predict_proba(self, X: Any) -> Any:
+        return self._per_point(X, K.predict_proba, lazy_proba)
+
+    def score_samples(self, X: Any) -> Any:
+        """Log-density of each row under the mixture; (n_samples,)."""
+        return self._per_point(X, K.score_samples, lazy_score_samples)
+
+    def score(self, X: Any, y: Any = None) -> float:
+        """Mean log-likelihood of X."""
+        return float(np.asarray(self.score_samples(X).mean()))
+
+    def _n_parameters(self) -> int:
+        return n_parameters(self.covariance_type, len(self.weights_), self.means_.shape[1])
+
+    def bic(self, X: Any) -> float:
+        """Bayesian information criterion (lower is better)."""
+        n = X.shape[0]
+        return -2 * self.score(X) * n + self._n_parameters() * math.log(n)
+
+    def aic(self, X: Any) -> float:
+        """Akaike information criterion (lower is better)."""
+        return -2 * self.score(X) * X.shape[0] + 2 * self._n_parameters()
+
+    def sample(self, n_samples: int = 1) -> tuple[F64, NDArray[np.int64]]:
+        """Draw ``n_samples`` points and their component labels from the fitted mixture."""
+        check_is_fitted(self)
+        if (
+            isinstance(n_samples, bool)
+            or not isinstance(n_samples, numbers.Integral)
+            or (n_samples < 1)
+        ):
+            raise ValueError(
+                f"Invalid value for 'n_samples': {n_samples}. The sampling requires at "
+                "least one sample."
+            )
+        rng = check_random_state(self.random_state)
+        counts = rng.multinomial(n_samples, self.weights_)
+        ct, d = self.covariance_type, self.means_.shape[1]
+        parts = []
+        for j, (mean, count) in enumerate(zip(self.means_, counts, strict=True)):
+            if ct in ("full", "tied"):
+                cov = self.covariances_[j] if ct == "full" else self.covariances_
+                parts.append(rng.multivariate_normal(mean, cov, int(count)))
+            else:
+                scale = np.sqrt(self.covariances_[j])
+                parts.append(mean + rng.standard_normal(size=(int(count), d)) * scale)
+        labels = np.concatenate([np.full(c, j, dtype=np.int64) for j, c in enumerate(counts)])
+        return np.vstack(parts), labels

@@ -1,0 +1,383 @@
+"""Additive, mergeable summaries of chunks of points.
+
+Every per-chunk result in dkm is one of these frozen objects: it has an empty value
+(``zero``/``empty``) and an associative, commutative ``merge``, so a tree reduction of
+any fan-in over any chunking gives the same total (up to floating-point summation
+order). Everything is accumulated in float64 whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from functools import reduce
+from typing import Any, Protocol, TypeVar
+
+import numpy as np
+from numpy.typing import NDArray
+
+from dkm._typing import MOMENTS, Moments, check_choice
+
+F64 = NDArray[np.float64]
+I64 = NDArray[np.int64]
+
+
+class Mergeable(Protocol):
+    def merge(self, other: Any) -> Any: ...
+
+
+M = TypeVar("M", bound=Mergeable)
+
+
+def merge_all(parts: Iterable[M]) -> M:
+    """Merge summaries left to right, in the order given (the tree fixes the order)."""
+    return reduce(lambda a, b: a.merge(b), parts)
+
+
+def _top_order(keys: F64, rows: I64) -> I64:
+    """Indices sorting by key descending, ties by global row ascending (a total order)."""
+    return np.lexsort((rows, -keys)).astype(np.int64)
+
+
+@dataclass(frozen=True, eq=False)
+class FarthestPoints:
+    """The ``capacity`` points farthest from their assigned centre (a mergeable top-m).
+
+    Used to re-seed empty k-means clusters the way scikit-learn does in memory, without
+    a second pass: each chunk keeps its own farthest points, the merge keeps the
+    farthest of the union. Ties are broken by global row index, so the result does not
+    depend on chunking or merge order.
+
+    Attributes
+    ----------
+    distances : (m,) squared distance of each point to the centre it was assigned to.
+    rows : (m,) global row index.  points : (m, d).  weights : (m,).  labels : (m,).
+    """
+
+    capacity: int
+    distances: F64
+    rows: I64
+    points: F64
+    weights: F64
+    labels: I64
+
+    @classmethod
+    def empty(cls, capacity: int, n_features: int) -> FarthestPoints:
+        return cls(
+            capacity,
+            np.empty(0),
+            np.empty(0, np.int64),
+            np.empty((0, n_features)),
+            np.empty(0),
+            np.empty(0, np.int64),
+        )
+
+    @classmethod
+    def from_chunk(
+        cls,
+        capacity: int,
+        distances: NDArray[Any],
+        points: NDArray[Any],
+        weights: NDArray[Any],
+        labels: NDArray[Any],
+        row_offset: int,
+    ) -> FarthestPoints:
+        """Keep the farthest ``capacity`` points of a chunk with positive weight."""
+        keep = np.flatnonzero(weights > 0)
+        dist = np.asarray(distances, np.float64)[keep]
+        if keep.size > capacity:
+            part = np.argpartition(dist, dist.size - capacity)[dist.size - capacity :]
+            keep, dist = keep[part], dist[part]
+        rows = keep.astype(np.int64) + row_offset
+        order = _top_order(dist, rows)
+        keep = keep[order]
+        return cls(
+            capacity,
+            dist[order],
+            rows[order],
+            np.asarray(points[keep], np.float64),
+            np.asarray(weights[keep], np.float64),
+            np.asarray(labels[keep], np.int64),
+        )
+
+    def merge(self, other: FarthestPoints) -> FarthestPoints:
+        if other.capacity != self.capacity:
+            raise ValueError("cannot merge FarthestPoints of different capacities")
+        dist = np.concatenate([self.distances, other.distances])
+        rows = np.concatenate([self.rows, other.rows])
+        order = _top_order(dist, rows)[: self.capacity]
+        return FarthestPoints(
+            self.capacity,
+            dist[order],
+            rows[order],
+            np.concatenate([self.points, other.points])[order],
+            np.concatenate([self.weights, other.weights])[order],
+            np.concatenate([self.labels, other.labels])[order],
+        )
+
+
+def sxx_shape(moments: Moments, k: int, d: int) -> tuple[int, ...] | None:
+    """Shape of the second-moment array for a moment kind (None for k-means)."""
+    return {
+        "none": None,
+        "spherical": (k,),
+        "diag": (k, d),
+        "tied": (d, d),
+        "full": (k, d, d),
+    }[moments]
+
+
+@dataclass(frozen=True, eq=False)
+class SuffStats:
+    """Sufficient statistics of a mixture E-step over some rows.
+
+    For responsibilities ``r_ik`` (0/1 when hard), sample weights ``w_i`` and the
+    per-component shift ``c_k`` that the pass was run with (the previous means):
+
+    Attributes
+    ----------
+    nk : (k,) ``Σ w r_ik``.
+    sx : (k, d) ``Σ w r_ik (x_i − c_k)``.
+    sxx : second moments around ``c_k``: full (k, d, d), diag (k, d), spherical (k,)
+        (summed over features), tied (d, d) (summed over components); None for k-means.
+    objective : ``Σ w min_k ‖x − μ_k‖²`` (k-means) or ``Σ w log p(x_i)``.
+    n : ``Σ w``.
+    count : number of rows seen (unweighted).
+    farthest : candidates for re-seeding empty clusters, or None.
+    """
+
+    moments: Moments
+    nk: F64
+    sx: F64
+    sxx: F64 | None
+    objective: float
+    n: float
+    count: int
+    farthest: FarthestPoints | None = field(default=None)
+
+    @classmethod
+    def zero(
+        cls, n_components: int, n_features: int, moments: Moments = "none", n_farthest: int = 0
+    ) -> SuffStats:
+        """The identity of ``merge``."""
+        check_choice("moments", moments, MOMENTS)
+        shape = sxx_shape(moments, n_components, n_features)
+        return cls(
+            moments,
+            np.zeros(n_components),
+            np.zeros((n_components, n_features)),
+            None if shape is None else np.zeros(shape),
+            0.0,
+            0.0,
+            0,
+            FarthestPoints.empty(n_farthest, n_features) if n_farthest else None,
+        )
+
+    @property
+    def n_components(self) -> int:
+        return int(self.nk.shape[0])
+
+    @property
+    def n_features(self) -> int:
+        return int(self.sx.shape[1])
+
+    def merge(self, other: SuffStats) -> SuffStats:
+        """Elementwise sum (associative and commutative; ``zero`` is its identity)."""
+        if self.moments != other.moments or self.sx.shape != other.sx.shape:
+            raise ValueError(
+                f"cannot merge statistics of kind {self.moments} {self.sx.shape} "
+                f"with {other.moments} {other.sx.shape}"
+            )
+        if (self.farthest is None) != (other.farthest is None):
+            raise ValueError("cannot merge statistics with and without farthest points")
+        sxx = None if self.sxx is None or other.sxx is None else self.sxx + other.sxx
+        far = (
+            None
+            if self.farthest is None or other.farthest is None
+            else self.farthest.merge(other.farthest)
+        )
+        return SuffStats(
+            self.moments,
+            self.nk + other.nk,
+            self.sx + other.sx,
+            sxx,
+            self.objective + other.objective,
+            self.n + other.n,
+            self.count + other.count,
+            far,
+        )
+
+    __add__ = merge
+
+
+@dataclass(frozen=True, eq=False)
+class WeightedSample:
+    """A weighted random sample without replacement, mergeable across chunks.
+
+    Each row gets the key ``log(u_i) / w_i`` (Efraimidis–Spirakis) where ``u_i`` is a
+    hash of the seed and the row's *global* index, so the sample is the same whatever
+    the chunking, worker count or merge order; the ``capacity`` largest keys win.
+    Rows of zero weight are never sampled.
+    """
+
+    capacity: int
+    keys: F64
+    rows: I64
+    points: F64
+    weights: F64
+
+    @classmethod
+    def empty(cls, capacity: int, n_features: int) -> WeightedSample:
+        return cls(
+            capacity, np.empty(0), np.empty(0, np.int64), np.empty((0, n_features)), np.empty(0)
+        )
+
+    @classmethod
+    def from_chunk(
+        cls,
+        capacity: int,
+        X: NDArray[Any],
+        weights: NDArray[Any],
+        row_offset: int,
+        seed: int,
+    ) -> WeightedSample:
+        rows = np.arange(row_offset, row_offset + X.shape[0], dtype=np.int64)
+        w = np.asarray(weights, np.float64)
+        keep = np.flatnonzero(w > 0)
+        u = uniform_from_rows(rows[keep], seed)
+        keys = np.log(u) / w[keep]
+        if keep.size > capacity:
+            part = np.argpartition(keys, keys.size - capacity)[keys.size - capacity :]
+            keep, keys = keep[part], keys[part]
+        order = _top_order(keys, rows[keep])
+        keep = keep[order]
+        return cls(
+            capacity,
+            keys[order],
+            rows[keep],
+            np.asarray(X[keep], np.float64),
+            w[keep],
+        )
+
+    def merge(self, other: WeightedSample) -> WeightedSample:
+        keys = np.concatenate([self.keys, other.keys])
+        rows = np.concatenate([self.rows, other.rows])
+        order = _top_order(keys, rows)[: self.capacity]
+        return WeightedSample(
+            self.capacity,
+            keys[order],
+            rows[order],
+            np.concatenate([self.points, other.points])[order],
+            np.concatenate([self.weights, other.weights])[order],
+        )
+
+    def in_row_order(self) -> WeightedSample:
+        order = np.argsort(self.rows, kind="stable")
+        return WeightedSample(
+            self.capacity,
+            self.keys[order],
+            self.rows[order],
+            self.points[order],
+            self.weights[order],
+        )
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+def _splitmix64(z: NDArray[np.uint64]) -> NDArray[np.uint64]:
+    z = z + _GOLDEN
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    return z ^ (z >> np.uint64(31))
+
+
+def uniform_from_rows(rows: I64, seed: int) -> F64:
+    """A uniform number in (0, 1) per global row index: a counter-based generator."""
+    key = _splitmix64(np.array([seed % 2**64], dtype=np.uint64))[0]
+    h = _splitmix64(rows.astype(np.uint64) ^ key)
+    return ((h >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53
+
+
+@dataclass(frozen=True, eq=False)
+class DataSummary:
+    """One pass over the data: counts, per-feature mean and variance, a sample, checks.
+
+    Mean and variance are unweighted (scikit-learn's k-means tolerance uses
+    ``np.var(X, axis=0)``) and merged with Chan's parallel update, which does not lose
+    the variance of data far from the origin. ``weight`` is ``Σ w``.
+    """
+
+    count: int
+    weight: float
+    mean: F64
+    m2: F64
+    n_nonfinite: int
+    first_nonfinite_row: int
+    n_bad_weights: int
+    first_bad_weight_row: int
+    n_positive: int
+    sample: WeightedSample
+
+    @classmethod
+    def from_chunk(
+        cls,
+        X: NDArray[Any],
+        weights: NDArray[Any],
+        row_offset: int,
+        sample_size: int,
+        seed: int,
+    ) -> DataSummary:
+        n, d = X.shape
+        finite_rows = np.isfinite(X).all(axis=1)
+        n_nonfinite = int(n - np.count_nonzero(finite_rows))
+        first_bad = int(np.argmin(finite_rows)) + row_offset if n_nonfinite else -1
+        w = np.asarray(weights, np.float64)
+        bad_w = ~np.isfinite(w) | (w < 0)
+        n_bad_w = int(np.count_nonzero(bad_w))
+        first_bad_w = int(np.argmax(bad_w)) + row_offset if n_bad_w else -1
+        if n_nonfinite or n_bad_w or n == 0:
+            # Statistics of bad data are meaningless; the engine raises on the counts.
+            mean, m2 = np.zeros(d), np.zeros(d)
+            sample = WeightedSample.empty(sample_size, d)
+            return cls(n, 0.0, mean, m2, n_nonfinite, first_bad, n_bad_w, first_bad_w, 0, sample)
+        X64 = np.asarray(X, np.float64)
+        mean = X64.mean(axis=0)
+        m2 = ((X64 - mean) ** 2).sum(axis=0)
+        sample = WeightedSample.from_chunk(sample_size, X, w, row_offset, seed)
+        n_pos = int(np.count_nonzero(w > 0))
+        return cls(n, float(w.sum()), mean, m2, 0, -1, 0, -1, n_pos, sample)
+
+    def merge(self, other: DataSummary) -> DataSummary:
+        n = self.count + other.count
+        if self.count == 0 or other.count == 0:
+            mean, m2 = (other.mean, other.m2) if self.count == 0 else (self.mean, self.m2)
+        else:
+            delta = other.mean - self.mean
+            mean = self.mean + delta * (other.count / n)
+            m2 = self.m2 + other.m2 + delta**2 * (self.count * other.count / n)
+        firsts = [r for r in (self.first_nonfinite_row, other.first_nonfinite_row) if r >= 0]
+        firsts_w = [r for r in (self.first_bad_weight_row, other.first_bad_weight_row) if r >= 0]
+        return DataSummary(
+            n,
+            self.weight + other.weight,
+            mean,
+            m2,
+            self.n_nonfinite + other.n_nonfinite,
+            min(firsts, default=-1),
+            self.n_bad_weights + other.n_bad_weights,
+            min(firsts_w, default=-1),
+            self.n_positive + other.n_positive,
+            self.sample.merge(other.sample),
+        )
+
+    @property
+    def sample_is_complete(self) -> bool:
+        """True when the sample holds every row of positive weight (not a subsample)."""
+        return self.n_positive <= self.sample.capacity
+
+    @property
+    def variance(self) -> F64:
+        return self.m2 / max(self.count, 1)
