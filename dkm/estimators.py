@@ -374,7 +374,7 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
         return int(self.cluster_centers_.shape[0])
 
 
-class GaussianMixture(DensityMixin, ClusterMixin, _DaskMixtureBase):
+class GaussianMixture(DensityMixin, _DaskMixtureBase):
     """Gaussian mixture fitted by EM over Dask arrays.
 
     Parameters follow :class:`sklearn.mixture.GaussianMixture`; with the same data and

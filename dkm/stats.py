@@ -39,6 +39,23 @@ def _top_order(keys: F64, rows: I64) -> I64:
     return np.lexsort((rows, -keys)).astype(np.int64)
 
 
+def _top_m(keys: F64, rows: I64, m: int) -> I64:
+    """Indices of the ``m`` first under :func:`_top_order`, in that order; O(n) + O(m log m).
+
+    ``argpartition`` finds the m-th largest key; every key above it and every tie at it
+    go to the exact sort, so ties at the boundary are broken by row, not by chance.
+    """
+    if m <= 0:
+        return np.empty(0, np.int64)
+    if keys.size > m:
+        threshold = keys[np.argpartition(keys, keys.size - m)[keys.size - m]]
+        candidates = np.flatnonzero(keys >= threshold)
+    else:
+        candidates = np.arange(keys.size)
+    order = _top_order(keys[candidates], rows[candidates])[:m]
+    return candidates[order]
+
+
 @dataclass(frozen=True, eq=False)
 class FarthestPoints:
     """The ``capacity`` points farthest from their assigned centre (a mergeable top-m).
@@ -85,16 +102,13 @@ class FarthestPoints:
         """Keep the farthest ``capacity`` points of a chunk with positive weight."""
         keep = np.flatnonzero(weights > 0)
         dist = np.asarray(distances, np.float64)[keep]
-        if keep.size > capacity:
-            part = np.argpartition(dist, dist.size - capacity)[dist.size - capacity :]
-            keep, dist = keep[part], dist[part]
         rows = keep.astype(np.int64) + row_offset
-        order = _top_order(dist, rows)
-        keep = keep[order]
+        top = _top_m(dist, rows, capacity)
+        keep = keep[top]
         return cls(
             capacity,
-            dist[order],
-            rows[order],
+            dist[top],
+            rows[top],
             np.asarray(points[keep], np.float64),
             np.asarray(weights[keep], np.float64),
             np.asarray(labels[keep], np.int64),
@@ -246,14 +260,11 @@ class WeightedSample:
         keep = np.flatnonzero(w > 0)
         u = uniform_from_rows(rows[keep], seed)
         keys = np.log(u) / w[keep]
-        if keep.size > capacity:
-            part = np.argpartition(keys, keys.size - capacity)[keys.size - capacity :]
-            keep, keys = keep[part], keys[part]
-        order = _top_order(keys, rows[keep])
-        keep = keep[order]
+        top = _top_m(keys, rows[keep], capacity)
+        keep = keep[top]
         return cls(
             capacity,
-            keys[order],
+            keys[top],
             rows[keep],
             np.asarray(X[keep], np.float64),
             w[keep],

@@ -1,0 +1,188 @@
+"""Tier 1: chunk kernels against naive references (loops, SciPy densities)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.stats import multivariate_normal
+
+from dkm.kernels import (
+    DegenerateComponentError,
+    MixtureParams,
+    estep,
+    gaussian_mstep,
+    kmeans_centres,
+    log_gaussian,
+    predict_labels,
+)
+from dkm.kernels.params import precision_cholesky_from_covariances
+from dkm.stats import SuffStats
+
+TYPES = ["full", "tied", "diag", "spherical"]
+
+
+def random_params(ct: str, k: int = 3, d: int = 4, seed: int = 0) -> tuple[MixtureParams, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    means = rng.normal(scale=3, size=(k, d))
+    weights = rng.dirichlet(np.ones(k))
+    if ct == "identity":
+        return MixtureParams.identity(means), np.broadcast_to(np.eye(d), (k, d, d))
+    A = rng.normal(size=(k, d, d))
+    full = A @ A.transpose(0, 2, 1) + d * np.eye(d)
+    cov = {"full": full, "tied": full[0], "diag": np.diagonal(full, axis1=1, axis2=2).copy(),
+           "spherical": np.diagonal(full, axis1=1, axis2=2).mean(axis=1)}[ct]  # fmt: skip
+    dense = {"full": full, "tied": np.broadcast_to(full[0], (k, d, d)),
+             "diag": np.array([np.diag(c) for c in cov]) if ct == "diag" else None,
+             "spherical": np.array([c * np.eye(d) for c in cov]) if ct == "spherical" else None}[ct]  # fmt: skip
+    pc = precision_cholesky_from_covariances(cov, ct)
+    return MixtureParams(ct, weights, means, pc), dense
+
+
+@pytest.mark.parametrize("ct", [*TYPES, "identity"])
+def test_log_gaussian_matches_scipy(ct):
+    params, dense = random_params(ct)
+    X = np.random.default_rng(1).normal(scale=3, size=(50, 4))
+    got = log_gaussian(X, params)
+    ref = np.column_stack(
+        [multivariate_normal(params.means[j], dense[j]).logpdf(X) for j in range(3)]
+    )
+    np.testing.assert_allclose(got, ref, rtol=1e-10, atol=1e-10)
+
+
+def naive_stats(X, w, resp, shift, moments):
+    k, d = shift.shape
+    nk = np.array([sum(w[i] * resp[i, j] for i in range(len(X))) for j in range(k)])
+    sx = np.array([sum(w[i] * resp[i, j] * (X[i] - shift[j]) for i in range(len(X)))
+                   for j in range(k)])  # fmt: skip
+    outer = np.array([[w[i] * resp[i, j] * np.outer(X[i] - shift[j], X[i] - shift[j])
+                       for i in range(len(X))] for j in range(k)]).sum(axis=1)  # fmt: skip
+    sxx = {"full": outer, "tied": outer.sum(axis=0),
+           "diag": np.diagonal(outer, axis1=1, axis2=2),
+           "spherical": np.trace(outer, axis1=1, axis2=2), "none": None}[moments]  # fmt: skip
+    return nk, sx, sxx
+
+
+@pytest.mark.parametrize("assignment", ["hard", "soft"])
+@pytest.mark.parametrize("ct", TYPES)
+def test_estep_statistics_match_naive_sums(ct, assignment):
+    params, dense = random_params(ct)
+    rng = np.random.default_rng(2)
+    X = rng.normal(scale=3, size=(40, 4))
+    w = rng.uniform(0, 2, size=40)
+    shift = params.means + rng.normal(scale=0.1, size=params.means.shape)
+    logp = np.column_stack(
+        [np.log(params.weights[j]) + multivariate_normal(params.means[j], dense[j]).logpdf(X)
+         for j in range(3)]
+    )  # fmt: skip
+    if assignment == "hard":
+        resp = np.eye(3)[logp.argmax(axis=1)]
+        objective = float(w @ logp.max(axis=1))
+    else:
+        norm = np.log(np.exp(logp).sum(axis=1))
+        resp = np.exp(logp - norm[:, None])
+        objective = float(w @ norm)
+    got = estep(X, params, assignment=assignment, moments=ct, shift=shift, sample_weight=w)
+    nk, sx, sxx = naive_stats(X, w, resp, shift, ct)
+    np.testing.assert_allclose(got.nk, nk, rtol=1e-12)
+    np.testing.assert_allclose(got.sx, sx, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(got.sxx, sxx, rtol=1e-10, atol=1e-9)
+    np.testing.assert_allclose(got.objective, objective, rtol=1e-12)
+    assert got.n == pytest.approx(w.sum()) and got.count == 40
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_kmeans_estep_matches_naive(dtype):
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(200, 3)).astype(dtype)
+    C = rng.normal(size=(5, 3))
+    w = rng.uniform(0.5, 1.5, size=200)
+    got = estep(X, MixtureParams.identity(C), assignment="hard", moments="none",
+                sample_weight=w, n_farthest=4, row_offset=10)  # fmt: skip
+    d2 = ((X[:, None, :].astype(float) - C[None]) ** 2).sum(axis=2)
+    labels = d2.argmin(axis=1)
+    np.testing.assert_array_equal(predict_labels(X, MixtureParams.identity(C)), labels)
+    np.testing.assert_allclose(got.nk, np.bincount(labels, w, minlength=5), rtol=1e-12)
+    sums = np.array([(w[labels == j, None] * X[labels == j]).sum(axis=0) for j in range(5)])
+    np.testing.assert_allclose(got.sx, sums, rtol=1e-6 if dtype == np.float32 else 1e-12)
+    dmin = d2.min(axis=1)
+    np.testing.assert_allclose(got.objective, w @ dmin, rtol=1e-6)
+    far = np.argsort(-dmin, kind="stable")[:4]
+    assert got.farthest is not None
+    np.testing.assert_array_equal(got.farthest.rows, far + 10)
+    np.testing.assert_array_equal(got.farthest.labels, labels[far])
+
+
+def test_estep_on_empty_chunk_is_zero():
+    params, _ = random_params("full")
+    got = estep(np.empty((0, 4)), params, assignment="soft", moments="full")
+    assert got.count == 0 and got.n == 0 and not got.nk.any()
+
+
+@pytest.mark.parametrize("ct", TYPES)
+def test_mstep_matches_direct_estimates(ct):
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(300, 3)) * [1, 2, 3] + [5, -1, 2]
+    resp = rng.dirichlet(np.ones(2), size=300)
+    shift = rng.normal(size=(2, 3))
+    params = MixtureParams.identity(shift)
+    # build statistics exactly as a soft pass would, from known responsibilities
+    nk, sx, sxx = naive_stats(X, np.ones(300), resp, shift, ct)
+    stats = SuffStats(ct, nk, sx, sxx, 0.0, 300.0, 300)
+    new, cov = gaussian_mstep(stats, params.means, ct, reg_covar=1e-6)
+    means = resp.T @ X / resp.sum(axis=0)[:, None]
+    np.testing.assert_allclose(new.means, means, rtol=1e-12)
+    np.testing.assert_allclose(new.weights, resp.sum(axis=0) / 300, rtol=1e-12)
+    covs = np.array([np.cov(X.T, aweights=resp[:, j], bias=True) for j in range(2)])
+    expected = {
+        "full": covs + 1e-6 * np.eye(3),
+        "tied": (covs * resp.sum(axis=0)[:, None, None]).sum(axis=0) / 300 + 1e-6 * np.eye(3),
+        "diag": np.diagonal(covs, axis1=1, axis2=2) + 1e-6,
+        "spherical": np.diagonal(covs, axis1=1, axis2=2).mean(axis=1) + 1e-6,
+    }[ct]
+    np.testing.assert_allclose(cov, expected, rtol=1e-10)
+
+
+def test_far_from_origin_covariance_is_exact():
+    """1e6 + N(0, 1): moments around the previous means keep the variance."""
+    rng = np.random.default_rng(5)
+    Z = rng.normal(size=(5000, 2))
+    X = Z + 1e6
+    shift = np.full((1, 2), 1e6 + 0.3)  # previous mean, not exactly the mean
+    stats = estep(X, MixtureParams.identity(shift), assignment="hard", moments="full",
+                  shift=shift)  # fmt: skip
+    _, cov = gaussian_mstep(stats, shift, "full", reg_covar=0.0)
+    # X itself carries ~1e-10 rounding (the ulp of 1e6): compare at that scale
+    np.testing.assert_allclose(cov[0], np.cov(X.T, bias=True), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(cov[0], np.cov(Z.T, bias=True), rtol=1e-6, atol=1e-8)
+
+
+def test_degenerate_component_names_component_and_remedy():
+    stats = SuffStats("full", np.array([5.0, 0.0]), np.zeros((2, 2)), np.zeros((2, 2, 2)),
+                      0.0, 5.0, 5)  # fmt: skip
+    with pytest.raises(DegenerateComponentError, match=r"component\(s\) 1: no points") as e:
+        gaussian_mstep(stats, np.zeros((2, 2)), "full", 1e-6)
+    assert "reg_covar" in str(e.value) and e.value.components == [1]
+    # a rank-deficient covariance without regularisation
+    sxx = np.array([[[1.0, 1.0], [1.0, 1.0]], [[1.0, 0.0], [0.0, 1.0]]]) * 5
+    stats = SuffStats("full", np.array([5.0, 5.0]), np.zeros((2, 2)), sxx, 0.0, 10.0, 10)
+    with pytest.raises(DegenerateComponentError, match="component.*0: covariance is not positive"):
+        gaussian_mstep(stats, np.zeros((2, 2)), "full", 0.0)
+
+
+def test_empty_kmeans_cluster_is_reseeded_from_farthest_point():
+    X = np.array([[0.0, 0.0], [0.1, 0.0], [0.0, 0.1], [10.0, 10.0], [5.0, 5.0]])
+    C = np.array([[0.0, 0.0], [100.0, 100.0]])  # cluster 1 gets nothing
+    stats = estep(X, MixtureParams.identity(C), assignment="hard", moments="none", n_farthest=2)
+    centres, reseeded = kmeans_centres(stats)
+    assert reseeded == [1]
+    np.testing.assert_allclose(centres[1], [10.0, 10.0])  # the farthest point
+    np.testing.assert_allclose(centres[0], X[[0, 1, 2, 4]].mean(axis=0))
+    assert np.all(np.isfinite(centres))
+
+
+def test_kmeans_without_candidates_raises():
+    X = np.zeros((1, 2))  # one point cannot fill two clusters
+    C = np.array([[0.0, 0.0], [1.0, 1.0]])
+    stats = estep(X, MixtureParams.identity(C), assignment="hard", moments="none", n_farthest=2)
+    with pytest.raises(ValueError, match="cluster 1 is empty"):
+        kmeans_centres(stats)
