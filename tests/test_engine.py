@@ -1,0 +1,167 @@
+"""Tier 2: the reduction is invariant to chunking, fan-in and scheduler."""
+
+from __future__ import annotations
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+from conftest import blobs
+
+import dkm
+from dkm.engine import ChunkedData, EMOptions, IterationInfo, fit_em, stats_pass, PassOptions
+from dkm.kernels import MixtureParams
+from dkm.reduce import tree_reduce
+
+X = blobs(4000, 3, 4, seed=11)
+INIT_KM = X[[0, 1000, 2000, 3000]].copy()
+
+
+def fit_kmeans(Xd, **kw):
+    return dkm.KMeans(4, init=INIT_KM, n_init=1, max_iter=10, tol=0, **kw).fit(Xd)
+
+
+def gmm_inits(ct="full"):
+    from sklearn.mixture import GaussianMixture as SKGMM
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = SKGMM(4, covariance_type=ct, max_iter=1, random_state=0).fit(X[:500])
+    return dict(weights_init=ref.weights_, means_init=ref.means_, precisions_init=ref.precisions_)
+
+
+def fit_gmm(Xd, ct="full", **kw):
+    return dkm.GaussianMixture(4, covariance_type=ct, tol=0, max_iter=8, **gmm_inits(ct),
+                               **kw).fit(Xd)  # fmt: skip
+
+
+def assert_same_kmeans(a, b, rtol=1e-10):
+    np.testing.assert_allclose(a.cluster_centers_, b.cluster_centers_, rtol=rtol)
+    assert a.inertia_ == pytest.approx(b.inertia_, rel=rtol)
+    assert a.n_iter_ == b.n_iter_
+    np.testing.assert_array_equal(np.asarray(a.labels_), np.asarray(b.labels_))
+
+
+def assert_same_gmm(a, b, rtol=1e-10):
+    np.testing.assert_allclose(a.means_, b.means_, rtol=rtol)
+    np.testing.assert_allclose(a.covariances_, b.covariances_, rtol=rtol)
+    np.testing.assert_allclose(a.weights_, b.weights_, rtol=rtol)
+    assert a.lower_bound_ == pytest.approx(b.lower_bound_, rel=rtol)
+
+
+CHUNKINGS = [4000, 1000, 333, (1, 999, 0, 2000, 1000)]  # includes an empty chunk
+
+
+@pytest.fixture(scope="module")
+def gmm_reference():
+    with pytest.warns(Warning):
+        return fit_gmm(X)
+
+
+@pytest.mark.parametrize("chunks", CHUNKINGS, ids=str)
+def test_kmeans_invariant_to_chunking(chunks):
+    ref = fit_kmeans(X)
+    got = fit_kmeans(da.from_array(X, chunks=(chunks, -1)))
+    assert_same_kmeans(ref, got)
+
+
+@pytest.mark.parametrize("split_every", [2, 4, 12])
+def test_invariant_to_split_every(split_every, gmm_reference):
+    Xd = da.from_array(X, chunks=(333, -1))  # 13 chunks; 12 is one level over all but one
+    assert_same_kmeans(fit_kmeans(X), fit_kmeans(Xd, split_every=split_every))
+    with pytest.warns(Warning):
+        got = fit_gmm(Xd, split_every=split_every)
+    assert_same_gmm(gmm_reference, got)
+
+
+@pytest.mark.parametrize("ct", ["full", "tied", "diag", "spherical"])
+@pytest.mark.parametrize("chunks", CHUNKINGS[1:], ids=str)
+def test_gmm_invariant_to_chunking(ct, chunks):
+    with pytest.warns(Warning):
+        ref = fit_gmm(X, ct)
+        got = fit_gmm(da.from_array(X, chunks=(chunks, -1)), ct)
+    assert_same_gmm(ref, got)
+
+
+def test_tree_shape_and_order():
+    from dask.delayed import delayed
+
+    class Cat:  # a non-commutative "merge" exposes the order of the tree
+        def __init__(self, s):
+            self.s = s
+
+        def merge(self, other):
+            return Cat(self.s + other.s)
+
+    parts = [delayed(Cat)(str(i)) for i in range(10)]
+    out = tree_reduce(parts, 3, "dkm-test")
+    assert out.compute().s == "0123456789"
+    levels = {k[1] for k in out.dask if isinstance(k, tuple) and k[0] == "dkm-test"}
+    assert levels == {0, 1, 2}  # ceil(log3(10)) levels
+    with pytest.raises(ValueError, match="split_every"):
+        tree_reduce(parts, 1, "x")
+
+
+def test_one_compute_per_iteration_and_callback():
+    calls = []
+    seen: list[IterationInfo] = []
+
+    def count(*args, **kwargs):
+        calls.append(1)
+        return dask.threaded.get(*args, **kwargs)
+
+    with dask.config.set(scheduler=count):
+        km = dkm.KMeans(4, init=INIT_KM, n_init=1, max_iter=5, tol=0).fit(X)
+        data = ChunkedData.from_dask(da.from_array(X, chunks=(1000, -1))).with_origin(X.mean(0))
+        fit_em(data, MixtureParams.identity(INIT_KM - X.mean(0)),
+               EMOptions("identity", "hard", max_iter=3), tol_abs=0.0,
+               callback=seen.append)  # fmt: skip
+    # summary pass + one pass per iteration + final pass, then labels in memory
+    assert len(calls) == (1 + km.n_iter_ + 1) + (len(seen) + 1)
+    assert [i.iteration for i in seen] == list(range(1, len(seen) + 1))
+    assert all(i.seconds > 0 and np.isfinite(i.objective) for i in seen)
+    assert seen[-1].params.means.shape == (4, 3)
+    np.testing.assert_allclose(seen[-1].params.means, km.history_[-1].params.means)
+
+
+def test_parameters_enter_the_graph_once(monkeypatch):
+    import dkm.engine
+
+    data = ChunkedData.from_dask(da.from_array(X, chunks=(500, -1)))
+    seen = {}
+    original = dkm.engine.tree_reduce
+
+    def spy(parts, split_every, name):
+        out = original(parts, split_every, name)
+        seen["graph"] = dict(out.__dask_graph__())
+        return out
+
+    monkeypatch.setattr(dkm.engine, "tree_reduce", spy)
+    stats_pass(data, MixtureParams.identity(INIT_KM), PassOptions("hard", "none"))
+    names = [k if isinstance(k, str) else k[0] for k in seen["graph"]]
+    assert sum(n.startswith("dkm-params") for n in names) == 1
+    assert sum(n.startswith("dkm-estep") for n in names) == 8
+
+
+@pytest.mark.distributed
+def test_same_result_on_real_scheduler_and_worker_processes(dask_processes, gmm_reference):
+    from distributed import Client, get_task_stream
+
+    Xd = da.from_array(X, chunks=(500, -1))
+    threaded_km = fit_kmeans(Xd)
+    with Client(dask_processes) as client:
+        workers = set(client.scheduler_info()["workers"])
+        assert len(workers) == 2
+        with get_task_stream(client) as stream:
+            dist_km = fit_kmeans(Xd)
+        with pytest.warns(Warning):
+            dist_gmm = fit_gmm(Xd)
+        labels = dist_km.labels_.compute()
+    # the E-steps ran in the worker processes, on both of them
+    estep_workers = {t["worker"] for t in stream.data if "dkm-estep" in str(t["key"])}
+    assert estep_workers == workers
+    assert_same_kmeans(threaded_km, dist_km)
+    np.testing.assert_array_equal(labels, np.asarray(threaded_km.labels_.compute()))
+    assert_same_gmm(gmm_reference, dist_gmm)
