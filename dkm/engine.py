@@ -10,6 +10,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any
 
 import dask
@@ -74,11 +75,16 @@ class ChunkedData:
     def with_origin(self, origin: F64) -> ChunkedData:
         return replace(self, origin=np.asarray(origin, np.float64))
 
-    def block_tasks(self) -> list[tuple[Any, Any, int]]:
-        """(X block, weight block or None, row offset) per row chunk, as Delayed."""
+    @cached_property
+    def _blocks(self) -> list[tuple[Any, Any, int]]:
+        # to_delayed() optimises the array's graph: do it once per dataset, not per pass.
         xb = self.X.to_delayed().ravel().tolist()
         wb = [None] * len(xb) if self.weights is None else self.weights.to_delayed().tolist()
         return list(zip(xb, wb, self.offsets, strict=True))
+
+    def block_tasks(self) -> list[tuple[Any, Any, int]]:
+        """(X block, weight block or None, row offset) per row chunk, as Delayed."""
+        return self._blocks
 
 
 def centred(X: NDArray[Any], origin: F64, covariance_type: str) -> NDArray[Any]:

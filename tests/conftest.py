@@ -44,20 +44,48 @@ def dask_processes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log = open(workdir / "dask.log", "w")  # noqa: SIM115 - closed in the teardown
     procs = [
         subprocess.Popen(
-            [*_dask_cli(), "scheduler", "--host", "127.0.0.1", "--port", str(port),
-             "--dashboard-address", ":0", "--no-show"],
-            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir,
+            [
+                *_dask_cli(),
+                "scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--dashboard-address",
+                ":0",
+                "--no-show",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=workdir,
         )
-    ]  # fmt: skip
+    ]
     for _ in range(2):
         procs.append(
             subprocess.Popen(
-                [*_dask_cli(), "worker", address, "--nthreads", "1", "--nworkers", "1",
-                 "--host", "127.0.0.1", "--no-dashboard", "--memory-limit", "2GiB",
-                 "--local-directory", str(workdir)],
-                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir,
+                [
+                    *_dask_cli(),
+                    "worker",
+                    address,
+                    "--nthreads",
+                    "1",
+                    "--nworkers",
+                    "1",
+                    "--host",
+                    "127.0.0.1",
+                    "--no-dashboard",
+                    "--memory-limit",
+                    "2GiB",
+                    "--local-directory",
+                    str(workdir),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=workdir,
             )
-        )  # fmt: skip
+        )
     from distributed import Client
 
     deadline = time.monotonic() + 60

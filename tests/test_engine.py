@@ -9,7 +9,7 @@ import pytest
 from conftest import blobs
 
 import dkm
-from dkm.engine import ChunkedData, EMOptions, IterationInfo, fit_em, stats_pass, PassOptions
+from dkm.engine import ChunkedData, EMOptions, IterationInfo, PassOptions, fit_em, stats_pass
 from dkm.kernels import MixtureParams
 from dkm.reduce import tree_reduce
 
@@ -22,9 +22,9 @@ def fit_kmeans(Xd, **kw):
 
 
 def gmm_inits(ct="full"):
-    from sklearn.mixture import GaussianMixture as SKGMM
-
     import warnings
+
+    from sklearn.mixture import GaussianMixture as SKGMM
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -33,8 +33,9 @@ def gmm_inits(ct="full"):
 
 
 def fit_gmm(Xd, ct="full", **kw):
-    return dkm.GaussianMixture(4, covariance_type=ct, tol=0, max_iter=8, **gmm_inits(ct),
-                               **kw).fit(Xd)  # fmt: skip
+    return dkm.GaussianMixture(4, covariance_type=ct, tol=0, max_iter=8, **gmm_inits(ct), **kw).fit(
+        Xd
+    )
 
 
 def assert_same_kmeans(a, b, rtol=1e-10):
@@ -115,9 +116,13 @@ def test_one_compute_per_iteration_and_callback():
     with dask.config.set(scheduler=count):
         km = dkm.KMeans(4, init=INIT_KM, n_init=1, max_iter=5, tol=0).fit(X)
         data = ChunkedData.from_dask(da.from_array(X, chunks=(1000, -1))).with_origin(X.mean(0))
-        fit_em(data, MixtureParams.identity(INIT_KM - X.mean(0)),
-               EMOptions("identity", "hard", max_iter=3), tol_abs=0.0,
-               callback=seen.append)  # fmt: skip
+        fit_em(
+            data,
+            MixtureParams.identity(INIT_KM - X.mean(0)),
+            EMOptions("identity", "hard", max_iter=3),
+            tol_abs=0.0,
+            callback=seen.append,
+        )
     # summary pass + one pass per iteration + final pass, then labels in memory
     assert len(calls) == (1 + km.n_iter_ + 1) + (len(seen) + 1)
     assert [i.iteration for i in seen] == list(range(1, len(seen) + 1))

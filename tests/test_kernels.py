@@ -21,7 +21,9 @@ from dkm.stats import SuffStats
 TYPES = ["full", "tied", "diag", "spherical"]
 
 
-def random_params(ct: str, k: int = 3, d: int = 4, seed: int = 0) -> tuple[MixtureParams, np.ndarray]:
+def random_params(
+    ct: str, k: int = 3, d: int = 4, seed: int = 0
+) -> tuple[MixtureParams, np.ndarray]:
     rng = np.random.default_rng(seed)
     means = rng.normal(scale=3, size=(k, d))
     weights = rng.dirichlet(np.ones(k))
@@ -29,11 +31,18 @@ def random_params(ct: str, k: int = 3, d: int = 4, seed: int = 0) -> tuple[Mixtu
         return MixtureParams.identity(means), np.broadcast_to(np.eye(d), (k, d, d))
     A = rng.normal(size=(k, d, d))
     full = A @ A.transpose(0, 2, 1) + d * np.eye(d)
-    cov = {"full": full, "tied": full[0], "diag": np.diagonal(full, axis1=1, axis2=2).copy(),
-           "spherical": np.diagonal(full, axis1=1, axis2=2).mean(axis=1)}[ct]  # fmt: skip
-    dense = {"full": full, "tied": np.broadcast_to(full[0], (k, d, d)),
-             "diag": np.array([np.diag(c) for c in cov]) if ct == "diag" else None,
-             "spherical": np.array([c * np.eye(d) for c in cov]) if ct == "spherical" else None}[ct]  # fmt: skip
+    cov = {
+        "full": full,
+        "tied": full[0],
+        "diag": np.diagonal(full, axis1=1, axis2=2).copy(),
+        "spherical": np.diagonal(full, axis1=1, axis2=2).mean(axis=1),
+    }[ct]
+    dense = {
+        "full": full,
+        "tied": np.broadcast_to(full[0], (k, d, d)),
+        "diag": np.array([np.diag(c) for c in cov]) if ct == "diag" else None,
+        "spherical": np.array([c * np.eye(d) for c in cov]) if ct == "spherical" else None,
+    }[ct]
     pc = precision_cholesky_from_covariances(cov, ct)
     return MixtureParams(ct, weights, means, pc), dense
 
@@ -50,15 +59,24 @@ def test_log_gaussian_matches_scipy(ct):
 
 
 def naive_stats(X, w, resp, shift, moments):
-    k, d = shift.shape
+    k, _d = shift.shape
     nk = np.array([sum(w[i] * resp[i, j] for i in range(len(X))) for j in range(k)])
-    sx = np.array([sum(w[i] * resp[i, j] * (X[i] - shift[j]) for i in range(len(X)))
-                   for j in range(k)])  # fmt: skip
-    outer = np.array([[w[i] * resp[i, j] * np.outer(X[i] - shift[j], X[i] - shift[j])
-                       for i in range(len(X))] for j in range(k)]).sum(axis=1)  # fmt: skip
-    sxx = {"full": outer, "tied": outer.sum(axis=0),
-           "diag": np.diagonal(outer, axis1=1, axis2=2),
-           "spherical": np.trace(outer, axis1=1, axis2=2), "none": None}[moments]  # fmt: skip
+    sx = np.array(
+        [sum(w[i] * resp[i, j] * (X[i] - shift[j]) for i in range(len(X))) for j in range(k)]
+    )
+    outer = np.array(
+        [
+            [w[i] * resp[i, j] * np.outer(X[i] - shift[j], X[i] - shift[j]) for i in range(len(X))]
+            for j in range(k)
+        ]
+    ).sum(axis=1)
+    sxx = {
+        "full": outer,
+        "tied": outer.sum(axis=0),
+        "diag": np.diagonal(outer, axis1=1, axis2=2),
+        "spherical": np.trace(outer, axis1=1, axis2=2),
+        "none": None,
+    }[moments]
     return nk, sx, sxx
 
 
@@ -71,9 +89,11 @@ def test_estep_statistics_match_naive_sums(ct, assignment):
     w = rng.uniform(0, 2, size=40)
     shift = params.means + rng.normal(scale=0.1, size=params.means.shape)
     logp = np.column_stack(
-        [np.log(params.weights[j]) + multivariate_normal(params.means[j], dense[j]).logpdf(X)
-         for j in range(3)]
-    )  # fmt: skip
+        [
+            np.log(params.weights[j]) + multivariate_normal(params.means[j], dense[j]).logpdf(X)
+            for j in range(3)
+        ]
+    )
     if assignment == "hard":
         resp = np.eye(3)[logp.argmax(axis=1)]
         objective = float(w @ logp.max(axis=1))
@@ -96,8 +116,15 @@ def test_kmeans_estep_matches_naive(dtype):
     X = rng.normal(size=(200, 3)).astype(dtype)
     C = rng.normal(size=(5, 3))
     w = rng.uniform(0.5, 1.5, size=200)
-    got = estep(X, MixtureParams.identity(C), assignment="hard", moments="none",
-                sample_weight=w, n_farthest=4, row_offset=10)  # fmt: skip
+    got = estep(
+        X,
+        MixtureParams.identity(C),
+        assignment="hard",
+        moments="none",
+        sample_weight=w,
+        n_farthest=4,
+        row_offset=10,
+    )
     d2 = ((X[:, None, :].astype(float) - C[None]) ** 2).sum(axis=2)
     labels = d2.argmin(axis=1)
     np.testing.assert_array_equal(predict_labels(X, MixtureParams.identity(C)), labels)
@@ -148,8 +175,7 @@ def test_far_from_origin_covariance_is_exact():
     Z = rng.normal(size=(5000, 2))
     X = Z + 1e6
     shift = np.full((1, 2), 1e6 + 0.3)  # previous mean, not exactly the mean
-    stats = estep(X, MixtureParams.identity(shift), assignment="hard", moments="full",
-                  shift=shift)  # fmt: skip
+    stats = estep(X, MixtureParams.identity(shift), assignment="hard", moments="full", shift=shift)
     _, cov = gaussian_mstep(stats, shift, "full", reg_covar=0.0)
     # X itself carries ~1e-10 rounding (the ulp of 1e6): compare at that scale
     np.testing.assert_allclose(cov[0], np.cov(X.T, bias=True), rtol=1e-9, atol=1e-9)
@@ -157,15 +183,16 @@ def test_far_from_origin_covariance_is_exact():
 
 
 def test_degenerate_component_names_component_and_remedy():
-    stats = SuffStats("full", np.array([5.0, 0.0]), np.zeros((2, 2)), np.zeros((2, 2, 2)),
-                      0.0, 5.0, 5)  # fmt: skip
+    stats = SuffStats(
+        "full", np.array([5.0, 0.0]), np.zeros((2, 2)), np.zeros((2, 2, 2)), 0.0, 5.0, 5
+    )
     with pytest.raises(DegenerateComponentError, match=r"component\(s\) 1: no points") as e:
         gaussian_mstep(stats, np.zeros((2, 2)), "full", 1e-6)
     assert "reg_covar" in str(e.value) and e.value.components == [1]
     # a rank-deficient covariance without regularisation
     sxx = np.array([[[1.0, 1.0], [1.0, 1.0]], [[1.0, 0.0], [0.0, 1.0]]]) * 5
     stats = SuffStats("full", np.array([5.0, 5.0]), np.zeros((2, 2)), sxx, 0.0, 10.0, 10)
-    with pytest.raises(DegenerateComponentError, match="component.*0: covariance is not positive"):
+    with pytest.raises(DegenerateComponentError, match=r"component.*0: covariance is not positive"):
         gaussian_mstep(stats, np.zeros((2, 2)), "full", 0.0)
 
 

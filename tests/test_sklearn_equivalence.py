@@ -48,8 +48,9 @@ def test_kmeans_equals_sklearn_lloyd(name, dtype, k):
     got = dkm.KMeans(k, init=init, n_init=1, max_iter=30, tol=0, chunk_size=97).fit(X)
     rtol = DTYPE_RTOL[dtype]
     assert got.cluster_centers_.dtype == dtype
-    np.testing.assert_allclose(got.cluster_centers_, ref.cluster_centers_, rtol=rtol,
-                               atol=rtol * np.abs(X).max())  # fmt: skip
+    np.testing.assert_allclose(
+        got.cluster_centers_, ref.cluster_centers_, rtol=rtol, atol=rtol * np.abs(X).max()
+    )
     assert got.inertia_ == pytest.approx(ref.inertia_, rel=rtol)
     np.testing.assert_array_equal(got.labels_, ref.labels_)
     assert got.n_iter_ == ref.n_iter_
@@ -65,8 +66,7 @@ def test_kmeans_tol_and_kmeanspp_follow_sklearn(name):
     for seed in range(3):
         ref = cluster.KMeans(5, random_state=seed, n_init=1).fit(X)
         got = dkm.KMeans(5, random_state=seed, n_init=1).fit(X)
-        np.testing.assert_allclose(got.cluster_centers_, ref.cluster_centers_, rtol=1e-6,
-                                   atol=1e-9)  # fmt: skip
+        np.testing.assert_allclose(got.cluster_centers_, ref.cluster_centers_, rtol=1e-6, atol=1e-9)
         assert got.n_iter_ == ref.n_iter_
         assert got.inertia_ == pytest.approx(ref.inertia_, rel=1e-6)
 
@@ -102,10 +102,15 @@ def test_gmm_equals_sklearn(name, ct):
     scale = np.abs(X).max()
     np.testing.assert_allclose(got.weights_, ref.weights_, rtol=rtol, atol=1e-12)
     np.testing.assert_allclose(got.means_, ref.means_, rtol=rtol, atol=rtol * scale)
-    np.testing.assert_allclose(got.covariances_, ref.covariances_, rtol=rtol,
-                               atol=rtol * np.abs(ref.covariances_).max())  # fmt: skip
-    np.testing.assert_allclose(got.precisions_cholesky_, ref.precisions_cholesky_, rtol=1e-5,
-                               atol=1e-5 * np.abs(ref.precisions_cholesky_).max())  # fmt: skip
+    np.testing.assert_allclose(
+        got.covariances_, ref.covariances_, rtol=rtol, atol=rtol * np.abs(ref.covariances_).max()
+    )
+    np.testing.assert_allclose(
+        got.precisions_cholesky_,
+        ref.precisions_cholesky_,
+        rtol=1e-5,
+        atol=1e-5 * np.abs(ref.precisions_cholesky_).max(),
+    )
     assert got.score(X) == pytest.approx(ref.score(X), rel=rtol)
     assert got.lower_bound_ == pytest.approx(ref.lower_bound_, rel=rtol)
     assert got.n_iter_ == ref.n_iter_ == 15
@@ -134,8 +139,7 @@ def test_gmm_far_from_origin():
     centred = dkm.GaussianMixture(2, random_state=0, reg_covar=0).fit(Z)
     order = np.argsort(got.means_[:, 0])
     ref_order = np.argsort(centred.means_[:, 0])
-    np.testing.assert_allclose(got.covariances_[order], centred.covariances_[ref_order],
-                               rtol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(got.covariances_[order], centred.covariances_[ref_order], rtol=1e-6)
     np.testing.assert_allclose(got.means_[order] - 1e6, centred.means_[ref_order], atol=1e-8)
     assert np.isclose(got.covariances_[order][0, 1, 1], 4.0, rtol=0.1)
 
@@ -220,8 +224,13 @@ def test_gmm_sample():
 
 def test_collapsed_component_error_is_clear():
     X = np.vstack([np.zeros((50, 2)), np.random.default_rng(0).normal(size=(50, 2)) + 5])
-    gm = dkm.GaussianMixture(2, means_init=[[0.0, 0.0], [5.0, 5.0]], weights_init=[0.5, 0.5],
-                             precisions_init=np.stack([np.eye(2)] * 2), reg_covar=0.0)
+    gm = dkm.GaussianMixture(
+        2,
+        means_init=[[0.0, 0.0], [5.0, 5.0]],
+        weights_init=[0.5, 0.5],
+        precisions_init=np.stack([np.eye(2)] * 2),
+        reg_covar=0.0,
+    )
     with pytest.raises(dkm.DegenerateComponentError, match=r"component\(s\) 0: .*reg_covar"):
         gm.fit(X)
 
@@ -248,7 +257,7 @@ def test_bad_input_names_row_and_chunk():
     X[57, 1] = np.inf
     with pytest.raises(ValueError, match=r"1 row\(s\), the first at row 57 \(chunk 2\)"):
         dkm.KMeans(2).fit(da.from_array(X, chunks=(25, -1)))
-    with pytest.raises(ValueError, match="negative or non-finite.*row 3"):
+    with pytest.raises(ValueError, match=r"negative or non-finite.*row 3"):
         w = np.ones(100)
         w[3] = -1
         dkm.KMeans(2).fit(X[:50], sample_weight=w[:50])
