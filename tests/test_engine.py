@@ -170,3 +170,20 @@ def test_same_result_on_real_scheduler_and_worker_processes(dask_processes, gmm_
     assert_same_kmeans(threaded_km, dist_km)
     np.testing.assert_array_equal(labels, np.asarray(threaded_km.labels_.compute()))
     assert_same_gmm(gmm_reference, dist_gmm)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_tiny_kmeans_worked_by_hand(dtype):
+    """Four points, two clusters: centres (0, .5) and (4, .5), inertia 4 × 0.25 = 1.
+
+    Iteration 1 moves the centres; iteration 2 finds the same labels, so the centres
+    do not move (shift exactly 0) and Lloyd stops, as scikit-learn's strict convergence.
+    """
+    X = np.array([[0, 0], [0, 1], [4, 0], [4, 1]], dtype=dtype)
+    km = dkm.KMeans(2, init=np.array([[0, 0], [4, 0]], dtype=dtype), tol=0).fit(X)
+    np.testing.assert_array_equal(km.labels_, [0, 0, 1, 1])
+    np.testing.assert_array_equal(km.cluster_centers_, [[0, 0.5], [4, 0.5]])
+    assert km.cluster_centers_.dtype == dtype
+    assert km.inertia_ == 1.0
+    assert km.n_iter_ == 2 and km.converged_
+    assert [h.change for h in km.history_] == [0.5, 0.0]

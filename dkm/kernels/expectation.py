@@ -54,10 +54,9 @@ def sq_distances(X: NDArray[Any], means: NDArray[Any]) -> NDArray[Any]:
 def nearest(X: NDArray[Any], means: NDArray[Any]) -> NDArray[np.int64]:
     """Index of the closest centre: argmin of ``‖μ‖² − 2 x·μ`` (one GEMM, X's dtype)."""
     C = means.astype(X.dtype, copy=False)
-    D = X @ C.T
-    D *= -2.0
+    D = X @ (-2.0 * C).T  # the factor folded into the small operand: one pass fewer
     D += (C * C).sum(axis=1)
-    return D.argmin(axis=1).astype(np.int64)
+    return D.argmin(axis=1).astype(np.int64, copy=False)
 
 
 def log_gaussian(X: F64, params: MixtureParams) -> F64:
@@ -165,8 +164,10 @@ def _estep_block(
     if assignment == "hard":
         if params.covariance_type == "identity":
             labels = nearest(X, params.means)
-            diff = X64 - params.means[labels]
-            dist = np.einsum("ij,ij->i", diff, diff)
+            # exact squared distances to the assigned centre, in X's dtype (as
+            # scikit-learn), summed in float64
+            diff = X - params.means.astype(X.dtype)[labels]
+            dist = np.einsum("ij,ij->i", diff, diff).astype(np.float64)
             objective = float(w @ dist)
             if n_farthest:
                 farthest = FarthestPoints.from_chunk(n_farthest, dist, X64, w, labels, row_offset)
