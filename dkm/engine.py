@@ -52,7 +52,7 @@ class ChunkedData:
     def from_dask(cls, X: da.Array, weights: da.Array | None = None) -> ChunkedData:
         if X.ndim != 2:
             raise ValueError(f"expected a 2-D array of points, got {X.ndim} dimension(s)")
-        if X.dtype.kind not in "fiub" or X.dtype.kind == "c":
+        if X.dtype.kind not in "fiub":
             raise ValueError(f"expected a real numeric dtype, got {X.dtype}")
         if X.dtype not in (np.float32, np.float64):
             X = X.astype(np.float64)

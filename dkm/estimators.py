@@ -127,7 +127,7 @@ class _DaskMixtureBase(BaseEstimator):
             if self.chunk_size == "auto"
             else _check_int("chunk_size", self.chunk_size, 1)
         )
-        Xd = da.from_array(Xn, chunks=(rows, -1))
+        Xd = da.from_array(Xn, chunks=(rows, -1), name=False)  # no hashing of the whole array
         wd = None
         if sample_weight is not None:
             sw = _check_sample_weight(sample_weight, Xn, dtype=np.float64)
@@ -183,7 +183,7 @@ class _DaskMixtureBase(BaseEstimator):
 
         return report
 
-    def _per_point(self, X: Any, fn: Any, lazy: Any, n_columns: bool = False) -> Any:
+    def _per_point(self, X: Any, fn: Any, lazy: Any) -> Any:
         """Run a per-row kernel on NumPy (eagerly) or Dask (lazily) input."""
         check_is_fitted(self)
         params = self._model_params()
