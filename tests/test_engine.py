@@ -68,9 +68,9 @@ def test_kmeans_invariant_to_chunking(chunks):
     assert_same_kmeans(ref, got)
 
 
-@pytest.mark.parametrize("split_every", [2, 4, 12])
+@pytest.mark.parametrize("split_every", [2, 4, 13])
 def test_invariant_to_split_every(split_every, gmm_reference):
-    Xd = da.from_array(X, chunks=(333, -1))  # 13 chunks; 12 is one level over all but one
+    Xd = da.from_array(X, chunks=(333, -1))  # 13 chunks: 13 merges them all in one level
     assert_same_kmeans(fit_kmeans(X), fit_kmeans(Xd, split_every=split_every))
     with pytest.warns(Warning):
         got = fit_gmm(Xd, split_every=split_every)
