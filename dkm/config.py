@@ -1,0 +1,311 @@
+"""Run configs: YAML to validated, typed objects. The only place YAML is parsed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+
+class ConfigError(ValueError):
+    """A config that cannot be run: the message names the file and the key path."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- data
+
+
+class _DataBase(_Strict):
+    chunk_rows: PositiveInt | None = Field(
+        None, description="rows per chunk; default: the store's own chunking (synthetic: 100000)"
+    )
+    dtype: Literal["float32", "float64"] | None = Field(
+        None, description="cast the points to this dtype; default: keep float32/float64"
+    )
+
+
+class SyntheticData(_DataBase):
+    """Gaussian blobs generated on the workers, for demos and benchmarks."""
+
+    kind: Literal["synthetic"]
+    n: PositiveInt = Field(200_000, description="number of points")
+    d: PositiveInt = Field(8, description="number of features")
+    k: PositiveInt = Field(12, description="number of true clusters")
+    seed: int = Field(0, description="random seed of the generator")
+    spread: PositiveFloat = Field(10.0, description="scale of the cluster centres")
+
+
+class ZarrData(_DataBase):
+    """A 2-D zarr array: a local path or an fsspec URL, and the array path inside it."""
+
+    kind: Literal["zarr"]
+    url: str = Field(description="zarr store: a local path or an fsspec URL")
+    array: str | None = Field(None, description="array path inside the group, if url is a group")
+    weights: str | None = Field(None, description="array path of per-point sample weights")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options")
+
+
+class NpyData(_DataBase):
+    """A 2-D .npy file (memory-mapped)."""
+
+    kind: Literal["npy"]
+    path: str = Field(description="the .npy file")
+    weights: str | None = Field(None, description="a 1-D .npy file of sample weights")
+
+
+class ParquetData(_DataBase):
+    """Numeric columns of a parquet file or dataset (needs the parquet extra)."""
+
+    kind: Literal["parquet"]
+    url: str = Field(description="parquet file or directory: a local path or an fsspec URL")
+    columns: list[str] = Field(min_length=1, description="the feature columns")
+    weights: str | None = Field(None, description="column of sample weights")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options")
+
+
+DataConfig = Annotated[
+    SyntheticData | ZarrData | NpyData | ParquetData, Field(discriminator="kind")
+]
+
+
+# --------------------------------------------------------------------------- model
+
+_MODE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "kmeans": {
+        "covariance_type": "identity",
+        "assignment": "hard",
+        "init": "k-means++",
+        "tol": 1e-4,
+        "max_iter": 300,
+    },
+    "gmm": {
+        "covariance_type": "full",
+        "assignment": "soft",
+        "init": "kmeans",
+        "tol": 1e-3,
+        "max_iter": 100,
+    },
+}
+
+
+class ModelConfig(_Strict):
+    """What to fit. ``kmeans`` is (identity, hard); ``gmm`` defaults to (full, soft)."""
+
+    mode: Literal["kmeans", "gmm"] = Field("kmeans", description="kmeans or gmm")
+    n_clusters: PositiveInt = Field(8, description="number of clusters / components")
+    covariance_type: Literal["identity", "full", "tied", "diag", "spherical"] | None = Field(
+        None, description="kmeans: identity; gmm: full (default), tied, diag or spherical"
+    )
+    assignment: Literal["hard", "soft"] | None = Field(
+        None, description="hard (kmeans default) or soft (gmm default)"
+    )
+    init: Literal["k-means++", "random", "kmeans"] | None = Field(
+        None, description="kmeans: k-means++ (default) or random; gmm: kmeans (default), ..."
+    )
+    n_init: PositiveInt = Field(1, description="restarts; the best objective wins")
+    tol: NonNegativeFloat | None = Field(None, description="kmeans 1e-4 (relative), gmm 1e-3")
+    max_iter: NonNegativeInt | None = Field(None, description="kmeans 300, gmm 100")
+    reg_covar: NonNegativeFloat = Field(1e-6, description="added to covariance diagonals")
+    seed: int | None = Field(0, description="random seed of the initialisation")
+    init_sample_size: PositiveInt | None = Field(
+        None, description="points sampled for k-means++/random init; default max(10000, 100k)"
+    )
+
+    @model_validator(mode="after")
+    def _check_mode(self) -> ModelConfig:
+        if self.mode == "kmeans":
+            if self.covariance_type not in (None, "identity"):
+                raise ValueError(
+                    f"covariance_type {self.covariance_type!r} needs mode: gmm "
+                    "(k-means has identity covariances)"
+                )
+            if self.init == "kmeans":
+                raise ValueError("init 'kmeans' is for mode: gmm; use k-means++ or random")
+        elif self.covariance_type == "identity":
+            raise ValueError("covariance_type identity is mode: kmeans (soft: assignment soft)")
+        return self
+
+    def resolved(self, key: str) -> Any:
+        """A setting with the mode's default applied."""
+        value = getattr(self, key)
+        return _MODE_DEFAULTS[self.mode][key] if value is None else value
+
+
+# --------------------------------------------------------------------------- cluster
+
+
+class LocalClusterConfig(_Strict):
+    """An embedded ``distributed.LocalCluster`` started for the run."""
+
+    kind: Literal["local"] = "local"
+    n_workers: PositiveInt | None = Field(None, description="worker processes; default: cores")
+    threads_per_worker: PositiveInt = Field(1, description="threads per worker")
+    memory_limit: str = Field("auto", description="per worker, e.g. '4GiB', or 'auto'")
+    dashboard_address: str = Field(
+        "127.0.0.1:8787", description="host:port of the dashboard (':0' picks a free port)"
+    )
+    processes: bool = Field(True, description="workers as processes (false: threads)")
+
+
+class AddressClusterConfig(_Strict):
+    """A running Dask scheduler."""
+
+    kind: Literal["address"]
+    address: str = Field(description="scheduler address, tcp://host:port (or tls://)")
+
+    @field_validator("address")
+    @classmethod
+    def _check_address(cls, value: str) -> str:
+        scheme, sep, rest = value.partition("://")
+        if not sep or scheme not in ("tcp", "tls", "ws", "wss", "ucx") or not rest:
+            raise ValueError("expected a scheduler address like tcp://host:8786")
+        return value
+
+
+ClusterConfig = Annotated[LocalClusterConfig | AddressClusterConfig, Field(discriminator="kind")]
+
+
+# --------------------------------------------------------------------------- output
+
+
+class OutputConfig(_Strict):
+    """Where the results go; written under a temporary name and moved into place."""
+
+    path: str = Field(description="output directory: a local path or an fsspec URL")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options")
+    model: bool = Field(True, description="write the model (a zarr group)")
+    labels: bool = Field(True, description="write labels.zarr (row-chunked like the input)")
+    responsibilities: bool = Field(False, description="gmm: write responsibilities.zarr")
+    metrics: bool = Field(True, description="write metrics.jsonl, one record per iteration")
+    report: bool = Field(True, description="write report/ (PNG images and index.html)")
+
+
+class RuntimeConfig(_Strict):
+    split_every: int = Field(8, ge=2, description="fan-in of the reduction tree")
+    persist: Literal["auto", "always", "never"] = Field(
+        "auto", description="keep the points in cluster memory (auto: if under half of it)"
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO")
+
+
+class JobConfig(_Strict):
+    """One run: what to cluster, how, on which cluster, and where to write."""
+
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    cluster: ClusterConfig = Field(default_factory=LocalClusterConfig)
+    output: OutputConfig
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+_UNION_TAGS = {"data": {"synthetic", "zarr", "npy", "parquet"}, "cluster": {"local", "address"}}
+
+
+def _describe_error(err: dict[str, Any]) -> str:
+    parts = [str(p) for p in err["loc"] if not str(p).startswith("function-")]
+    if len(parts) > 1 and parts[1] in _UNION_TAGS.get(parts[0], ()):
+        del parts[1]  # pydantic names the union member; the user wrote data.url, not data.zarr.url
+    loc = ".".join(parts)
+    kind, msg = err["type"], err["msg"]
+    if kind == "literal_error":
+        expected = str(err.get("ctx", {}).get("expected", "")).replace("'", "")
+        msg = "expected one of " + expected.replace(" or ", ", ")
+    elif kind == "extra_forbidden":
+        msg = "unknown key"
+    elif kind == "union_tag_invalid":
+        expected = str(err.get("ctx", {}).get("expected_tags", "")).replace("'", "")
+        return f"{loc}.kind: expected one of {expected}, got {err['ctx'].get('tag')!r}"
+    elif kind == "union_tag_not_found":
+        return f"{loc}: needs a 'kind' key"
+    elif kind == "value_error":
+        msg = msg.removeprefix("Value error, ")
+    if kind not in ("missing", "extra_forbidden") and "input" in err:
+        msg += f", got {err['input']!r}"
+    return f"{loc}: {msg}" if loc else msg
+
+
+def validate_config(raw: Any, source: str = "config") -> JobConfig:
+    """A validated JobConfig from plain data; ConfigError lists every problem by key path."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as e:
+        problems = "\n".join("  " + _describe_error(dict(err)) for err in e.errors())
+        raise ConfigError(f"{source} is not a valid dkm config:\n{problems}") from None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.path=value`` overrides (values parsed as YAML: 32, 1e-3, null, [1, 2])."""
+    out: dict[str, Any] = yaml.safe_load(yaml.safe_dump(raw))  # deep copy of plain data
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. model.n_clusters=32")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({e})") from None
+        node = out
+        parts = key.strip().split(".")
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                section = ".".join(parts[: depth + 1])
+                raise ConfigError(f"--set {item!r}: {section} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Parse a YAML file safely; errors name the file and line."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {p} does not exist") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {p}: {e.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        where = ""
+        mark = getattr(e, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{p} is not valid YAML{where}: {problem}") from None
+    if raw is None:
+        raise ConfigError(f"config file {p} is empty")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: expected a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
+    """Read, override and validate a run config."""
+    raw = apply_overrides(read_yaml(path), overrides or [])
+    return validate_config(raw, str(path))
