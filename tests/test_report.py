@@ -1,0 +1,352 @@
+"""The run report: images and HTML are written, the ellipse maths, edge cases, validation."""
+
+from __future__ import annotations
+
+import html
+import math
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+from matplotlib.patches import Ellipse
+
+from dkm import report
+
+IMAGES = ("convergence.png", "sizes.png", "projection.png")
+COV_TYPES = ("full", "tied", "diag", "spherical")
+
+
+def random_spd(rng: np.random.Generator, d: int) -> np.ndarray:
+    a = rng.normal(size=(d, d))
+    return a @ a.T + 0.5 * np.eye(d)
+
+
+def covariances_of(ct: str, rng: np.random.Generator, k: int, d: int) -> np.ndarray | None:
+    """scikit-learn's shapes for each covariance type."""
+    if ct == "full":
+        return np.stack([random_spd(rng, d) for _ in range(k)])
+    if ct == "tied":
+        return random_spd(rng, d)
+    if ct == "diag":
+        return rng.uniform(0.3, 2.0, size=(k, d))
+    if ct == "spherical":
+        return rng.uniform(0.3, 2.0, size=k)
+    return None
+
+
+def history(t: int, mode: str = "kmeans") -> list[dict[str, float]]:
+    steps = 0.5 ** np.arange(t)
+    obj = 1000.0 * steps + 10 if mode == "kmeans" else -4.0 - steps
+    change = [math.inf, *np.abs(np.diff(obj))]
+    return [
+        {"iteration": i + 1, "objective": float(o), "change": float(c), "seconds": 0.01}
+        for i, (o, c) in enumerate(zip(obj, change, strict=False))
+    ]
+
+
+def args(
+    mode: str = "kmeans",
+    ct: str = "identity",
+    *,
+    k: int = 4,
+    d: int = 3,
+    m: int = 300,
+    iters: int = 6,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Keyword arguments of write_report for a small blob data set."""
+    rng = np.random.default_rng(seed)
+    means = rng.normal(scale=6.0, size=(k, d))
+    labels = rng.integers(k, size=m)
+    sample = means[labels] + rng.normal(size=(m, d))
+    sizes = np.bincount(labels, minlength=k).astype(float) * 100
+    return {
+        "title": f"{mode}, k={k}, {m * 100:,} x {d} (synthetic)",
+        "mode": mode,
+        "covariance_type": ct,
+        "history": history(iters, mode),
+        "sample": sample,
+        "sample_labels": labels,
+        "means": means,
+        "weights": sizes / sizes.sum(),
+        "covariances": covariances_of(ct, rng, k, d) if mode == "gmm" else None,
+        "cluster_sizes": sizes,
+        "summary": {"n": m * 100, "d": d, "k": k, "converged": True, "objective": 12.5},
+    }
+
+
+def check_png(path: Path) -> None:
+    img = imread(path)
+    assert img.shape[:2] == (500, 700)  # 7 x 5 in at 100 dpi
+    rgb = np.round(img[::3, ::3, :3] * 255).astype(np.uint32)
+    colours = np.unique(rgb[..., 0] << 16 | rgb[..., 1] << 8 | rgb[..., 2])
+    assert len(colours) > 20  # not blank, not a single colour
+
+
+def check_report(out: Path, written: list[Path]) -> str:
+    assert written == [out / name for name in (*IMAGES, "index.html")]
+    for name in IMAGES:
+        check_png(out / name)
+    text = (out / "index.html").read_text(encoding="utf-8")
+    for name in IMAGES:
+        assert f'src="{name}"' in text
+    return text
+
+
+# ------------------------------------------------------------------------ end to end
+
+
+def test_kmeans_report_and_escaping(tmp_path: Path) -> None:
+    kw = args()
+    kw["title"] = "kmeans <script>alert('x')</script> & co"
+    kw["summary"] = {"data": "<b>bold</b>", "<key>": 1_234_567, "converged": False}
+    text = check_report(tmp_path, report.write_report(tmp_path, **kw))
+    assert "<script>" not in text
+    assert html.escape(kw["title"]) in text
+    assert "&lt;b&gt;bold&lt;/b&gt;" in text and "&lt;key&gt;" in text
+    assert "1,234,567" in text and "<td>no</td>" in text
+    assert text.count("<tr><td") == 6  # the history table
+    assert "inf" in text  # first change
+
+
+@pytest.mark.parametrize("ct", COV_TYPES)
+def test_gmm_report(tmp_path: Path, ct: str) -> None:
+    text = check_report(tmp_path, report.write_report(tmp_path, **args("gmm", ct, seed=1)))
+    assert f"covariance type {ct}" in text and "σ" in text
+
+
+def test_gmm_identity(tmp_path: Path) -> None:
+    kw = args("gmm", "identity")
+    check_report(tmp_path, report.write_report(tmp_path, **kw))
+    # scikit-learn's (k,) ones give the same unit covariances as None
+    given = report._validate(**{**kw, "covariances": np.ones(4)}).covariances
+    np.testing.assert_array_equal(given, report._validate(**kw).covariances)
+
+
+def test_reports_can_be_written_from_threads(tmp_path: Path) -> None:
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        out = tmp_path / str(i)
+        out.mkdir()
+        try:
+            check_report(out, report.write_report(out, **args("gmm", "full", seed=i)))
+        except BaseException as e:  # re-raised in the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
+def test_module_does_not_use_pyplot() -> None:
+    assert "pyplot" not in Path(report.__file__).read_text(encoding="utf-8")
+
+
+def test_long_history_is_elided() -> None:
+    text = report._html(report._validate(**args(iters=60)), list(IMAGES))
+    assert "40 iterations not shown" in text
+    assert ">1</td>" in text and ">60</td>" in text and ">30</td>" not in text
+
+
+# ---------------------------------------------------------------------------- maths
+
+
+@pytest.mark.parametrize("ct", [*COV_TYPES, "identity"])
+def test_full_covariances(ct: str) -> None:
+    rng = np.random.default_rng(2)
+    k, d = 3, 4
+    cov = covariances_of(ct, rng, k, d)
+    full = report._full_covariances(ct, cov, k, d)
+    assert full.shape == (k, d, d)
+    assert cov is not None or ct == "identity"
+    expected = {
+        "full": lambda: cov,
+        "tied": lambda: np.stack([cov] * k),
+        "diag": lambda: np.stack([np.diag(c) for c in cov]),
+        "spherical": lambda: np.stack([c * np.eye(d) for c in cov]),
+        "identity": lambda: np.stack([np.eye(d)] * k),
+    }[ct]()
+    np.testing.assert_array_equal(full, expected)
+
+
+def test_pca_matches_sklearn() -> None:
+    from sklearn.decomposition import PCA
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(500, 5)) @ random_spd(rng, 5)
+    p = report._pca(x)
+    ref = PCA(2).fit(x)
+    np.testing.assert_allclose(p.components.T @ p.components, np.eye(2), atol=1e-12)
+    np.testing.assert_allclose(np.abs(p.components.T), np.abs(ref.components_), atol=1e-8)
+    np.testing.assert_allclose(p.explained, ref.explained_variance_ratio_, rtol=1e-8)
+    np.testing.assert_allclose(p.project(x), (x - x.mean(0)) @ p.components)
+
+
+@pytest.mark.parametrize(
+    "x", [np.ones((7, 3)), np.ones((1, 3)), np.arange(8.0).reshape(4, 2) * [1, 0]]
+)
+def test_pca_of_degenerate_sample_has_an_orthonormal_plane(x: np.ndarray) -> None:
+    p = report._pca(x)
+    assert p.components.shape == (x.shape[1], 2)
+    np.testing.assert_allclose(p.components.T @ p.components, np.eye(2), atol=1e-12)
+    assert np.all(np.isfinite(p.project(x)))
+
+
+def test_projected_covariance_is_vt_sigma_v() -> None:
+    rng = np.random.default_rng(4)
+    k, d = 3, 5
+    cov = np.stack([random_spd(rng, d) for _ in range(k)])
+    v = report._pca(rng.normal(size=(50, d))).components
+    got = report._project_covariances(cov, v)
+    assert got.shape == (k, 2, 2)
+    for j in range(k):
+        by_hand = np.zeros((2, 2))
+        for r in range(2):
+            for c in range(2):
+                for a in range(d):
+                    for b in range(d):
+                        by_hand[r, c] += v[a, r] * cov[j, a, b] * v[b, c]
+        np.testing.assert_allclose(got[j], by_hand, rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("cov2", "width", "height", "angle"),
+    [
+        (np.diag([4.0, 1.0]), 4.0, 2.0, 0.0),
+        (np.diag([1.0, 9.0]), 6.0, 2.0, 90.0),
+        (np.array([[2.5, 1.5], [1.5, 2.5]]), 4.0, 2.0, 45.0),  # eigenvalues 4, 1 along ±45°
+    ],
+)
+def test_ellipse_axes(cov2: np.ndarray, width: float, height: float, angle: float) -> None:
+    w, h, a = report._ellipse_axes(cov2)
+    assert (w, h) == pytest.approx((width, height))
+    assert a % 180 == pytest.approx(angle % 180, abs=1e-9)
+
+
+def test_two_sigma_ellipse_holds_its_share_of_a_gaussian() -> None:
+    # A Gaussian projects to N(Vᵀμ, VᵀΣV): P(Mahalanobis² <= 4) = 1 - exp(-2) in 2-D.
+    rng = np.random.default_rng(5)
+    d = 6
+    sigma, mu = random_spd(rng, d), rng.normal(size=d)
+    x = rng.multivariate_normal(mu, sigma, size=20_000)
+    p = report._pca(x)
+    s2 = report._project_covariances(sigma[None], p.components)[0]
+    z = p.project(x) - p.project(mu[None])[0]
+    maha = np.einsum("ni,ij,nj->n", z, np.linalg.inv(s2), z)
+    assert np.mean(maha <= 4.0) == pytest.approx(1 - math.exp(-2), abs=0.01)
+
+
+def ellipses(kw: dict[str, Any]) -> tuple[list[Ellipse], np.ndarray, np.ndarray]:
+    inputs = report._validate(**kw)
+    fig = report._projection_figure(inputs)
+    patches = [p for p in fig.axes[0].patches if isinstance(p, Ellipse)]
+    p = report._pca(inputs.sample)
+    assert inputs.covariances is not None
+    return (
+        patches,
+        p.project(inputs.means),
+        report._project_covariances(inputs.covariances, p.components),
+    )
+
+
+@pytest.mark.parametrize("ct", COV_TYPES)
+def test_ellipses_sit_on_the_projected_means(ct: str) -> None:
+    patches, mu2, cov2 = ellipses(args("gmm", ct, k=3, d=4, seed=6))
+    assert len(patches) == 2 * 3  # 1 and 2 sigma per component
+    for j in range(3):
+        w, h, _ = report._ellipse_axes(cov2[j])
+        for n_sigma, e in zip((1, 2), patches[2 * j : 2 * j + 2], strict=True):
+            np.testing.assert_allclose(e.center, mu2[j], atol=1e-12)
+            assert (e.width, e.height) == pytest.approx((n_sigma * w, n_sigma * h))
+
+
+def test_kmeans_has_no_ellipses() -> None:
+    fig = report._projection_figure(report._validate(**args()))
+    assert not [p for p in fig.axes[0].patches if isinstance(p, Ellipse)]
+
+
+# ----------------------------------------------------------------------- edge cases
+
+
+def edge_cases() -> dict[str, dict[str, Any]]:
+    cases: dict[str, dict[str, Any]] = {}
+    cases["k=1"] = args(k=1)
+    cases["no iterations"] = args(iters=0)
+    empty = args("gmm", "diag")
+    empty["cluster_sizes"][2] = 0.0
+    empty["weights"][2] = 0.0
+    empty["sample_labels"][empty["sample_labels"] == 2] = 0
+    cases["empty cluster"] = empty
+    constant = args("gmm", "spherical")
+    constant["sample"] = np.full_like(constant["sample"], 3.0)
+    cases["constant sample"] = constant
+    # no sample and a single mean: the plane comes from one point
+    none = args("gmm", "tied", k=1)
+    none["sample"], none["sample_labels"] = np.empty((0, 3)), np.empty(0, dtype=np.int64)
+    cases["m=0, k=1"] = none
+    one_d = args("gmm", "full", d=1)
+    one_d["sample"] = one_d["sample"].astype(np.float32)
+    cases["d=1, float32"] = one_d
+    cases["k=64"] = args(k=64, m=2000, iters=1)
+    return cases
+
+
+@pytest.mark.parametrize("name", list(edge_cases()))
+def test_edge_cases_still_draw(tmp_path: Path, name: str) -> None:
+    text = check_report(tmp_path, report.write_report(tmp_path, **edge_cases()[name]))
+    assert ("No iterations were run." in text) == (name == "no iterations")
+
+
+# ---------------------------------------------------------------------- validation
+
+
+def bad(**changes: Any) -> dict[str, Any]:
+    kw = args("gmm", "full")
+    kw.update(changes)
+    return kw
+
+
+BAD = {
+    "mode": (bad(mode="dbscan"), "mode"),
+    "covariance type": (bad(covariance_type="blocky"), "covariance_type"),
+    "kmeans with full": ({**args(), "covariance_type": "full"}, "covariance_type"),
+    "kmeans with covariances": ({**args(), "covariances": np.ones(4)}, "covariances"),
+    "means 1-D": (bad(means=np.zeros(3)), "means"),
+    "no means": (bad(means=np.zeros((0, 3))), "means"),
+    "sample d": (bad(sample=np.zeros((300, 2))), "sample"),
+    "sample NaN": (bad(sample=np.full((300, 3), np.nan)), "NaN"),
+    "labels length": (bad(sample_labels=np.zeros(299, dtype=int)), "sample_labels"),
+    "labels range": (bad(sample_labels=np.full(300, 4)), r"\[0, 4\)"),
+    "labels float": (bad(sample_labels=np.zeros(300)), "integers"),
+    "weights shape": (bad(weights=np.ones(3) / 3), "weights"),
+    "sizes negative": (bad(cluster_sizes=-np.ones(4)), "non-negative"),
+    "covariances shape": (bad(covariances=np.ones((4, 3))), r"covariances.*\(4, 3, 3\)"),
+    "diag as full": ({**bad(covariance_type="diag")}, r"covariances.*\(4, 3\)"),
+    "covariances missing": (bad(covariances=None), "required"),
+    "history key": (bad(history=[{"iteration": 1, "objective": 1.0}]), "missing key"),
+    "history value": (
+        bad(history=[{"iteration": 1, "objective": "x", "change": 0, "seconds": 0}]),
+        "objective",
+    ),
+    "history type": (bad(history={"iteration": 1}), "history"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_input_raises(tmp_path: Path, name: str) -> None:
+    kw, match = BAD[name]
+    with pytest.raises(ValueError, match=match):
+        report.write_report(tmp_path, **kw)
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_missing_out_dir(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not an existing directory"):
+        report.write_report(tmp_path / "nope", **args())
