@@ -1,7 +1,16 @@
 """dkm: k-means and Gaussian mixtures as one EM over Dask arrays."""
 
 from dkm.estimators import GaussianMixture, KMeans
+from dkm.io import load_model, save_model
 from dkm.kernels.params import DegenerateComponentError, MixtureParams
 
 __version__ = "0.1.0"
-__all__ = ["DegenerateComponentError", "GaussianMixture", "KMeans", "MixtureParams", "__version__"]
+__all__ = [
+    "DegenerateComponentError",
+    "GaussianMixture",
+    "KMeans",
+    "MixtureParams",
+    "__version__",
+    "load_model",
+    "save_model",
+]

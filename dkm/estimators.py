@@ -13,6 +13,7 @@ import math
 import numbers
 import os
 import warnings
+from collections.abc import Callable
 from typing import Any, cast
 
 import dask.array as da
@@ -93,6 +94,7 @@ class _DaskMixtureBase(BaseEstimator):
     init_sample_size: int | None
     random_state: Any
     verbose: int
+    callback: Callable[[IterationInfo], None] | None
 
     def _as_data(
         self, X: Any, sample_weight: Any, *, reset: bool, min_samples: int = 1
@@ -171,15 +173,18 @@ class _DaskMixtureBase(BaseEstimator):
     def _split_every(self) -> int:
         return _check_int("split_every", self.split_every, 2)
 
-    def _callback(self) -> Any:
-        if not self.verbose:
-            return None
+    def _callback(self) -> Callable[[IterationInfo], None] | None:
+        user, verbose = self.callback, self.verbose
+        if not verbose:
+            return user
 
         def report(info: IterationInfo) -> None:
             print(
                 f"Iteration {info.iteration}: objective {info.objective:.6g}, "
                 f"change {info.change:.3g}, {info.seconds:.3f}s"
             )
+            if user is not None:
+                user(info)
 
         return report
 
@@ -221,6 +226,8 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
     chunk_size : "auto" or int, rows per chunk when X is a NumPy array.
     split_every : int, fan-in of the reduction tree.
     init_sample_size : int or None (max(10 000, 100 · n_clusters)).
+    callback : called with an :class:`~dkm.engine.IterationInfo` after every iteration
+        (iteration, objective, change, seconds, params): progress, metrics, checkpoints.
 
     Attributes
     ----------
@@ -244,6 +251,7 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
         chunk_size: int | str = "auto",
         split_every: int = 8,
         init_sample_size: int | None = None,
+        callback: Callable[[IterationInfo], None] | None = None,
     ) -> None:
         self.n_clusters = n_clusters
         self.init = init
@@ -255,6 +263,7 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
         self.chunk_size = chunk_size
         self.split_every = split_every
         self.init_sample_size = init_sample_size
+        self.callback = callback
 
     def __sklearn_tags__(self) -> Any:
         tags = super().__sklearn_tags__()
@@ -388,7 +397,7 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
     init_params : "kmeans" (default), "k-means++", "random" or "random_from_data":
         centres by that method, then components from the nearest-centre partition.
     sample_weight : accepted by ``fit``.
-    chunk_size, split_every, init_sample_size : as for :class:`KMeans`.
+    chunk_size, split_every, init_sample_size, callback : as for :class:`KMeans`.
 
     Attributes
     ----------
@@ -417,6 +426,7 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
         chunk_size: int | str = "auto",
         split_every: int = 8,
         init_sample_size: int | None = None,
+        callback: Callable[[IterationInfo], None] | None = None,
     ) -> None:
         self.n_components = n_components
         self.covariance_type = covariance_type
@@ -434,6 +444,7 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
         self.chunk_size = chunk_size
         self.split_every = split_every
         self.init_sample_size = init_sample_size
+        self.callback = callback
 
     # ----------------------------------------------------------------- init
 

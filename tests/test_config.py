@@ -104,3 +104,22 @@ def test_yaml_is_loaded_safely(tmp_path):
     evil.write_text("data: !!python/object/apply:os.system ['echo owned']\noutput: {path: x}\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(evil)
+
+
+def test_readme_documents_every_config_key():
+    from dkm import config as c
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    models = [
+        c.SyntheticData,
+        c.ZarrData,
+        c.NpyData,
+        c.ParquetData,
+        c.ModelConfig,
+        c.LocalClusterConfig,
+        c.AddressClusterConfig,
+        c.OutputConfig,
+        c.RuntimeConfig,
+    ]
+    missing = {name for m in models for name in m.model_fields if f"`{name}" not in readme}
+    assert not missing, f"README's config reference lacks {sorted(missing)}"

@@ -1,0 +1,242 @@
+"""The ``dkm`` command: where config, io, cluster, monitor, engine and report meet."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import signal
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+import dkm
+from dkm.cluster import ClusterError
+from dkm.config import ConfigError, load_config
+from dkm.kernels.params import DegenerateComponentError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: Exit codes: success, a failure while running, bad config or input.
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _bad_input_errors() -> tuple[type[BaseException], ...]:
+    from dkm.io import InputError
+
+    return (ConfigError, InputError, ClusterError, DegenerateComponentError, ValueError)
+
+
+def handle_errors(fn: F) -> F:
+    """Exit 2 with one paragraph for bad config/input, 1 for a failure; traceback on --debug."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = click.get_current_context().find_root().params.get("debug", False)
+        try:
+            return fn(*args, **kwargs)
+        except click.exceptions.Exit:
+            raise
+        except click.ClickException:
+            raise
+        except KeyboardInterrupt:
+            click.echo(
+                "dkm: interrupted; nothing was written in place of the previous output", err=True
+            )
+            sys.exit(130)
+        except _bad_input_errors() as e:
+            if debug:
+                traceback.print_exc()
+            click.echo(f"dkm: error: {e}", err=True)
+            sys.exit(EXIT_BAD_INPUT)
+        except Exception as e:
+            if debug:
+                traceback.print_exc()
+            click.echo(
+                f"dkm: failed: {type(e).__name__}: {e} (run with --debug for the traceback)",
+                err=True,
+            )
+            sys.exit(EXIT_FAILED)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(dkm.__version__, prog_name="dkm")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def main(debug: bool) -> None:
+    """k-means and Gaussian mixtures on Dask, from one YAML config."""
+    logging.basicConfig(level=logging.WARNING)
+    # Batch schedulers stop jobs with SIGTERM: unwind like Ctrl-C, so temporary outputs
+    # are removed and the previous output stays in place.
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+_set_option = click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a config value, e.g. --set model.n_clusters=32 (repeatable).",
+)
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@_set_option
+@click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    help="json: one JSON object per line, for batch schedulers.",
+)
+@handle_errors
+def run(config: str, overrides: tuple[str, ...], quiet: bool, log_format: str) -> None:
+    """Fit the model CONFIG describes and write its outputs."""
+    from dkm.job import run_job
+    from dkm.monitor import Progress
+
+    cfg = load_config(config, list(overrides))
+    logging.getLogger("distributed").setLevel(cfg.runtime.log_level)
+    progress = Progress("pending", fmt=log_format, quiet=quiet)  # type: ignore[arg-type]
+    result = run_job(cfg, progress=progress, config_source=config)
+    if not quiet and log_format == "text":
+        click.echo(f"wrote {result.output}")
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@_set_option
+@handle_errors
+def validate(config: str, overrides: tuple[str, ...]) -> None:
+    """Check CONFIG without running it."""
+    cfg = load_config(config, list(overrides))
+    m = cfg.model
+    click.echo(
+        f"{config}: ok — {m.mode} ({m.resolved('covariance_type')}, {m.resolved('assignment')}) "
+        f"k={m.n_clusters} on {cfg.data.kind} data, cluster {cfg.cluster.kind}, "
+        f"output {cfg.output.path}"
+    )
+
+
+@main.command()
+@click.option("--model", "model_path", required=True, help="A model written by dkm run.")
+@click.option("--data", required=True, help="Points: a zarr store/URL or a .npy file.")
+@click.option("--array", default=None, help="Array path inside the zarr group.")
+@click.option("--out", required=True, help="Output zarr store for the labels.")
+@click.option("--scheduler", default=None, help="Dask scheduler address (default: in-process).")
+@handle_errors
+def predict(model_path: str, data: str, array: str | None, out: str, scheduler: str | None) -> None:
+    """Label new data with a saved model."""
+    from dkm import io
+
+    model = io.load_model(model_path)
+    points = io.open_npy(data) if data.endswith(".npy") else io.open_zarr(data, array)
+    io.check_writable(out)
+    with contextlib.ExitStack() as stack:
+        if scheduler:
+            from dkm.cluster import connect
+            from dkm.config import AddressClusterConfig
+
+            stack.enter_context(connect(AddressClusterConfig(kind="address", address=scheduler)))
+        labels = model.predict(points.X)
+        with io.AtomicOutput(out) as tmp:
+            io.write_array(labels, tmp, "labels")
+    click.echo(f"wrote {out} ({points.X.shape[0]:,} labels)")
+
+
+@main.command("make-data")
+@click.option("--n", type=click.IntRange(min=1), required=True, help="Number of points.")
+@click.option("--d", type=click.IntRange(min=1), required=True, help="Number of features.")
+@click.option("--k", type=click.IntRange(min=1), required=True, help="Number of clusters.")
+@click.option("--out", required=True, help="Output zarr store (local path or fsspec URL).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--chunk-rows", type=click.IntRange(min=1), default=100_000, show_default=True)
+@click.option(
+    "--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True
+)
+@click.option(
+    "--spread",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    show_default=True,
+    help="Scale of the cluster centres.",
+)
+@handle_errors
+def make_data(
+    n: int, d: int, k: int, out: str, seed: int, chunk_rows: int, dtype: str, spread: float
+) -> None:
+    """Write a synthetic dataset (Gaussian blobs) to zarr, in parallel and chunked."""
+    from dkm import io
+
+    io.make_data(out, n, d, k, seed=seed, chunk_rows=chunk_rows, dtype=dtype, spread=spread)
+    click.echo(f"wrote {out}: points ({n:,} x {d} {dtype}), labels_true")
+
+
+@main.command()
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="Print the metadata as JSON.")
+@handle_errors
+def info(model: str, as_json: bool) -> None:
+    """What a saved MODEL is."""
+    from dkm import io
+
+    meta = io.read_model_metadata(model)
+    if as_json:
+        click.echo(json.dumps(meta, indent=2, default=str))
+        return
+    user = meta.get("metadata") or {}
+    cfg = user.get("config") or {}
+    params = meta.get("params", {})
+    lines = [
+        f"model: {model}",
+        f"kind: {meta.get('kind')} (dkm {meta.get('dkm_version')})",
+        f"mode: {cfg.get('model', {}).get('mode', '-')}",
+        f"k: {params.get('n_clusters', params.get('n_components'))}, "
+        f"d: {meta.get('n_features_in_')}",
+        f"covariance: {params.get('covariance_type', 'identity')}",
+        f"iterations: {meta.get('n_iter_')}, converged: {meta.get('converged_')}",
+        f"objective: {meta.get('inertia_', meta.get('lower_bound_'))}",
+        f"data: {user.get('data', '-')}",
+        f"data fingerprint: {user.get('data_fingerprint', '-')}",
+        f"config: {user.get('config_source', '-')}",
+    ]
+    click.echo("\n".join(lines))
+
+
+@main.command()
+@click.option("--scheduler", required=True, help="Address of the scheduler the jobs run on.")
+@handle_errors
+def status(scheduler: str) -> None:
+    """Progress of the dkm jobs running (or run) on a scheduler."""
+    from dkm.cluster import connect
+    from dkm.config import AddressClusterConfig
+    from dkm.monitor import job_status
+
+    with connect(AddressClusterConfig(kind="address", address=scheduler)) as client:
+        jobs = job_status(client)
+    if not jobs:
+        click.echo(f"no dkm jobs have reported to {scheduler}")
+        return
+    for job, state in jobs.items():
+        last = state.get("last_iteration")
+        latest = state["latest"]
+        where = (
+            f"iteration {last['iteration']}, objective {last['objective']:.8g}"
+            if last
+            else "no iteration yet"
+        )
+        click.echo(f"{job}: {latest.get('event')} at {latest.get('time')}; {where}")
+
+
+if __name__ == "__main__":
+    main()

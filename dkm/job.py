@@ -1,0 +1,312 @@
+"""A clustering job: config in, model, labels, metrics and report out (atomically)."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+from numpy.typing import NDArray
+
+import dkm
+from dkm import io
+from dkm.cluster import cluster_memory, connect
+from dkm.config import JobConfig, ModelConfig
+from dkm.estimators import GaussianMixture, KMeans
+from dkm.monitor import Progress, scheduler_publisher
+from dkm.stats import uniform_from_rows
+
+#: Points sampled for the report's projection.
+REPORT_SAMPLE = 5000
+
+
+def open_data(config: JobConfig) -> io.Points:
+    """The points a config names, as a lazy Dask array (nothing is read yet)."""
+    d = config.data
+    if d.kind == "synthetic":
+        return io.synthetic(
+            d.n,
+            d.d,
+            d.k,
+            seed=d.seed,
+            chunk_rows=d.chunk_rows,
+            dtype=d.dtype or "float64",
+            spread=d.spread,
+        )
+    if d.kind == "zarr":
+        return io.open_zarr(
+            d.url,
+            d.array,
+            weights=d.weights,
+            storage_options=d.storage_options,
+            chunk_rows=d.chunk_rows,
+            dtype=d.dtype,
+        )
+    if d.kind == "npy":
+        return io.open_npy(d.path, weights=d.weights, chunk_rows=d.chunk_rows, dtype=d.dtype)
+    return io.open_parquet(
+        d.url,
+        d.columns,
+        weights=d.weights,
+        storage_options=d.storage_options,
+        chunk_rows=d.chunk_rows,
+        dtype=d.dtype,
+    )
+
+
+def build_estimator(
+    model: ModelConfig, split_every: int, callback: Callable[..., None] | None
+) -> KMeans | GaussianMixture:
+    """The estimator a model config describes (k-means is the (identity, hard) pair)."""
+    common: dict[str, Any] = {
+        "tol": model.resolved("tol"),
+        "max_iter": model.resolved("max_iter"),
+        "n_init": model.n_init,
+        "random_state": model.seed,
+        "split_every": split_every,
+        "init_sample_size": model.init_sample_size,
+        "callback": callback,
+    }
+    assignment = model.resolved("assignment")
+    if model.mode == "kmeans" and assignment == "hard":
+        return KMeans(model.n_clusters, init=model.resolved("init"), **common)
+    init = model.resolved("init")
+    return GaussianMixture(
+        model.n_clusters,
+        covariance_type=model.resolved("covariance_type"),
+        assignment=assignment,
+        reg_covar=model.reg_covar,
+        init_params="kmeans" if model.mode == "kmeans" else init,
+        **common,
+    )
+
+
+def should_persist(policy: str, X: da.Array, memory: int) -> bool:
+    if policy != "auto":
+        return policy == "always"
+    return memory > 0 and X.nbytes < memory / 2
+
+
+def _sample_block(
+    block: NDArray[Any], p: float, seed: int, block_info: dict[Any, Any] | None = None
+) -> NDArray[Any]:
+    start = 0 if block_info is None else block_info[0]["array-location"][0][0]
+    rows = np.arange(start, start + block.shape[0], dtype=np.int64)
+    return block[uniform_from_rows(rows, seed) < p]
+
+
+def sample_rows(X: da.Array, size: int, seed: int) -> da.Array:
+    """A uniform sample of about ``size`` rows, chosen per chunk on the workers (lazy)."""
+    p = min(1.0, size / max(1, X.shape[0]))
+    return da.map_blocks(
+        _sample_block,
+        X,
+        p,
+        seed,
+        chunks=((np.nan,) * X.numblocks[0], X.chunks[1]),
+        dtype=X.dtype,
+        name=f"dkm-sample-{uuid.uuid4().hex[:8]}",
+    )
+
+
+@dataclass
+class JobResult:
+    summary: dict[str, Any]
+    output: str
+
+
+def run_job(
+    config: JobConfig,
+    *,
+    progress: Progress | None = None,
+    config_source: str | None = None,
+) -> JobResult:
+    """Fit the model a config describes and write its outputs.
+
+    The outputs are written into a temporary directory beside ``output.path`` and moved
+    into place at the end, so a failed or interrupted run leaves the previous output as
+    it was and nothing that looks finished.
+    """
+    job_id = uuid.uuid4().hex[:12]
+    progress = progress or Progress(job_id, quiet=True)
+    progress.job_id = job_id
+    try:
+        return _run(config, progress, job_id, config_source)
+    except BaseException as e:
+        # the command line reports the error itself; the scheduler's log gets it here
+        progress.event("failed", f"job {job_id} failed: {type(e).__name__}: {e}", echo=False)
+        raise
+
+
+def _run(
+    config: JobConfig, progress: Progress, job_id: str, config_source: str | None
+) -> JobResult:
+    t_start = time.perf_counter()
+    out = config.output
+    points = open_data(config)
+    io.check_writable(out.path, storage_options=out.storage_options, create_parents=True)
+    progress.event("data", f"data: {points.description}")
+    with connect(config.cluster) as client:
+        progress.publish = progress.publish or scheduler_publisher(client)
+        progress.event(
+            "start",
+            f"job {job_id} on {client.scheduler_info()['address']}; "
+            f"dashboard {client.dashboard_link}",
+            dashboard=client.dashboard_link,
+        )
+        X, weights = points.X, points.weights
+        persisted = should_persist(config.runtime.persist, X, cluster_memory(client))
+        if persisted:
+            X, weights = dask.persist(X, weights)
+        estimator = build_estimator(config.model, config.runtime.split_every, progress)
+        t_fit = time.perf_counter()
+        estimator.fit(X, sample_weight=weights)
+        fit_seconds = time.perf_counter() - t_fit
+        labels = estimator.labels_ if isinstance(estimator, KMeans) else estimator.predict(X)
+        k = config.model.n_clusters
+        sizes_lazy = da.bincount(labels, weights=weights, minlength=k)
+        sample_lazy = sample_rows(X, REPORT_SAMPLE, seed=config.model.seed or 0)
+        with io.AtomicOutput(out.path, storage_options=out.storage_options) as tmp:
+            writes = []
+            if out.labels:
+                writes.append(
+                    io.write_array(
+                        labels,
+                        f"{tmp}/labels.zarr",
+                        "labels",
+                        storage_options=out.storage_options,
+                        compute=False,
+                    )
+                )
+            if out.responsibilities and isinstance(estimator, GaussianMixture):
+                writes.append(
+                    io.write_array(
+                        estimator.predict_proba(X),
+                        f"{tmp}/responsibilities.zarr",
+                        "responsibilities",
+                        storage_options=out.storage_options,
+                        compute=False,
+                    )
+                )
+            sizes, sample, *_ = dask.compute(sizes_lazy, sample_lazy, *writes)
+            summary = _summary(
+                config,
+                estimator,
+                points,
+                job_id,
+                fit_seconds,
+                time.perf_counter() - t_start,
+                persisted,
+                sizes,
+            )
+            if out.model:
+                io.save_model(
+                    estimator,
+                    f"{tmp}/model",
+                    metadata={
+                        "config": config.to_dict(),
+                        "config_source": config_source,
+                        "data_fingerprint": points.fingerprint,
+                        "data": points.description,
+                        "job": job_id,
+                        "fit_seconds": fit_seconds,
+                    },
+                    storage_options=out.storage_options,
+                )
+            fs_write = io.text_writer(tmp, storage_options=out.storage_options)
+            if out.metrics:
+                fs_write("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in progress.records))
+            if out.report:
+                _write_report(tmp, config, estimator, points, summary, sample, sizes)
+            fs_write("summary.json", json.dumps(summary, indent=2) + "\n")
+        progress.event(
+            "done",
+            f"done: {summary['n_iter']} iterations, objective "
+            f"{summary['objective']:.8g}, wrote {out.path}",
+            output=out.path,
+        )
+    return JobResult(summary, out.path)
+
+
+def _summary(
+    config: JobConfig,
+    est: KMeans | GaussianMixture,
+    points: io.Points,
+    job_id: str,
+    fit_seconds: float,
+    total_seconds: float,
+    persisted: bool,
+    sizes: NDArray[Any],
+) -> dict[str, Any]:
+    kmeans = isinstance(est, KMeans)
+    return {
+        "dkm_version": dkm.__version__,
+        "job": job_id,
+        "mode": config.model.mode,
+        "covariance_type": config.model.resolved("covariance_type"),
+        "assignment": config.model.resolved("assignment"),
+        "n_clusters": config.model.n_clusters,
+        "n_samples": int(points.X.shape[0]),
+        "n_features": int(points.X.shape[1]),
+        "data": points.description,
+        "data_fingerprint": points.fingerprint,
+        "n_iter": int(est.n_iter_),
+        "converged": bool(est.converged_),
+        "objective_name": "inertia" if kmeans else "mean log-likelihood",
+        "objective": float(est.inertia_ if isinstance(est, KMeans) else est.lower_bound_),
+        "cluster_sizes": [float(s) for s in sizes],
+        "persisted": persisted,
+        "fit_seconds": fit_seconds,
+        "total_seconds": total_seconds,
+    }
+
+
+def _write_report(
+    tmp: str,
+    config: JobConfig,
+    est: KMeans | GaussianMixture,
+    points: io.Points,
+    summary: dict[str, Any],
+    sample: NDArray[Any],
+    sizes: NDArray[Any],
+) -> None:
+    from dkm import report
+
+    if isinstance(est, KMeans):
+        means, covariances = est.cluster_centers_, None
+        weights = sizes / max(sizes.sum(), 1e-300)
+    else:
+        means, covariances, weights = est.means_, est.covariances_, est.weights_
+    history = [
+        {
+            "iteration": h.iteration,
+            "objective": h.objective,
+            "change": h.change,
+            "seconds": h.seconds,
+        }
+        for h in est.history_
+    ]
+    sample_labels = np.asarray(est.predict(sample)) if len(sample) else np.empty(0, np.int64)
+    m = config.model
+    title = f"{m.mode}, k={m.n_clusters}, {summary['n_samples']:,} x {summary['n_features']}"
+    with io.local_dir(f"{tmp}/report", storage_options=config.output.storage_options) as target:
+        report.write_report(
+            target,
+            title=title,
+            mode=m.mode,
+            covariance_type=m.resolved("covariance_type"),
+            history=history,
+            sample=sample,
+            sample_labels=sample_labels,
+            means=means,
+            weights=weights,
+            covariances=covariances,
+            cluster_sizes=sizes,
+            summary={k: v for k, v in summary.items() if k != "cluster_sizes"},
+        )

@@ -1,0 +1,139 @@
+"""Watching a run: per-iteration progress lines, JSON logs, and events on the scheduler."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import sys
+from collections.abc import Callable
+from typing import Any, Literal, TextIO
+
+from dkm.engine import IterationInfo
+
+#: Topic of the events a running job publishes on its scheduler (``dkm status`` reads it).
+EVENT_TOPIC = "dkm-progress"
+LogFormat = Literal["text", "json"]
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+class Progress:
+    """The per-iteration callback of a job: records, prints and publishes each iteration.
+
+    On a terminal it prints an aligned table; otherwise (a batch log) one plain
+    ``key=value`` line per event; with ``fmt="json"`` one JSON object per line. Every
+    record also goes to ``publish`` (e.g. the scheduler's event log) and is kept in
+    ``records`` for the metrics file.
+    """
+
+    def __init__(
+        self,
+        job_id: str,
+        *,
+        fmt: LogFormat = "text",
+        quiet: bool = False,
+        stream: TextIO | None = None,
+        publish: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.job_id = job_id
+        self.fmt = fmt
+        self.quiet = quiet
+        self.stream = stream if stream is not None else sys.stderr
+        self.publish = publish
+        self.records: list[dict[str, Any]] = []
+        self._header_done = False
+        self._previous: float | None = None
+
+    @property
+    def _tty(self) -> bool:
+        return self.fmt == "text" and bool(getattr(self.stream, "isatty", lambda: False)())
+
+    def __call__(self, info: IterationInfo) -> None:
+        previous, self._previous = self._previous, info.objective
+        relative = (
+            abs(info.objective - previous) / abs(previous)
+            if previous not in (None, 0.0) and math.isfinite(info.objective)
+            else None
+        )
+        record = {
+            "event": "iteration",
+            "job": self.job_id,
+            "time": _now(),
+            "iteration": info.iteration,
+            "objective": info.objective,
+            "relative_change": relative,
+            "change": info.change if math.isfinite(info.change) else None,
+            "seconds": info.seconds,
+        }
+        self.records.append(record)
+        self._publish(record)
+        if self.quiet:
+            return
+        if self._tty:
+            if not self._header_done:
+                self._write(f"{'iter':>5}  {'objective':>16}  {'rel. change':>11}  {'seconds':>8}")
+                self._header_done = True
+            rel = "" if relative is None else f"{relative:11.3e}"
+            self._write(
+                f"{info.iteration:5d}  {info.objective:16.8g}  {rel:>11}  {info.seconds:8.3f}"
+            )
+        else:
+            self._emit(record)
+
+    def event(self, event: str, message: str, *, echo: bool = True, **fields: Any) -> None:
+        """A job-level event (start, data, done, failed); ``echo=False`` only publishes."""
+        record = {"event": event, "job": self.job_id, "time": _now(), "message": message, **fields}
+        self._publish(record)
+        if not echo or (self.quiet and event != "failed"):
+            return
+        if self.fmt == "json":
+            self._write(json.dumps(record, default=str))
+        else:
+            self._write(message if self._tty else f"{record['time']} {message}")
+
+    def _emit(self, record: dict[str, Any]) -> None:
+        if self.fmt == "json":
+            self._write(json.dumps(record, default=str))
+            return
+        fields = " ".join(
+            f"{k}={v:.8g}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in record.items()
+            if k not in ("time", "event", "job", "iteration") and v is not None
+        )
+        self._write(f"{record['time']} iteration {record['iteration']}: {fields}")
+
+    def _publish(self, record: dict[str, Any]) -> None:
+        if self.publish is not None:
+            try:
+                self.publish(record)
+            except Exception:
+                self.publish = None
+
+    def _write(self, line: str) -> None:
+        print(line, file=self.stream, flush=True)
+
+
+def scheduler_publisher(client: Any) -> Callable[[dict[str, Any]], None]:
+    """Publish records as events on the scheduler (``Client.log_event``)."""
+
+    def publish(record: dict[str, Any]) -> None:
+        client.log_event(EVENT_TOPIC, record)
+
+    return publish
+
+
+def job_status(client: Any) -> dict[str, dict[str, Any]]:
+    """The latest event of every job that published to this scheduler, by job id."""
+    latest: dict[str, dict[str, Any]] = {}
+    for _, record in client.get_events(EVENT_TOPIC):
+        if isinstance(record, dict) and "job" in record:
+            current = latest.setdefault(record["job"], {})
+            if record.get("event") == "iteration":
+                current["last_iteration"] = record
+            elif record.get("event") == "start":
+                current["start"] = record
+            current["latest"] = record
+    return latest

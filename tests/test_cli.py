@@ -1,0 +1,248 @@
+"""The ``dkm`` command end to end, as a subprocess, on zarr stores in a temp dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+import dkm
+from dkm import io
+
+DKM = [sys.executable, "-m", "dkm.cli"]
+
+
+def dkm_cmd(*args: str, cwd: Path, check: bool = True, timeout: float = 300):
+    result = subprocess.run(
+        [*DKM, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"dkm {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+        )
+    return result
+
+
+def write_config(path: Path, **sections) -> Path:
+    base = {
+        "data": {"kind": "zarr", "url": "data.zarr", "array": "points"},
+        "model": {"mode": "kmeans", "n_clusters": 4, "seed": 0},
+        "cluster": {
+            "kind": "local",
+            "n_workers": 2,
+            "processes": False,
+            "dashboard_address": "127.0.0.1:0",
+        },
+        "output": {"path": "out"},
+    }
+    for key, value in sections.items():
+        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
+    path.write_text(yaml.safe_dump(base))
+    return path
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    wd = tmp_path_factory.mktemp("cli")
+    dkm_cmd(
+        "make-data",
+        "--n",
+        "20000",
+        "--d",
+        "3",
+        "--k",
+        "4",
+        "--seed",
+        "1",
+        "--chunk-rows",
+        "5000",
+        "--out",
+        "data.zarr",
+        cwd=wd,
+    )
+    return wd
+
+
+def test_make_data_writes_a_chunked_store(workdir):
+    points = io.open_zarr(str(workdir / "data.zarr"), "points")
+    assert points.X.shape == (20000, 3) and points.X.chunks[0] == (5000,) * 4
+    assert points.X.dtype == np.float32
+
+
+def test_run_predict_info_validate(workdir):
+    write_config(workdir / "km.yaml")
+    out = dkm_cmd("validate", "km.yaml", cwd=workdir)
+    assert "ok" in out.stdout
+    run = dkm_cmd("run", "km.yaml", cwd=workdir)
+    assert "dashboard" in run.stderr and "iteration" in run.stderr
+    outdir = workdir / "out"
+    summary = json.loads((outdir / "summary.json").read_text())
+    assert summary["n_samples"] == 20000 and summary["mode"] == "kmeans"
+    metrics = [json.loads(line) for line in (outdir / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == summary["n_iter"] and metrics[0]["iteration"] == 1
+    for name in ("convergence.png", "sizes.png", "projection.png", "index.html"):
+        assert (outdir / "report" / name).stat().st_size > 0
+    # the model reloads into a working estimator equal to the fitted one
+    model = io.load_model(str(outdir / "model"))
+    assert isinstance(model, dkm.KMeans)
+    X = io.open_zarr(str(workdir / "data.zarr"), "points").X.compute()
+    import zarr
+
+    labels_array = zarr.open_group(str(outdir / "labels.zarr"), mode="r")["labels"]
+    assert labels_array.chunks == (5000,)  # the input's row chunks
+    stored = labels_array[:]
+    ref = dkm.KMeans(4, random_state=0).fit(X)
+    np.testing.assert_allclose(model.cluster_centers_, ref.cluster_centers_, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(stored), model.predict(X))
+    assert summary["objective"] == pytest.approx(ref.inertia_, rel=1e-6)
+    # predict and info
+    dkm_cmd(
+        "predict",
+        "--model",
+        "out/model",
+        "--data",
+        "data.zarr",
+        "--array",
+        "points",
+        "--out",
+        "pred.zarr",
+        cwd=workdir,
+    )
+    import zarr
+
+    pred = zarr.open_group(str(workdir / "pred.zarr"), mode="r")["labels"][:]
+    np.testing.assert_array_equal(pred, model.predict(X))
+    info = dkm_cmd("info", "out/model", cwd=workdir).stdout
+    assert "KMeans" in info and summary["data_fingerprint"] in info and "km.yaml" in info
+
+
+def test_gmm_run_with_overrides_and_json_logs(workdir):
+    write_config(
+        workdir / "gm.yaml",
+        model={"mode": "gmm", "covariance_type": "diag"},
+        output={"path": "out-gmm", "responsibilities": True},
+    )
+    run = dkm_cmd(
+        "run", "gm.yaml", "--set", "model.n_clusters=3", "--log-format", "json", cwd=workdir
+    )
+    events = [json.loads(line) for line in run.stderr.splitlines() if line.startswith("{")]
+    assert {"start", "iteration", "done"} <= {e["event"] for e in events}
+    summary = json.loads((workdir / "out-gmm" / "summary.json").read_text())
+    assert summary["n_clusters"] == 3 and summary["covariance_type"] == "diag"
+    model = io.load_model(str(workdir / "out-gmm" / "model"))
+    assert isinstance(model, dkm.GaussianMixture) and model.means_.shape == (3, 3)
+    import zarr
+
+    resp = zarr.open_group(str(workdir / "out-gmm" / "responsibilities.zarr"), mode="r")
+    assert resp["responsibilities"].shape == (20000, 3)
+
+
+BAD = [
+    ({"model": {"covariance_type": "ful", "mode": "gmm"}}, "model.covariance_type"),
+    ({"modle": {}}, "modle: unknown key"),
+    ({"model": {"n_clusters": "x"}}, "model.n_clusters"),
+    ({"data": {"url": "missing.zarr"}}, "missing.zarr"),
+    ({"data": {"array": "nope"}}, "nope"),
+    ({"model": {"n_clusters": 50000}}, "n_clusters=50000"),
+    ({"output": {"path": "data.zarr/zarr.json/out"}}, "is not a directory"),
+]
+
+
+@pytest.mark.parametrize("sections, message", BAD, ids=[m for _, m in BAD])
+def test_bad_config_or_input_exits_2_and_writes_nothing(workdir, tmp_path, sections, message):
+    shutil.copytree(workdir / "data.zarr", tmp_path / "data.zarr")
+    write_config(tmp_path / "bad.yaml", **sections)
+    result = dkm_cmd("run", "bad.yaml", cwd=tmp_path, check=False)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml", "data.zarr"]
+
+
+def test_unwritable_output_exits_2(workdir, tmp_path):
+    shutil.copytree(workdir / "data.zarr", tmp_path / "data.zarr")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):  # root ignores permissions: use a file as parent
+            locked.chmod(0o700)
+            locked.rmdir()
+            locked.write_text("a file, not a directory")
+        write_config(tmp_path / "c.yaml", output={"path": "locked/out"})
+        result = dkm_cmd("run", "c.yaml", cwd=tmp_path, check=False)
+        assert result.returncode == 2 and "locked" in result.stderr, result.stderr
+    finally:
+        if locked.is_dir():
+            locked.chmod(0o700)
+
+
+def test_malformed_yaml_exits_2(tmp_path):
+    (tmp_path / "c.yaml").write_text("data: [unclosed\n")
+    result = dkm_cmd("run", "c.yaml", cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "not valid YAML at line" in result.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_interrupted_run_leaves_previous_output_intact(workdir, tmp_path, sig):
+    shutil.copytree(workdir / "data.zarr", tmp_path / "data.zarr")
+    write_config(tmp_path / "c.yaml")
+    dkm_cmd("run", "c.yaml", cwd=tmp_path)
+    before = (tmp_path / "out" / "summary.json").read_text()
+    # a second, slow run (large synthetic data, many iterations), killed mid-fit
+    write_config(
+        tmp_path / "slow.yaml",
+        data={
+            "kind": "synthetic",
+            "n": 2_000_000,
+            "d": 8,
+            "k": 50,
+            "url": None,
+            "array": None,
+            "chunk_rows": 100_000,
+        },
+        model={"n_clusters": 50, "tol": 0.0, "max_iter": 1000},
+    )
+    raw = yaml.safe_load((tmp_path / "slow.yaml").read_text())
+    raw["data"] = {k: v for k, v in raw["data"].items() if v is not None}
+    (tmp_path / "slow.yaml").write_text(yaml.safe_dump(raw))
+    proc = subprocess.Popen(
+        [*DKM, "run", "slow.yaml"], cwd=tmp_path, stderr=subprocess.PIPE, text=True
+    )
+    assert proc.stderr is not None
+    deadline = time.monotonic() + 120
+    for line in proc.stderr:
+        if "iteration" in line or time.monotonic() > deadline:
+            break
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    assert proc.returncode != 0
+    assert (tmp_path / "out" / "summary.json").read_text() == before
+    assert not (tmp_path / "out" / "model").is_symlink()
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    if sig == signal.SIGINT:
+        assert leftovers == []  # an interrupt cleans its temporary directory up
+
+
+@pytest.mark.distributed
+def test_run_on_real_scheduler_and_status(workdir, tmp_path, dask_processes):
+    shutil.copytree(workdir / "data.zarr", tmp_path / "data.zarr")
+    write_config(tmp_path / "c.yaml", cluster={"kind": "address", "address": dask_processes})
+    raw = yaml.safe_load((tmp_path / "c.yaml").read_text())
+    raw["cluster"] = {"kind": "address", "address": dask_processes}
+    raw["data"]["url"] = str(tmp_path / "data.zarr")  # workers run elsewhere: absolute paths
+    raw["output"]["path"] = str(tmp_path / "out")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    dkm_cmd("run", "c.yaml", cwd=tmp_path)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    status = dkm_cmd("status", "--scheduler", dask_processes, cwd=tmp_path).stdout
+    assert summary["job"] in status and "done" in status
