@@ -237,7 +237,8 @@ class IterationInfo:
     ``objective`` is the k-means inertia (under the centres the iteration started
     from) or the mean log-likelihood (the lower bound); ``change`` is the squared centre
     shift (k-means) or the change of the lower bound; ``params`` are the new
-    parameters, in the data's coordinates.
+    parameters, in the data's coordinates; ``converged`` says whether this iteration
+    met the convergence rule (the last one of a converged run).
     """
 
     iteration: int
@@ -245,6 +246,44 @@ class IterationInfo:
     change: float
     seconds: float
     params: MixtureParams
+    converged: bool = False
+    #: The parameters exactly as the engine iterates on them (relative to ``origin``).
+    centred: MixtureParams | None = None
+    origin: F64 | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class ResumeState:
+    """Where an interrupted run stopped: enough to finish it as if never interrupted.
+
+    ``params`` are the parameters after ``iteration`` completed iterations, relative to
+    ``origin`` (the engine's centring origin, the data mean: exact, since adding and
+    removing the origin again would round); ``objective`` is that iteration's objective
+    (the previous lower bound of the next GMM convergence test); ``history`` the
+    iterations done so far.
+    """
+
+    iteration: int
+    params: MixtureParams
+    origin: F64
+    objective: float
+    converged: bool
+    history: tuple[IterationInfo, ...] = ()
+
+    @classmethod
+    def after(cls, info: IterationInfo, history: tuple[IterationInfo, ...] = ()) -> ResumeState:
+        """The state after the iteration ``info`` reports."""
+        if info.centred is None or info.origin is None:
+            raise ValueError("this IterationInfo carries no engine state to resume from")
+        return cls(
+            info.iteration, info.centred, info.origin, info.objective, info.converged, history
+        )
+
+    def params_for(self, origin: F64) -> MixtureParams:
+        """The parameters relative to ``origin`` (exact when it is the same origin)."""
+        if np.array_equal(origin, self.origin):
+            return self.params
+        return self.params.translated(self.origin - origin)
 
 
 Callback = Callable[[IterationInfo], None]
@@ -290,6 +329,7 @@ def fit_em(
     tol_abs: float | None = None,
     init_covariances: F64 | None = None,
     callback: Callback | None = None,
+    resume: ResumeState | None = None,
 ) -> EMResult:
     """Run EM from ``init`` (centred coordinates, i.e. relative to ``data.origin``).
 
@@ -300,19 +340,30 @@ def fit_em(
     as scikit-learn's strict convergence does. Every other pair stops when the mean
     log-likelihood changes by less than ``options.tol``, and takes its moments
     around the previous means.
+
+    With ``resume``, ``init`` is ignored: the run continues after ``resume.iteration``
+    from ``resume.params`` (and the previous lower bound), so it ends where the
+    uninterrupted run would have.
     """
     history: list[IterationInfo] = []
-    params, converged, n_iter = init, False, 0
+    params, converged, start, lower_bound = init, False, 0, -math.inf
+    if resume is not None:
+        params = resume.params_for(data.origin)
+        history = list(resume.history)
+        converged, start, lower_bound = resume.converged, resume.iteration, resume.objective
+    n_iter = start
+    first = n_iter + 1 if not converged else options.max_iter + 1  # a converged run is done
     covariances = init_covariances
     if options.is_kmeans:
         tol = 0.0 if tol_abs is None else tol_abs
         opts = PassOptions("hard", "none", n_farthest=params.n_components)
-        for n_iter in range(1, options.max_iter + 1):
+        for n_iter in range(first, options.max_iter + 1):
             t0 = time.perf_counter()
             stats = stats_pass(data, params, opts, split_every=options.split_every)
             centres, _ = kmeans_centres(stats)
             shift_tot = float(((centres - params.means) ** 2).sum())
             params = MixtureParams.identity(centres)
+            converged = shift_tot <= tol
             _notify(
                 callback,
                 history,
@@ -322,10 +373,12 @@ def fit_em(
                     shift_tot,
                     time.perf_counter() - t0,
                     params.translated(data.origin),
+                    converged,
+                    params,
+                    data.origin,
                 ),
             )
-            if shift_tot <= tol:
-                converged = True
+            if converged:
                 break
         final = stats_pass(
             data, params, PassOptions("hard", "none"), split_every=options.split_every
@@ -333,8 +386,7 @@ def fit_em(
         objective = final.objective
     else:
         opts = PassOptions(options.assignment, moments_for(options.covariance_type))
-        lower_bound = -math.inf
-        for n_iter in range(1, options.max_iter + 1):
+        for n_iter in range(first, options.max_iter + 1):
             t0 = time.perf_counter()
             stats = stats_pass(
                 data, params, opts, shift=params.means, split_every=options.split_every
@@ -344,6 +396,7 @@ def fit_em(
             )
             previous, lower_bound = lower_bound, stats.objective / stats.n
             change = lower_bound - previous
+            converged = abs(change) < options.tol
             _notify(
                 callback,
                 history,
@@ -353,10 +406,12 @@ def fit_em(
                     change,
                     time.perf_counter() - t0,
                     params.translated(data.origin),
+                    converged,
+                    params,
+                    data.origin,
                 ),
             )
-            if abs(change) < options.tol:
-                converged = True
+            if converged:
                 break
         objective = lower_bound
     return EMResult(

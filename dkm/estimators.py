@@ -36,6 +36,7 @@ from dkm.engine import (
     EMOptions,
     EMResult,
     IterationInfo,
+    ResumeState,
     apply_in_memory,
     fit_em,
     gaussian_from_partition,
@@ -84,6 +85,22 @@ def _check_float(name: str, value: Any, minimum: float) -> float:
     ):
         raise ValueError(f"{name} must be a number >= {minimum}, got {value!r}")
     return float(value)
+
+
+def _check_resume(
+    resume: ResumeState | None, n_init: int, k: int, d: int, covariance_type: str
+) -> None:
+    if resume is None:
+        return
+    if n_init != 1:
+        raise ValueError("resuming an interrupted run needs n_init=1 (restarts are not resumable)")
+    p = resume.params
+    if p.means.shape != (k, d) or p.covariance_type != covariance_type:
+        raise ValueError(
+            f"the run to resume has {p.means.shape[0]} components, {p.means.shape[1]} "
+            f"features and {p.covariance_type} covariances; this fit has {k}, {d} and "
+            f"{covariance_type}"
+        )
 
 
 class _DaskMixtureBase(BaseEstimator):
@@ -304,8 +321,19 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
             raise ValueError("init contains NaN or infinity")
         return centres - data.origin
 
-    def fit(self, X: Any, y: Any = None, sample_weight: Any = None) -> KMeans:
-        """Compute k-means clustering. ``sample_weight``: (n_samples,) non-negative."""
+    def fit(
+        self,
+        X: Any,
+        y: Any = None,
+        sample_weight: Any = None,
+        *,
+        resume: ResumeState | None = None,
+    ) -> KMeans:
+        """Compute k-means clustering. ``sample_weight``: (n_samples,) non-negative.
+
+        ``resume``: continue an interrupted run (a checkpoint) instead of initialising;
+        the result is the model the uninterrupted run would have produced.
+        """
         k = _check_int("n_clusters", self.n_clusters, 1)
         max_iter = _check_int("max_iter", self.max_iter, 1)
         tol = _check_float("tol", self.tol, 0.0)
@@ -321,14 +349,20 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
             "identity", "hard", tol=tol, max_iter=max_iter, split_every=self._split_every()
         )
         best: EMResult | None = None
+        _check_resume(resume, n_init, k, data.n_features, "identity")
         for _ in range(n_init):
-            centres = self._initial_centres(summary, data, k, rng)
+            centres = (
+                self._initial_centres(summary, data, k, rng)
+                if resume is None
+                else resume.params_for(data.origin).means
+            )
             result = fit_em(
                 data,
                 MixtureParams.identity(centres),
                 options,
                 tol_abs=tol_abs,
                 callback=self._callback(),
+                resume=resume,
             )
             if best is None or result.objective < best.objective:
                 best = result
@@ -525,8 +559,18 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
 
     # ----------------------------------------------------------------- fit
 
-    def fit(self, X: Any, y: Any = None, sample_weight: Any = None) -> GaussianMixture:
-        """Estimate the parameters with EM. ``sample_weight``: (n_samples,) non-negative."""
+    def fit(
+        self,
+        X: Any,
+        y: Any = None,
+        sample_weight: Any = None,
+        *,
+        resume: ResumeState | None = None,
+    ) -> GaussianMixture:
+        """Estimate the parameters with EM. ``sample_weight``: (n_samples,) non-negative.
+
+        ``resume``: continue an interrupted run (a checkpoint) instead of initialising.
+        """
         k = _check_int("n_components", self.n_components, 1)
         check_choice("covariance_type", self.covariance_type, GMM_COVARIANCE_TYPES)
         check_choice("assignment", self.assignment, ASSIGNMENTS)
@@ -547,9 +591,22 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
             self._split_every(),
         )
         best: EMResult | None = None
+        _check_resume(resume, n_init, k, data.n_features, self._ct)
         for _ in range(n_init):
-            params, cov = self._initial_params(data, summary, rng)
-            result = fit_em(data, params, options, init_covariances=cov, callback=self._callback())
+            if resume is None:
+                params, cov = self._initial_params(data, summary, rng)
+            else:
+                params = resume.params_for(data.origin)
+                pc = params.precisions_cholesky
+                cov = np.ones(k) if pc is None else covariances_from_cholesky(pc, self._ct)
+            result = fit_em(
+                data,
+                params,
+                options,
+                init_covariances=cov,
+                callback=self._callback(),
+                resume=resume,
+            )
             if best is None or result.objective > best.objective or best.objective == -math.inf:
                 best = result
         assert best is not None

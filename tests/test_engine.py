@@ -187,3 +187,42 @@ def test_tiny_kmeans_worked_by_hand(dtype):
     assert km.inertia_ == 1.0
     assert km.n_iter_ == 2 and km.converged_
     assert [h.change for h in km.history_] == [0.5, 0.0]
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+@pytest.mark.parametrize("kind", ["kmeans", "gmm-full", "gmm-diag"])
+def test_resume_from_any_iteration_gives_the_uninterrupted_model(kind):
+    from dkm.engine import ResumeState
+
+    seen: list[IterationInfo] = []
+
+    def make(callback=None):
+        if kind == "kmeans":
+            return dkm.KMeans(4, random_state=0, tol=0, max_iter=8, callback=callback)
+        return dkm.GaussianMixture(
+            4, covariance_type=kind[4:], random_state=0, tol=0, max_iter=8, callback=callback
+        )
+
+    full = make(seen.append).fit(X)
+    for stop in sorted({1, len(seen) // 2 + 1, len(seen)}):
+        info = seen[stop - 1]
+        state = ResumeState.after(info, tuple(seen[:stop]))
+        resumed_seen: list[IterationInfo] = []
+        resumed = make(resumed_seen.append).fit(X, resume=state)
+        assert [i.iteration for i in resumed_seen] == list(range(stop + 1, full.n_iter_ + 1))
+        assert resumed.n_iter_ == full.n_iter_
+        assert [h.iteration for h in resumed.history_] == [h.iteration for h in full.history_]
+        if kind == "kmeans":
+            assert_same_kmeans(full, resumed, rtol=1e-12)
+        else:
+            assert_same_gmm(full, resumed, rtol=1e-12)
+
+
+def test_resume_refuses_a_different_model():
+    from dkm.engine import ResumeState
+
+    state = ResumeState(2, MixtureParams.identity(np.zeros((3, 3))), np.zeros(3), 1.0, False)
+    with pytest.raises(ValueError, match="3 components"):
+        dkm.KMeans(4).fit(X, resume=state)
+    with pytest.raises(ValueError, match="n_init=1"):
+        dkm.KMeans(3, n_init=2).fit(X, resume=state)
