@@ -94,13 +94,18 @@ _set_option = click.option(
 @_set_option
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
 @click.option(
+    "--resume", is_flag=True, help="Continue from the checkpoint an interrupted run of CONFIG left."
+)
+@click.option(
     "--log-format",
     type=click.Choice(["text", "json"]),
     default="text",
     help="json: one JSON object per line, for batch schedulers.",
 )
 @handle_errors
-def run(config: str, overrides: tuple[str, ...], quiet: bool, log_format: str) -> None:
+def run(
+    config: str, overrides: tuple[str, ...], quiet: bool, resume: bool, log_format: str
+) -> None:
     """Fit the model CONFIG describes and write its outputs."""
     from dkm.job import run_job
     from dkm.monitor import Progress
@@ -108,7 +113,7 @@ def run(config: str, overrides: tuple[str, ...], quiet: bool, log_format: str) -
     cfg = load_config(config, list(overrides))
     logging.getLogger("distributed").setLevel(cfg.runtime.log_level)
     progress = Progress("pending", fmt=log_format, quiet=quiet)  # type: ignore[arg-type]
-    result = run_job(cfg, progress=progress, config_source=config)
+    result = run_job(cfg, progress=progress, config_source=config, resume=resume)
     if not quiet and log_format == "text":
         click.echo(f"wrote {result.output}")
 

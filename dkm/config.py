@@ -15,6 +15,7 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -163,11 +164,33 @@ class LocalClusterConfig(_Strict):
     processes: bool = Field(True, description="workers as processes (false: threads)")
 
 
+#: Address schemes whose connections are encrypted with Dask's TLS settings.
+TLS_SCHEMES = ("tls", "wss")
+
+
+class TLSConfig(_Strict):
+    """Certificates for a TLS scheduler, as Dask's ``Security`` takes them (PEM files)."""
+
+    ca_file: str = Field(description="CA certificate(s) that signed the scheduler's certificate")
+    cert: str = Field(description="this client's certificate (may hold the key too)")
+    key: str | None = Field(None, description="this client's private key; default: in cert")
+
+    @field_validator("ca_file", "cert", "key")
+    @classmethod
+    def _check_file(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).is_file():
+            raise ValueError("file not found (a relative path is taken from where dkm runs)")
+        return value
+
+
 class AddressClusterConfig(_Strict):
     """A running Dask scheduler."""
 
     kind: Literal["address"]
     address: str = Field(description="scheduler address, tcp://host:port (or tls://)")
+    security: TLSConfig | None = Field(
+        None, description="TLS certificates; default: Dask's distributed.comm.tls config"
+    )
 
     @field_validator("address")
     @classmethod
@@ -175,6 +198,17 @@ class AddressClusterConfig(_Strict):
         scheme, sep, rest = value.partition("://")
         if not sep or scheme not in ("tcp", "tls", "ws", "wss", "ucx") or not rest:
             raise ValueError("expected a scheduler address like tcp://host:8786")
+        return value
+
+    @field_validator("security")
+    @classmethod
+    def _check_security(cls, value: TLSConfig | None, info: ValidationInfo) -> TLSConfig | None:
+        address = info.data.get("address")
+        if value is not None and address and address.partition("://")[0] not in TLS_SCHEMES:
+            raise ValueError(
+                f"TLS certificates need a tls:// scheduler address, but cluster.address is "
+                f"{address!r}; use tls://host:port or remove cluster.security"
+            )
         return value
 
 
@@ -200,6 +234,9 @@ class RuntimeConfig(_Strict):
     split_every: int = Field(8, ge=2, description="fan-in of the reduction tree")
     persist: Literal["auto", "always", "never"] = Field(
         "auto", description="keep the points in cluster memory (auto: if under half of it)"
+    )
+    checkpoint_every: NonNegativeInt = Field(
+        1, description="checkpoint the fit every this many iterations (0: never)"
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO")
 
@@ -241,7 +278,7 @@ def _describe_error(err: dict[str, Any]) -> str:
         return f"{loc}: needs a 'kind' key"
     elif kind == "value_error":
         msg = msg.removeprefix("Value error, ")
-    if kind not in ("missing", "extra_forbidden") and "input" in err:
+    if kind not in ("missing", "extra_forbidden") and not isinstance(err.get("input", {}), dict):
         msg += f", got {err['input']!r}"
     return f"{loc}: {msg}" if loc else msg
 

@@ -245,7 +245,8 @@ class IterationInfo:
     objective: float
     change: float
     seconds: float
-    params: MixtureParams
+    #: None for iterations read back from a saved model or checkpoint.
+    params: MixtureParams | None
     converged: bool = False
     #: The parameters exactly as the engine iterates on them (relative to ``origin``).
     centred: MixtureParams | None = None

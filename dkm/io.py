@@ -28,7 +28,7 @@ from dask.delayed import Delayed, delayed
 from numpy.typing import NDArray
 from sklearn.utils.validation import check_is_fitted
 
-from dkm.engine import IterationInfo
+from dkm.engine import IterationInfo, ResumeState
 from dkm.estimators import GaussianMixture, KMeans
 from dkm.kernels.params import MixtureParams
 
@@ -1197,7 +1197,8 @@ def load_model(
             _float(h["objective"], "history_", url),
             _float(h["change"], "history_", url),
             _float(h["seconds"], "history_", url),
-            cast(MixtureParams, None),
+            None,
+            bool(h.get("converged", False)),
         )
         for h in attrs.get("history_", [])
     ]
@@ -1241,6 +1242,110 @@ def _split(url: str) -> tuple[str, str]:
 
 def _join(parent: str, name: str) -> str:
     return parent + name if parent.endswith("://") else parent.rstrip("/") + "/" + name
+
+
+CHECKPOINT_FORMAT = 1
+
+
+def save_checkpoint(
+    url: str,
+    state: ResumeState,
+    *,
+    metadata: dict[str, Any] | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> None:
+    """Write the state of a running fit atomically (a small zarr group; no pickle).
+
+    Arrays: ``origin`` and the parameters (``weights``, ``means``, and
+    ``precisions_cholesky`` unless identity), relative to the origin. Attributes: the
+    iteration, objective, convergence flag, the history so far and ``metadata``.
+    """
+    p = state.params
+    attributes = {
+        "dkm_checkpoint": CHECKPOINT_FORMAT,
+        "dkm_version": _version(),
+        "covariance_type": p.covariance_type,
+        "iteration": state.iteration,
+        "objective": _json_float(state.objective),
+        "converged": state.converged,
+        "history": [
+            {
+                "iteration": h.iteration,
+                "objective": _json_float(h.objective),
+                "change": _json_float(h.change),
+                "seconds": h.seconds,
+                "converged": h.converged,
+            }
+            for h in state.history
+        ],
+        "metadata": _to_json(metadata or {}, "metadata"),
+    }
+    with AtomicOutput(url, storage_options=storage_options) as tmp:
+        store, options = _zarr_location(tmp, storage_options)
+        group = zarr.create_group(store, attributes=attributes, storage_options=options)
+        group.create_array("origin", data=np.ascontiguousarray(state.origin))
+        group.create_array("weights", data=np.ascontiguousarray(p.weights))
+        group.create_array("means", data=np.ascontiguousarray(p.means))
+        if p.precisions_cholesky is not None:
+            group.create_array(
+                "precisions_cholesky", data=np.ascontiguousarray(p.precisions_cholesky)
+            )
+
+
+def checkpoint_exists(url: str, *, storage_options: dict[str, Any] | None = None) -> bool:
+    fs, path = _url_to_fs(url, storage_options)
+    return bool(fs.exists(path))
+
+
+def load_checkpoint(
+    url: str, *, storage_options: dict[str, Any] | None = None
+) -> tuple[ResumeState, dict[str, Any]]:
+    """The state and metadata :func:`save_checkpoint` wrote; InputError if it is not one."""
+    store, options = _zarr_location(url, storage_options)
+    try:
+        group = zarr.open_group(store, mode="r", storage_options=options)
+        attrs: dict[str, Any] = dict(group.attrs)
+        if attrs.get("dkm_checkpoint") != CHECKPOINT_FORMAT:
+            raise KeyError("dkm_checkpoint")
+        ct = attrs["covariance_type"]
+
+        def array(name: str) -> NDArray[Any]:
+            return _read_model_array(group, name, url)
+
+        prec = array("precisions_cholesky") if "precisions_cholesky" in group else None
+        params = MixtureParams(ct, array("weights"), array("means"), prec)
+        history = tuple(
+            IterationInfo(
+                int(h["iteration"]),
+                _float(h["objective"], "history", url),
+                _float(h["change"], "history", url),
+                float(h["seconds"]),
+                None,
+                bool(h["converged"]),
+            )
+            for h in attrs["history"]
+        )
+        state = ResumeState(
+            int(attrs["iteration"]),
+            params,
+            np.asarray(array("origin"), np.float64),
+            _float(attrs["objective"], "objective", url),
+            bool(attrs["converged"]),
+            history,
+        )
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        raise InputError(
+            f"{url} is not a readable dkm checkpoint ({type(e).__name__}: {e}); remove it "
+            "and run without --resume"
+        ) from None
+    return state, dict(attrs.get("metadata") or {})
+
+
+def remove(url: str, *, storage_options: dict[str, Any] | None = None) -> None:
+    """Delete a file or directory tree if it exists."""
+    fs, path = _url_to_fs(url, storage_options)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
 
 
 def check_writable(

@@ -17,7 +17,8 @@ from numpy.typing import NDArray
 import dkm
 from dkm import io
 from dkm.cluster import cluster_memory, connect
-from dkm.config import JobConfig, ModelConfig
+from dkm.config import ConfigError, JobConfig, ModelConfig
+from dkm.engine import IterationInfo, ResumeState
 from dkm.estimators import GaussianMixture, KMeans
 from dkm.monitor import Progress, scheduler_publisher
 from dkm.stats import uniform_from_rows
@@ -126,32 +127,127 @@ def run_job(
     *,
     progress: Progress | None = None,
     config_source: str | None = None,
+    resume: bool = False,
 ) -> JobResult:
     """Fit the model a config describes and write its outputs.
 
     The outputs are written into a temporary directory beside ``output.path`` and moved
     into place at the end, so a failed or interrupted run leaves the previous output as
-    it was and nothing that looks finished.
+    it was and nothing that looks finished. Every ``runtime.checkpoint_every``
+    iterations the fit's state is saved (atomically) to ``<output.path>.checkpoint``;
+    ``resume`` continues from it, after checking that it comes from the same data and
+    the same data/model config. It is removed once the outputs are in place.
     """
     job_id = uuid.uuid4().hex[:12]
     progress = progress or Progress(job_id, quiet=True)
     progress.job_id = job_id
     try:
-        return _run(config, progress, job_id, config_source)
+        return _run(config, progress, job_id, config_source, resume)
     except BaseException as e:
         # the command line reports the error itself; the scheduler's log gets it here
         progress.event("failed", f"job {job_id} failed: {type(e).__name__}: {e}", echo=False)
         raise
 
 
+def checkpoint_url(config: JobConfig) -> str:
+    return config.output.path.rstrip("/") + ".checkpoint"
+
+
+def _identity(config: JobConfig, points: io.Points) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: the data, its content and the model."""
+    return {
+        "data": config.data.model_dump(mode="json"),
+        "model": config.model.model_dump(mode="json"),
+        "data_fingerprint": points.fingerprint,
+    }
+
+
+def _resume_state(config: JobConfig, points: io.Points, progress: Progress) -> ResumeState | None:
+    url, options = checkpoint_url(config), config.output.storage_options
+    if not io.checkpoint_exists(url, storage_options=options):
+        progress.event("resume", f"no checkpoint at {url}: starting from the beginning")
+        return None
+    if config.model.n_init != 1:
+        raise ConfigError("--resume needs model.n_init: 1 (restarts are not checkpointed)")
+    state, meta = io.load_checkpoint(url, storage_options=options)
+    expected = _identity(config, points)
+    if meta.get("data_fingerprint") != expected["data_fingerprint"]:
+        raise ConfigError(
+            f"the checkpoint at {url} was written for different data (fingerprint "
+            f"{meta.get('data_fingerprint')}, the data now is {points.fingerprint}); remove "
+            "it or run without --resume"
+        )
+    for section in ("data", "model"):
+        if meta.get(section) != expected[section]:
+            before, now = meta.get(section) or {}, expected[section]
+            keys = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+            raise ConfigError(
+                f"the checkpoint at {url} was written by a different config ({section}."
+                f"{', '.join(keys)} changed); remove it or run without --resume"
+            )
+    progress.prefill(state.history)
+    progress.event(
+        "resume", f"resuming after iteration {state.iteration} from the checkpoint at {url}"
+    )
+    return state
+
+
+class Checkpointer:
+    """A callback that saves the fit's state every ``every`` iterations (and the last)."""
+
+    def __init__(
+        self,
+        url: str,
+        every: int,
+        metadata: dict[str, Any],
+        options: dict[str, Any],
+        history: tuple[IterationInfo, ...] = (),
+    ) -> None:
+        self.url, self.every, self.metadata, self.options = url, every, metadata, options
+        self.history = list(history)
+
+    def __call__(self, info: IterationInfo) -> None:
+        self.history.append(info)
+        if self.every and (info.iteration % self.every == 0 or info.converged):
+            io.save_checkpoint(
+                self.url,
+                ResumeState.after(info, tuple(self.history)),
+                metadata=self.metadata,
+                storage_options=self.options,
+            )
+
+
 def _run(
-    config: JobConfig, progress: Progress, job_id: str, config_source: str | None
+    config: JobConfig,
+    progress: Progress,
+    job_id: str,
+    config_source: str | None,
+    resume: bool,
 ) -> JobResult:
     t_start = time.perf_counter()
     out = config.output
     points = open_data(config)
     io.check_writable(out.path, storage_options=out.storage_options, create_parents=True)
     progress.event("data", f"data: {points.description}")
+    state = _resume_state(config, points, progress) if resume else None
+    # the checkpoint is saved before the iteration is reported: what was printed is durable
+    callbacks: list[Callable[[IterationInfo], None]] = []
+    if config.runtime.checkpoint_every and config.model.n_init == 1:
+        callbacks.append(
+            Checkpointer(
+                checkpoint_url(config),
+                config.runtime.checkpoint_every,
+                _identity(config, points),
+                out.storage_options,
+                state.history if state else (),
+            )
+        )
+    callbacks.append(progress)
+
+    def callback(info: IterationInfo) -> None:
+        for fn in callbacks:
+            fn(info)
+
     with connect(config.cluster) as client:
         progress.publish = progress.publish or scheduler_publisher(client)
         progress.event(
@@ -164,9 +260,9 @@ def _run(
         persisted = should_persist(config.runtime.persist, X, cluster_memory(client))
         if persisted:
             X, weights = dask.persist(X, weights)
-        estimator = build_estimator(config.model, config.runtime.split_every, progress)
+        estimator = build_estimator(config.model, config.runtime.split_every, callback)
         t_fit = time.perf_counter()
-        estimator.fit(X, sample_weight=weights)
+        estimator.fit(X, sample_weight=weights, resume=state)
         fit_seconds = time.perf_counter() - t_fit
         labels = estimator.labels_ if isinstance(estimator, KMeans) else estimator.predict(X)
         k = config.model.n_clusters
@@ -225,6 +321,7 @@ def _run(
             if out.report:
                 _write_report(tmp, config, estimator, points, summary, sample, sizes)
             fs_write("summary.json", json.dumps(summary, indent=2) + "\n")
+        io.remove(checkpoint_url(config), storage_options=out.storage_options)
         progress.event(
             "done",
             f"done: {summary['n_iter']} iterations, objective "

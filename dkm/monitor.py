@@ -6,7 +6,7 @@ import datetime
 import json
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal, TextIO
 
 from dkm.engine import IterationInfo
@@ -51,23 +51,14 @@ class Progress:
     def _tty(self) -> bool:
         return self.fmt == "text" and bool(getattr(self.stream, "isatty", lambda: False)())
 
+    def prefill(self, history: Iterable[IterationInfo]) -> None:
+        """Record iterations done before a resume, without printing or publishing them."""
+        for info in history:
+            self.records.append(self._record(info))
+
     def __call__(self, info: IterationInfo) -> None:
-        previous, self._previous = self._previous, info.objective
-        relative = (
-            abs(info.objective - previous) / abs(previous)
-            if previous not in (None, 0.0) and math.isfinite(info.objective)
-            else None
-        )
-        record = {
-            "event": "iteration",
-            "job": self.job_id,
-            "time": _now(),
-            "iteration": info.iteration,
-            "objective": info.objective,
-            "relative_change": relative,
-            "change": info.change if math.isfinite(info.change) else None,
-            "seconds": info.seconds,
-        }
+        record = self._record(info)
+        relative = record["relative_change"]
         self.records.append(record)
         self._publish(record)
         if self.quiet:
@@ -77,11 +68,28 @@ class Progress:
                 self._write(f"{'iter':>5}  {'objective':>16}  {'rel. change':>11}  {'seconds':>8}")
                 self._header_done = True
             rel = "" if relative is None else f"{relative:11.3e}"
-            self._write(
-                f"{info.iteration:5d}  {info.objective:16.8g}  {rel:>11}  {info.seconds:8.3f}"
-            )
+            it, obj, sec = info.iteration, info.objective, info.seconds
+            self._write(f"{it:5d}  {obj:16.8g}  {rel:>11}  {sec:8.3f}")
         else:
             self._emit(record)
+
+    def _record(self, info: IterationInfo) -> dict[str, Any]:
+        previous, self._previous = self._previous, info.objective
+        relative = (
+            abs(info.objective - previous) / abs(previous)
+            if previous not in (None, 0.0) and math.isfinite(info.objective)
+            else None
+        )
+        return {
+            "event": "iteration",
+            "job": self.job_id,
+            "time": _now(),
+            "iteration": info.iteration,
+            "objective": info.objective,
+            "relative_change": relative,
+            "change": info.change if math.isfinite(info.change) else None,
+            "seconds": info.seconds,
+        }
 
     def event(self, event: str, message: str, *, echo: bool = True, **fields: Any) -> None:
         """A job-level event (start, data, done, failed); ``echo=False`` only publishes."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -246,3 +247,80 @@ def test_run_on_real_scheduler_and_status(workdir, tmp_path, dask_processes):
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     status = dkm_cmd("status", "--scheduler", dask_processes, cwd=tmp_path).stdout
     assert summary["job"] in status and "done" in status
+
+
+def _slow_config(path: Path, **model) -> Path:
+    raw = {
+        "data": {
+            "kind": "synthetic",
+            "n": 300_000,
+            "d": 8,
+            "k": 40,
+            "spread": 2.0,
+            "chunk_rows": 50_000,
+        },
+        "model": {
+            "mode": "kmeans",
+            "n_clusters": 40,
+            "tol": 0.0,
+            "max_iter": 25,
+            "seed": 3,
+            **model,
+        },
+        "cluster": {
+            "kind": "local",
+            "n_workers": 2,
+            "processes": False,
+            "dashboard_address": "127.0.0.1:0",
+        },
+        "output": {"path": "out"},
+    }
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize("mode", ["kmeans", "gmm"])
+def test_killed_job_resumes_from_its_checkpoint(tmp_path, mode):
+    model = {} if mode == "kmeans" else {"mode": "gmm", "covariance_type": "diag", "n_clusters": 8}
+    _slow_config(tmp_path / "c.yaml", **model)
+    # the reference: an uninterrupted run elsewhere
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    shutil.copy(tmp_path / "c.yaml", ref_dir / "c.yaml")
+    dkm_cmd("run", "c.yaml", cwd=ref_dir)
+    reference = io.load_model(str(ref_dir / "out" / "model"))
+    # the same job, SIGKILLed after its 5th iteration
+    proc = subprocess.Popen(
+        [*DKM, "run", "c.yaml"], cwd=tmp_path, stderr=subprocess.PIPE, text=True
+    )
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if "iteration 5:" in line:
+            break
+    proc.kill()
+    proc.wait(timeout=60)
+    assert not (tmp_path / "out").exists()
+    assert (tmp_path / "out.checkpoint").is_dir()
+    # a changed config or different data is refused
+    changed = dkm_cmd(
+        "run", "c.yaml", "--resume", "--set", "model.max_iter=30", cwd=tmp_path, check=False
+    )
+    assert changed.returncode == 2 and "model.max_iter changed" in changed.stderr
+    other = dkm_cmd("run", "c.yaml", "--resume", "--set", "data.seed=9", cwd=tmp_path, check=False)
+    assert other.returncode == 2 and "different" in other.stderr
+    resumed = dkm_cmd("run", "c.yaml", "--resume", cwd=tmp_path)
+    after = int(re.findall(r"resuming after iteration (\d+)", resumed.stderr)[0])
+    assert after >= 5  # iteration 5 was printed, so it was checkpointed
+    done = [int(m) for m in re.findall(r"iteration (\d+):", resumed.stderr)]
+    assert done == list(range(after + 1, reference.n_iter_ + 1))
+    model = io.load_model(str(tmp_path / "out" / "model"))
+    assert model.n_iter_ == reference.n_iter_
+    if mode == "kmeans":
+        np.testing.assert_allclose(model.cluster_centers_, reference.cluster_centers_, rtol=1e-12)
+        assert model.inertia_ == pytest.approx(reference.inertia_, rel=1e-12)
+    else:
+        np.testing.assert_allclose(model.means_, reference.means_, rtol=1e-12)
+        np.testing.assert_allclose(model.covariances_, reference.covariances_, rtol=1e-12)
+    metrics = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(m)["iteration"] for m in metrics] == list(range(1, model.n_iter_ + 1))
+    assert not (tmp_path / "out.checkpoint").exists()  # removed once the output is in place
