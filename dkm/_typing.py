@@ -8,6 +8,8 @@ CovarianceType = Literal["identity", "spherical", "diag", "tied", "full"]
 Assignment = Literal["hard", "soft"]
 #: Which second moments a pass accumulates; "none" for k-means (means only).
 Moments = Literal["none", "spherical", "diag", "tied", "full"]
+#: What the M-step does with an empty or non-positive-definite mixture component.
+OnDegenerate = Literal["error", "reseed", "drop"]
 
 COVARIANCE_TYPES: tuple[str, ...] = get_args(CovarianceType)
 ASSIGNMENTS: tuple[str, ...] = get_args(Assignment)

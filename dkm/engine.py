@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
@@ -22,11 +23,11 @@ from dask.delayed import Delayed, delayed
 from numpy.typing import NDArray
 from threadpoolctl import threadpool_limits
 
-from dkm._typing import Assignment, CovarianceType, Moments, moments_for
+from dkm._typing import Assignment, CovarianceType, Moments, OnDegenerate, moments_for
 from dkm.kernels import expectation as K
 from dkm.kernels.init import INIT_METHODS
 from dkm.kernels.mstep import gaussian_mstep, kmeans_centres
-from dkm.kernels.params import MixtureParams
+from dkm.kernels.params import DegenerateComponentWarning, MixtureParams
 from dkm.reduce import tree_reduce
 from dkm.stats import DataSummary, SuffStats
 
@@ -298,6 +299,7 @@ class EMOptions:
     tol: float = 1e-3
     max_iter: int = 100
     split_every: int = 8
+    on_degenerate: OnDegenerate = "error"
 
     @property
     def is_kmeans(self) -> bool:
@@ -386,15 +388,23 @@ def fit_em(
         )
         objective = final.objective
     else:
-        opts = PassOptions(options.assignment, moments_for(options.covariance_type))
         for n_iter in range(first, options.max_iter + 1):
             t0 = time.perf_counter()
+            # re-seeding needs the points the model explains worst: one per component
+            n_far = params.n_components if options.on_degenerate == "reseed" else 0
+            opts = PassOptions(options.assignment, moments_for(options.covariance_type), n_far)
             stats = stats_pass(
                 data, params, opts, shift=params.means, split_every=options.split_every
             )
-            params, covariances = gaussian_mstep(
-                stats, params.means, options.covariance_type, options.reg_covar
+            params, covariances, repaired = gaussian_mstep(
+                stats,
+                params.means,
+                options.covariance_type,
+                options.reg_covar,
+                options.on_degenerate,
             )
+            if repaired:
+                _warn_repaired(repaired, options.on_degenerate, n_iter)
             previous, lower_bound = lower_bound, stats.objective / stats.n
             change = lower_bound - previous
             converged = abs(change) < options.tol
@@ -465,6 +475,7 @@ def gaussian_from_partition(
     covariance_type: CovarianceType,
     reg_covar: float,
     split_every: int = 8,
+    on_degenerate: OnDegenerate = "error",
 ) -> tuple[MixtureParams, F64]:
     """A mixture from the nearest-centre partition of the data (one pass).
 
@@ -472,14 +483,30 @@ def gaussian_from_partition(
     responsibilities, then an M-step. ``centres`` are in centred coordinates.
     """
     moments = moments_for(covariance_type)
+    n_far = len(centres) if on_degenerate == "reseed" else 0
     stats = stats_pass(
         data,
         MixtureParams.identity(centres),
-        PassOptions("hard", moments),
+        PassOptions("hard", moments, n_far),
         shift=centres,
         split_every=split_every,
     )
-    return gaussian_mstep(stats, centres, covariance_type, reg_covar)
+    params, cov, repaired = gaussian_mstep(
+        stats, centres, covariance_type, reg_covar, on_degenerate
+    )
+    if repaired:
+        _warn_repaired(repaired, on_degenerate, 0)
+    return params, cov
+
+
+def _warn_repaired(components: list[int], policy: str, iteration: int) -> None:
+    done = "dropped" if policy == "drop" else "re-seeded on the worst-explained points"
+    warnings.warn(
+        f"mixture component(s) {', '.join(map(str, components))} collapsed at iteration "
+        f"{iteration} and were {done} (on_degenerate={policy!r})",
+        DegenerateComponentWarning,
+        stacklevel=3,
+    )
 
 
 # --------------------------------------------------------------------------- predict

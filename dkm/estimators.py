@@ -30,7 +30,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
-from dkm._typing import ASSIGNMENTS, Assignment, CovarianceType, check_choice
+from dkm._typing import ASSIGNMENTS, Assignment, CovarianceType, OnDegenerate, check_choice
 from dkm.engine import (
     ChunkedData,
     EMOptions,
@@ -49,6 +49,7 @@ from dkm.engine import (
     summarize,
 )
 from dkm.kernels import expectation as K
+from dkm.kernels.mstep import ON_DEGENERATE
 from dkm.kernels.params import (
     MixtureParams,
     covariances_from_cholesky,
@@ -428,6 +429,11 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
         (soft k-means with ``assignment="soft"``).
     assignment : ``"soft"`` (EM, default) or ``"hard"`` (classification EM: each point
         wholly to its most likely component).
+    on_degenerate : what to do with a component that collapses (no points, or a
+        covariance that is not positive definite): ``"error"`` (default) raises
+        :class:`~dkm.DegenerateComponentError` naming it; ``"reseed"`` moves it to the
+        point the model explains worst; ``"drop"`` removes it (fewer components).
+        Either of the last two emits a :class:`DegenerateComponentWarning`.
     init_params : "kmeans" (default), "k-means++", "random" or "random_from_data":
         centres by that method, then components from the nearest-centre partition.
     sample_weight : accepted by ``fit``.
@@ -457,6 +463,7 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
         random_state: Any = None,
         verbose: int = 0,
         assignment: str = "soft",
+        on_degenerate: str = "error",
         chunk_size: int | str = "auto",
         split_every: int = 8,
         init_sample_size: int | None = None,
@@ -475,6 +482,7 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
         self.random_state = random_state
         self.verbose = verbose
         self.assignment = assignment
+        self.on_degenerate = on_degenerate
         self.chunk_size = chunk_size
         self.split_every = split_every
         self.init_sample_size = init_sample_size
@@ -542,7 +550,7 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
                 params = MixtureParams.identity(centres)
             else:
                 params, cov = gaussian_from_partition(
-                    data, centres, ct, self.reg_covar, self._split_every()
+                    data, centres, ct, self.reg_covar, self._split_every(), self._policy
                 )
         if ct == "identity":
             if means is not None:
@@ -574,6 +582,7 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
         k = _check_int("n_components", self.n_components, 1)
         check_choice("covariance_type", self.covariance_type, GMM_COVARIANCE_TYPES)
         check_choice("assignment", self.assignment, ASSIGNMENTS)
+        check_choice("on_degenerate", self.on_degenerate, ON_DEGENERATE)
         max_iter = _check_int("max_iter", self.max_iter, 0)
         n_init = _check_int("n_init", self.n_init, 1)
         tol = _check_float("tol", self.tol, 0.0)
@@ -589,6 +598,7 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
             tol,
             max_iter,
             self._split_every(),
+            self._policy,
         )
         best: EMResult | None = None
         _check_resume(resume, n_init, k, data.n_features, self._ct)
@@ -624,6 +634,10 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
     @property
     def _ct(self) -> CovarianceType:
         return cast(CovarianceType, self.covariance_type)
+
+    @property
+    def _policy(self) -> OnDegenerate:
+        return cast(OnDegenerate, self.on_degenerate)
 
     def _set_params(self, result: EMResult, data: ChunkedData) -> None:
         p, ct = result.params, self._ct

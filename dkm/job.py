@@ -83,6 +83,7 @@ def build_estimator(
         covariance_type=model.resolved("covariance_type"),
         assignment=assignment,
         reg_covar=model.reg_covar,
+        on_degenerate=model.on_degenerate,
         init_params="kmeans" if model.mode == "kmeans" else init,
         **common,
     )

@@ -155,7 +155,7 @@ def test_mstep_matches_direct_estimates(ct):
     # build statistics exactly as a soft pass would, from known responsibilities
     nk, sx, sxx = naive_stats(X, np.ones(300), resp, shift, ct)
     stats = SuffStats(ct, nk, sx, sxx, 0.0, 300.0, 300)
-    new, cov = gaussian_mstep(stats, params.means, ct, reg_covar=1e-6)
+    new, cov, _ = gaussian_mstep(stats, params.means, ct, reg_covar=1e-6)
     means = resp.T @ X / resp.sum(axis=0)[:, None]
     np.testing.assert_allclose(new.means, means, rtol=1e-12)
     np.testing.assert_allclose(new.weights, resp.sum(axis=0) / 300, rtol=1e-12)
@@ -176,7 +176,7 @@ def test_far_from_origin_covariance_is_exact():
     X = Z + 1e6
     shift = np.full((1, 2), 1e6 + 0.3)  # previous mean, not exactly the mean
     stats = estep(X, MixtureParams.identity(shift), assignment="hard", moments="full", shift=shift)
-    _, cov = gaussian_mstep(stats, shift, "full", reg_covar=0.0)
+    _, cov, _ = gaussian_mstep(stats, shift, "full", reg_covar=0.0)
     # X itself carries ~1e-10 rounding (the ulp of 1e6): compare at that scale
     np.testing.assert_allclose(cov[0], np.cov(X.T, bias=True), rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(cov[0], np.cov(Z.T, bias=True), rtol=1e-6, atol=1e-8)

@@ -129,7 +129,8 @@ def estep(
     moments : second moments to accumulate (``none`` for k-means).
     shift : (k, d) centres the moments are taken around; None for zero.
     sample_weight : (n,) non-negative weights, or None for ones.
-    n_farthest : keep this many farthest points for re-seeding (hard identity only).
+    n_farthest : keep this many points for re-seeding: farthest from their centre
+        (k-means) or with the lowest likelihood (mixtures).
     row_offset : global index of the chunk's first row.
     """
     n, d = X.shape
@@ -174,13 +175,21 @@ def _estep_block(
         else:
             wlp = weighted_log_prob(X64, params)
             labels = wlp.argmax(axis=1)
-            objective = float(w @ wlp[np.arange(n), labels])
+            best = wlp[np.arange(n), labels]
+            objective = float(w @ best)
+            if n_farthest:  # the points the model explains worst, for re-seeding
+                farthest = FarthestPoints.from_chunk(n_farthest, -best, X64, w, labels, row_offset)
         R: Any = sparse.csr_array((w, (labels, np.arange(n))), shape=(k, n))
         nk = np.bincount(labels, weights=w, minlength=k).astype(np.float64)
     else:
         wlp = weighted_log_prob(X64, params)
         norm = logsumexp(wlp, axis=1)
         objective = float(w @ norm)
+        if n_farthest:  # the points the model explains worst, for re-seeding
+            worst_labels = wlp.argmax(axis=1)
+            farthest = FarthestPoints.from_chunk(
+                n_farthest, -norm, X64, w, worst_labels, row_offset
+            )
         resp = np.exp(wlp - norm[:, None])
         resp *= w[:, None]
         R = resp.T

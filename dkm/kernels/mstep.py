@@ -6,8 +6,9 @@ from collections.abc import Callable
 
 import numpy as np
 from numpy.typing import NDArray
+from scipy import linalg
 
-from dkm._typing import CovarianceType
+from dkm._typing import CovarianceType, OnDegenerate
 from dkm.kernels.params import (
     DegenerateComponentError,
     MixtureParams,
@@ -58,12 +59,6 @@ def kmeans_centres(stats: SuffStats, shift: F64 | None = None) -> tuple[F64, lis
     return sums / nk[:, None], empty
 
 
-def _check_mass(nk: F64) -> None:
-    empty = [int(j) for j in np.flatnonzero(nk <= NK_EPS)]
-    if empty:
-        raise DegenerateComponentError(empty, "no points are assigned to it (empty component)")
-
-
 def _cov_full(stats: SuffStats, nk: F64, delta: F64) -> F64:
     assert stats.sxx is not None
     return stats.sxx / nk[:, None, None] - np.einsum("ki,kj->kij", delta, delta)
@@ -106,29 +101,90 @@ def add_reg(cov: F64, covariance_type: str, reg_covar: float) -> F64:
     return cov
 
 
+def _degenerate(nk: F64, cov: F64, covariance_type: str) -> tuple[list[int], str]:
+    """Components that cannot be used, and why: empty, or covariance not positive definite."""
+    empty = [int(j) for j in np.flatnonzero(nk <= NK_EPS)]
+    if empty:
+        return empty, "no points are assigned to it (empty component)"
+    if covariance_type == "full":
+        bad = []
+        for j, c in enumerate(cov):  # k small Cholesky factorisations
+            try:
+                if not np.all(np.isfinite(c)):
+                    raise linalg.LinAlgError
+                linalg.cholesky(c, lower=True)
+            except linalg.LinAlgError:
+                bad.append(j)
+        return bad, "covariance is not positive definite"
+    if covariance_type in ("diag", "spherical"):
+        mask = ~np.isfinite(cov) | (cov <= 0.0)
+        rows = mask.any(axis=1) if mask.ndim == 2 else mask
+        return [int(j) for j in np.flatnonzero(rows)], "variance is not positive"
+    return [], ""  # tied: checked as a whole when its factor is computed
+
+
 def gaussian_mstep(
     stats: SuffStats,
     shift: F64,
     covariance_type: CovarianceType,
     reg_covar: float,
-) -> tuple[MixtureParams, F64]:
+    on_degenerate: OnDegenerate = "error",
+) -> tuple[MixtureParams, F64, list[int]]:
     """Weights, means and precision-Cholesky factors from the totals.
 
     ``means = shift + sx / nk``; covariances are ``sxx / nk − δ δᵀ`` (δ = means − shift)
-    by type, plus ``reg_covar`` on the diagonal. Returns the parameters and the
-    covariances. Raises :class:`DegenerateComponentError` for an empty component or a
-    covariance that is not positive definite.
+    by type, plus ``reg_covar`` on the diagonal. A component that is empty or whose
+    covariance is not positive definite is handled by ``on_degenerate``: ``error``
+    raises :class:`DegenerateComponentError` naming it; ``drop`` removes it (the
+    mixture gets fewer components); ``reseed`` puts its mean on the point the model
+    explains worst (``stats.farthest``, collected in the E-step), with the average
+    covariance and weight of the healthy components. Returns the parameters, the
+    covariances and the indices of the dropped or re-seeded components.
     """
-    _check_mass(stats.nk)
     nk = stats.nk + NK_EPS
     delta = stats.sx / nk[:, None]
     means = shift + delta
     if covariance_type == "identity":
         # Unit covariances, equal fixed weights: soft k-means. Reported as spherical 1.0.
-        return MixtureParams.identity(means), np.ones(nk.shape[0])
-    cov = add_reg(
-        COVARIANCE_ESTIMATORS[covariance_type](stats, nk, delta), covariance_type, reg_covar
-    )
+        cov = np.ones(nk.shape[0])
+    else:
+        estimate = COVARIANCE_ESTIMATORS[covariance_type](stats, nk, delta)
+        cov = add_reg(estimate, covariance_type, reg_covar)
+    bad, why = _degenerate(stats.nk, cov, covariance_type)
+    if bad:
+        means, cov, nk = _repair(bad, why, on_degenerate, means, cov, nk, stats)
+    if covariance_type == "identity":
+        return MixtureParams.identity(means), cov, bad
     prec_chol = precision_cholesky_from_covariances(cov, covariance_type)
     weights = nk / nk.sum()
-    return MixtureParams(covariance_type, weights, means, prec_chol), cov
+    return MixtureParams(covariance_type, weights, means, prec_chol), cov, bad
+
+
+def _repair(
+    bad: list[int],
+    why: str,
+    policy: str,
+    means: F64,
+    cov: F64,
+    nk: F64,
+    stats: SuffStats,
+) -> tuple[F64, F64, F64]:
+    good = np.setdiff1d(np.arange(nk.shape[0]), bad)
+    if policy == "error" or good.size == 0:
+        raise DegenerateComponentError(bad, why)
+    shared = stats.moments == "tied"  # one covariance for all: nothing per component to fix
+    if policy == "drop":
+        return means[good], cov if shared else cov[good], nk[good]
+    far = stats.farthest
+    if far is None or far.distances.size < len(bad):
+        raise DegenerateComponentError(bad, why + " and no point is left to re-seed it")
+    means, cov, nk = means.copy(), cov.copy(), nk.copy()
+    for i, j in enumerate(bad):  # a handful of components, not a loop over points
+        means[j] = far.points[i]
+        if not shared:
+            cov[j] = cov[good].mean(axis=0)
+        nk[j] = nk[good].mean()
+    return means, cov, nk
+
+
+ON_DEGENERATE = ("error", "reseed", "drop")

@@ -28,6 +28,10 @@ class DegenerateComponentError(ValueError):
         )
 
 
+class DegenerateComponentWarning(UserWarning):
+    """A collapsed component was dropped or re-seeded (``on_degenerate``)."""
+
+
 @dataclass(frozen=True, eq=False)
 class MixtureParams:
     """Parameters of a Gaussian mixture (k-means is the ``identity`` member).
