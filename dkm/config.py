@@ -123,6 +123,9 @@ class ModelConfig(_Strict):
     tol: NonNegativeFloat | None = Field(None, description="kmeans 1e-4 (relative), gmm 1e-3")
     max_iter: NonNegativeInt | None = Field(None, description="kmeans 300, gmm 100")
     reg_covar: NonNegativeFloat = Field(1e-6, description="added to covariance diagonals")
+    on_degenerate: Literal["error", "reseed", "drop"] = Field(
+        "error", description="gmm: a collapsed component is an error, re-seeded or dropped"
+    )
     seed: int | None = Field(0, description="random seed of the initialisation")
     init_sample_size: PositiveInt | None = Field(
         None, description="points sampled for k-means++/random init; default max(10000, 100k)"

@@ -118,6 +118,7 @@ def test_readme_documents_every_config_key():
         c.ModelConfig,
         c.LocalClusterConfig,
         c.AddressClusterConfig,
+        c.TLSConfig,
         c.OutputConfig,
         c.RuntimeConfig,
     ]
