@@ -225,6 +225,15 @@ def summarize(
         )
     if summary.count and summary.weight <= 0:
         raise ValueError("sample_weight sums to zero: at least one point needs positive weight")
+    if data.X.dtype == np.float32:
+        # squared distances are summed over features in float32: keep them finite
+        limit = float(np.sqrt(np.finfo(np.float32).max / (4 * data.n_features)))
+        if summary.max_abs > limit:
+            raise ValueError(
+                f"Input X holds values up to {summary.max_abs:.3g}: squared distances of "
+                f"float32 data that large overflow (the limit here is {limit:.3g}). Use "
+                "float64 data (data.dtype: float64 in a config) or scale the features."
+            )
     return summary
 
 

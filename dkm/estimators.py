@@ -72,6 +72,19 @@ def _auto_chunk_rows(n: int, d: int, itemsize: int) -> int:
     return max(1, min(by_bytes, by_cores, n))
 
 
+def _weights_array(sample_weight: Any, n: int) -> F64:
+    """Sample weights as a float64 (n,) array; their values are checked in the data pass."""
+    if isinstance(sample_weight, numbers.Real) and not isinstance(sample_weight, bool):
+        return np.full(n, float(sample_weight))
+    try:
+        w = np.asarray(sample_weight, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError("sample_weight must be numbers, one per sample") from None
+    if w.shape != (n,):
+        raise ValueError(f"sample_weight.shape == {w.shape}, expected ({n},)")
+    return w
+
+
 def _check_int(name: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -139,8 +152,15 @@ class _DaskMixtureBase(BaseEstimator):
                     else da.from_array(np.asarray(sample_weight, np.float64), chunks=-1)
                 )
             return ChunkedData.from_dask(X, w), None
+        # Non-finite values are left to the first pass over the data, which names how
+        # many rows hold them and the first one (scikit-learn's check names neither).
         Xn = validate_data(
-            self, X, reset=reset, dtype=[np.float64, np.float32], ensure_min_samples=min_samples
+            self,
+            X,
+            reset=reset,
+            dtype=[np.float64, np.float32],
+            ensure_min_samples=min_samples,
+            ensure_all_finite=False,
         )
         rows = (
             _auto_chunk_rows(Xn.shape[0], Xn.shape[1], Xn.dtype.itemsize)
@@ -150,8 +170,7 @@ class _DaskMixtureBase(BaseEstimator):
         Xd = da.from_array(Xn, chunks=(rows, -1), name=False)  # no hashing of the whole array
         wd = None
         if sample_weight is not None:
-            sw = _check_sample_weight(sample_weight, Xn, dtype=np.float64)
-            wd = da.from_array(sw, chunks=(Xd.chunks[0],))
+            wd = da.from_array(_weights_array(sample_weight, Xn.shape[0]), chunks=(Xd.chunks[0],))
         return ChunkedData.from_dask(Xd, wd), Xn
 
     def _check_n_features_dask(self, X: da.Array, *, reset: bool) -> None:

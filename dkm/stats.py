@@ -331,6 +331,7 @@ class DataSummary:
     first_bad_weight_row: int
     n_positive: int
     sample: WeightedSample
+    max_abs: float = 0.0
 
     @classmethod
     def from_chunk(
@@ -359,7 +360,8 @@ class DataSummary:
         m2 = ((X64 - mean) ** 2).sum(axis=0)
         sample = WeightedSample.from_chunk(sample_size, X, w, row_offset, seed)
         n_pos = int(np.count_nonzero(w > 0))
-        return cls(n, float(w.sum()), mean, m2, 0, -1, 0, -1, n_pos, sample)
+        max_abs = float(np.abs(X64).max(initial=0.0))
+        return cls(n, float(w.sum()), mean, m2, 0, -1, 0, -1, n_pos, sample, max_abs)
 
     def merge(self, other: DataSummary) -> DataSummary:
         n = self.count + other.count
@@ -382,6 +384,7 @@ class DataSummary:
             min(firsts_w, default=-1),
             self.n_positive + other.n_positive,
             self.sample.merge(other.sample),
+            max(self.max_abs, other.max_abs),
         )
 
     @property

@@ -1,0 +1,198 @@
+"""Bad input, table-driven, through the estimators and through `dkm run` (exit 2).
+
+Every case must give a clear error naming the problem, no traceback from the command,
+and no output left behind.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import pytest
+import yaml
+
+import dkm
+
+RNG = np.random.default_rng(0)
+GOOD = RNG.normal(size=(200, 3))
+
+
+def with_value(row: int, col: int, value: float, dtype=np.float64) -> np.ndarray:
+    X = GOOD.astype(dtype)
+    X[row, col] = value
+    return X
+
+
+# name, X, weights, model section, message (a regex fragment both paths must show)
+CASES = [
+    (
+        "nan",
+        with_value(57, 1, np.nan),
+        None,
+        {},
+        r"NaN or infinity: 1 row\(s\), the first at row 57",
+    ),
+    ("inf", with_value(3, 0, np.inf), None, {}, r"NaN or infinity: 1 row\(s\), the first at row 3"),
+    ("float32-overflow", with_value(9, 2, 1e20, np.float32), None, {}, r"overflow"),
+    (
+        "fewer-points-than-clusters",
+        GOOD[:3],
+        None,
+        {"n_clusters": 5},
+        r"n_samples=3 .*should be >= n_clusters=5",
+    ),
+    (
+        "negative-weight",
+        GOOD,
+        np.where(np.arange(200) == 11, -1.0, 1.0),
+        {},
+        r"negative or non-finite value\(s\), the first at row 11",
+    ),
+    (
+        "nan-weight",
+        GOOD,
+        np.where(np.arange(200) == 12, np.nan, 1.0),
+        {},
+        r"negative or non-finite value\(s\), the first at row 12",
+    ),
+    ("zero-weights", GOOD, np.zeros(200), {}, r"sample_weight sums to zero"),
+    (
+        "gmm-zero-variance",
+        np.ones((50, 2)),
+        None,
+        {"mode": "gmm", "n_clusters": 2, "reg_covar": 0.0},
+        r"component\(s\) .*reg_covar",
+    ),
+    (
+        "gmm-duplicates",
+        np.repeat(GOOD[:5], 20, axis=0),
+        None,
+        {"mode": "gmm", "n_clusters": 8, "covariance_type": "diag", "reg_covar": 0.0},
+        r"component\(s\) .*(reg_covar|lower)",
+    ),
+]
+
+
+def estimator_for(model: dict) -> dkm.KMeans | dkm.GaussianMixture:
+    k = model.get("n_clusters", 3)
+    if model.get("mode") == "gmm":
+        return dkm.GaussianMixture(
+            k,
+            covariance_type=model.get("covariance_type", "full"),
+            reg_covar=model.get("reg_covar", 1e-6),
+            random_state=0,
+        )
+    return dkm.KMeans(k, random_state=0)
+
+
+@pytest.mark.parametrize("name, X, w, model, message", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("container", ["numpy", "dask"])
+def test_estimators_reject(name, X, w, model, message, container):
+    data = X if container == "numpy" else da.from_array(X, chunks=(64, -1))
+    with pytest.raises(ValueError, match=message):
+        estimator_for(model).fit(data, sample_weight=w)
+
+
+@pytest.mark.parametrize("name, X, w, model, message", CASES, ids=[c[0] for c in CASES])
+def test_command_rejects(tmp_path, name, X, w, model, message):
+    np.save(tmp_path / "x.npy", X)
+    data = {"kind": "npy", "path": "x.npy", "chunk_rows": 64}
+    if w is not None:
+        np.save(tmp_path / "w.npy", w)
+        data["weights"] = "w.npy"
+    config = {
+        "data": data,
+        "model": {"n_clusters": 3, "seed": 0, **model},
+        "cluster": {
+            "kind": "local",
+            "n_workers": 1,
+            "processes": False,
+            "dashboard_address": "127.0.0.1:0",
+        },
+        "output": {"path": "out"},
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = subprocess.run(
+        [sys.executable, "-m", "dkm.cli", "run", "c.yaml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    import re
+
+    assert re.search(message, result.stderr), result.stderr
+    after = sorted(p.name for p in tmp_path.iterdir())
+    assert after == before, "a failed run left files behind"
+
+
+@pytest.mark.parametrize(
+    "X, message",
+    [
+        (np.zeros(10), "2D"),
+        (np.zeros((4, 3, 2)), "3"),
+        (np.array([["a", "b"], ["c", "d"]]), "."),
+        (np.zeros((5, 2), dtype=complex), "omplex"),
+        (np.zeros((0, 2)), "0 sample"),
+    ],
+    ids=["1-D", "3-D", "strings", "complex", "empty"],
+)
+def test_wrong_shapes_and_dtypes(X, message):
+    with pytest.raises(ValueError, match=message):
+        dkm.KMeans(2).fit(X)
+    if X.dtype.kind in "fc" and X.ndim != 2:
+        with pytest.raises(ValueError, match=r"2D|dimension"):
+            dkm.KMeans(2).fit(da.from_array(X))
+
+
+def test_dask_complex_and_string_arrays_are_refused():
+    with pytest.raises(ValueError, match="complex128 is not supported"):
+        dkm.KMeans(2).fit(da.zeros((10, 2), dtype=complex))
+    with pytest.raises(ValueError, match="is not supported"):
+        dkm.KMeans(2).fit(da.from_array(np.array([["a", "b"]] * 5)))
+
+
+def test_chunks_with_zero_rows_are_fine():
+    X = np.vstack([GOOD, GOOD + 10])
+    Xd = da.from_array(X, chunks=((0, 150, 0, 250, 0), (3,)))
+    a = dkm.KMeans(2, random_state=0).fit(Xd)
+    b = dkm.KMeans(2, random_state=0).fit(X)
+    np.testing.assert_allclose(a.cluster_centers_, b.cluster_centers_, rtol=1e-10)
+
+
+def test_feature_count_must_match_at_predict(tmp_path: Path):
+    km = dkm.KMeans(2, random_state=0).fit(GOOD)
+    with pytest.raises(ValueError, match="3 features"):
+        km.predict(np.zeros((4, 5)))
+    with pytest.raises(ValueError, match="expecting 3 features"):
+        km.predict(da.zeros((4, 5)))
+    dkm.save_model(km, str(tmp_path / "model"))
+    np.save(tmp_path / "other.npy", np.zeros((10, 5)))
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dkm.cli",
+            "predict",
+            "--model",
+            "model",
+            "--data",
+            "other.npy",
+            "--out",
+            "pred.zarr",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2 and "5 features" in result.stderr, result.stderr
+    assert not (tmp_path / "pred.zarr").exists()
