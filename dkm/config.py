@@ -39,6 +39,9 @@ class _DataBase(_Strict):
     dtype: Literal["float32", "float64"] | None = Field(
         None, description="cast the points to this dtype; default: keep float32/float64"
     )
+    nan_policy: Literal["raise", "drop"] = Field(
+        "raise", description="rows with NaN/inf: an error, or dropped (counted, labelled -1)"
+    )
 
 
 class SyntheticData(_DataBase):

@@ -23,7 +23,14 @@ from dask.delayed import Delayed, delayed
 from numpy.typing import NDArray
 from threadpoolctl import threadpool_limits
 
-from dkm._typing import Assignment, CovarianceType, Moments, OnDegenerate, moments_for
+from dkm._typing import (
+    Assignment,
+    CovarianceType,
+    Moments,
+    OnDegenerate,
+    check_choice,
+    moments_for,
+)
 from dkm.kernels import expectation as K
 from dkm.kernels.init import INIT_METHODS
 from dkm.kernels.mstep import gaussian_mstep, kmeans_centres
@@ -48,9 +55,13 @@ class ChunkedData:
     X: da.Array
     weights: da.Array | None
     origin: F64
+    #: "raise": NaN/inf in X is an error; "drop": such rows get no weight and label -1.
+    nan_policy: str = "raise"
 
     @classmethod
-    def from_dask(cls, X: da.Array, weights: da.Array | None = None) -> ChunkedData:
+    def from_dask(
+        cls, X: da.Array, weights: da.Array | None = None, nan_policy: str = "raise"
+    ) -> ChunkedData:
         if X.ndim != 2:
             raise ValueError(f"expected a 2-D array of points, got {X.ndim} dimension(s)")
         if X.dtype.kind not in "fiub":
@@ -65,7 +76,8 @@ class ChunkedData:
                     f"sample_weight has shape {weights.shape}, expected ({X.shape[0]},)"
                 )
             weights = weights.astype(np.float64).rechunk((X.chunks[0],))
-        return cls(X, weights, np.zeros(X.shape[1]))
+        check_choice("nan_policy", nan_policy, ("raise", "drop"))
+        return cls(X, weights, np.zeros(X.shape[1]), nan_policy)
 
     @property
     def n_features(self) -> int:
@@ -108,6 +120,22 @@ class PassOptions:
     n_farthest: int = 0
 
 
+def _without_nonfinite(
+    X: NDArray[Any], w: NDArray[Any] | None, origin: F64
+) -> tuple[NDArray[Any], NDArray[Any] | None, NDArray[np.bool_] | None]:
+    """Rows with NaN/inf moved to the origin with zero weight (nan_policy: drop).
+
+    Every statistic is weighted, so such a row contributes nothing, and the global row
+    indices of all other rows are unchanged. Returns the rows' mask too (None: none).
+    """
+    bad = ~np.isfinite(X).all(axis=1)
+    if not bad.any():
+        return X, w, None
+    X = np.where(bad[:, None], origin.astype(X.dtype), X)
+    w = np.where(bad, 0.0, np.ones(X.shape[0]) if w is None else w)
+    return X, w, bad
+
+
 def _estep_chunk(
     X: NDArray[Any],
     w: NDArray[Any] | None,
@@ -116,7 +144,10 @@ def _estep_chunk(
     shift: F64 | None,
     options: PassOptions,
     row_offset: int,
+    drop_nonfinite: bool = False,
 ) -> SuffStats:
+    if drop_nonfinite:
+        X, w, _ = _without_nonfinite(X, w, origin)
     return K.estep(
         centred(X, origin, params.covariance_type),
         params,
@@ -130,10 +161,15 @@ def _estep_chunk(
 
 
 def _summary_chunk(
-    X: NDArray[Any], w: NDArray[Any] | None, row_offset: int, sample_size: int, seed: int
+    X: NDArray[Any],
+    w: NDArray[Any] | None,
+    row_offset: int,
+    sample_size: int,
+    seed: int,
+    drop_nonfinite: bool = False,
 ) -> DataSummary:
     weights = np.ones(X.shape[0]) if w is None else w
-    return DataSummary.from_chunk(X, weights, row_offset, sample_size, seed)
+    return DataSummary.from_chunk(X, weights, row_offset, sample_size, seed, drop_nonfinite)
 
 
 def _blas_limit(n_tasks: int) -> AbstractContextManager[Any]:
@@ -178,13 +214,15 @@ def stats_pass(
         options,
         data.origin,
         split_every,
+        data.nan_policy,
     )
     p = delayed(params, traverse=False, name=f"dkm-params-{token}")
     o = delayed(data.origin, traverse=False, name=f"dkm-origin-{token}")
     s = None if shift is None else delayed(shift, traverse=False, name=f"dkm-shift-{token}")
+    drop = data.nan_policy == "drop"
     parts = [
         delayed(_estep_chunk, pure=True)(
-            xb, wb, p, o, s, options, off, dask_key_name=(f"dkm-estep-{token}", i)
+            xb, wb, p, o, s, options, off, drop, dask_key_name=(f"dkm-estep-{token}", i)
         )
         for i, (xb, wb, off) in enumerate(data.block_tasks())
     ]
@@ -200,23 +238,29 @@ def summarize(
     Raises ValueError naming the first offending row for non-finite values or
     negative/non-finite weights, and for data without positive total weight.
     """
-    token = tokenize(
-        data.X.name, None if data.weights is None else data.weights.name, sample_size, seed
-    )
+    weights_name = None if data.weights is None else data.weights.name
+    token = tokenize(data.X.name, weights_name, sample_size, seed, data.nan_policy)
     parts = [
         delayed(_summary_chunk, pure=True)(
-            xb, wb, off, sample_size, seed, dask_key_name=(f"dkm-summary-{token}", i)
+            xb,
+            wb,
+            off,
+            sample_size,
+            seed,
+            data.nan_policy == "drop",
+            dask_key_name=(f"dkm-summary-{token}", i),
         )
         for i, (xb, wb, off) in enumerate(data.block_tasks())
     ]
     summary: DataSummary = _reduce_and_compute(parts, split_every, f"dkm-summary-merge-{token}")
-    if summary.n_nonfinite:
+    if summary.n_nonfinite and data.nan_policy != "drop":
         chunk = int(
             np.searchsorted(np.cumsum(data.X.chunks[0]), summary.first_nonfinite_row, side="right")
         )
         raise ValueError(
             f"Input X contains NaN or infinity: {summary.n_nonfinite} row(s), the first at "
-            f"row {summary.first_nonfinite_row} (chunk {chunk}). Remove or impute them."
+            f"row {summary.first_nonfinite_row} (chunk {chunk}). Remove or impute them, or "
+            "drop them with nan_policy='drop'."
         )
     if summary.n_bad_weights:
         raise ValueError(
@@ -532,19 +576,32 @@ def _map_chunks(
 ) -> da.Array:
     """Apply a per-row kernel lazily; the result keeps the input's row chunks."""
     centred_params = params.translated(-data.origin)
-    token = tokenize(data.X.name, params.means, params.precisions_cholesky, params.weights)
+    token = tokenize(
+        data.X.name, params.means, params.precisions_cholesky, params.weights, data.nan_policy
+    )
     kwargs: dict[str, Any] = {"dtype": out_dtype, "name": f"{name}-{token}"}
     if n_columns is None:
         kwargs["drop_axis"] = 1
     else:
         kwargs["chunks"] = (data.X.chunks[0], (n_columns,))
-    return da.map_blocks(_apply_kernel, data.X, fn, centred_params, data.origin, **kwargs)
+    drop = data.nan_policy == "drop"
+    return da.map_blocks(_apply_kernel, data.X, fn, centred_params, data.origin, drop, **kwargs)
 
 
 def _apply_kernel(
-    X: NDArray[Any], fn: Callable[..., NDArray[Any]], params: MixtureParams, origin: F64
+    X: NDArray[Any],
+    fn: Callable[..., NDArray[Any]],
+    params: MixtureParams,
+    origin: F64,
+    drop_nonfinite: bool = False,
 ) -> NDArray[Any]:
-    return fn(centred(X, origin, params.covariance_type), params)
+    bad = None
+    if drop_nonfinite:
+        X, _, bad = _without_nonfinite(X, None, origin)
+    out = fn(centred(X, origin, params.covariance_type), params)
+    if bad is not None:  # dropped rows: label -1, no probabilities, distances or density
+        out[bad] = -1 if out.dtype.kind == "i" else np.nan
+    return out
 
 
 def lazy_labels(data: ChunkedData, params: MixtureParams) -> da.Array:
@@ -579,7 +636,11 @@ def lazy_distances(data: ChunkedData, params: MixtureParams) -> da.Array:
 
 
 def apply_in_memory(
-    fn: Callable[..., NDArray[Any]], X: NDArray[Any], params: MixtureParams, origin: F64
+    fn: Callable[..., NDArray[Any]],
+    X: NDArray[Any],
+    params: MixtureParams,
+    origin: F64,
+    drop_nonfinite: bool = False,
 ) -> NDArray[Any]:
     """The same kernel on an in-memory array (no Dask), for NumPy inputs."""
-    return _apply_kernel(X, fn, params.translated(-origin), origin)
+    return _apply_kernel(X, fn, params.translated(-origin), origin, drop_nonfinite)

@@ -126,6 +126,7 @@ class _DaskMixtureBase(BaseEstimator):
     random_state: Any
     verbose: int
     callback: Callable[[IterationInfo], None] | None
+    nan_policy: str
 
     def _as_data(
         self, X: Any, sample_weight: Any, *, reset: bool, min_samples: int = 1
@@ -151,7 +152,7 @@ class _DaskMixtureBase(BaseEstimator):
                     if isinstance(sample_weight, da.Array)
                     else da.from_array(np.asarray(sample_weight, np.float64), chunks=-1)
                 )
-            return ChunkedData.from_dask(X, w), None
+            return ChunkedData.from_dask(X, w, self._nan_policy()), None
         # Non-finite values are left to the first pass over the data, which names how
         # many rows hold them and the first one (scikit-learn's check names neither).
         Xn = validate_data(
@@ -171,7 +172,10 @@ class _DaskMixtureBase(BaseEstimator):
         wd = None
         if sample_weight is not None:
             wd = da.from_array(_weights_array(sample_weight, Xn.shape[0]), chunks=(Xd.chunks[0],))
-        return ChunkedData.from_dask(Xd, wd), Xn
+        return ChunkedData.from_dask(Xd, wd, self._nan_policy()), Xn
+
+    def _nan_policy(self) -> str:
+        return check_choice("nan_policy", self.nan_policy, ("raise", "drop"))
 
     def _check_n_features_dask(self, X: da.Array, *, reset: bool) -> None:
         if reset:
@@ -232,8 +236,11 @@ class _DaskMixtureBase(BaseEstimator):
         if isinstance(X, da.Array):
             data, _ = self._as_data(X, None, reset=False)
             return lazy(data.with_origin(self._origin), params)
-        Xn = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
-        return apply_in_memory(fn, Xn, params, self._origin)
+        drop = self._nan_policy() == "drop"
+        Xn = validate_data(
+            self, X, reset=False, dtype=[np.float64, np.float32], ensure_all_finite=not drop
+        )
+        return apply_in_memory(fn, Xn, params, self._origin, drop)
 
     def _model_params(self) -> MixtureParams:
         raise NotImplementedError
@@ -265,6 +272,9 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
     init_sample_size : int or None (max(10 000, 100 · n_clusters)).
     callback : called with an :class:`~dkm.engine.IterationInfo` after every iteration
         (iteration, objective, change, seconds, params): progress, metrics, checkpoints.
+    nan_policy : "raise" (default): NaN or infinity in X is an error naming the first
+        row; "drop": such rows are left out of the fit (counted in ``n_dropped_``) and
+        labelled -1 (NaN for probabilities, densities and distances).
 
     Attributes
     ----------
@@ -289,6 +299,7 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
         split_every: int = 8,
         init_sample_size: int | None = None,
         callback: Callable[[IterationInfo], None] | None = None,
+        nan_policy: str = "raise",
     ) -> None:
         self.n_clusters = n_clusters
         self.init = init
@@ -301,6 +312,7 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
         self.split_every = split_every
         self.init_sample_size = init_sample_size
         self.callback = callback
+        self.nan_policy = nan_policy
 
     def __sklearn_tags__(self) -> Any:
         tags = super().__sklearn_tags__()
@@ -394,10 +406,12 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
         self.n_iter_ = best.n_iter
         self.converged_ = best.converged
         self.history_ = best.history
+        self.n_dropped_ = summary.n_nonfinite
+        drop = data.nan_policy == "drop"
         self.labels_: Any = (
             lazy_labels(data, best.params)
             if Xn is None
-            else apply_in_memory(K.predict_labels, Xn, best.params, data.origin)
+            else apply_in_memory(K.predict_labels, Xn, best.params, data.origin, drop)
         )
         return self
 
@@ -456,7 +470,7 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
     init_params : "kmeans" (default), "k-means++", "random" or "random_from_data":
         centres by that method, then components from the nearest-centre partition.
     sample_weight : accepted by ``fit``.
-    chunk_size, split_every, init_sample_size, callback : as for :class:`KMeans`.
+    chunk_size, split_every, init_sample_size, callback, nan_policy : as for :class:`KMeans`.
 
     Attributes
     ----------
@@ -487,6 +501,7 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
         split_every: int = 8,
         init_sample_size: int | None = None,
         callback: Callable[[IterationInfo], None] | None = None,
+        nan_policy: str = "raise",
     ) -> None:
         self.n_components = n_components
         self.covariance_type = covariance_type
@@ -506,6 +521,7 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
         self.split_every = split_every
         self.init_sample_size = init_sample_size
         self.callback = callback
+        self.nan_policy = nan_policy
 
     # ----------------------------------------------------------------- init
 
@@ -648,6 +664,7 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
                 stacklevel=2,
             )
         self._set_params(best, data)
+        self.n_dropped_ = summary.n_nonfinite
         return self
 
     @property
@@ -704,8 +721,12 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
         return self._per_point(X, K.score_samples, lazy_score_samples)
 
     def score(self, X: Any, y: Any = None) -> float:
-        """Mean log-likelihood of X."""
-        return float(np.asarray(self.score_samples(X).mean()))
+        """Mean log-likelihood of X (of its kept rows, with nan_policy='drop')."""
+        density = self.score_samples(X)
+        mean = da.nanmean if isinstance(density, da.Array) else np.nanmean
+        if self._nan_policy() == "raise":
+            mean = da.mean if isinstance(density, da.Array) else np.mean
+        return float(np.asarray(mean(density)))
 
     def _n_parameters(self) -> int:
         return n_parameters(self.covariance_type, len(self.weights_), self.means_.shape[1])

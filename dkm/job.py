@@ -62,7 +62,10 @@ def open_data(config: JobConfig) -> io.Points:
 
 
 def build_estimator(
-    model: ModelConfig, split_every: int, callback: Callable[..., None] | None
+    model: ModelConfig,
+    split_every: int,
+    callback: Callable[..., None] | None,
+    nan_policy: str = "raise",
 ) -> KMeans | GaussianMixture:
     """The estimator a model config describes (k-means is the (identity, hard) pair)."""
     common: dict[str, Any] = {
@@ -73,6 +76,7 @@ def build_estimator(
         "split_every": split_every,
         "init_sample_size": model.init_sample_size,
         "callback": callback,
+        "nan_policy": nan_policy,
     }
     assignment = model.resolved("assignment")
     if model.mode == "kmeans" and assignment == "hard":
@@ -100,7 +104,8 @@ def _sample_block(
 ) -> NDArray[Any]:
     start = 0 if block_info is None else block_info[0]["array-location"][0][0]
     rows = np.arange(start, start + block.shape[0], dtype=np.int64)
-    return block[uniform_from_rows(rows, seed) < p]
+    chosen = block[uniform_from_rows(rows, seed) < p]
+    return chosen[np.isfinite(chosen).all(axis=1)]
 
 
 def sample_rows(X: da.Array, size: int, seed: int) -> da.Array:
@@ -261,13 +266,16 @@ def _run(
         persisted = should_persist(config.runtime.persist, X, cluster_memory(client))
         if persisted:
             X, weights = dask.persist(X, weights)
-        estimator = build_estimator(config.model, config.runtime.split_every, callback)
+        estimator = build_estimator(
+            config.model, config.runtime.split_every, callback, config.data.nan_policy
+        )
         t_fit = time.perf_counter()
         estimator.fit(X, sample_weight=weights, resume=state)
         fit_seconds = time.perf_counter() - t_fit
         labels = estimator.labels_ if isinstance(estimator, KMeans) else estimator.predict(X)
         k = config.model.n_clusters
-        sizes_lazy = da.bincount(labels, weights=weights, minlength=k)
+        # shifted by one so that rows dropped for NaN (label -1) fall out of the count
+        sizes_lazy = da.bincount(labels + 1, weights=weights, minlength=k + 1)[1:]
         sample_lazy = sample_rows(X, REPORT_SAMPLE, seed=config.model.seed or 0)
         with io.AtomicOutput(out.path, storage_options=out.storage_options) as tmp:
             writes = []
@@ -354,6 +362,7 @@ def _summary(
         "n_features": int(points.X.shape[1]),
         "data": points.description,
         "data_fingerprint": points.fingerprint,
+        "dropped_rows": int(est.n_dropped_),
         "n_iter": int(est.n_iter_),
         "converged": bool(est.converged_),
         "objective_name": "inertia" if kmeans else "mean log-likelihood",

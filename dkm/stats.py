@@ -9,7 +9,7 @@ order). Everything is accumulated in float64 whatever the input dtype.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import reduce
 from typing import Any, Protocol, TypeVar
 
@@ -341,7 +341,10 @@ class DataSummary:
         row_offset: int,
         sample_size: int,
         seed: int,
+        drop_nonfinite: bool = False,
     ) -> DataSummary:
+        """Summarise a chunk; ``drop_nonfinite`` leaves rows with NaN/inf out of it all
+        (they are still counted in ``n_nonfinite``)."""
         n, d = X.shape
         finite_rows = np.isfinite(X).all(axis=1)
         n_nonfinite = int(n - np.count_nonzero(finite_rows))
@@ -350,6 +353,14 @@ class DataSummary:
         bad_w = ~np.isfinite(w) | (w < 0)
         n_bad_w = int(np.count_nonzero(bad_w))
         first_bad_w = int(np.argmax(bad_w)) + row_offset if n_bad_w else -1
+        if drop_nonfinite and n_nonfinite and not n_bad_w:
+            kept = cls.from_chunk(X[finite_rows], w[finite_rows], 0, sample_size, seed)
+            # the sample must name global rows: redo it with zero weight on dropped rows
+            w0 = np.where(finite_rows, w, 0.0)
+            X0 = np.where(finite_rows[:, None], X, 0.0)
+            sample = WeightedSample.from_chunk(sample_size, X0, w0, row_offset, seed)
+            return replace(kept, n_nonfinite=n_nonfinite, first_nonfinite_row=first_bad,
+                           sample=sample)  # fmt: skip
         if n_nonfinite or n_bad_w or n == 0:
             # Statistics of bad data are meaningless; the engine raises on the counts.
             mean, m2 = np.zeros(d), np.zeros(d)

@@ -196,3 +196,64 @@ def test_feature_count_must_match_at_predict(tmp_path: Path):
     )
     assert result.returncode == 2 and "5 features" in result.stderr, result.stderr
     assert not (tmp_path / "pred.zarr").exists()
+
+
+@pytest.mark.parametrize("container", ["numpy", "dask"])
+def test_nan_policy_drop_counts_drops_and_labels_minus_one(container):
+    X = np.vstack([GOOD, GOOD + 8])
+    bad_rows = [5, 77, 390]
+    Xbad = X.copy()
+    Xbad[bad_rows, [0, 2, 1]] = [np.nan, np.inf, -np.inf]
+    clean = np.delete(X, bad_rows, axis=0)
+    data = Xbad if container == "numpy" else da.from_array(Xbad, chunks=(97, -1))
+    km = dkm.KMeans(2, random_state=0, nan_policy="drop").fit(data)
+    ref = dkm.KMeans(2, random_state=0).fit(clean)
+    assert km.n_dropped_ == 3
+    np.testing.assert_allclose(km.cluster_centers_, ref.cluster_centers_, rtol=1e-10)
+    assert km.inertia_ == pytest.approx(ref.inertia_, rel=1e-10)
+    labels = np.asarray(km.labels_) if container == "numpy" else km.labels_.compute()
+    assert list(np.flatnonzero(labels == -1)) == bad_rows
+    np.testing.assert_array_equal(np.delete(labels, bad_rows), ref.labels_)
+    gm = dkm.GaussianMixture(2, random_state=0, nan_policy="drop").fit(data)
+    gref = dkm.GaussianMixture(2, random_state=0).fit(clean)
+    np.testing.assert_allclose(gm.means_, gref.means_, rtol=1e-8)
+    assert gm.score(data) == pytest.approx(gref.score(clean), rel=1e-10)
+    proba = np.asarray(gm.predict_proba(data))
+    assert np.isnan(proba[bad_rows]).all() and np.isfinite(np.delete(proba, bad_rows, 0)).all()
+    with pytest.raises(ValueError, match="nan_policy"):
+        dkm.KMeans(2, nan_policy="ignore").fit(X)
+
+
+def test_command_with_nan_policy_drop(tmp_path):
+    import json
+
+    import zarr
+
+    Xbad = np.vstack([GOOD, GOOD + 8])
+    Xbad[[3, 250], 1] = np.nan
+    np.save(tmp_path / "x.npy", Xbad)
+    config = {
+        "data": {"kind": "npy", "path": "x.npy", "chunk_rows": 64, "nan_policy": "drop"},
+        "model": {"n_clusters": 2, "seed": 0},
+        "cluster": {
+            "kind": "local",
+            "n_workers": 1,
+            "processes": False,
+            "dashboard_address": "127.0.0.1:0",
+        },
+        "output": {"path": "out"},
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        [sys.executable, "-m", "dkm.cli", "run", "c.yaml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["dropped_rows"] == 2 and sum(summary["cluster_sizes"]) == 398
+    labels = zarr.open_group(str(tmp_path / "out" / "labels.zarr"), mode="r")["labels"][:]
+    assert list(np.flatnonzero(labels == -1)) == [3, 250]
