@@ -108,6 +108,12 @@ _MODE_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+class ModelInit(_Strict):
+    """Warm start: begin from a model saved by an earlier run."""
+
+    model: str = Field(description="a model directory written by dkm run (output.path/model)")
+
+
 class ModelConfig(_Strict):
     """What to fit. ``kmeans`` is (identity, hard); ``gmm`` defaults to (full, soft)."""
 
@@ -119,8 +125,10 @@ class ModelConfig(_Strict):
     assignment: Literal["hard", "soft"] | None = Field(
         None, description="hard (kmeans default) or soft (gmm default)"
     )
-    init: Literal["k-means++", "random", "kmeans"] | None = Field(
-        None, description="kmeans: k-means++ (default) or random; gmm: kmeans (default), ..."
+    init: Literal["k-means++", "random", "kmeans"] | ModelInit | None = Field(
+        None,
+        description="kmeans: k-means++ (default) or random; gmm: kmeans (default), ...; "
+        "or {model: PATH} to warm-start from a saved model",
     )
     n_init: PositiveInt = Field(1, description="restarts; the best objective wins")
     tol: NonNegativeFloat | None = Field(None, description="kmeans 1e-4 (relative), gmm 1e-3")

@@ -117,6 +117,27 @@ def _check_resume(
         )
 
 
+def _model_centres(model: Any) -> F64:
+    """The centres of a fitted dkm model (k-means centres or mixture means)."""
+    check_is_fitted(model)
+    centres = model.cluster_centers_ if isinstance(model, KMeans) else model.means_
+    return np.asarray(centres, np.float64)
+
+
+def _warm_params(
+    model: GaussianMixture, k: int, d: int, origin: F64
+) -> tuple[MixtureParams, F64 | None]:
+    """A fitted mixture's parameters as the start of a new fit (warm start)."""
+    check_is_fitted(model)
+    p = model._params
+    if p.means.shape != (k, d):
+        raise ValueError(
+            f"init_params: the model has {p.n_components} components and {p.n_features} "
+            f"features; expected {k} and {d}"
+        )
+    return p.translated(-origin), np.asarray(model.covariances_)
+
+
 class _DaskMixtureBase(BaseEstimator):
     """Input handling shared by the estimators: NumPy or Dask in, ChunkedData out."""
 
@@ -258,7 +279,8 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
     Parameters
     ----------
     n_clusters : int, default 8.
-    init : {"k-means++", "random"}, callable or array (n_clusters, n_features).
+    init : {"k-means++", "random"}, callable, array (n_clusters, n_features), or a fitted
+        dkm model (warm start from its centres or means).
         k-means++ and random run on a uniform (weight-proportional) sample of at most
         ``init_sample_size`` points; on data no larger than that they are exactly
         scikit-learn's. A callable gets ``(sample, n_clusters, random_state)``.
@@ -339,7 +361,9 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
         d = data.n_features
         if isinstance(self.init, str):
             return init_centres(summary, data.origin, k, self.init, rng)
-        if callable(self.init):
+        if isinstance(self.init, _DaskMixtureBase):  # warm start from a fitted model
+            centres = _model_centres(self.init)
+        elif callable(self.init):
             points, _ = sample_points(summary, data.origin)
             centres = np.asarray(self.init(points + data.origin, k, rng), np.float64)
         else:
@@ -468,7 +492,9 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
         point the model explains worst; ``"drop"`` removes it (fewer components).
         Either of the last two emits a :class:`DegenerateComponentWarning`.
     init_params : "kmeans" (default), "k-means++", "random" or "random_from_data":
-        centres by that method, then components from the nearest-centre partition.
+        centres by that method, then components from the nearest-centre partition; or a
+        fitted dkm model: warm start from its parameters (a mixture of the same
+        covariance type) or from its centres (anything else).
     sample_weight : accepted by ``fit``.
     chunk_size, split_every, init_sample_size, callback, nan_policy : as for :class:`KMeans`.
 
@@ -566,10 +592,24 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
             params = MixtureParams.identity(means - data.origin)
         else:
             method = self.init_params
-            check_choice(
-                "init_params", method, ("kmeans", "k-means++", "random", "random_from_data")
-            )
-            if method == "kmeans":
+            if isinstance(method, GaussianMixture) and method.covariance_type == ct:
+                return _warm_params(method, k, d, data.origin)
+            if isinstance(method, _DaskMixtureBase):  # a k-means model, or another type
+                centres = _model_centres(method)
+                if centres.shape != (k, d):
+                    raise ValueError(
+                        f"init_params: the model has {centres.shape[0]} components and "
+                        f"{centres.shape[1]} features; expected {k} and {d}"
+                    )
+                centres = centres - data.origin
+                method = "warm"
+            else:
+                check_choice(
+                    "init_params", method, ("kmeans", "k-means++", "random", "random_from_data")
+                )
+            if method == "warm":
+                pass
+            elif method == "kmeans":
                 centres = init_centres(summary, data.origin, k, "k-means++", rng)
                 km = fit_em(
                     data,

@@ -17,7 +17,7 @@ from numpy.typing import NDArray
 import dkm
 from dkm import io
 from dkm.cluster import cluster_memory, connect
-from dkm.config import ConfigError, JobConfig, ModelConfig
+from dkm.config import ConfigError, JobConfig, ModelConfig, ModelInit
 from dkm.engine import IterationInfo, ResumeState
 from dkm.estimators import GaussianMixture, KMeans
 from dkm.monitor import Progress, scheduler_publisher
@@ -79,16 +79,18 @@ def build_estimator(
         "nan_policy": nan_policy,
     }
     assignment = model.resolved("assignment")
-    if model.mode == "kmeans" and assignment == "hard":
-        return KMeans(model.n_clusters, init=model.resolved("init"), **common)
     init = model.resolved("init")
+    if isinstance(init, ModelInit):  # warm start: yesterday's model is today's start
+        init = io.load_model(init.model)
+    if model.mode == "kmeans" and assignment == "hard":
+        return KMeans(model.n_clusters, init=init, **common)
     return GaussianMixture(
         model.n_clusters,
         covariance_type=model.resolved("covariance_type"),
         assignment=assignment,
         reg_covar=model.reg_covar,
         on_degenerate=model.on_degenerate,
-        init_params="kmeans" if model.mode == "kmeans" else init,
+        init_params=init if model.mode == "gmm" or not isinstance(init, str) else "kmeans",
         **common,
     )
 

@@ -324,3 +324,21 @@ def test_killed_job_resumes_from_its_checkpoint(tmp_path, mode):
     metrics = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(m)["iteration"] for m in metrics] == list(range(1, model.n_iter_ + 1))
     assert not (tmp_path / "out.checkpoint").exists()  # removed once the output is in place
+
+
+def test_warm_start_from_a_saved_model(workdir):
+    write_config(workdir / "warm.yaml", output={"path": "out-cold"})
+    dkm_cmd("run", "warm.yaml", cwd=workdir)
+    dkm_cmd(
+        "run",
+        "warm.yaml",
+        "--set",
+        "model.init={model: out-cold/model}",
+        "--set",
+        "output.path=out-warm",
+        cwd=workdir,
+    )
+    cold = json.loads((workdir / "out-cold" / "summary.json").read_text())
+    warm = json.loads((workdir / "out-warm" / "summary.json").read_text())
+    assert warm["n_iter"] <= 2 and warm["converged"]
+    assert warm["objective"] == pytest.approx(cold["objective"], rel=1e-9)

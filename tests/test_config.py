@@ -119,6 +119,7 @@ def test_readme_documents_every_config_key():
         c.LocalClusterConfig,
         c.AddressClusterConfig,
         c.TLSConfig,
+        c.ModelInit,
         c.OutputConfig,
         c.RuntimeConfig,
     ]

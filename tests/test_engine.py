@@ -226,3 +226,19 @@ def test_resume_refuses_a_different_model():
         dkm.KMeans(4).fit(X, resume=state)
     with pytest.raises(ValueError, match="n_init=1"):
         dkm.KMeans(3, n_init=2).fit(X, resume=state)
+
+
+@pytest.mark.parametrize("ct", ["full", "diag"])
+def test_warm_start_from_a_fitted_model_converges_at_once(ct):
+    km = dkm.KMeans(4, random_state=0).fit(X)
+    warm = dkm.KMeans(4, init=km).fit(X)
+    assert warm.n_iter_ <= 2 and warm.converged_
+    np.testing.assert_allclose(warm.cluster_centers_, km.cluster_centers_, rtol=1e-12)
+    gm = dkm.GaussianMixture(4, covariance_type=ct, random_state=0).fit(X)
+    again = dkm.GaussianMixture(4, covariance_type=ct, init_params=gm).fit(X)
+    assert again.n_iter_ <= 2 and again.converged_
+    np.testing.assert_allclose(again.means_, gm.means_, rtol=1e-6)
+    from_kmeans = dkm.GaussianMixture(4, covariance_type=ct, init_params=km).fit(X)
+    assert from_kmeans.converged_
+    with pytest.raises(ValueError, match="expected 5"):
+        dkm.GaussianMixture(5, covariance_type=ct, init_params=gm).fit(X)
