@@ -1,15 +1,18 @@
-"""Shared fixtures: datasets, and a real `dask scheduler` + `dask worker` processes."""
+"""Shared fixtures: datasets, and real `dask scheduler` + `dask worker` processes."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -34,81 +37,100 @@ def _dask_cli() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "distributed.cli.dask_spec"]
 
 
-@pytest.fixture(scope="session")
-def dask_processes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A scheduler and two single-threaded workers as real processes on 127.0.0.1."""
-    workdir: Path = tmp_path_factory.mktemp("dask")
-    port = _free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
-    log = open(workdir / "dask.log", "w")  # noqa: SIM115 - closed in the teardown
-    procs = [
-        subprocess.Popen(
-            [
-                *_dask_cli(),
-                "scheduler",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--dashboard-address",
-                ":0",
-                "--no-show",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=workdir,
-        )
-    ]
-    for _ in range(2):
-        procs.append(
-            subprocess.Popen(
-                [
-                    *_dask_cli(),
-                    "worker",
-                    address,
-                    "--nthreads",
-                    "1",
-                    "--nworkers",
-                    "1",
-                    "--host",
-                    "127.0.0.1",
-                    "--no-dashboard",
-                    "--memory-limit",
-                    "2GiB",
-                    "--local-directory",
-                    str(workdir),
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=workdir,
-            )
-        )
+@dataclass
+class ProcessCluster:
+    address: str
+    scheduler: subprocess.Popen[bytes]
+    workers: list[subprocess.Popen[bytes]]
+    log: Path
+
+    def worker_process(self, pid: int) -> subprocess.Popen[bytes]:
+        (proc,) = [p for p in self.workers if p.pid == pid]
+        return proc
+
+
+@contextlib.contextmanager
+def process_cluster(
+    workdir: Path,
+    n_workers: int,
+    *,
+    nanny: bool = True,
+    protocol: str = "tcp",
+    extra_args: Sequence[str] = (),
+    security: Any = None,
+) -> Iterator[ProcessCluster]:
+    """A ``dask scheduler`` and ``n_workers`` single-threaded ``dask worker`` processes.
+
+    All on 127.0.0.1, logging to ``workdir/dask.log``. Without a nanny the process
+    started here *is* the worker: SIGKILL it and it stays dead; with a nanny the worker
+    is the nanny's child and is restarted when it dies. ``extra_args`` go to both
+    commands (the TLS options, say) and ``security`` to the client that waits for them.
+    """
     from distributed import Client
 
+    port = _free_port()
+    address = f"{protocol}://127.0.0.1:{port}"
+    env = {
+        **os.environ,
+        "DASK_DISTRIBUTED__WORKER__DAEMON": "False",
+        # What a nanny sets in its worker (distributed.nanny.pre-spawn-environ): one BLAS
+        # thread per single-threaded worker; without it, --no-nanny workers on two cores
+        # each start a BLAS pool and the GMM E-step runs twice as slow.
+        "OMP_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
+    log_path = workdir / "dask.log"
+    log = open(log_path, "w")  # noqa: SIM115 - closed in the teardown
+
+    def start(*args: str) -> subprocess.Popen[bytes]:
+        cmd = [*_dask_cli(), *args, *extra_args]
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir)
+
+    scheduler = start(
+        "scheduler",
+        *("--protocol", protocol, "--host", "127.0.0.1", "--port", str(port)),
+        *("--dashboard-address", "127.0.0.1:0", "--no-show"),
+    )
+    workers = [
+        start(
+            "worker",
+            address,
+            *("--nthreads", "1", "--nworkers", "1", "--nanny" if nanny else "--no-nanny"),
+            *("--host", "127.0.0.1", "--no-dashboard", "--memory-limit", "2GiB"),
+            *("--local-directory", str(workdir)),
+        )
+        for _ in range(n_workers)
+    ]
     deadline = time.monotonic() + 60
     try:
         while True:
             try:
-                with Client(address, timeout=5) as client:
-                    client.wait_for_workers(2, timeout=max(1, deadline - time.monotonic()))
+                with Client(address, security=security, timeout=5) as client:
+                    client.wait_for_workers(n_workers, timeout=max(1, deadline - time.monotonic()))
                 break
             except (OSError, TimeoutError):
                 if time.monotonic() > deadline:
                     raise RuntimeError(
-                        "dask scheduler/workers did not start:\n"
-                        + (workdir / "dask.log").read_text()
+                        "dask scheduler/workers did not start:\n" + log_path.read_text()
                     ) from None
                 time.sleep(0.5)
-        yield address
+        yield ProcessCluster(address, scheduler, workers, log_path)
     finally:
-        for p in reversed(procs):
+        # workers first: a worker whose scheduler is gone retries to reach it instead
+        # of exiting
+        for p in [*workers, scheduler]:
             p.terminate()
-        for p in procs:
             try:
                 p.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 p.kill()
+                p.wait(timeout=20)
         log.close()
+
+
+@pytest.fixture(scope="session")
+def dask_processes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A scheduler and two single-threaded workers as real processes; yields the address."""
+    with process_cluster(tmp_path_factory.mktemp("dask"), 2) as cluster:
+        yield cluster.address

@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
@@ -21,7 +20,7 @@ import dask
 import psutil
 import pytest
 import yaml
-from conftest import _dask_cli, _free_port
+from conftest import _free_port, process_cluster
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -173,79 +172,19 @@ def _tls_options(certs: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def tls_scheduler(tmp_path_factory: pytest.TempPathFactory, certs: Path) -> Iterator[int]:
     """A TLS scheduler and one TLS worker as processes on 127.0.0.1; yields the port."""
-    from distributed import Client
     from distributed.security import Security
 
-    workdir = tmp_path_factory.mktemp("dask-tls")
-    port = _free_port()
-    address = f"tls://127.0.0.1:{port}"
-    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
-    log = open(workdir / "dask.log", "w")  # noqa: SIM115 - closed in the teardown
-    scheduler = [
-        *_dask_cli(),
-        "scheduler",
-        "--protocol",
-        "tls",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--dashboard-address",
-        "127.0.0.1:0",
-        "--no-show",
-        *_tls_options(certs),
-    ]
-    worker = [
-        *_dask_cli(),
-        "worker",
-        address,
-        "--nthreads",
-        "1",
-        "--nworkers",
-        "1",
-        "--host",
-        "127.0.0.1",
-        "--no-dashboard",
-        "--memory-limit",
-        "2GiB",
-        "--local-directory",
-        str(workdir),
-        *_tls_options(certs),
-    ]
-    procs = [
-        subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir)
-        for cmd in (scheduler, worker)
-    ]
     security = Security(
         tls_ca_file=str(certs / "ca.pem"),
         tls_client_cert=str(certs / "client.pem"),
         tls_client_key=str(certs / "client-key.pem"),
         require_encryption=True,
     )
-    deadline = time.monotonic() + 60
-    try:
-        while True:
-            try:
-                with Client(address, security=security, timeout=5) as client:
-                    client.wait_for_workers(1, timeout=max(1, deadline - time.monotonic()))
-                break
-            except (OSError, TimeoutError):
-                if time.monotonic() > deadline:
-                    raise RuntimeError(
-                        "TLS dask scheduler/worker did not start:\n"
-                        + (workdir / "dask.log").read_text()
-                    ) from None
-                time.sleep(0.5)
-        yield port
-    finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        log.close()
+    workdir = tmp_path_factory.mktemp("dask-tls")
+    with process_cluster(
+        workdir, 1, protocol="tls", extra_args=_tls_options(certs), security=security
+    ) as cluster:
+        yield int(cluster.address.rsplit(":", 1)[1])
 
 
 @pytest.fixture(scope="module")
