@@ -3,6 +3,7 @@
 from dkm.estimators import GaussianMixture, KMeans
 from dkm.io import load_model, save_model
 from dkm.kernels.params import DegenerateComponentError, MixtureParams
+from dkm.selection import SweepResult, sweep
 
 __version__ = "0.1.0"
 __all__ = [
@@ -10,7 +11,9 @@ __all__ = [
     "GaussianMixture",
     "KMeans",
     "MixtureParams",
+    "SweepResult",
     "__version__",
     "load_model",
     "save_model",
+    "sweep",
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -146,18 +146,63 @@ def _estep_chunk(
     row_offset: int,
     drop_nonfinite: bool = False,
 ) -> SuffStats:
+    (stats,) = _estep_chunk_many(
+        X, w, ((params, shift, options),), origin, row_offset, drop_nonfinite
+    )
+    return stats
+
+
+@dataclass(frozen=True, eq=False)
+class StackedStats:
+    """The statistics of several models from one chunk: merged model by model.
+
+    Merging is elementwise, in the order the tree gives, so each model's total is
+    bit for bit what a pass for that model alone would have produced.
+    """
+
+    parts: tuple[SuffStats, ...]
+
+    def merge(self, other: StackedStats) -> StackedStats:
+        return StackedStats(tuple(a.merge(b) for a, b in zip(self.parts, other.parts, strict=True)))
+
+    def __iter__(self) -> Iterator[SuffStats]:
+        return iter(self.parts)
+
+
+#: One model's share of a pass: parameters (centred), moment shift, what to compute.
+PassJob = tuple[MixtureParams, F64 | None, PassOptions]
+
+
+def _estep_chunk_many(
+    X: NDArray[Any],
+    w: NDArray[Any] | None,
+    jobs: Sequence[PassJob],
+    origin: F64,
+    row_offset: int,
+    drop_nonfinite: bool = False,
+) -> StackedStats:
+    """The E-step of every model in ``jobs`` on one chunk, read (and centred) once."""
     if drop_nonfinite:
         X, w, _ = _without_nonfinite(X, w, origin)
-    return K.estep(
-        centred(X, origin, params.covariance_type),
-        params,
-        assignment=options.assignment,
-        moments=options.moments,
-        shift=shift,
-        sample_weight=w,
-        n_farthest=options.n_farthest,
-        row_offset=row_offset,
-    )
+    centred_by_dtype: dict[Any, NDArray[Any]] = {}
+    out = []
+    for params, shift, options in jobs:
+        dtype = K.compute_dtype(np.dtype(X.dtype), params.covariance_type)
+        if dtype not in centred_by_dtype:
+            centred_by_dtype[dtype] = centred(X, origin, params.covariance_type)
+        out.append(
+            K.estep(
+                centred_by_dtype[dtype],
+                params,
+                assignment=options.assignment,
+                moments=options.moments,
+                shift=shift,
+                sample_weight=w,
+                n_farthest=options.n_farthest,
+                row_offset=row_offset,
+            )
+        )
+    return StackedStats(tuple(out))
 
 
 def _summary_chunk(
@@ -200,34 +245,41 @@ def stats_pass(
     shift: F64 | None = None,
     split_every: int = 8,
 ) -> SuffStats:
-    """One E-step over all chunks, reduced to totals: a single ``compute``.
+    """One E-step over all chunks, reduced to totals: a single ``compute``."""
+    (total,) = stats_pass_many(data, [(params, shift, options)], split_every=split_every)
+    return total
 
-    The parameters enter the graph once, as one key every E-step task depends on, so
-    each worker receives them once per iteration.
+
+def stats_pass_many(
+    data: ChunkedData, jobs: Sequence[PassJob], *, split_every: int = 8
+) -> list[SuffStats]:
+    """One E-step pass over all chunks for several models at once, reduced to totals.
+
+    Each chunk task reads its chunk once and runs the E-step of every model in ``jobs``
+    (restarts, candidate numbers of clusters); the tree merges the stacked statistics
+    model by model. A single ``compute``. The parameters enter the graph once, as one
+    key every E-step task depends on, so each worker receives them once per pass.
     """
+    if not jobs:
+        return []
     token = tokenize(
         data.X.name,
-        params.means,
-        params.precisions_cholesky,
-        params.weights,
-        shift,
-        options,
+        [(p.means, p.precisions_cholesky, p.weights, s, o) for p, s, o in jobs],
         data.origin,
         split_every,
         data.nan_policy,
     )
-    p = delayed(params, traverse=False, name=f"dkm-params-{token}")
+    j = delayed(tuple(jobs), traverse=False, name=f"dkm-params-{token}")
     o = delayed(data.origin, traverse=False, name=f"dkm-origin-{token}")
-    s = None if shift is None else delayed(shift, traverse=False, name=f"dkm-shift-{token}")
     drop = data.nan_policy == "drop"
     parts = [
-        delayed(_estep_chunk, pure=True)(
-            xb, wb, p, o, s, options, off, drop, dask_key_name=(f"dkm-estep-{token}", i)
+        delayed(_estep_chunk_many, pure=True)(
+            xb, wb, j, o, off, drop, dask_key_name=(f"dkm-estep-{token}", i)
         )
         for i, (xb, wb, off) in enumerate(data.block_tasks())
     ]
-    total: SuffStats = _reduce_and_compute(parts, split_every, f"dkm-merge-{token}")
-    return total
+    total: StackedStats = _reduce_and_compute(parts, split_every, f"dkm-merge-{token}")
+    return list(total.parts)
 
 
 def summarize(
@@ -305,6 +357,8 @@ class IterationInfo:
     #: The parameters exactly as the engine iterates on them (relative to ``origin``).
     centred: MixtureParams | None = None
     origin: F64 | None = None
+    #: Which model of a shared run (:func:`fit_em_many`): its index among the inits.
+    run: int = 0
 
 
 @dataclass(frozen=True, eq=False)
@@ -369,6 +423,8 @@ class EMResult:
     objective: float  # k-means: final inertia; otherwise the last lower bound
     covariances: F64 | None
     history: list[IterationInfo] = field(default_factory=list)
+    #: k-means: the statistics of the final pass (counts and inertia of the final centres)
+    final: SuffStats | None = None
 
 
 def _notify(callback: Callback | None, history: list[IterationInfo], info: IterationInfo) -> None:
@@ -401,86 +457,135 @@ def fit_em(
     from ``resume.params`` (and the previous lower bound), so it ends where the
     uninterrupted run would have.
     """
-    history: list[IterationInfo] = []
-    params, converged, start, lower_bound = init, False, 0, -math.inf
-    if resume is not None:
-        params = resume.params_for(data.origin)
-        history = list(resume.history)
-        converged, start, lower_bound = resume.converged, resume.iteration, resume.objective
-    n_iter = start
-    first = n_iter + 1 if not converged else options.max_iter + 1  # a converged run is done
-    covariances = init_covariances
-    if options.is_kmeans:
-        tol = 0.0 if tol_abs is None else tol_abs
-        opts = PassOptions("hard", "none", n_farthest=params.n_components)
-        for n_iter in range(first, options.max_iter + 1):
-            t0 = time.perf_counter()
-            stats = stats_pass(data, params, opts, split_every=options.split_every)
-            centres, _ = kmeans_centres(stats)
-            shift_tot = float(((centres - params.means) ** 2).sum())
-            params = MixtureParams.identity(centres)
-            converged = shift_tot <= tol
-            _notify(
-                callback,
-                history,
-                IterationInfo(
-                    n_iter,
-                    stats.objective,
-                    shift_tot,
-                    time.perf_counter() - t0,
-                    params.translated(data.origin),
-                    converged,
-                    params,
-                    data.origin,
-                ),
-            )
-            if converged:
-                break
-        final = stats_pass(
-            data, params, PassOptions("hard", "none"), split_every=options.split_every
-        )
-        objective = final.objective
-    else:
-        for n_iter in range(first, options.max_iter + 1):
-            t0 = time.perf_counter()
-            # re-seeding needs the points the model explains worst: one per component
-            n_far = params.n_components if options.on_degenerate == "reseed" else 0
-            opts = PassOptions(options.assignment, moments_for(options.covariance_type), n_far)
-            stats = stats_pass(
-                data, params, opts, shift=params.means, split_every=options.split_every
-            )
-            params, covariances, repaired = gaussian_mstep(
-                stats,
-                params.means,
-                options.covariance_type,
-                options.reg_covar,
-                options.on_degenerate,
-            )
-            if repaired:
-                _warn_repaired(repaired, options.on_degenerate, n_iter)
-            previous, lower_bound = lower_bound, stats.objective / stats.n
-            change = lower_bound - previous
-            converged = abs(change) < options.tol
-            _notify(
-                callback,
-                history,
-                IterationInfo(
-                    n_iter,
-                    lower_bound,
-                    change,
-                    time.perf_counter() - t0,
-                    params.translated(data.origin),
-                    converged,
-                    params,
-                    data.origin,
-                ),
-            )
-            if converged:
-                break
-        objective = lower_bound
-    return EMResult(
-        params.translated(data.origin), n_iter, converged, objective, covariances, history
+    (result,) = fit_em_many(
+        data,
+        [init],
+        options,
+        tol_abs=tol_abs,
+        init_covariances=[init_covariances],
+        callback=callback,
+        resume=resume,
     )
+    return result
+
+
+@dataclass(eq=False)
+class _Run:
+    """One model's EM state inside :func:`fit_em_many`."""
+
+    index: int
+    params: MixtureParams
+    covariances: F64 | None
+    n_iter: int = 0
+    converged: bool = False
+    lower_bound: float = -math.inf
+    history: list[IterationInfo] = field(default_factory=list)
+    final: SuffStats | None = None
+
+
+def fit_em_many(
+    data: ChunkedData,
+    inits: Sequence[MixtureParams],
+    options: EMOptions,
+    *,
+    tol_abs: float | None = None,
+    init_covariances: Sequence[F64 | None] | None = None,
+    callback: Callback | None = None,
+    resume: ResumeState | None = None,
+) -> list[EMResult]:
+    """Run EM from each of ``inits`` at once, sharing every pass over the data.
+
+    Restarts and candidate numbers of components (the ``inits`` may differ in size)
+    iterate together: each iteration is one pass in which every chunk is read once and
+    runs the E-step of every model that has not yet converged; a model that has
+    converged (or reached ``max_iter``) drops out of the following passes. Each model's
+    result is exactly that of :func:`fit_em` from its init alone (the statistics of
+    each model are merged in the same fixed order). The callback receives every
+    model's iterations; ``IterationInfo.run`` says which model (its index in
+    ``inits``). ``resume`` applies to a single init only.
+    """
+    if resume is not None and len(inits) != 1:
+        raise ValueError("resume continues a single EM run; got several inits")
+    covs = list(init_covariances) if init_covariances is not None else [None] * len(inits)
+    runs = [_Run(i, p, c) for i, (p, c) in enumerate(zip(inits, covs, strict=True))]
+    if resume is not None:
+        (run,) = runs
+        run.params = resume.params_for(data.origin)
+        run.history = list(resume.history)
+        run.converged, run.n_iter = resume.converged, resume.iteration
+        run.lower_bound = resume.objective
+    kmeans = options.is_kmeans
+    tol = (0.0 if tol_abs is None else tol_abs) if kmeans else options.tol
+
+    def job(run: _Run) -> PassJob:
+        k = run.params.n_components
+        if kmeans:
+            return run.params, None, PassOptions("hard", "none", n_farthest=k)
+        # re-seeding needs the points the model explains worst: one per component
+        n_far = k if options.on_degenerate == "reseed" else 0
+        moments = moments_for(options.covariance_type)
+        return run.params, run.params.means, PassOptions(options.assignment, moments, n_far)
+
+    while active := [r for r in runs if not r.converged and r.n_iter < options.max_iter]:
+        t0 = time.perf_counter()
+        all_stats = stats_pass_many(data, [job(r) for r in active], split_every=options.split_every)
+        seconds = time.perf_counter() - t0
+        for run, stats in zip(active, all_stats, strict=True):
+            run.n_iter += 1
+            if kmeans:
+                centres, _ = kmeans_centres(stats)
+                change = float(((centres - run.params.means) ** 2).sum())
+                objective = stats.objective
+                run.params = MixtureParams.identity(centres)
+                run.converged = change <= tol
+            else:
+                run.params, run.covariances, repaired = gaussian_mstep(
+                    stats,
+                    run.params.means,
+                    options.covariance_type,
+                    options.reg_covar,
+                    options.on_degenerate,
+                )
+                if repaired:
+                    _warn_repaired(repaired, options.on_degenerate, run.n_iter)
+                previous, run.lower_bound = run.lower_bound, stats.objective / stats.n
+                objective, change = run.lower_bound, run.lower_bound - previous
+                run.converged = abs(change) < tol
+            _notify(
+                callback,
+                run.history,
+                IterationInfo(
+                    run.n_iter,
+                    objective,
+                    change,
+                    seconds,
+                    run.params.translated(data.origin),
+                    run.converged,
+                    run.params,
+                    data.origin,
+                    run.index,
+                ),
+            )
+    if kmeans:  # the inertia of the final centres, for every model in one more pass
+        finals = stats_pass_many(
+            data,
+            [(r.params, None, PassOptions("hard", "none")) for r in runs],
+            split_every=options.split_every,
+        )
+        for run, final in zip(runs, finals, strict=True):
+            run.final = final
+    return [
+        EMResult(
+            r.params.translated(data.origin),
+            r.n_iter,
+            r.converged,
+            r.final.objective if r.final is not None else r.lower_bound,
+            r.covariances,
+            r.history,
+            r.final,
+        )
+        for r in runs
+    ]
 
 
 # --------------------------------------------------------------------------- init
@@ -535,21 +640,39 @@ def gaussian_from_partition(
     This is scikit-learn's initialisation from k-means labels: one-hot
     responsibilities, then an M-step. ``centres`` are in centred coordinates.
     """
+    (found,) = gaussian_from_partition_many(
+        data, [centres], covariance_type, reg_covar, split_every, on_degenerate
+    )
+    return found
+
+
+def gaussian_from_partition_many(
+    data: ChunkedData,
+    centres: Sequence[F64],
+    covariance_type: CovarianceType,
+    reg_covar: float,
+    split_every: int = 8,
+    on_degenerate: OnDegenerate = "error",
+) -> list[tuple[MixtureParams, F64]]:
+    """:func:`gaussian_from_partition` for several sets of centres in one pass."""
+    if not centres:
+        return []
     moments = moments_for(covariance_type)
-    n_far = len(centres) if on_degenerate == "reseed" else 0
-    stats = stats_pass(
-        data,
-        MixtureParams.identity(centres),
-        PassOptions("hard", moments, n_far),
-        shift=centres,
-        split_every=split_every,
-    )
-    params, cov, repaired = gaussian_mstep(
-        stats, centres, covariance_type, reg_covar, on_degenerate
-    )
-    if repaired:
-        _warn_repaired(repaired, on_degenerate, 0)
-    return params, cov
+    jobs: list[PassJob] = [
+        (
+            MixtureParams.identity(c),
+            c,
+            PassOptions("hard", moments, len(c) if on_degenerate == "reseed" else 0),
+        )
+        for c in centres
+    ]
+    out = []
+    for c, stats in zip(centres, stats_pass_many(data, jobs, split_every=split_every), strict=True):
+        params, cov, repaired = gaussian_mstep(stats, c, covariance_type, reg_covar, on_degenerate)
+        if repaired:
+            _warn_repaired(repaired, on_degenerate, 0)
+        out.append((params, cov))
+    return out
 
 
 def _warn_repaired(components: list[int], policy: str, iteration: int) -> None:

@@ -25,6 +25,7 @@ from sklearn.base import (
     ClusterMixin,
     DensityMixin,
     TransformerMixin,
+    clone,
 )
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
@@ -38,8 +39,8 @@ from dkm.engine import (
     IterationInfo,
     ResumeState,
     apply_in_memory,
-    fit_em,
-    gaussian_from_partition,
+    fit_em_many,
+    gaussian_from_partition_many,
     init_centres,
     lazy_distances,
     lazy_labels,
@@ -387,10 +388,28 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
     ) -> KMeans:
         """Compute k-means clustering. ``sample_weight``: (n_samples,) non-negative.
 
-        ``resume``: continue an interrupted run (a checkpoint) instead of initialising;
-        the result is the model the uninterrupted run would have produced.
+        ``n_init`` restarts run together, sharing every pass over the data (each chunk
+        is read once per iteration for all of them); the one with the lowest inertia
+        wins. ``resume``: continue an interrupted run (a checkpoint) instead of
+        initialising; the result is the model the uninterrupted run would have produced.
         """
         k = _check_int("n_clusters", self.n_clusters, 1)
+        (fitted,) = self._fit_candidates(X, [k], sample_weight, resume=resume)
+        return fitted
+
+    def _fit_candidates(
+        self,
+        X: Any,
+        ks: list[int],
+        sample_weight: Any = None,
+        *,
+        resume: ResumeState | None = None,
+    ) -> list[KMeans]:
+        """Fit one model per number of clusters in ``ks``, all restarts of all sharing passes.
+
+        Returns ``self`` fitted for ``ks[0]`` when there is one candidate, else fitted
+        clones of ``self`` (``n_clusters`` set), in the order of ``ks``.
+        """
         max_iter = _check_int("max_iter", self.max_iter, 1)
         tol = _check_float("tol", self.tol, 0.0)
         n_init = self._n_init()
@@ -398,34 +417,45 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
             check_choice("init", self.init, ("k-means++", "random"))
         data, Xn = self._as_data(X, sample_weight, reset=True)
         rng = check_random_state(self.random_state)
-        summary = self._summarize(data, k, rng, "n_clusters")
+        summary = self._summarize(data, max(ks), rng, "n_clusters")
         data = data.with_origin(summary.mean)
         tol_abs = float(np.mean(summary.variance)) * tol
         options = EMOptions(
             "identity", "hard", tol=tol, max_iter=max_iter, split_every=self._split_every()
         )
-        best: EMResult | None = None
-        _check_resume(resume, n_init, k, data.n_features, "identity")
-        for _ in range(n_init):
-            centres = (
-                self._initial_centres(summary, data, k, rng)
-                if resume is None
-                else resume.params_for(data.origin).means
-            )
-            result = fit_em(
-                data,
-                MixtureParams.identity(centres),
-                options,
-                tol_abs=tol_abs,
-                callback=self._callback(),
-                resume=resume,
-            )
-            if best is None or result.objective < best.objective:
-                best = result
-        assert best is not None
+        _check_resume(resume, n_init * len(ks), ks[0], data.n_features, "identity")
+        # initial centres drawn in the order separate fits would draw them
+        inits = (
+            [self._initial_centres(summary, data, k, rng) for k in ks for _ in range(n_init)]
+            if resume is None
+            else [resume.params_for(data.origin).means]
+        )
+        results = fit_em_many(
+            data,
+            [MixtureParams.identity(c) for c in inits],
+            options,
+            tol_abs=tol_abs,
+            callback=self._callback(),
+            resume=resume,
+        )
+        fitted = []
+        for i, k in enumerate(ks):
+            runs = results[i * n_init : (i + 1) * n_init]
+            best = min(runs, key=lambda r: r.objective)  # the first of equals, as before
+            est = self if len(ks) == 1 else clone(self).set_params(n_clusters=k)
+            if est is not self:
+                est.n_features_in_ = self.n_features_in_
+            est._adopt(best, data, Xn, summary)
+            fitted.append(est)
+        return fitted
+
+    def _adopt(
+        self, best: EMResult, data: ChunkedData, Xn: NDArray[Any] | None, summary: DataSummary
+    ) -> None:
         self._origin = data.origin
         self.cluster_centers_ = best.params.means.astype(data.X.dtype)
         self._params = best.params
+        self._final = best.final
         self.inertia_ = float(best.objective)
         self.n_iter_ = best.n_iter
         self.converged_ = best.converged
@@ -437,7 +467,43 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
             if Xn is None
             else apply_in_memory(K.predict_labels, Xn, best.params, data.origin, drop)
         )
-        return self
+
+    def _log_likelihood(self) -> tuple[float, float]:
+        """(log-likelihood, total weight) of the fitted data under the equal-variance
+        spherical mixture that k-means fits with hard assignments.
+
+        The classification likelihood ``Σ_j n_j log(n_j/n) − (n d/2)(log(2π σ²) + 1)``
+        with the maximum-likelihood variance ``σ² = inertia / (n d)``, from the final
+        pass's counts and inertia (no further pass over the data).
+        """
+        check_is_fitted(self)
+        final = self._final
+        assert final is not None
+        n, d = final.n, self.cluster_centers_.shape[1]
+        nk = final.nk[final.nk > 0]
+        variance = max(final.objective / (n * d), np.finfo(np.float64).tiny)
+        ll = float(np.sum(nk * np.log(nk / n))) - n * d / 2 * (math.log(2 * math.pi * variance) + 1)
+        return ll, n
+
+    def _n_parameters(self) -> int:
+        """Centres, mixing weights and the one shared variance."""
+        k, d = self.cluster_centers_.shape
+        return k * d + (k - 1) + 1
+
+    def bic(self, X: Any = None) -> float:
+        """BIC of the fitted equal-variance spherical model on the data it was fitted on.
+
+        Lower is better. ``X`` is accepted for symmetry with :class:`GaussianMixture` but
+        the criterion comes from the fit's own final statistics (it must be the fitted
+        data).
+        """
+        ll, n = self._log_likelihood()
+        return -2 * ll + self._n_parameters() * math.log(n)
+
+    def aic(self, X: Any = None) -> float:
+        """AIC of the fitted equal-variance spherical model (see :meth:`bic`)."""
+        ll, _ = self._log_likelihood()
+        return -2 * ll + 2 * self._n_parameters()
 
     def _model_params(self) -> MixtureParams:
         return self._params
@@ -578,60 +644,108 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
                 )
         return weights, means, precisions
 
-    def _initial_params(
-        self, data: ChunkedData, summary: DataSummary, rng: np.random.RandomState
-    ) -> tuple[MixtureParams, F64 | None]:
-        k, d, ct = self.n_components, data.n_features, self._ct
-        weights, means, precisions = self._check_inits(k, d)
-        given_all = means is not None and (
-            ct == "identity" or (weights is not None and precisions is not None)
-        )
-        cov: F64 | None = None
-        if given_all:
-            assert means is not None
-            params = MixtureParams.identity(means - data.origin)
-        else:
-            method = self.init_params
-            if isinstance(method, GaussianMixture) and method.covariance_type == ct:
-                return _warm_params(method, k, d, data.origin)
-            if isinstance(method, _DaskMixtureBase):  # a k-means model, or another type
-                centres = _model_centres(method)
-                if centres.shape != (k, d):
+    def _initial_params_many(
+        self,
+        data: ChunkedData,
+        summary: DataSummary,
+        rng: np.random.RandomState,
+        ks: list[int],
+        n_init: int,
+    ) -> list[tuple[MixtureParams, F64 | None]]:
+        """Initial parameters for ``n_init`` runs of each number of components in ``ks``.
+
+        Random draws happen in the order separate fits would make them, so each run
+        starts where a fit of that run alone would. The k-means runs of
+        ``init_params="kmeans"`` and the partitions that turn centres into mixtures share
+        their passes over the data across all runs.
+        """
+        d, ct = data.n_features, self._ct
+        checked = {k: self._check_inits(k, d) for k in ks}
+        method = self.init_params
+
+        def all_given(k: int) -> bool:
+            weights, means, precisions = checked[k]
+            return means is not None and (
+                ct == "identity" or (weights is not None and precisions is not None)
+            )
+
+        if (
+            isinstance(method, GaussianMixture)
+            and method.covariance_type == ct
+            and not any(all_given(k) for k in ks)
+        ):
+            return [_warm_params(method, k, d, data.origin) for k in ks for _ in range(n_init)]
+        slots = [(k, i) for k in ks for i in range(n_init)]
+        centres: list[F64 | None] = []
+        for k, _ in slots:
+            if all_given(k):
+                centres.append(None)  # everything given: no init to compute
+            elif isinstance(method, _DaskMixtureBase):  # a k-means model, or another type
+                c = _model_centres(method)
+                if c.shape != (k, d):
                     raise ValueError(
-                        f"init_params: the model has {centres.shape[0]} components and "
-                        f"{centres.shape[1]} features; expected {k} and {d}"
+                        f"init_params: the model has {c.shape[0]} components and "
+                        f"{c.shape[1]} features; expected {k} and {d}"
                     )
-                centres = centres - data.origin
-                method = "warm"
+                centres.append(c - data.origin)
             else:
                 check_choice(
                     "init_params", method, ("kmeans", "k-means++", "random", "random_from_data")
                 )
-            if method == "warm":
-                pass
-            elif method == "kmeans":
-                centres = init_centres(summary, data.origin, k, "k-means++", rng)
-                km = fit_em(
-                    data,
-                    MixtureParams.identity(centres),
-                    EMOptions("identity", "hard", max_iter=300, split_every=self._split_every()),
-                    tol_abs=float(np.mean(summary.variance)) * 1e-4,
-                )
-                centres = km.params.means - data.origin
-            else:
-                name = "k-means++" if method == "k-means++" else "random"
-                centres = init_centres(summary, data.origin, k, name, rng)
-            if ct == "identity":
-                params = MixtureParams.identity(centres)
-            else:
-                params, cov = gaussian_from_partition(
-                    data, centres, ct, self.reg_covar, self._split_every(), self._policy
-                )
+                name = "random" if method in ("random", "random_from_data") else "k-means++"
+                centres.append(init_centres(summary, data.origin, k, name, rng))
+        if method == "kmeans":
+            todo = [i for i, c in enumerate(centres) if c is not None]
+            km = fit_em_many(
+                data,
+                [MixtureParams.identity(cast(F64, centres[i])) for i in todo],
+                EMOptions("identity", "hard", max_iter=300, split_every=self._split_every()),
+                tol_abs=float(np.mean(summary.variance)) * 1e-4,
+            )
+            for i, result in zip(todo, km, strict=True):
+                centres[i] = result.params.means - data.origin
+        partitioned: dict[int, tuple[MixtureParams, F64 | None]] = {}
+        if ct != "identity":
+            todo = [i for i, c in enumerate(centres) if c is not None]
+            found = gaussian_from_partition_many(
+                data,
+                [cast(F64, centres[i]) for i in todo],
+                ct,
+                self.reg_covar,
+                self._split_every(),
+                self._policy,
+            )
+            partitioned = dict(zip(todo, found, strict=True))
+        return [
+            self._with_given(i, slots[i][0], centres[i], partitioned, checked, data.origin)
+            for i in range(len(slots))
+        ]
+
+    def _with_given(
+        self,
+        slot: int,
+        k: int,
+        centres: F64 | None,
+        partitioned: dict[int, tuple[MixtureParams, F64 | None]],
+        checked: dict[int, tuple[F64 | None, F64 | None, F64 | None]],
+        origin: F64,
+    ) -> tuple[MixtureParams, F64 | None]:
+        """One run's initial parameters: computed ones, overridden by any ``*_init`` given."""
+        ct = self._ct
+        weights, means, precisions = checked[k]
+        cov: F64 | None = None
+        if centres is None:
+            assert means is not None
+            params = MixtureParams.identity(means - origin)
+        elif ct == "identity":
+            params = MixtureParams.identity(centres)
+        else:
+            params, cov = partitioned[slot]
         if ct == "identity":
             if means is not None:
-                params = MixtureParams.identity(means - data.origin)
+                params = MixtureParams.identity(means - origin)
             return params, np.ones(k)
-        new_means = params.means if means is None else means - data.origin
+        new_means = params.means if means is None else means - origin
         new_weights = params.weights if weights is None else weights
         prec_chol: F64 | None = params.precisions_cholesky
         if precisions is not None:
@@ -652,9 +766,27 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
     ) -> GaussianMixture:
         """Estimate the parameters with EM. ``sample_weight``: (n_samples,) non-negative.
 
-        ``resume``: continue an interrupted run (a checkpoint) instead of initialising.
+        ``n_init`` restarts run together, sharing every pass over the data; the one
+        with the highest lower bound wins. ``resume``: continue an interrupted run (a
+        checkpoint) instead of initialising.
         """
         k = _check_int("n_components", self.n_components, 1)
+        (fitted,) = self._fit_candidates(X, [k], sample_weight, resume=resume)
+        return fitted
+
+    def _fit_candidates(
+        self,
+        X: Any,
+        ks: list[int],
+        sample_weight: Any = None,
+        *,
+        resume: ResumeState | None = None,
+    ) -> list[GaussianMixture]:
+        """Fit one mixture per number of components in ``ks``, all restarts sharing passes.
+
+        Returns ``self`` fitted when there is one candidate, else fitted clones of
+        ``self`` (``n_components`` set), in the order of ``ks``.
+        """
         check_choice("covariance_type", self.covariance_type, GMM_COVARIANCE_TYPES)
         check_choice("assignment", self.assignment, ASSIGNMENTS)
         check_choice("on_degenerate", self.on_degenerate, ON_DEGENERATE)
@@ -664,7 +796,7 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
         reg_covar = _check_float("reg_covar", self.reg_covar, 0.0)
         data, _ = self._as_data(X, sample_weight, reset=True, min_samples=2)
         rng = check_random_state(self.random_state)
-        summary = self._summarize(data, k, rng, "n_components")
+        summary = self._summarize(data, max(ks), rng, "n_components")
         data = data.with_origin(summary.mean)
         options = EMOptions(
             self._ct,
@@ -675,37 +807,44 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
             self._split_every(),
             self._policy,
         )
-        best: EMResult | None = None
-        _check_resume(resume, n_init, k, data.n_features, self._ct)
-        for _ in range(n_init):
-            if resume is None:
-                params, cov = self._initial_params(data, summary, rng)
-            else:
-                params = resume.params_for(data.origin)
-                pc = params.precisions_cholesky
-                cov = np.ones(k) if pc is None else covariances_from_cholesky(pc, self._ct)
-            result = fit_em(
-                data,
-                params,
-                options,
-                init_covariances=cov,
-                callback=self._callback(),
-                resume=resume,
-            )
-            if best is None or result.objective > best.objective or best.objective == -math.inf:
-                best = result
-        assert best is not None
-        if not best.converged and max_iter > 0:
-            warnings.warn(
-                f"Best of {n_init} EM run(s) did not converge in max_iter={max_iter} "
-                "iterations. Try different init parameters, or increase max_iter or tol, "
-                "or check for degenerate data.",
-                ConvergenceWarning,
-                stacklevel=2,
-            )
-        self._set_params(best, data)
-        self.n_dropped_ = summary.n_nonfinite
-        return self
+        _check_resume(resume, n_init * len(ks), ks[0], data.n_features, self._ct)
+        if resume is None:
+            inits = self._initial_params_many(data, summary, rng, ks, n_init)
+        else:
+            params = resume.params_for(data.origin)
+            pc = params.precisions_cholesky
+            cov = np.ones(ks[0]) if pc is None else covariances_from_cholesky(pc, self._ct)
+            inits = [(params, cov)]
+        results = fit_em_many(
+            data,
+            [p for p, _ in inits],
+            options,
+            init_covariances=[c for _, c in inits],
+            callback=self._callback(),
+            resume=resume,
+        )
+        fitted = []
+        for i, k in enumerate(ks):
+            best: EMResult | None = None
+            for result in results[i * n_init : (i + 1) * n_init]:
+                if best is None or result.objective > best.objective or best.objective == -math.inf:
+                    best = result
+            assert best is not None
+            if not best.converged and max_iter > 0:
+                warnings.warn(
+                    f"Best of {n_init} EM run(s) with {k} components did not converge in "
+                    f"max_iter={max_iter} iterations. Try different init parameters, or "
+                    "increase max_iter or tol, or check for degenerate data.",
+                    ConvergenceWarning,
+                    stacklevel=3,
+                )
+            est = self if len(ks) == 1 else clone(self).set_params(n_components=k)
+            if est is not self:
+                est.n_features_in_ = self.n_features_in_
+            est._set_params(best, data)
+            est.n_dropped_ = summary.n_nonfinite
+            fitted.append(est)
+        return fitted
 
     @property
     def _ct(self) -> CovarianceType:
