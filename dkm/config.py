@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 import yaml
 from pydantic import (
@@ -114,11 +115,32 @@ class ModelInit(_Strict):
     model: str = Field(description="a model directory written by dkm run (output.path/model)")
 
 
+class KRange(_Strict):
+    """Candidate numbers of clusters ``min, min + step, …`` up to ``max`` (inclusive)."""
+
+    min: PositiveInt = Field(description="smallest candidate")
+    max: PositiveInt = Field(description="largest candidate (included)")
+    step: PositiveInt = Field(1, description="spacing of the candidates")
+
+    @model_validator(mode="after")
+    def _check_order(self) -> KRange:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) must not exceed max ({self.max})")
+        return self
+
+
 class ModelConfig(_Strict):
     """What to fit. ``kmeans`` is (identity, hard); ``gmm`` defaults to (full, soft)."""
 
     mode: Literal["kmeans", "gmm"] = Field("kmeans", description="kmeans or gmm")
-    n_clusters: PositiveInt = Field(8, description="number of clusters / components")
+    n_clusters: PositiveInt | list[PositiveInt] | KRange = Field(
+        8,
+        description="number of clusters / components; or candidates to choose from by "
+        "`criterion`: a list [8, 16, 32] or a range {min: 2, max: 20, step: 2}",
+    )
+    criterion: Literal["bic", "aic"] = Field(
+        "bic", description="how a list or range of n_clusters is decided (lower wins)"
+    )
     covariance_type: Literal["identity", "full", "tied", "diag", "spherical"] | None = Field(
         None, description="kmeans: identity; gmm: full (default), tied, diag or spherical"
     )
@@ -141,6 +163,29 @@ class ModelConfig(_Strict):
     init_sample_size: PositiveInt | None = Field(
         None, description="points sampled for k-means++/random init; default max(10000, 100k)"
     )
+
+    @field_validator("n_clusters")
+    @classmethod
+    def _check_candidates(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("give at least one candidate")
+            if len(set(value)) != len(value):
+                raise ValueError(f"candidates repeat: {value}")
+        return value
+
+    def candidates(self) -> list[int] | None:
+        """The candidate numbers of clusters of a sweep; None for a single ``n_clusters``."""
+        k = self.n_clusters
+        if isinstance(k, KRange):
+            return list(range(k.min, k.max + 1, k.step))
+        return list(k) if isinstance(k, list) else None
+
+    @property
+    def k(self) -> int:
+        """The number of clusters of a run without a sweep (the first candidate of one)."""
+        candidates = self.candidates()
+        return candidates[0] if candidates else int(cast(int, self.n_clusters))
 
     @model_validator(mode="after")
     def _check_mode(self) -> ModelConfig:

@@ -21,6 +21,7 @@ from dkm.config import ConfigError, JobConfig, ModelConfig, ModelInit
 from dkm.engine import IterationInfo, ResumeState
 from dkm.estimators import GaussianMixture, KMeans
 from dkm.monitor import Progress, scheduler_publisher
+from dkm.selection import SweepResult, sweep
 from dkm.stats import uniform_from_rows
 
 #: Points sampled for the report's projection.
@@ -83,9 +84,9 @@ def build_estimator(
     if isinstance(init, ModelInit):  # warm start: yesterday's model is today's start
         init = io.load_model(init.model)
     if model.mode == "kmeans" and assignment == "hard":
-        return KMeans(model.n_clusters, init=init, **common)
+        return KMeans(model.k, init=init, **common)
     return GaussianMixture(
-        model.n_clusters,
+        model.k,
         covariance_type=model.resolved("covariance_type"),
         assignment=assignment,
         reg_covar=model.reg_covar,
@@ -177,6 +178,10 @@ def _resume_state(config: JobConfig, points: io.Points, progress: Progress) -> R
         return None
     if config.model.n_init != 1:
         raise ConfigError("--resume needs model.n_init: 1 (restarts are not checkpointed)")
+    if config.model.candidates() is not None:
+        raise ConfigError(
+            "--resume needs a single model.n_clusters (a sweep over k is not checkpointed)"
+        )
     state, meta = io.load_checkpoint(url, storage_options=options)
     expected = _identity(config, points)
     if meta.get("data_fingerprint") != expected["data_fingerprint"]:
@@ -240,7 +245,8 @@ def _run(
     state = _resume_state(config, points, progress) if resume else None
     # the checkpoint is saved before the iteration is reported: what was printed is durable
     callbacks: list[Callable[[IterationInfo], None]] = []
-    if config.runtime.checkpoint_every and config.model.n_init == 1:
+    candidates = config.model.candidates()
+    if config.runtime.checkpoint_every and config.model.n_init == 1 and candidates is None:
         callbacks.append(
             Checkpointer(
                 checkpoint_url(config),
@@ -272,10 +278,26 @@ def _run(
             config.model, config.runtime.split_every, callback, config.data.nan_policy
         )
         t_fit = time.perf_counter()
-        estimator.fit(X, sample_weight=weights, resume=state)
+        selection: SweepResult | None = None
+        if candidates is None:
+            estimator.fit(X, sample_weight=weights, resume=state)
+        else:
+            progress.event(
+                "sweep",
+                f"fitting k in {candidates} together; choosing by {config.model.criterion}",
+            )
+            selection = sweep(
+                estimator, X, candidates, criterion=config.model.criterion, sample_weight=weights
+            )
+            estimator = selection.best_model
+            progress.event(
+                "selected",
+                f"k={selection.best_n_clusters} has the lowest {config.model.criterion}",
+                table=selection.table(),
+            )
         fit_seconds = time.perf_counter() - t_fit
         labels = estimator.labels_ if isinstance(estimator, KMeans) else estimator.predict(X)
-        k = config.model.n_clusters
+        k = _n_clusters(estimator)
         # shifted by one so that rows dropped for NaN (label -1) fall out of the count
         sizes_lazy = da.bincount(labels + 1, weights=weights, minlength=k + 1)[1:]
         sample_lazy = sample_rows(X, REPORT_SAMPLE, seed=config.model.seed or 0)
@@ -311,6 +333,7 @@ def _run(
                 time.perf_counter() - t_start,
                 persisted,
                 sizes,
+                selection,
             )
             if out.model:
                 io.save_model(
@@ -330,7 +353,7 @@ def _run(
             if out.metrics:
                 fs_write("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in progress.records))
             if out.report:
-                _write_report(tmp, config, estimator, points, summary, sample, sizes)
+                _write_report(tmp, config, estimator, points, summary, sample, sizes, selection)
             fs_write("summary.json", json.dumps(summary, indent=2) + "\n")
         io.remove(checkpoint_url(config), storage_options=out.storage_options)
         progress.event(
@@ -351,15 +374,25 @@ def _summary(
     total_seconds: float,
     persisted: bool,
     sizes: NDArray[Any],
+    selection: SweepResult | None = None,
 ) -> dict[str, Any]:
     kmeans = isinstance(est, KMeans)
+    chosen = {}
+    if selection is not None:
+        chosen = {
+            "selection": {
+                "criterion": selection.criterion,
+                "n_clusters": selection.best_n_clusters,
+                "candidates": selection.table(),
+            }
+        }
     return {
         "dkm_version": dkm.__version__,
         "job": job_id,
         "mode": config.model.mode,
         "covariance_type": config.model.resolved("covariance_type"),
         "assignment": config.model.resolved("assignment"),
-        "n_clusters": config.model.n_clusters,
+        "n_clusters": _n_clusters(est),
         "n_samples": int(points.X.shape[0]),
         "n_features": int(points.X.shape[1]),
         "data": points.description,
@@ -373,7 +406,12 @@ def _summary(
         "persisted": persisted,
         "fit_seconds": fit_seconds,
         "total_seconds": total_seconds,
+        **chosen,
     }
+
+
+def _n_clusters(est: KMeans | GaussianMixture) -> int:
+    return int(est.n_clusters if isinstance(est, KMeans) else est.n_components)
 
 
 def _write_report(
@@ -384,6 +422,7 @@ def _write_report(
     summary: dict[str, Any],
     sample: NDArray[Any],
     sizes: NDArray[Any],
+    selection: SweepResult | None = None,
 ) -> None:
     from dkm import report
 
@@ -403,7 +442,7 @@ def _write_report(
     ]
     sample_labels = np.asarray(est.predict(sample)) if len(sample) else np.empty(0, np.int64)
     m = config.model
-    title = f"{m.mode}, k={m.n_clusters}, {summary['n_samples']:,} x {summary['n_features']}"
+    title = f"{m.mode}, k={_n_clusters(est)}, {summary['n_samples']:,} x {summary['n_features']}"
     with io.local_dir(f"{tmp}/report", storage_options=config.output.storage_options) as target:
         report.write_report(
             target,
@@ -417,5 +456,7 @@ def _write_report(
             weights=weights,
             covariances=covariances,
             cluster_sizes=sizes,
-            summary={k: v for k, v in summary.items() if k != "cluster_sizes"},
+            summary={k: v for k, v in summary.items() if k not in ("cluster_sizes", "selection")},
+            selection=None if selection is None else selection.table(),
+            criterion=m.criterion,
         )

@@ -45,7 +45,8 @@ class Progress:
         self.publish = publish
         self.records: list[dict[str, Any]] = []
         self._header_done = False
-        self._previous: float | None = None
+        #: the last objective of each model (restarts and sweeps iterate several at once)
+        self._previous: dict[int, float] = {}
 
     @property
     def _tty(self) -> bool:
@@ -69,12 +70,14 @@ class Progress:
                 self._header_done = True
             rel = "" if relative is None else f"{relative:11.3e}"
             it, obj, sec = info.iteration, info.objective, info.seconds
-            self._write(f"{it:5d}  {obj:16.8g}  {rel:>11}  {sec:8.3f}")
+            model = f"  (model {info.run})" if len(self._previous) > 1 else ""
+            self._write(f"{it:5d}  {obj:16.8g}  {rel:>11}  {sec:8.3f}{model}")
         else:
             self._emit(record)
 
     def _record(self, info: IterationInfo) -> dict[str, Any]:
-        previous, self._previous = self._previous, info.objective
+        previous = self._previous.get(info.run)
+        self._previous[info.run] = info.objective
         relative = (
             abs(info.objective - previous) / abs(previous)
             if previous not in (None, 0.0) and math.isfinite(info.objective)
@@ -85,6 +88,7 @@ class Progress:
             "job": self.job_id,
             "time": _now(),
             "iteration": info.iteration,
+            "model": info.run,
             "objective": info.objective,
             "relative_change": relative,
             "change": info.change if math.isfinite(info.change) else None,

@@ -60,6 +60,8 @@ def write_report(
     covariances: NDArray[Any] | None,
     cluster_sizes: NDArray[Any],
     summary: dict[str, object],
+    selection: Sequence[Mapping[str, Any]] | None = None,
+    criterion: str = "bic",
 ) -> list[pathlib.Path]:
     """Write the report of a fitted clustering into ``out_dir`` (which must exist).
 
@@ -81,10 +83,14 @@ def write_report(
         spherical (k,); identity: None or (k,); None for k-means.
     cluster_sizes : (k,) points (or total weight) per cluster over the whole data.
     summary : key facts listed in a table at the top of the page.
+    selection : when k was chosen among candidates, one dict per candidate with keys
+        n_clusters, bic, aic, log_likelihood, n_parameters, n_iter, converged: adds
+        ``criterion.png`` (``criterion`` against k, the chosen k marked) and a table.
+    criterion : ``"bic"`` or ``"aic"``, the one that chose k.
 
     Returns
     -------
-    The paths written: the three images, then ``index.html``.
+    The paths written: the images, then ``index.html``.
 
     Raises
     ------
@@ -111,13 +117,18 @@ def write_report(
         "sizes.png": _sizes_figure(inputs),
         "projection.png": _projection_figure(inputs),
     }
+    if selection is not None:
+        check_choice("criterion", criterion, ("bic", "aic"))
+        if not selection:
+            raise ValueError("selection: expected at least one candidate")
+        images["criterion.png"] = _criterion_figure(selection, criterion, inputs.k)
     written = []
     for name, fig in images.items():
         path = out / name
         FigureCanvasAgg(fig).print_png(path)
         written.append(path)
     index = out / "index.html"
-    index.write_text(_html(inputs, list(images)), encoding="utf-8")
+    index.write_text(_html(inputs, list(images), selection, criterion), encoding="utf-8")
     written.append(index)
     return written
 
@@ -463,6 +474,48 @@ def _convergence_figure(r: _Inputs) -> Figure:
     return fig
 
 
+# ------------------------------------------------------------------------ choosing k
+
+
+def _criterion_figure(
+    selection: Sequence[Mapping[str, Any]], criterion: str, chosen: int
+) -> Figure:
+    fig = _figure()
+    ax = fig.subplots()
+    rows = sorted(selection, key=lambda c: c["n_clusters"])
+    ks = np.array([c["n_clusters"] for c in rows])
+    for name, colour in (("bic", "C0"), ("aic", "C2")):
+        values = np.array([c[name] for c in rows], dtype=np.float64)
+        main = name == criterion
+        ax.plot(
+            ks,
+            values,
+            marker="o",
+            color=colour,
+            linewidth=1.8 if main else 1.0,
+            alpha=1.0 if main else 0.6,
+            label=name.upper() + (" (chose k)" if main else ""),
+        )
+    best = [c[criterion] for c in rows if c["n_clusters"] == chosen]
+    if best:
+        ax.plot([chosen], best, "o", markersize=11, markerfacecolor="none", color="C3")
+        ax.annotate(
+            f"k = {chosen}",
+            (chosen, best[0]),
+            textcoords="offset points",
+            xytext=(0, 12),
+            ha="center",
+            color="C3",
+        )
+    ax.set_xlabel("number of clusters k")
+    ax.set_ylabel("criterion (lower is better)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper right", fontsize=9)
+    fig.suptitle(f"Choosing k: {criterion.upper()} of each candidate", fontsize=12)
+    return fig
+
+
 # ---------------------------------------------------------------------------- sizes
 
 
@@ -737,6 +790,7 @@ _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 60em; color: #222; }
 h1 { font-size: 1.5em; margin-bottom: 0.2em; }
 p.sub { color: #666; margin-top: 0; }
+tr.chosen td { font-weight: bold; background: #fff3e0; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
 th, td { border: 1px solid #ccc; padding: 0.2em 0.6em; text-align: left; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
@@ -784,7 +838,16 @@ def _captions(r: _Inputs) -> dict[str, str]:
             f" Colours repeat every {_CYCLE} clusters; the marker shape "
             f"({', '.join(_MARKER_NAMES)}) tells the cycles apart."
         )
-    return {"convergence.png": conv, "sizes.png": sizes, "projection.png": proj}
+    crit = (
+        "BIC and AIC of every candidate number of clusters, all fitted in shared passes; "
+        "the circled point is the chosen k."
+    )
+    return {
+        "convergence.png": conv,
+        "sizes.png": sizes,
+        "projection.png": proj,
+        "criterion.png": crit,
+    }
 
 
 def _history_rows(r: _Inputs) -> list[str]:
@@ -813,7 +876,22 @@ def _history_rows(r: _Inputs) -> list[str]:
     return rows
 
 
-def _html(r: _Inputs, images: list[str]) -> str:
+def _selection_rows(selection: Sequence[Mapping[str, Any]], chosen: int) -> list[str]:
+    keys = ("n_clusters", "bic", "aic", "log_likelihood", "n_parameters", "n_iter", "converged")
+    rows = ["<tr>" + "".join(f"<th>{html.escape(k)}</th>" for k in keys) + "</tr>"]
+    for c in selection:
+        mark = ' class="chosen"' if c["n_clusters"] == chosen else ""
+        cells = "".join(f'<td class="num">{html.escape(_fmt(c[k]))}</td>' for k in keys)
+        rows.append(f"<tr{mark}>{cells}</tr>")
+    return rows
+
+
+def _html(
+    r: _Inputs,
+    images: list[str],
+    selection: Sequence[Mapping[str, Any]] | None = None,
+    criterion: str = "bic",
+) -> str:
     e = html.escape
     captions = _captions(r)
     sub = f"mode {r.mode}, covariance type {r.covariance_type}, k = {r.k}, d = {r.d}"
@@ -836,7 +914,16 @@ def _html(r: _Inputs, images: list[str]) -> str:
         for key, value in r.summary.items()
     ]
     out.append("</table>")
+    if selection is not None:
+        out += [
+            "<h2>Choosing k</h2>",
+            f"<p>k = {r.k} has the lowest {e(criterion.upper())} of the candidates.</p>",
+            "<table>",
+            *_selection_rows(selection, r.k),
+            "</table>",
+        ]
     headings = {
+        "criterion.png": "Criterion against k",
         "convergence.png": "Convergence",
         "sizes.png": "Cluster sizes",
         "projection.png": "Projection",

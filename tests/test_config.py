@@ -120,6 +120,7 @@ def test_readme_documents_every_config_key():
         c.AddressClusterConfig,
         c.TLSConfig,
         c.ModelInit,
+        c.KRange,
         c.OutputConfig,
         c.RuntimeConfig,
     ]

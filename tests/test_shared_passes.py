@@ -299,3 +299,67 @@ def test_bad_criterion_and_estimator():
         dkm.sweep(cluster.KMeans(), X, [2])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="n_clusters=9"):
         dkm.sweep(dkm.KMeans(), X[:5], [2, 9])
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def test_config_candidates():
+    from dkm.config import ConfigError, ModelConfig, validate_config
+
+    assert ModelConfig(n_clusters=5).candidates() is None
+    assert ModelConfig(n_clusters=[8, 4, 16]).candidates() == [8, 4, 16]
+    assert ModelConfig(n_clusters={"min": 2, "max": 8, "step": 3}).candidates() == [2, 5, 8]
+    assert ModelConfig(n_clusters={"min": 3, "max": 3}).k == 3
+    for bad, message in [
+        ({"n_clusters": []}, "at least one candidate"),
+        ({"n_clusters": [4, 4]}, "candidates repeat"),
+        ({"n_clusters": [4, 0]}, "greater than 0"),
+        ({"n_clusters": {"min": 9, "max": 3}}, "must not exceed max"),
+        ({"n_clusters": {"min": 2}}, "max"),
+        ({"criterion": "hqc"}, "criterion"),
+    ]:
+        raw = {"output": {"path": "x"}, "model": bad}
+        with pytest.raises(ConfigError, match=message):
+            validate_config(raw)
+
+
+def test_dkm_run_chooses_k_and_reports_the_criteria(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    config = {
+        "data": {"kind": "synthetic", "n": 30000, "d": 3, "k": 5, "seed": 4, "chunk_rows": 5000},
+        "model": {"mode": "kmeans", "n_clusters": {"min": 2, "max": 8}, "n_init": 2},
+        "cluster": {"kind": "local", "n_workers": 2, "processes": False},
+        "output": {"path": "out"},
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    run = subprocess.run(
+        [sys.executable, "-m", "dkm.cli", "run", "c.yaml", "--log-format", "json"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    selection = summary["selection"]
+    table = selection["candidates"]
+    assert [c["n_clusters"] for c in table] == list(range(2, 9))
+    assert selection["criterion"] == "bic" and summary["n_clusters"] == selection["n_clusters"]
+    assert selection["n_clusters"] == min(table, key=lambda c: c["bic"])["n_clusters"] == 5
+    model = dkm.load_model(str(tmp_path / "out" / "model"))
+    assert model.cluster_centers_.shape == (5, 3)
+    assert len(summary["cluster_sizes"]) == 5
+    report = tmp_path / "out" / "report"
+    assert (report / "criterion.png").stat().st_size > 10_000
+    assert "Choosing k" in (report / "index.html").read_text()
+    # every model's iterations were logged, told apart by their index
+    lines = [json.loads(line) for line in run.stderr.splitlines() if line.startswith("{")]
+    models = {r["model"] for r in lines if r.get("event") == "iteration"}
+    assert models == set(range(7 * 2))
