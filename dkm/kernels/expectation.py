@@ -8,6 +8,7 @@ origin (``X − origin``), ``params`` are expressed in the same centred coordina
 from __future__ import annotations
 
 from collections.abc import Iterator
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,7 @@ from scipy.special import logsumexp
 
 from dkm._typing import Assignment, Moments
 from dkm.kernels.params import MixtureParams, log_det_cholesky
-from dkm.stats import FarthestPoints, SuffStats
+from dkm.stats import FarthestPoints, SuffStats, sxx_shape
 
 F64 = NDArray[np.float64]
 LOG_2PI = float(np.log(2.0 * np.pi))
@@ -25,10 +26,14 @@ LOG_2PI = float(np.log(2.0 * np.pi))
 #: Upper bound on the elements of the largest temporary a kernel makes per row block.
 BLOCK_ELEMENTS = 1 << 22
 
+#: Elements of the (rows, k) distance block of the fused k-means kernels: small enough
+#: (1 MB in float32) that the compiled pass reads it back from cache, not from memory.
+FUSED_BLOCK_ELEMENTS = 1 << 18
 
-def row_blocks(n: int, per_row: int) -> Iterator[slice]:
-    """Slices of at most ``BLOCK_ELEMENTS // per_row`` rows (bounded temporaries)."""
-    step = max(1, BLOCK_ELEMENTS // max(per_row, 1))
+
+def row_blocks(n: int, per_row: int, elements: int = BLOCK_ELEMENTS) -> Iterator[slice]:
+    """Slices of at most ``elements // per_row`` rows (bounded temporaries)."""
+    step = max(1, elements // max(per_row, 1))
     for start in range(0, n, step):
         yield slice(start, min(n, start + step))
 
@@ -136,6 +141,8 @@ def estep(
     n, d = X.shape
     k = params.n_components
     w = np.ones(n) if sample_weight is None else np.asarray(sample_weight, np.float64)
+    if params.covariance_type == "identity" and assignment == "hard":
+        return _kmeans_estep(X, params, moments, shift, w, n_farthest, row_offset)
     total = SuffStats.zero(k, d, moments, n_farthest)
     cdtype = compute_dtype(X.dtype, params.covariance_type)
     for rows in row_blocks(n, _per_row(params, moments)):
@@ -146,6 +153,90 @@ def estep(
             )
         )
     return total
+
+
+def _fused() -> ModuleType:
+    """The compiled k-means row passes (numba is imported on first use, not with dkm)."""
+    from dkm.kernels import _fused
+
+    return _fused
+
+
+def _kmeans_estep(
+    X: NDArray[Any],
+    params: MixtureParams,
+    moments: Moments,
+    shift: F64 | None,
+    w: F64,
+    n_farthest: int,
+    row_offset: int,
+) -> SuffStats:
+    """The hard E-step of identity covariances (k-means): GEMM, then one fused pass.
+
+    Per block of rows: ``G = X @ (−2C)ᵀ`` by BLAS in the compute dtype (float32 stays
+    float32), then :func:`dkm.kernels._fused.kmeans_rows` takes the argmin of
+    ``G + ‖c‖²`` (the labels of :func:`nearest`, lowest index on ties), the squared
+    distance to the chosen centre from the exact differences (summed in float64), and
+    accumulates ``nk``, ``Σ w x`` and the farthest-point candidates in float64. The
+    rows are not copied to float64 unless second moments are asked for.
+    """
+    n, d = X.shape
+    k = params.n_components
+    cdtype = compute_dtype(X.dtype, "identity")
+    w = np.ascontiguousarray(w, np.float64)
+    C = np.ascontiguousarray(params.means, dtype=cdtype)
+    neg2CT = (-2.0 * C).T  # as in nearest(): the same GEMM, so the same labels
+    c2 = (C * C).sum(axis=1)
+    labels = np.empty(n, np.int64)
+    nk, s1, objective = np.zeros(k), np.zeros((k, d)), np.zeros(1)
+    heap_d, heap_n = np.empty(n_farthest), np.zeros(1, np.int64)
+    heap_r, heap_l = np.empty(n_farthest, np.int64), np.empty(n_farthest, np.int64)
+    kernel = _fused().kmeans_rows
+    for rows in row_blocks(n, k, FUSED_BLOCK_ELEMENTS):
+        Xb = np.ascontiguousarray(X[rows], dtype=cdtype)
+        G = Xb @ neg2CT
+        kernel(
+            Xb,
+            G,
+            c2,
+            C,
+            w[rows],
+            row_offset + rows.start,
+            labels[rows],
+            nk,
+            s1,
+            objective,
+            heap_d,
+            heap_r,
+            heap_l,
+            heap_n,
+        )
+    c = np.zeros((k, d)) if shift is None else shift
+    sx = s1 - nk[:, None] * c
+    sxx = None
+    if moments != "none":  # second moments around c: float64 rows, bounded blocks
+        raw = np.zeros(_raw_shape(moments, k, d))
+        for rows in row_blocks(n, _per_row(params, moments)):
+            X64 = np.asarray(X[rows], np.float64)
+            ids = np.arange(X64.shape[0])
+            R = sparse.csr_array((w[rows], (labels[rows], ids)), shape=(k, X64.shape[0]))
+            raw += _raw_moments(X64, labels[rows], R, w[rows], c, moments)
+        sxx = _moments_around(raw, s1, nk, c, moments)
+    farthest = None
+    if n_farthest:
+        m = int(heap_n[0])
+        order = np.lexsort((heap_r[:m], -heap_d[:m]))  # farthest first, ties by row
+        rows_kept = heap_r[:m][order]
+        local = rows_kept - row_offset
+        farthest = FarthestPoints(
+            n_farthest,
+            heap_d[:m][order],
+            rows_kept,
+            np.asarray(X[local], np.float64),
+            w[local],
+            heap_l[:m][order],
+        )
+    return SuffStats(moments, nk, sx, sxx, float(objective[0]), float(w.sum()), n, farthest)
 
 
 def _estep_block(
@@ -163,22 +254,12 @@ def _estep_block(
     X64 = np.asarray(X, np.float64)
     farthest = None
     if assignment == "hard":
-        if params.covariance_type == "identity":
-            labels = nearest(X, params.means)
-            # exact squared distances to the assigned centre, in X's dtype (as
-            # scikit-learn), summed in float64
-            diff = X - params.means.astype(X.dtype)[labels]
-            dist = np.einsum("ij,ij->i", diff, diff).astype(np.float64)
-            objective = float(w @ dist)
-            if n_farthest:
-                farthest = FarthestPoints.from_chunk(n_farthest, dist, X64, w, labels, row_offset)
-        else:
-            wlp = weighted_log_prob(X64, params)
-            labels = wlp.argmax(axis=1)
-            best = wlp[np.arange(n), labels]
-            objective = float(w @ best)
-            if n_farthest:  # the points the model explains worst, for re-seeding
-                farthest = FarthestPoints.from_chunk(n_farthest, -best, X64, w, labels, row_offset)
+        wlp = weighted_log_prob(X64, params)
+        labels = wlp.argmax(axis=1)
+        best = wlp[np.arange(n), labels]
+        objective = float(w @ best)
+        if n_farthest:  # the points the model explains worst, for re-seeding
+            farthest = FarthestPoints.from_chunk(n_farthest, -best, X64, w, labels, row_offset)
         R: Any = sparse.csr_array((w, (labels, np.arange(n))), shape=(k, n))
         nk = np.bincount(labels, weights=w, minlength=k).astype(np.float64)
     else:
@@ -198,10 +279,28 @@ def _estep_block(
     S1 = np.asarray(R @ X64)  # (k, d): Σ w r x
     c = np.zeros((k, d)) if shift is None else shift
     sx = S1 - nk[:, None] * c
-    sxx: F64 | None
-    if moments == "none":
-        sxx = None
-    elif moments == "full":
+    sxx = None
+    if moments != "none":
+        sxx = _moments_around(_raw_moments(X64, labels, R, w, c, moments), S1, nk, c, moments)
+    return SuffStats(moments, nk, sx, sxx, objective, float(w.sum()), n, farthest)
+
+
+def _raw_shape(moments: Moments, k: int, d: int) -> tuple[int, ...]:
+    """Shape of :func:`_raw_moments` (diag and spherical are both per feature)."""
+    return (k, d) if moments in ("diag", "spherical") else sxx_shape(moments, k, d) or ()
+
+
+def _raw_moments(
+    X64: F64, labels: NDArray[np.int64] | None, R: Any, w: F64, c: F64, moments: Moments
+) -> F64:
+    """The additive part of the second moments over some rows.
+
+    full: ``Σ w r (x − c_k)(x − c_k)ᵀ`` per component; tied: ``Σ w x xᵀ``; diag and
+    spherical: ``Σ w r x²`` per component and feature. ``R`` is the (k, n) matrix of
+    weighted responsibilities; with hard ``labels`` the full moments use them instead.
+    """
+    k, d = c.shape
+    if moments == "full":
         sxx = np.empty((k, d, d))
         if labels is not None:
             order = np.argsort(labels, kind="stable")
@@ -214,16 +313,21 @@ def _estep_block(
             else:
                 diff = X64 - c[j]
                 sxx[j] = (diff * R[j][:, None]).T @ diff
-    elif moments == "tied":
+        return sxx
+    if moments == "tied":
+        return np.asarray(X64.T @ (X64 * w[:, None]))
+    return np.asarray(R @ (X64 * X64))  # diag, spherical
+
+
+def _moments_around(raw: F64, S1: F64, nk: F64, c: F64, moments: Moments) -> F64:
+    """Second moments around ``c_k`` from :func:`_raw_moments` and the totals ``S1, nk``."""
+    if moments == "full":
+        return raw
+    if moments == "tied":
         # Σ_k Σ_i w r (x − c_k)(x − c_k)ᵀ, using Σ_k r_ik = 1 for every row.
-        S2 = X64.T @ (X64 * w[:, None])
-        sxx = S2 - c.T @ S1 - S1.T @ c + (c.T * nk) @ c
-    else:  # diag, spherical
-        S2d = np.asarray(R @ (X64 * X64))
-        sxx = S2d - 2.0 * c * S1 + nk[:, None] * c**2
-        if moments == "spherical":
-            sxx = sxx.sum(axis=1)
-    return SuffStats(moments, nk, sx, sxx, objective, float(w.sum()), n, farthest)
+        return np.asarray(raw - c.T @ S1 - S1.T @ c + (c.T * nk) @ c)
+    sxx = raw - 2.0 * c * S1 + nk[:, None] * c**2
+    return np.asarray(sxx.sum(axis=1) if moments == "spherical" else sxx)
 
 
 def predict_labels(X: NDArray[Any], params: MixtureParams) -> NDArray[np.int64]:
@@ -231,12 +335,16 @@ def predict_labels(X: NDArray[Any], params: MixtureParams) -> NDArray[np.int64]:
     n = X.shape[0]
     cdtype = compute_dtype(X.dtype, params.covariance_type)
     out = np.empty(n, np.int64)
+    if params.covariance_type == "identity":  # nearest(), with the argmin compiled
+        C = np.ascontiguousarray(params.means, dtype=cdtype)
+        neg2CT, c2 = (-2.0 * C).T, (C * C).sum(axis=1)
+        kernel = _fused().nearest_rows
+        for rows in row_blocks(n, C.shape[0], FUSED_BLOCK_ELEMENTS):
+            kernel(np.asarray(X[rows], dtype=cdtype) @ neg2CT, c2, out[rows])
+        return out
     for rows in row_blocks(n, _per_row(params, "none")):
         Xb = np.asarray(X[rows], dtype=cdtype)
-        if params.covariance_type == "identity":
-            out[rows] = nearest(Xb, params.means)
-        else:
-            out[rows] = weighted_log_prob(Xb, params).argmax(axis=1)
+        out[rows] = weighted_log_prob(Xb, params).argmax(axis=1)
     return out
 
 

@@ -1,0 +1,257 @@
+"""The fused (numba) k-means E-step and label kernels against naive NumPy references."""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+
+from dkm.kernels import MixtureParams, _fused, estep, predict_labels
+from dkm.kernels import expectation as E
+from dkm.stats import SuffStats
+
+DTYPES = [np.float32, np.float64]
+
+
+def naive_labels(X: np.ndarray, C: np.ndarray) -> np.ndarray:
+    """argmin_k ‖c_k‖² − 2 x·c_k in X's dtype, first index on ties: scikit-learn's rule."""
+    Cd = C.astype(X.dtype)
+    scores = np.array([[Cd[j] @ Cd[j] - 2 * (x @ Cd[j]) for j in range(len(C))] for x in X])
+    return np.array([int(np.flatnonzero(s == s.min())[0]) for s in scores], dtype=np.int64)
+
+
+def naive_kmeans_stats(
+    X: np.ndarray,
+    C: np.ndarray,
+    w: np.ndarray,
+    labels: np.ndarray,
+    shift: np.ndarray,
+    n_farthest: int,
+    row_offset: int,
+) -> dict[str, np.ndarray | float]:
+    k, d = C.shape
+    X64 = X.astype(np.float64)
+    centre = C.astype(X.dtype).astype(np.float64)  # the centres the distances use
+    nk = np.zeros(k)
+    sx = np.zeros((k, d))
+    dist = np.zeros(len(X))
+    for i, (x, j) in enumerate(zip(X64, labels, strict=True)):
+        nk[j] += w[i]
+        sx[j] += w[i] * (x - shift[j])
+        dist[i] = ((x - centre[j]) ** 2).sum()
+    pos = np.flatnonzero(w > 0)
+    order = sorted(pos, key=lambda i: (-dist[i], i))[:n_farthest]
+    return {
+        "nk": nk,
+        "sx": sx,
+        "objective": float(w @ dist),
+        "far_rows": np.array(order, dtype=np.int64) + row_offset,
+        "far_dist": dist[order],
+        "far_labels": labels[order],
+    }
+
+
+def check_stats(
+    got: SuffStats, ref: dict, w: np.ndarray, X: np.ndarray, n_farthest: int, row_offset: int
+) -> None:
+    np.testing.assert_allclose(got.nk, ref["nk"], rtol=1e-12, atol=0)
+    scale = max(1.0, float(np.abs(ref["sx"]).max(initial=0)))
+    np.testing.assert_allclose(got.sx, ref["sx"], rtol=1e-12, atol=1e-12 * scale)
+    assert got.objective == pytest.approx(ref["objective"], rel=1e-12, abs=1e-300)
+    assert got.n == pytest.approx(w.sum(), rel=1e-15) and got.count == len(X)
+    if n_farthest:
+        assert got.farthest is not None and got.farthest.capacity == n_farthest
+        np.testing.assert_array_equal(got.farthest.rows, ref["far_rows"])
+        np.testing.assert_array_equal(got.farthest.labels, ref["far_labels"])
+        np.testing.assert_allclose(got.farthest.distances, ref["far_dist"], rtol=1e-12)
+        local = ref["far_rows"] - row_offset
+        assert got.farthest.points.dtype == np.float64
+        np.testing.assert_array_equal(got.farthest.points, X[local].astype(np.float64))
+        np.testing.assert_array_equal(got.farthest.weights, w[local])
+    else:
+        assert got.farthest is None
+
+
+@pytest.fixture(params=[None, 1 << 6], ids=["default-blocks", "tiny-blocks"])
+def block_elements(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run each case with the default block and with blocks of a few rows (many blocks,
+    odd remainders for the four-row argmin)."""
+    if request.param is not None:
+        monkeypatch.setattr(E, "FUSED_BLOCK_ELEMENTS", request.param)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("n", "k", "d"),
+    [(0, 3, 2), (1, 1, 1), (3, 4, 2), (7, 1, 4), (301, 5, 1), (1003, 9, 6)],
+)
+@pytest.mark.parametrize("weights", ["none", "random", "with-zeros"])
+@pytest.mark.parametrize("n_farthest", [0, 1, 4])
+def test_kmeans_estep_matches_naive(
+    dtype, n, k, d, weights, n_farthest, block_elements: None
+) -> None:
+    rng = np.random.default_rng(n * 100 + k * 10 + d)
+    X = (rng.normal(size=(n, d)) * 3 + 1).astype(dtype)
+    C = rng.normal(size=(k, d)) * 3
+    w = {
+        "none": np.ones(n),
+        "random": rng.uniform(0.1, 3.0, size=n),
+        "with-zeros": np.where(rng.uniform(size=n) < 0.4, 0.0, rng.uniform(0.1, 3.0, size=n)),
+    }[weights]
+    row_offset = 12345
+    got = estep(
+        X,
+        MixtureParams.identity(C),
+        assignment="hard",
+        moments="none",
+        sample_weight=None if weights == "none" else w,
+        n_farthest=n_farthest,
+        row_offset=row_offset,
+    )
+    labels = naive_labels(X, C)
+    ref = naive_kmeans_stats(X, C, w, labels, np.zeros((k, d)), n_farthest, row_offset)
+    check_stats(got, ref, w, X, n_farthest, row_offset)
+    np.testing.assert_array_equal(predict_labels(X, MixtureParams.identity(C)), labels)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_labels_equal_numpy_kernel_and_exact_argmin(dtype, block_elements: None) -> None:
+    """Bit-equal to the NumPy formula :func:`nearest`; equal to the exact float64 argmin
+    except where the two closest centres are within the dtype's rounding of each other."""
+    rng = np.random.default_rng(7)
+    X = rng.normal(size=(5000, 16)).astype(dtype)
+    C = rng.normal(size=(37, 16))
+    params = MixtureParams.identity(C)
+    labels = predict_labels(X, params)
+    np.testing.assert_array_equal(labels, E.nearest(X, C))
+    exact = ((X.astype(np.float64)[:, None, :] - C.astype(dtype)[None]) ** 2).sum(axis=2)
+    order = np.sort(exact, axis=1)
+    clear = (order[:, 1] - order[:, 0]) > 1e-3 * order[:, 0] * (dtype == np.float32) + 1e-9
+    np.testing.assert_array_equal(labels[clear], exact.argmin(axis=1)[clear])
+    assert clear.mean() > 0.99
+    # the statistics of the fused E-step use those same labels
+    got = estep(X, params, assignment="hard", moments="none")
+    np.testing.assert_array_equal(got.nk, np.bincount(labels, minlength=37).astype(float))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ties_go_to_the_lowest_index(dtype, block_elements: None) -> None:
+    # duplicated centres and points exactly halfway between two centres
+    C = np.array([[1.0, 0.0], [-1.0, 0.0], [1.0, 0.0], [0.0, 10.0]])
+    X = np.array([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0], [-1.0, 0.0], [0.0, 2.0]] * 3, dtype=dtype)
+    labels = predict_labels(X, MixtureParams.identity(C))
+    np.testing.assert_array_equal(labels, [0, 0, 0, 1, 0] * 3)
+    got = estep(X, MixtureParams.identity(C), assignment="hard", moments="none", n_farthest=3)
+    np.testing.assert_array_equal(got.nk, [12.0, 3.0, 0.0, 0.0])
+    # farthest candidates: distance 5 at rows 4, 9, 14 (ties by row, ascending)
+    assert got.farthest is not None
+    np.testing.assert_array_equal(got.farthest.rows, [4, 9, 14])
+    np.testing.assert_array_equal(got.farthest.distances, [5.0, 5.0, 5.0])
+
+
+def test_farthest_and_sums_do_not_depend_on_chunking() -> None:
+    """Chunks merged in a tree give the farthest points of the whole (ties by row)."""
+    rng = np.random.default_rng(11)
+    X = rng.integers(-3, 4, size=(2000, 3)).astype(np.float64)  # many equal distances
+    C = rng.normal(size=(6, 3))
+    w = rng.uniform(0, 2, size=2000) * (rng.uniform(size=2000) > 0.2)
+    params = MixtureParams.identity(C)
+    whole = estep(X, params, assignment="hard", moments="none", sample_weight=w, n_farthest=50)
+    parts = [
+        estep(
+            X[a:b],
+            params,
+            assignment="hard",
+            moments="none",
+            sample_weight=w[a:b],
+            n_farthest=50,
+            row_offset=a,
+        )
+        for a, b in [(0, 333), (333, 334), (334, 1500), (1500, 2000)]
+    ]
+    merged = (parts[0] + parts[1]) + (parts[2] + parts[3])
+    assert whole.farthest is not None and merged.farthest is not None
+    np.testing.assert_array_equal(whole.farthest.rows, merged.farthest.rows)
+    np.testing.assert_array_equal(whole.farthest.points, X[whole.farthest.rows])
+    np.testing.assert_array_equal(whole.farthest.weights, w[whole.farthest.rows])
+    np.testing.assert_allclose(whole.nk, merged.nk, rtol=1e-13)
+    np.testing.assert_allclose(whole.sx, merged.sx, rtol=1e-12, atol=1e-11)
+    assert whole.objective == pytest.approx(merged.objective, rel=1e-13)
+
+
+@pytest.mark.parametrize("moments", ["full", "tied", "diag", "spherical"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_hard_identity_pass_with_moments_and_shift(moments, dtype, block_elements: None) -> None:
+    """The pass that starts a mixture from a k-means partition (moments around a shift)."""
+    rng = np.random.default_rng(5)
+    X = (rng.normal(size=(700, 3)) * [1, 2, 3] + 50).astype(dtype)
+    C = X[:4].astype(np.float64) + 0.1
+    shift = C + rng.normal(size=C.shape) * 0.01
+    w = rng.uniform(0, 2, size=700)
+    got = estep(
+        X,
+        MixtureParams.identity(C),
+        assignment="hard",
+        moments=moments,
+        shift=shift,
+        sample_weight=w,
+    )
+    labels = naive_labels(X, C)
+    ref = naive_kmeans_stats(X, C, w, labels, shift, 0, 0)
+    np.testing.assert_allclose(got.nk, ref["nk"], rtol=1e-12)
+    np.testing.assert_allclose(got.sx, ref["sx"], rtol=1e-10, atol=1e-9)
+    X64 = X.astype(np.float64)
+    full = np.zeros((4, 3, 3))
+    for i, j in enumerate(labels):
+        diff = X64[i] - shift[j]
+        full[j] += w[i] * np.outer(diff, diff)
+    expected = {
+        "full": full,
+        "tied": full.sum(axis=0),
+        "diag": np.diagonal(full, axis1=1, axis2=2),
+        "spherical": np.diagonal(full, axis1=1, axis2=2).sum(axis=1),
+    }[moments]
+    assert got.sxx is not None
+    np.testing.assert_allclose(got.sxx, expected, rtol=1e-8, atol=1e-6)
+
+
+def test_non_contiguous_and_integer_input() -> None:
+    rng = np.random.default_rng(2)
+    base = rng.normal(size=(400, 8))
+    X = base[::2, ::2]  # strided view
+    C = rng.normal(size=(3, 4))
+    w = np.linspace(0, 1, 400)[::2]
+    got = estep(X, MixtureParams.identity(C), assignment="hard", moments="none", sample_weight=w)
+    labels = naive_labels(np.ascontiguousarray(X), C)
+    ref = naive_kmeans_stats(X, C, w, labels, np.zeros((3, 4)), 0, 0)
+    check_stats(got, ref, w, X, 0, 0)
+    Xi = rng.integers(-5, 5, size=(50, 2))
+    Ci = np.array([[0.0, 0.0], [3.0, 3.0]])
+    np.testing.assert_array_equal(
+        predict_labels(Xi, MixtureParams.identity(Ci)), naive_labels(Xi.astype(float), Ci)
+    )
+
+
+def test_kernels_release_the_gil() -> None:
+    # Dask's threaded scheduler runs one chunk per thread: the passes must not hold the GIL
+    for f in (_fused.kmeans_rows, _fused.nearest_rows):
+        assert f.targetoptions.get("nogil") is True
+
+
+def test_uncacheable_location_falls_back_to_plain_jit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read-only install without a writable numba cache still compiles and runs."""
+    real_njit = numba.njit
+
+    def njit_without_cache(*args, **kwargs):
+        if kwargs.get("cache"):
+            raise RuntimeError("cannot cache function 'f': no locator available for file 'x'")
+        return real_njit(*args, **kwargs)
+
+    monkeypatch.setattr(numba, "njit", njit_without_cache)
+
+    @_fused._jit
+    def add_one(a):
+        return a + 1
+
+    assert add_one(1) == 2
+    assert isinstance(add_one._cache, numba.core.caching.NullCache)
