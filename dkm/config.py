@@ -147,11 +147,15 @@ class ModelConfig(_Strict):
     assignment: Literal["hard", "soft"] | None = Field(
         None, description="hard (kmeans default) or soft (gmm default)"
     )
-    init: Literal["k-means++", "random", "kmeans"] | ModelInit | None = Field(
+    init: Literal["k-means++", "k-means||", "random", "kmeans"] | ModelInit | None = Field(
         None,
-        description="kmeans: k-means++ (default) or random; gmm: kmeans (default), ...; "
-        "or {model: PATH} to warm-start from a saved model",
+        description="kmeans: k-means++ (default), k-means|| or random; gmm: kmeans "
+        "(default), ...; or {model: PATH} to warm-start from a saved model",
     )
+    oversampling_factor: PositiveFloat = Field(
+        2.0, description="k-means||: expected candidates per round, times n_clusters"
+    )
+    init_rounds: PositiveInt = Field(5, description="k-means||: sampling rounds (passes)")
     n_init: PositiveInt = Field(1, description="restarts; the best objective wins")
     tol: NonNegativeFloat | None = Field(None, description="kmeans 1e-4 (relative), gmm 1e-3")
     max_iter: NonNegativeInt | None = Field(None, description="kmeans 300, gmm 100")

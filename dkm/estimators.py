@@ -58,6 +58,7 @@ from dkm.kernels.params import (
     precision_cholesky_from_precisions,
     precisions_from_cholesky,
 )
+from dkm.kmeans_parallel import kmeans_parallel
 from dkm.stats import DataSummary
 
 F64 = NDArray[np.float64]
@@ -280,8 +281,11 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
     Parameters
     ----------
     n_clusters : int, default 8.
-    init : {"k-means++", "random"}, callable, array (n_clusters, n_features), or a fitted
-        dkm model (warm start from its centres or means).
+    init : {"k-means++", "k-means||", "random"}, callable, array (n_clusters, n_features),
+        or a fitted dkm model (warm start from its centres or means).
+        "k-means||" is k-means‖ (Bahmani et al., 2012) over the whole data:
+        ``init_rounds`` sampling passes of ``oversampling_factor · k`` expected
+        candidates each, one pass to weight them, reduced to k on the client.
         k-means++ and random run on a uniform (weight-proportional) sample of at most
         ``init_sample_size`` points; on data no larger than that they are exactly
         scikit-learn's. A callable gets ``(sample, n_clusters, random_state)``.
@@ -298,6 +302,8 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
     nan_policy : "raise" (default): NaN or infinity in X is an error naming the first
         row; "drop": such rows are left out of the fit (counted in ``n_dropped_``) and
         labelled -1 (NaN for probabilities, densities and distances).
+    oversampling_factor : float, default 2.0, k-means‖ candidates per round / k.
+    init_rounds : int, default 5, k-means‖ sampling rounds (passes over the data).
 
     Attributes
     ----------
@@ -323,6 +329,8 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
         init_sample_size: int | None = None,
         callback: Callable[[IterationInfo], None] | None = None,
         nan_policy: str = "raise",
+        oversampling_factor: float = 2.0,
+        init_rounds: int = 5,
     ) -> None:
         self.n_clusters = n_clusters
         self.init = init
@@ -336,6 +344,8 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
         self.init_sample_size = init_sample_size
         self.callback = callback
         self.nan_policy = nan_policy
+        self.oversampling_factor = oversampling_factor
+        self.init_rounds = init_rounds
 
     def __sklearn_tags__(self) -> Any:
         tags = super().__sklearn_tags__()
@@ -344,7 +354,7 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
 
     def _n_init(self) -> int:
         if self.n_init == "auto":
-            return 1 if not isinstance(self.init, str) or self.init == "k-means++" else 10
+            return 1 if not isinstance(self.init, str) or self.init != "random" else 10
         n_init = _check_int("n_init", self.n_init, 1)
         if not isinstance(self.init, str) and not callable(self.init) and n_init != 1:
             warnings.warn(
@@ -360,6 +370,16 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
         self, summary: DataSummary, data: ChunkedData, k: int, rng: np.random.RandomState
     ) -> F64:
         d = data.n_features
+        if self.init == "k-means||":
+            return kmeans_parallel(
+                data,
+                k,
+                rng,
+                oversampling_factor=self.oversampling_factor,
+                n_rounds=self.init_rounds,
+                split_every=self._split_every(),
+                summary=summary,
+            )
         if isinstance(self.init, str):
             return init_centres(summary, data.origin, k, self.init, rng)
         if isinstance(self.init, _DaskMixtureBase):  # warm start from a fitted model
@@ -414,7 +434,7 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
         tol = _check_float("tol", self.tol, 0.0)
         n_init = self._n_init()
         if isinstance(self.init, str):
-            check_choice("init", self.init, ("k-means++", "random"))
+            check_choice("init", self.init, ("k-means++", "k-means||", "random"))
         data, Xn = self._as_data(X, sample_weight, reset=True)
         rng = check_random_state(self.random_state)
         summary = self._summarize(data, max(ks), rng, "n_clusters")
@@ -557,7 +577,8 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
         :class:`~dkm.DegenerateComponentError` naming it; ``"reseed"`` moves it to the
         point the model explains worst; ``"drop"`` removes it (fewer components).
         Either of the last two emits a :class:`DegenerateComponentWarning`.
-    init_params : "kmeans" (default), "k-means++", "random" or "random_from_data":
+    init_params : "kmeans" (default), "k-means++", "k-means||" (k-means‖ over the whole
+        data, see :class:`KMeans`), "random" or "random_from_data":
         centres by that method, then components from the nearest-centre partition; or a
         fitted dkm model: warm start from its parameters (a mixture of the same
         covariance type) or from its centres (anything else).
@@ -690,8 +711,17 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
                 centres.append(c - data.origin)
             else:
                 check_choice(
-                    "init_params", method, ("kmeans", "k-means++", "random", "random_from_data")
+                    "init_params",
+                    method,
+                    ("kmeans", "k-means++", "k-means||", "random", "random_from_data"),
                 )
+                if method == "k-means||":
+                    centres.append(
+                        kmeans_parallel(
+                            data, k, rng, split_every=self._split_every(), summary=summary
+                        )
+                    )
+                    continue
                 name = "random" if method in ("random", "random_from_data") else "k-means++"
                 centres.append(init_centres(summary, data.origin, k, name, rng))
         if method == "kmeans":

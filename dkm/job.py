@@ -84,7 +84,13 @@ def build_estimator(
     if isinstance(init, ModelInit):  # warm start: yesterday's model is today's start
         init = io.load_model(init.model)
     if model.mode == "kmeans" and assignment == "hard":
-        return KMeans(model.k, init=init, **common)
+        return KMeans(
+            model.k,
+            init=init,
+            oversampling_factor=model.oversampling_factor,
+            init_rounds=model.init_rounds,
+            **common,
+        )
     return GaussianMixture(
         model.k,
         covariance_type=model.resolved("covariance_type"),

@@ -406,3 +406,99 @@ class DataSummary:
     @property
     def variance(self) -> F64:
         return self.m2 / max(self.count, 1)
+
+
+@dataclass(frozen=True, eq=False)
+class CandidateSample:
+    """One k-means‖ round over some rows: the rows' total cost and their top priorities.
+
+    In a round with current candidates ``C``, every row gets the cost ``w·d²(x, C)`` and
+    the priority ``t = l·w·d²(x, C) / u``, ``u`` a uniform number hashed from the round's
+    seed and the row's *global* index. The row is chosen in the round iff ``t > ψ``,
+    ``ψ`` the total cost of all rows, i.e. with probability ``min(1, l·w·d²/ψ)`` as in
+    Bahmani et al. Since ``ψ`` is only known after the merge, each chunk keeps its
+    ``capacity`` highest priorities and the merge keeps the highest of the union (ties
+    by row), so the chosen rows are the same whatever the chunking or merge order, as
+    long as fewer than ``capacity`` rows are chosen (``truncated`` says when not).
+    Rows of zero weight or zero distance have priority 0 and are never kept.
+
+    Attributes
+    ----------
+    keys : (m,) priorities, descending.  rows : (m,) global row indices.
+    points : (m, d) the rows (float64).  weights : (m,) their sample weights.
+    cost : ``Σ w·d²(x, C)`` over all rows merged.  count : rows merged (unweighted).
+    """
+
+    capacity: int
+    keys: F64
+    rows: I64
+    points: F64
+    weights: F64
+    cost: float
+    count: int
+
+    @classmethod
+    def empty(cls, capacity: int, n_features: int) -> CandidateSample:
+        return cls(
+            capacity,
+            np.empty(0),
+            np.empty(0, np.int64),
+            np.empty((0, n_features)),
+            np.empty(0),
+            0.0,
+            0,
+        )
+
+    @classmethod
+    def from_chunk(
+        cls,
+        capacity: int,
+        X: NDArray[Any],
+        weights: NDArray[Any],
+        sq_dist: NDArray[Any],
+        oversampling: float,
+        row_offset: int,
+        seed: int,
+    ) -> CandidateSample:
+        """A chunk's cost and top priorities; ``sq_dist`` are the rows' ``d²(x, C)``."""
+        w = np.asarray(weights, np.float64)
+        cost_rows = w * np.asarray(sq_dist, np.float64)
+        keep = np.flatnonzero(cost_rows > 0)
+        rows = np.arange(row_offset, row_offset + X.shape[0], dtype=np.int64)[keep]
+        keys = oversampling * cost_rows[keep] / uniform_from_rows(rows, seed)
+        top = _top_m(keys, rows, capacity)
+        keep = keep[top]
+        return cls(
+            capacity,
+            keys[top],
+            rows[top],
+            np.asarray(X[keep], np.float64),
+            w[keep],
+            float(cost_rows.sum()),
+            int(X.shape[0]),
+        )
+
+    def merge(self, other: CandidateSample) -> CandidateSample:
+        if other.capacity != self.capacity:
+            raise ValueError("cannot merge CandidateSamples of different capacities")
+        keys = np.concatenate([self.keys, other.keys])
+        rows = np.concatenate([self.rows, other.rows])
+        order = _top_order(keys, rows)[: self.capacity]
+        return CandidateSample(
+            self.capacity,
+            keys[order],
+            rows[order],
+            np.concatenate([self.points, other.points])[order],
+            np.concatenate([self.weights, other.weights])[order],
+            self.cost + other.cost,
+            self.count + other.count,
+        )
+
+    def chosen(self) -> NDArray[np.bool_]:
+        """Which kept rows the round chooses: priority above the total cost."""
+        return np.asarray(self.keys > self.cost)
+
+    @property
+    def truncated(self) -> bool:
+        """True when more rows were chosen than ``capacity`` could keep."""
+        return bool(self.keys.size == self.capacity and self.capacity and self.keys[-1] > self.cost)

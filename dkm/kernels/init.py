@@ -1,11 +1,20 @@
-"""Initial centres from points in memory (a sample of the data): k-means++ and random."""
+"""Initial centres from points in memory (a sample of the data): k-means++ and random.
+
+Also the NumPy parts of k-means‖ (:mod:`dkm.kmeans_parallel`): distances of a chunk to
+the candidates, per-round seeds, and the reduction of weighted candidates to k centres.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import math
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
+
+from dkm.kernels.expectation import nearest, row_blocks
 
 F64 = NDArray[np.float64]
 
@@ -70,6 +79,95 @@ def random_points(
         X.shape[0], size=n_clusters, replace=False, p=sample_weight / sample_weight.sum()
     )
     return np.asarray(X[idx], np.float64)
+
+
+def min_sq_distances(X: NDArray[Any], centres: NDArray[Any]) -> NDArray[Any]:
+    """``min_c ‖x − c‖²`` per row, in X's dtype, clipped at 0; (n,).
+
+    One GEMM per block of rows against all centres; the (rows × centres) temporary is
+    bounded by :data:`~dkm.kernels.expectation.BLOCK_ELEMENTS` however many there are.
+    """
+    C = np.asarray(centres).astype(X.dtype, copy=False)
+    minus_2c = -2.0 * C
+    c_norms = np.einsum("ij,ij->i", C, C)
+    out = np.empty(X.shape[0], dtype=X.dtype)
+    for rows in row_blocks(X.shape[0], max(C.shape[0], 1)):
+        Xb = X[rows]
+        D = Xb @ minus_2c.T
+        D += c_norms
+        m = D.min(axis=1)
+        m += np.einsum("ij,ij->i", Xb, Xb)
+        np.maximum(m, 0.0, out=m)
+        out[rows] = m
+    return out
+
+
+def round_seed(seed: int, round_: int) -> int:
+    """A 64-bit seed for k-means‖ round ``round_`` (0: the first centre) of run ``seed``.
+
+    A hash, so the per-row uniform streams of different rounds and runs are unrelated.
+    """
+    digest = hashlib.blake2b(f"dkm-kmeans||:{seed}:{round_}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def candidate_capacity(expected: float) -> int:
+    """Rows a k-means‖ round keeps per chunk and in total, for ``expected`` = l draws.
+
+    The number of rows a round chooses is a sum of independent Bernoulli variables
+    whose mean is at most ``l``; by the Chernoff bound
+    ``P(S ≥ l + t) ≤ exp(−t² / (2(l + t/3)))``, ``t = 10√l + 50`` makes an overflow
+    less likely than 1e-20 for every l.
+    """
+    return math.ceil(expected + 10.0 * math.sqrt(expected) + 50.0)
+
+
+def weighted_lloyd(points: F64, weights: F64, centres: F64, max_iter: int) -> F64:
+    """At most ``max_iter`` weighted Lloyd steps on points in memory.
+
+    Stops early when no label changes. A centre left without points stays where it is.
+    """
+    centres = np.array(centres, np.float64)
+    labels = None
+    for _ in range(max_iter):
+        new_labels = nearest(points, centres)
+        if labels is not None and np.array_equal(labels, new_labels):
+            break
+        labels = new_labels
+        k = centres.shape[0]
+        nk = np.bincount(labels, weights=weights, minlength=k)
+        sums = np.zeros_like(centres)
+        np.add.at(sums, labels, points * weights[:, None])
+        filled = nk > 0
+        centres[filled] = sums[filled] / nk[filled, None]
+    return centres
+
+
+def recluster(
+    points: F64,
+    weights: F64,
+    n_clusters: int,
+    random_state: np.random.RandomState,
+    lloyd_steps: int = 100,
+    n_trials: int = 5,
+) -> F64:
+    """k centres from weighted points: greedy weighted k-means++, then weighted Lloyd.
+
+    The reduction step of k-means‖: ``points`` are the candidates, ``weights`` the
+    (sample-weighted) number of data points nearest to each; all weights positive.
+    ``n_trials`` runs from independent k-means++ draws, the one with the lowest
+    weighted cost on the candidates wins: they cost O(trials · candidates · k · d) on
+    the client and no pass over the data.
+    """
+    best, best_cost = None, np.inf
+    for _ in range(n_trials):
+        centres = kmeans_plusplus(points, n_clusters, weights, random_state)
+        centres = weighted_lloyd(points, weights, centres, lloyd_steps)
+        cost = float(min_sq_distances(points, centres) @ weights)
+        if best is None or cost < best_cost:
+            best, best_cost = centres, cost
+    assert best is not None
+    return best
 
 
 #: init name -> function(points, k, weights, RandomState) -> (k, d) centres.
