@@ -121,6 +121,149 @@ def run(
 @main.command()
 @click.argument("config", type=click.Path(dir_okay=False))
 @_set_option
+@click.option(
+    "--update",
+    is_flag=True,
+    help="Merge the new data's statistics into the current model's (decayed by "
+    "registry.half_life) and take one M-step, instead of refitting.",
+)
+@click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    help="json: one JSON object per line, for batch schedulers.",
+)
+@handle_errors
+def recluster(
+    config: str, overrides: tuple[str, ...], update: bool, quiet: bool, log_format: str
+) -> None:
+    """Refit the registry's current model on new data; promote it if the guards pass.
+
+    Exit code 3: the new model was refused by a guard (kept as a candidate version,
+    current unchanged).
+    """
+    from dkm.monitor import Progress
+    from dkm.recluster import EXIT_REFUSED
+    from dkm.recluster import recluster as run_recluster
+
+    cfg = load_config(config, list(overrides))
+    logging.getLogger("distributed").setLevel(cfg.runtime.log_level)
+    progress = Progress("pending", fmt=log_format, quiet=quiet)  # type: ignore[arg-type]
+    result = run_recluster(cfg, update=update, progress=progress, config_source=config)
+    if result.promoted:
+        if not quiet and log_format == "text":
+            click.echo(f"v{result.version} is current ({result.mode})")
+        return
+    click.echo(
+        f"dkm: refused: v{result.version} kept as a candidate, v{result.current} stays "
+        f"current: {'; '.join(result.reasons)}",
+        err=True,
+    )
+    sys.exit(EXIT_REFUSED)
+
+
+@main.group()
+def models() -> None:
+    """The versions in a config's model registry (its registry section)."""
+
+
+def _version_number(text: str) -> int:
+    digits = text[1:] if text[:1] in ("v", "V") else text
+    if not digits.isdigit() or int(digits) < 1:
+        raise click.BadParameter(f"expected a version like 3 or v3, got {text!r}")
+    return int(digits)
+
+
+def _open_registry(config: str, overrides: tuple[str, ...]) -> Any:
+    from dkm.recluster import registry_from_config
+
+    return registry_from_config(load_config(config, list(overrides)))
+
+
+@models.command("list")
+@click.argument("config", type=click.Path(dir_okay=False))
+@_set_option
+@click.option("--json", "as_json", is_flag=True, help="Print the versions as JSON.")
+@handle_errors
+def models_list(config: str, overrides: tuple[str, ...], as_json: bool) -> None:
+    """The versions, oldest first; * marks the current one."""
+    registry = _open_registry(config, overrides)
+    current = registry.current()
+    versions = registry.versions()
+    if as_json:
+        rows = [{**v.info, "current": v.number == current} for v in versions]
+        click.echo(json.dumps(rows, indent=2, default=str))
+        return
+    if not versions:
+        click.echo(f"no versions in {registry}")
+        return
+    for v in versions:
+        i = v.info
+        mark = "*" if v.number == current else " "
+        objective = i.get("objective")
+        click.echo(
+            f"{mark} v{v.number}  {i.get('created', '-')}  {i.get('decision', '-'):<9} "
+            f"{i.get('mode', '-'):<6} {i.get('objective_name', 'objective')} "
+            f"{objective if objective is None else format(objective, '.8g')}  "
+            f"{i.get('data', '')}"
+        )
+
+
+@models.command("show")
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.argument("version", required=False)
+@_set_option
+@handle_errors
+def models_show(config: str, version: str | None, overrides: tuple[str, ...]) -> None:
+    """One version (default: the current one): its record, drift and where it is."""
+    registry = _open_registry(config, overrides)
+    if version is None:
+        number = registry.current()
+        if number is None:
+            from dkm.registry import RegistryError
+
+            raise RegistryError(f"{registry} has no current version: name one, e.g. v1")
+    else:
+        number = _version_number(version)
+    v = registry.get(number)
+    click.echo(
+        json.dumps(
+            {**v.info, "current": number == registry.current(), "model": v.model_url},
+            indent=2,
+            default=str,
+        )
+    )
+
+
+@models.command("promote")
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.argument("version")
+@_set_option
+@handle_errors
+def models_promote(config: str, version: str, overrides: tuple[str, ...]) -> None:
+    """Make VERSION current (a refused candidate too: the guards are not rechecked)."""
+    registry = _open_registry(config, overrides)
+    number = _version_number(version)
+    before = registry.promote(number)
+    was = "none" if before is None else f"v{before}"
+    click.echo(f"v{number} is current (was {was})")
+
+
+@models.command("rollback")
+@click.argument("config", type=click.Path(dir_okay=False))
+@_set_option
+@handle_errors
+def models_rollback(config: str, overrides: tuple[str, ...]) -> None:
+    """Make the previously current version current again."""
+    registry = _open_registry(config, overrides)
+    before, after = registry.rollback()
+    click.echo(f"v{after} is current (was v{before})")
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@_set_option
 @handle_errors
 def validate(config: str, overrides: tuple[str, ...]) -> None:
     """Check CONFIG without running it."""

@@ -1,18 +1,35 @@
-"""A Dask client from a config: an embedded local cluster by default, or an address."""
+"""A Dask client from a config: an embedded local cluster by default, an address, batch
+jobs submitted by dask-jobqueue (SLURM, PBS, SGE, LSF), or a Kubernetes DaskCluster."""
 
 from __future__ import annotations
 
 import contextlib
+import importlib
+import logging
 import re
 import ssl
 from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 from distributed import Client, LocalCluster
 from distributed.comm.core import CommClosedError
+from distributed.core import Status
 from distributed.security import Security
 from distributed.utils import format_dashboard_link
 
-from dkm.config import AddressClusterConfig, LocalClusterConfig
+from dkm.config import (
+    AddressClusterConfig,
+    JobQueueClusterConfig,
+    KubernetesClusterConfig,
+    LocalClusterConfig,
+)
+
+logger = logging.getLogger(__name__)
+
+#: The image built from deploy/Dockerfile; the default of cluster.image for kubernetes.
+IMAGE_NAME = "dkm"
 
 
 class ClusterError(RuntimeError):
@@ -118,11 +135,206 @@ class _LocalCluster(LocalCluster):
         return link
 
 
+def default_image() -> str:
+    """``dkm:VERSION``: the image deploy/Dockerfile builds for this version of dkm."""
+    from dkm import __version__
+
+    return f"{IMAGE_NAME}:{__version__}"
+
+
+def _import_extra(module: str, extra: str, kind: str) -> ModuleType:
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        package = module.split(".")[0].replace("_", "-")
+        raise ClusterError(
+            f"cluster.kind {kind} needs {package}, which is not installed ({e}). Install "
+            f"dkm with that extra: python -m pip install 'dkm[{extra}]' (from a checkout: "
+            f'python -m pip install -e ".[{extra}]").'
+        ) from None
+
+
+def jobqueue_kwargs(config: JobQueueClusterConfig) -> dict[str, Any]:
+    """Keyword arguments of dask-jobqueue's cluster class; unset keys are left to Dask's config."""
+    keys = (
+        "cores",
+        "memory",
+        "processes",
+        "queue",
+        "walltime",
+        "job_extra_directives",
+        "job_script_prologue",
+        "interface",
+        "python",
+        "local_directory",
+        "log_directory",
+    )
+    kwargs: dict[str, Any] = {k: getattr(config, k) for k in keys if getattr(config, k) is not None}
+    if config.account is not None:  # SLURM and PBS say account, SGE and LSF project
+        kwargs["account" if config.kind in ("slurm", "pbs") else "project"] = config.account
+    if config.dashboard_address is not None:
+        kwargs["scheduler_options"] = {"dashboard_address": config.dashboard_address}
+    return kwargs
+
+
+_JOBQUEUE_CLASSES = {
+    "slurm": "SLURMCluster",
+    "pbs": "PBSCluster",
+    "sge": "SGECluster",
+    "lsf": "LSFCluster",
+}
+
+
+def make_jobqueue_cluster(config: JobQueueClusterConfig) -> Any:
+    """dask-jobqueue's cluster for ``config.kind`` (nothing submitted yet)."""
+    jobqueue = _import_extra("dask_jobqueue", "slurm", config.kind)
+    cls = getattr(jobqueue, _JOBQUEUE_CLASSES[config.kind])
+    try:
+        return cls(**jobqueue_kwargs(config))
+    except ValueError as e:
+        what = str(e).splitlines()[0]
+        raise ClusterError(
+            f"cannot describe the {config.kind} worker jobs: {what} Set cluster.cores and "
+            f"cluster.memory (per job, e.g. cores: 4, memory: 16GiB) in the config, or "
+            f"jobqueue.{config.kind}.cores and .memory in Dask's configuration (see "
+            "deploy/slurm/jobqueue.yaml)."
+        ) from None
+
+
+def _wait_for_workers(client: Client, n: int, timeout: float, where: str, hint: str) -> None:
+    """Wait for ``n`` workers; carry on with fewer after ``timeout``, fail with none."""
+    try:
+        client.wait_for_workers(n, timeout=timeout)
+        return
+    except TimeoutError:
+        pass
+    have = len(client.scheduler_info(n_workers=-1)["workers"])
+    if have == 0:
+        raise ClusterError(
+            f"no Dask worker started within cluster.wait_timeout={timeout:g} s on {where}. "
+            f"{hint} Raise cluster.wait_timeout if the jobs are only waiting in the queue."
+        )
+    logger.warning("only %d of %d Dask workers started on %s; carrying on", have, n, where)
+
+
+def _submit_error(e: BaseException) -> str:
+    """dask-jobqueue's report of a failed submit command, down to the command and its stderr."""
+    text = str(e).strip()
+    m = re.search(r"Command:\n(\S+).*?stderr:\n(.*)", text, re.DOTALL)
+    if m is None:
+        return text
+    command, stderr = m.group(1), m.group(2).strip()
+    return f"{Path(command).name} failed: {stderr or text}"
+
+
 @contextlib.contextmanager
-def connect(config: LocalClusterConfig | AddressClusterConfig) -> Iterator[Client]:
-    """A client for the run; an embedded cluster is shut down afterwards."""
+def _connect_jobqueue(config: JobQueueClusterConfig) -> Iterator[Client]:
+    with contextlib.ExitStack() as stack:
+        cluster = stack.enter_context(make_jobqueue_cluster(config))
+
+        async def submit() -> None:
+            # what scale(jobs=...) does, but scale() submits in a callback whose errors are
+            # only logged; awaiting the cluster's state correction raises them to us
+            while len(cluster.worker_spec) < config.jobs:
+                cluster.worker_spec.update(cluster.new_worker_spec())
+            await cluster._correct_state()
+
+        try:
+            cluster.sync(submit)
+        except RuntimeError as e:  # the submit command failed (sbatch/qsub/bsub)
+            for name, job in list(cluster.workers.items()):  # never submitted: nothing to close
+                if job.job_id is None:
+                    job.status = Status.failed
+                    del cluster.workers[name]
+                    cluster.worker_spec.pop(name, None)
+            raise ClusterError(
+                f"cannot submit the {config.kind} worker jobs: {_submit_error(e)}\n"
+                f"The job script was:\n{cluster.job_script()}"
+            ) from None
+        client = stack.enter_context(Client(cluster))
+        n = config.jobs * cluster._dummy_job.worker_processes
+        jobs = ", ".join(str(j.job_id) for j in cluster.workers.values() if j.job_id) or "none"
+        _wait_for_workers(
+            client,
+            n,
+            config.wait_timeout,
+            f"{config.kind} (job ids {jobs})",
+            "Check the jobs with the batch system (squeue/sacct, qstat, bjobs) and their "
+            f"logs (cluster.log_directory; default: where dkm runs). The job script was:\n"
+            f"{cluster.job_script()}",
+        )
+        yield client
+
+
+def kubernetes_kwargs(config: KubernetesClusterConfig) -> dict[str, Any]:
+    """Keyword arguments of dask-kubernetes' operator ``KubeCluster``."""
+    if config.existing:
+        return {"name": config.name, "namespace": config.namespace}
+    kwargs: dict[str, Any] = {
+        "name": config.name,
+        "namespace": config.namespace,
+        "image": config.image or default_image(),
+        "n_workers": config.n_workers,
+        "env": dict(config.env),
+        "shutdown_on_close": True,
+    }
+    if config.resources is not None:
+        kwargs["resources"] = {k: dict(v) for k, v in config.resources.items()}
+    return kwargs
+
+
+@contextlib.contextmanager
+def _connect_kubernetes(config: KubernetesClusterConfig) -> Iterator[Client]:
+    operator = _import_extra("dask_kubernetes.operator", "kubernetes", "kubernetes")
+    kwargs = kubernetes_kwargs(config)
+    where = f"DaskCluster {config.name!r}" + (
+        f" in namespace {config.namespace!r}" if config.namespace else ""
+    )
+    try:
+        if config.existing:
+            cluster = operator.KubeCluster.from_name(**kwargs)
+        else:
+            cluster = operator.KubeCluster(**kwargs)
+    except Exception as e:  # kr8s/kopf raise many kinds; all mean the same to the user
+        raise ClusterError(
+            f"cannot {'find' if config.existing else 'create'} the {where} "
+            f"({type(e).__name__}: {str(e).strip() or 'no detail'}). Check that kubectl "
+            "reaches the cluster (KUBECONFIG, or the pod's service account), that the Dask "
+            "operator is installed (deploy/README.md) and, with existing: true, that "
+            "deploy/kubernetes/daskcluster.yaml was applied."
+        ) from None
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(cluster)
+        client = stack.enter_context(Client(cluster))
+        n = 1 if config.existing else config.n_workers
+        _wait_for_workers(
+            client,
+            n,
+            config.wait_timeout,
+            where,
+            f"Check the worker pods: kubectl get pods -l dask.org/cluster-name={config.name}.",
+        )
+        yield client
+
+
+@contextlib.contextmanager
+def connect(
+    config: LocalClusterConfig
+    | AddressClusterConfig
+    | JobQueueClusterConfig
+    | KubernetesClusterConfig,
+) -> Iterator[Client]:
+    """A client for the run; a cluster started for it is shut down afterwards."""
     if isinstance(config, AddressClusterConfig):
         with _connect_address(config) as client:
+            yield client
+        return
+    if isinstance(config, JobQueueClusterConfig):
+        with _connect_jobqueue(config) as client:
+            yield client
+        return
+    if isinstance(config, KubernetesClusterConfig):
+        with _connect_kubernetes(config) as client:
             yield client
         return
     try:

@@ -275,7 +275,90 @@ class AddressClusterConfig(_Strict):
         return value
 
 
-ClusterConfig = Annotated[LocalClusterConfig | AddressClusterConfig, Field(discriminator="kind")]
+#: Batch systems whose workers dask-jobqueue submits (``pip install 'dkm[slurm]'``).
+JOBQUEUE_KINDS = ("slurm", "pbs", "sge", "lsf")
+
+
+class JobQueueClusterConfig(_Strict):
+    """Dask workers submitted as batch jobs by dask-jobqueue; the scheduler runs in the job.
+
+    A key left out (null) takes its value from Dask's ``jobqueue.<kind>`` configuration
+    (e.g. ``deploy/slurm/jobqueue.yaml``), then from dask-jobqueue's defaults.
+    """
+
+    kind: Literal["slurm", "pbs", "sge", "lsf"]
+    jobs: PositiveInt = Field(1, description="batch jobs to submit, each running the workers")
+    cores: PositiveInt | None = Field(None, description="cores per job")
+    memory: str | None = Field(None, description="memory per job, e.g. '16GiB'")
+    processes: PositiveInt | None = Field(None, description="worker processes per job")
+    queue: str | None = Field(None, description="partition / queue")
+    account: str | None = Field(None, description="account (project) charged")
+    walltime: str | None = Field(None, description="time limit per job, e.g. '01:00:00'")
+    job_extra_directives: list[str] | None = Field(
+        None, description="more scheduler options, e.g. ['--qos=normal'] (SLURM)"
+    )
+    job_script_prologue: list[str] | None = Field(
+        None, description="shell lines run before the worker starts (module load, ...)"
+    )
+    interface: str | None = Field(None, description="network interface, e.g. 'ib0'")
+    python: str | None = Field(None, description="python on the compute nodes; default: this one")
+    local_directory: str | None = Field(None, description="node-local scratch for spilling")
+    log_directory: str | None = Field(None, description="where the worker jobs write their logs")
+    dashboard_address: str | None = Field(
+        None, description="where the scheduler's dashboard listens; default ':8787'"
+    )
+    wait_timeout: PositiveFloat = Field(
+        600.0, description="seconds to wait for the workers to start (queued jobs included)"
+    )
+
+
+_K8S_NAME = r"^[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?$"
+
+
+class KubernetesClusterConfig(_Strict):
+    """A DaskCluster created (or, with ``existing``, found) by the Dask Kubernetes operator."""
+
+    kind: Literal["kubernetes"]
+    name: str = Field("dkm", description="the DaskCluster's name (a DNS label)")
+    namespace: str | None = Field(None, description="namespace; default: the context's")
+    existing: bool = Field(
+        False, description="connect to the running DaskCluster `name` instead of creating one"
+    )
+    image: str | None = Field(None, description="scheduler and worker image; default dkm:VERSION")
+    n_workers: PositiveInt = Field(2, description="workers to start")
+    resources: dict[Literal["requests", "limits"], dict[str, str]] | None = Field(
+        None, description="per container, e.g. {requests: {cpu: '1', memory: 4Gi}}"
+    )
+    env: dict[str, str] = Field(default_factory=dict, description="environment of the pods")
+    wait_timeout: PositiveFloat = Field(600.0, description="seconds to wait for the workers")
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not re.fullmatch(_K8S_NAME, value):
+            raise ValueError(
+                "a DaskCluster name is 1-40 lowercase letters, digits or '-', starting and "
+                "ending with a letter or digit"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _check_existing(self) -> KubernetesClusterConfig:
+        if self.existing:
+            unused = sorted({"image", "n_workers", "resources", "env"} & self.model_fields_set)
+            if unused:
+                verb = "describes" if len(unused) == 1 else "describe"
+                raise ValueError(
+                    f"{', '.join(unused)} {verb} a cluster to create; with existing: true "
+                    f"the running DaskCluster {self.name!r} is used as it is (remove them)"
+                )
+        return self
+
+
+ClusterConfig = Annotated[
+    LocalClusterConfig | AddressClusterConfig | JobQueueClusterConfig | KubernetesClusterConfig,
+    Field(discriminator="kind"),
+]
 
 
 # --------------------------------------------------------------------------- output
@@ -304,6 +387,50 @@ class RuntimeConfig(_Strict):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO")
 
 
+# --------------------------------------------------------------------------- registry
+
+
+class GuardsConfig(_Strict):
+    """When ``dkm recluster`` refuses to promote a new model (null disables a guard)."""
+
+    max_objective_increase: NonNegativeFloat | None = Field(
+        0.05,
+        description="refuse when the new model's objective on the new data is worse than the "
+        "old model's on the same data by more than this fraction",
+    )
+    max_weight_loss: float | None = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="refuse when a component (matched old to new) lost more than this "
+        "fraction of its weight",
+    )
+
+
+class RegistryConfig(_Strict):
+    """The model registry ``dkm recluster`` and ``dkm models`` work on."""
+
+    location: str = Field(description="registry root: a local path or an fsspec URL")
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="model name; versions live in <location>/<name>/vN",
+    )
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options")
+    keep: PositiveInt = Field(5, description="versions kept (the current one always is)")
+    half_life: PositiveFloat | None = Field(
+        None,
+        description="recluster --update: the old statistics' weight halves every this many "
+        "updates (null: no decay)",
+    )
+    churn_sample: PositiveInt = Field(10_000, description="points sampled for the label churn")
+    drift_threshold: NonNegativeFloat = Field(
+        1.0,
+        description="a component 'moved' when its centre shifted by more than this many of "
+        "its standard deviations",
+    )
+    guards: GuardsConfig = Field(default_factory=GuardsConfig)
+
+
 class JobConfig(_Strict):
     """One run: what to cluster, how, on which cluster, and where to write."""
 
@@ -312,6 +439,9 @@ class JobConfig(_Strict):
     cluster: ClusterConfig = Field(default_factory=LocalClusterConfig)
     output: OutputConfig
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    registry: RegistryConfig | None = Field(
+        None, description="the model registry (dkm recluster, dkm models)"
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -320,7 +450,10 @@ class JobConfig(_Strict):
 # --------------------------------------------------------------------------- loading
 
 
-_UNION_TAGS = {"data": {"synthetic", "zarr", "npy", "parquet"}, "cluster": {"local", "address"}}
+_UNION_TAGS = {
+    "data": {"synthetic", "zarr", "npy", "parquet"},
+    "cluster": {"local", "address", "kubernetes", *JOBQUEUE_KINDS},
+}
 
 
 def _describe_error(err: dict[str, Any]) -> str:

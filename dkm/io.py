@@ -31,13 +31,16 @@ from sklearn.utils.validation import check_is_fitted
 from dkm.engine import IterationInfo, ResumeState
 from dkm.estimators import GaussianMixture, KMeans
 from dkm.kernels.params import MixtureParams
+from dkm.stats import SuffStats
 
 __all__ = [
     "AtomicOutput",
     "InputError",
+    "ModelStatistics",
     "Points",
     "check_writable",
     "load_model",
+    "load_model_statistics",
     "local_dir",
     "make_data",
     "open_npy",
@@ -1047,12 +1050,55 @@ def _model_attributes(
     return attrs
 
 
+@dataclass(frozen=True, eq=False)
+class ModelStatistics:
+    """A model's total sufficient statistics, kept with it for incremental updates.
+
+    ``stats`` holds moments taken around ``shift`` (k, d), in the data's coordinates:
+    ``sx = Σ w r_ik (x_i − shift_k)`` and ``sxx`` likewise (see :class:`SuffStats`).
+    ``updates`` counts the incremental updates merged into them since the last full fit.
+    """
+
+    stats: SuffStats
+    shift: NDArray[np.float64]
+    updates: int = 0
+
+
+#: Layout version of the optional ``statistics`` subgroup of a saved model.
+STATISTICS_FORMAT = 1
+
+
+def _save_statistics(group: zarr.Group, statistics: ModelStatistics) -> None:
+    s = statistics.stats
+    if statistics.shift.shape != s.sx.shape:
+        raise ValueError(
+            f"statistics shift has shape {statistics.shift.shape}, expected {s.sx.shape}"
+        )
+    sub = group.create_group(
+        "statistics",
+        attributes={
+            "format": STATISTICS_FORMAT,
+            "moments": s.moments,
+            "objective": _json_float(float(s.objective)),
+            "n": _json_float(float(s.n)),
+            "count": int(s.count),
+            "updates": int(statistics.updates),
+        },
+    )
+    sub.create_array("nk", data=np.ascontiguousarray(s.nk, np.float64))
+    sub.create_array("sx", data=np.ascontiguousarray(s.sx, np.float64))
+    sub.create_array("shift", data=np.ascontiguousarray(statistics.shift, np.float64))
+    if s.sxx is not None:
+        sub.create_array("sxx", data=np.ascontiguousarray(s.sxx, np.float64))
+
+
 def save_model(
     estimator: KMeans | GaussianMixture,
     url: str,
     *,
     metadata: dict[str, Any] | None = None,
     storage_options: dict[str, Any] | None = None,
+    statistics: ModelStatistics | None = None,
 ) -> None:
     """Save a fitted estimator as a self-describing zarr group (no pickle).
 
@@ -1064,8 +1110,11 @@ def save_model(
     object-valued parameters, whose names are in ``dropped_params``), the fitted scalars,
     ``history_`` (iteration, objective, change, seconds) and the caller's ``metadata``.
     Non-finite floats are stored as the strings "NaN", "Infinity", "-Infinity".
-    ``labels_`` is per-point data and is not saved. Written to a temporary sibling and
-    moved into place (see :class:`AtomicOutput`).
+    ``labels_`` is per-point data and is not saved. ``statistics`` (optional): the
+    model's total sufficient statistics, in the subgroup ``statistics`` (arrays ``nk``,
+    ``sx``, ``sxx`` unless k-means, ``shift``; attributes ``format``, ``moments``,
+    ``objective``, ``n``, ``count``, ``updates``); readers that do not know it ignore it.
+    Written to a temporary sibling and moved into place (see :class:`AtomicOutput`).
     """
     kind = next((k for k, cls in _MODEL_KINDS.items() if isinstance(estimator, cls)), None)
     if kind is None:
@@ -1090,6 +1139,8 @@ def save_model(
             mixture.create_array(
                 "precisions_cholesky", data=np.ascontiguousarray(params.precisions_cholesky)
             )
+        if statistics is not None:
+            _save_statistics(group, statistics)
 
 
 def _open_model(
@@ -1213,6 +1264,64 @@ def load_model(
             _float(v, "lower_bounds_", url) for v in attrs.get("lower_bounds_", [])
         ]
     return estimator
+
+
+def has_model_statistics(url: str, *, storage_options: dict[str, Any] | None = None) -> bool:
+    """Whether a saved model keeps its sufficient statistics (see :func:`save_model`)."""
+    group, _ = _open_model(url, storage_options)
+    try:
+        return isinstance(group["statistics"], zarr.Group)
+    except KeyError:
+        return False
+
+
+def load_model_statistics(
+    url: str, *, storage_options: dict[str, Any] | None = None
+) -> ModelStatistics:
+    """The total sufficient statistics saved with a model; InputError if it has none."""
+    group, attrs = _open_model(url, storage_options)
+    try:
+        sub = group["statistics"]
+    except KeyError:
+        sub = None
+    if not isinstance(sub, zarr.Group):
+        raise InputError(
+            f"the dkm model at {url} keeps no sufficient statistics (it was written by "
+            f"`dkm run` or by dkm {attrs.get('dkm_version')} before they were saved), so it "
+            "cannot be updated incrementally: run `dkm recluster` once without --update "
+            "(a full fit saves them)"
+        )
+    meta: dict[str, Any] = dict(sub.attrs)
+    if meta.get("format") != STATISTICS_FORMAT:
+        raise InputError(
+            f"dkm model {url}: its statistics are of format {meta.get('format')!r}; this dkm "
+            f"{_version()} reads format {STATISTICS_FORMAT}"
+        )
+    moments = meta.get("moments")
+    nk = _read_model_array(sub, "nk", url).astype(np.float64)
+    sx = _read_model_array(sub, "sx", url).astype(np.float64)
+    shift = _read_model_array(sub, "shift", url).astype(np.float64)
+    sxx = None if moments == "none" else _read_model_array(sub, "sxx", url).astype(np.float64)
+    try:
+        stats = SuffStats(
+            cast(Any, moments),
+            nk,
+            sx,
+            sxx,
+            _float(meta.get("objective"), "statistics objective", url),
+            _float(meta.get("n"), "statistics n", url),
+            int(meta.get("count", 0)),
+        )
+        if sx.ndim != 2 or nk.shape != sx.shape[:1] or shift.shape != sx.shape:
+            raise ValueError(f"nk {nk.shape}, sx {sx.shape} and shift {shift.shape} disagree")
+        zero = SuffStats.zero(sx.shape[0], sx.shape[1], stats.moments)
+        if (sxx is None) != (zero.sxx is None) or (
+            sxx is not None and zero.sxx is not None and sxx.shape != zero.sxx.shape
+        ):
+            raise ValueError(f"sxx has the wrong shape for {moments} moments")
+    except (ValueError, TypeError, IndexError) as e:
+        raise InputError(f"dkm model {url}: its statistics are not valid ({e})") from None
+    return ModelStatistics(stats, shift, int(meta.get("updates", 0)))
 
 
 def read_model_metadata(

@@ -118,6 +118,8 @@ def test_readme_documents_every_config_key():
         c.ModelConfig,
         c.LocalClusterConfig,
         c.AddressClusterConfig,
+        c.JobQueueClusterConfig,
+        c.KubernetesClusterConfig,
         c.TLSConfig,
         c.ModelInit,
         c.KRange,

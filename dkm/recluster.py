@@ -1,0 +1,608 @@
+"""``dkm recluster``: yesterday's model is today's start; only a better one serves.
+
+One run reads the registry's ``current`` model, fits on the new data starting from it
+(or, with ``update``, merges the new data's sufficient statistics into the model's own,
+decayed by a half-life, and takes one M-step), compares old and new (the drift report),
+checks the promotion guards, and stores the result as a new version: promoted to
+``current`` when the guards pass, kept as a candidate otherwise. With no ``current``
+yet, the run is a first fit from the config's ``init`` and is promoted.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, replace
+from typing import Any, cast
+
+import dask
+import numpy as np
+from numpy.typing import NDArray
+from scipy.optimize import linear_sum_assignment
+from scipy.spatial.distance import cdist
+
+import dkm
+from dkm import io
+from dkm._typing import Assignment, CovarianceType, OnDegenerate, moments_for
+from dkm.cluster import cluster_memory, connect
+from dkm.config import ConfigError, JobConfig, RegistryConfig
+from dkm.engine import ChunkedData, IterationInfo, PassOptions, stats_pass_many, summarize
+from dkm.estimators import GaussianMixture, KMeans
+from dkm.job import build_estimator, open_data, sample_rows, should_persist
+from dkm.kernels.mstep import gaussian_mstep, kmeans_centres
+from dkm.kernels.params import (
+    MixtureParams,
+    covariances_from_cholesky,
+    precisions_from_cholesky,
+)
+from dkm.monitor import Progress, scheduler_publisher
+from dkm.registry import Registry
+from dkm.stats import FarthestPoints, SuffStats
+
+F64 = NDArray[np.float64]
+Model = KMeans | GaussianMixture
+
+#: Exit code of ``dkm recluster`` when the guards refused the new model (kept as a
+#: candidate version; ``current`` unchanged).
+EXIT_REFUSED = 3
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def _kind(model: Model) -> tuple[CovarianceType, Assignment]:
+    ct = model._params.covariance_type
+    assignment = "hard" if isinstance(model, KMeans) else model.assignment
+    return ct, cast(Assignment, assignment)
+
+
+def statistics_pass(
+    data: ChunkedData, models: list[Model], *, n_farthest: int = 0, split_every: int = 8
+) -> list[io.ModelStatistics]:
+    """One E-step pass over ``data`` under each model (all in one read of the data).
+
+    Each model's statistics are taken around its own means, which become the
+    statistics' ``shift`` (data coordinates); farthest points, if asked for, are
+    returned in data coordinates too.
+    """
+    jobs = []
+    origin = data.origin
+    for model in models:
+        ct, assignment = _kind(model)
+        centred = model._params.translated(-origin)
+        jobs.append((centred, centred.means, PassOptions(assignment, moments_for(ct), n_farthest)))
+    totals = stats_pass_many(data, jobs, split_every=split_every)
+    out = []
+    for (centred, _, _), stats in zip(jobs, totals, strict=True):
+        far = stats.farthest
+        if far is not None:
+            stats = replace(stats, farthest=replace(far, points=far.points + origin))
+        out.append(io.ModelStatistics(stats, centred.means + origin))
+    return out
+
+
+def recentred(ms: io.ModelStatistics, shift: F64) -> io.ModelStatistics:
+    """The same statistics with moments taken around ``shift`` instead (exact algebra).
+
+    With δ = old shift − new shift: ``sx' = sx + nk δ`` and
+    ``sxx' = sxx + sx δᵀ + δ sxᵀ + nk δ δᵀ`` (its diagonal for diag, the trace for
+    spherical, the sum over components for tied).
+    """
+    s = ms.stats
+    shift = np.asarray(shift, np.float64)
+    delta = ms.shift - shift
+    sx = s.sx + s.nk[:, None] * delta
+    sxx = s.sxx
+    if sxx is not None:
+        if s.moments == "full":
+            cross = np.einsum("ki,kj->kij", s.sx, delta)
+            sxx = sxx + cross + cross.transpose(0, 2, 1)
+            sxx = sxx + s.nk[:, None, None] * np.einsum("ki,kj->kij", delta, delta)
+        elif s.moments == "tied":
+            cross = s.sx.T @ delta
+            sxx = sxx + cross + cross.T + (delta.T * s.nk) @ delta
+        elif s.moments == "diag":
+            sxx = sxx + 2.0 * s.sx * delta + s.nk[:, None] * delta**2
+        else:  # spherical: summed over features
+            sxx = sxx + (2.0 * s.sx * delta + s.nk[:, None] * delta**2).sum(axis=1)
+    return io.ModelStatistics(replace(s, sx=sx, sxx=sxx), shift.copy(), ms.updates)
+
+
+def decayed(ms: io.ModelStatistics, factor: float) -> io.ModelStatistics:
+    """Every weighted sum times ``factor`` (the row count ``count`` is kept)."""
+    s = ms.stats
+    return io.ModelStatistics(
+        replace(
+            s,
+            nk=s.nk * factor,
+            sx=s.sx * factor,
+            sxx=None if s.sxx is None else s.sxx * factor,
+            objective=s.objective * factor,
+            n=s.n * factor,
+        ),
+        ms.shift,
+        ms.updates,
+    )
+
+
+def decay_factor(half_life: float | None) -> float:
+    """The weight old statistics keep per update: 2^(−1/half_life) (1 without decay)."""
+    return 1.0 if half_life is None else float(0.5 ** (1.0 / half_life))
+
+
+def merge_statistics(
+    old: io.ModelStatistics, new: io.ModelStatistics, factor: float = 1.0
+) -> io.ModelStatistics:
+    """``factor`` × old + new, around ``new``'s shift; ``updates`` is old's plus one."""
+    o = decayed(recentred(old, new.shift), factor).stats
+    if (o.farthest is None) != (new.stats.farthest is None):
+        far = new.stats.farthest
+        assert far is not None  # only the new pass collects farthest points
+        o = replace(o, farthest=FarthestPoints.empty(far.capacity, o.n_features))
+    if o.moments != new.stats.moments or o.sx.shape != new.stats.sx.shape:
+        raise ValueError(
+            f"cannot merge the model's {o.moments} statistics of shape {o.sx.shape} with "
+            f"{new.stats.moments} statistics of shape {new.stats.sx.shape}"
+        )
+    return io.ModelStatistics(o.merge(new.stats), new.shift, old.updates + 1)
+
+
+def model_from_statistics(
+    ms: io.ModelStatistics,
+    template: Model,
+    *,
+    reg_covar: float,
+    on_degenerate: OnDegenerate,
+) -> Model:
+    """An M-step from total statistics: a fitted estimator like ``template``.
+
+    ``template`` gives the kind and the hyper-parameters (a fresh, unfitted estimator
+    from the config) and must carry ``_origin`` and ``n_features_in_`` of the model the
+    statistics were gathered under.
+    """
+    s = ms.stats
+    if isinstance(template, KMeans):
+        centres, _ = kmeans_centres(s, shift=ms.shift)
+        template._params = MixtureParams.identity(centres)
+        template.cluster_centers_ = centres
+        return template
+    ct = cast(CovarianceType, template.covariance_type)
+    params, cov, _ = gaussian_mstep(s, ms.shift, ct, reg_covar, on_degenerate)
+    template._params = params
+    template.weights_ = params.weights
+    template.means_ = params.means
+    pc = np.ones(params.n_components) if ct == "identity" else params.precisions_cholesky
+    assert pc is not None
+    template.precisions_cholesky_ = pc
+    template.precisions_ = precisions_from_cholesky(pc, "spherical" if ct == "identity" else ct)
+    template.covariances_ = cov if cov is not None else covariances_from_cholesky(pc, ct)
+    return template
+
+
+def objective_of(stats: SuffStats, kmeans: bool) -> float:
+    """What ``dkm run`` reports: k-means inertia (Σ w d²), else the mean log-likelihood."""
+    return float(stats.objective) if kmeans else float(stats.objective / stats.n)
+
+
+def worsening(old: float, new: float, kmeans: bool) -> float:
+    """How much worse ``new`` is than ``old``, as a fraction of ``|old|`` (negative: better)."""
+    scale = max(abs(old), 1e-300)
+    return (new - old) / scale if kmeans else (old - new) / scale
+
+
+# --------------------------------------------------------------------------- drift
+
+
+def _centres(model: Model) -> F64:
+    return np.asarray(model._params.means, np.float64)
+
+
+def component_scales(model: Model, stats: SuffStats | None) -> F64:
+    """Each component's standard deviation (root of the mean per-feature variance)."""
+    k, d = model._params.means.shape
+    if isinstance(model, GaussianMixture) and model.covariance_type != "identity":
+        cov = np.asarray(model.covariances_)
+        variances = {
+            "full": lambda: np.trace(cov, axis1=1, axis2=2) / d,
+            "tied": lambda: np.full(k, np.trace(cov) / d),
+            "diag": lambda: cov.mean(axis=1),
+            "spherical": lambda: cov,
+        }[model.covariance_type]()
+        return np.sqrt(np.maximum(variances, 0.0))
+    if stats is None or stats.n <= 0 or not isinstance(model, KMeans):
+        return np.ones(k)  # identity mixtures: unit variance
+    return np.full(k, np.sqrt(max(stats.objective, 0.0) / (stats.n * d)))
+
+
+def drift_report(
+    old: Model,
+    new: Model,
+    *,
+    old_weights: F64,
+    new_weights: F64,
+    old_scales: F64,
+    sample_old_labels: NDArray[Any],
+    sample_new_labels: NDArray[Any],
+    objective_old: float,
+    objective_new: float,
+    threshold: float,
+) -> dict[str, Any]:
+    """Old and new components matched one-to-one on centre distance (Hungarian), with
+    each pair's centre shift and weight change, the label churn and the objectives."""
+    mo, mn = _centres(old), _centres(new)
+    cost = cdist(mo, mn)
+    rows, cols = linear_sum_assignment(cost)
+    mapping = np.full(len(mo), -1, np.int64)
+    mapping[rows] = cols
+    components = []
+    for i, j in zip(rows.tolist(), cols.tolist(), strict=True):
+        shift = float(cost[i, j])
+        scale = float(old_scales[i]) if old_scales[i] > 0 else 1.0
+        w_old, w_new = float(old_weights[i]), float(new_weights[j])
+        components.append(
+            {
+                "old": i,
+                "new": j,
+                "centre_shift": shift,
+                "centre_shift_sd": shift / scale,
+                "weight_old": w_old,
+                "weight_new": w_new,
+                "weight_change": w_new - w_old,
+                "weight_change_fraction": (w_new - w_old) / w_old if w_old > 0 else 0.0,
+                "moved": shift / scale > threshold,
+            }
+        )
+    keep = (sample_old_labels >= 0) & (sample_new_labels >= 0)
+    mapped = mapping[sample_old_labels[keep]]
+    churn = float(np.mean(mapped != sample_new_labels[keep])) if keep.any() else 0.0
+    kmeans = isinstance(new, KMeans)
+    largest = max(components, key=lambda c: c["centre_shift_sd"], default=None)
+    return {
+        "matching": "scipy.optimize.linear_sum_assignment on Euclidean centre distance",
+        "components": components,
+        "moved": [c["old"] for c in components if c["moved"]],
+        "largest_shift": None if largest is None else largest["old"],
+        "drift_threshold_sd": threshold,
+        "unmatched_old": sorted(set(range(len(mo))) - set(rows.tolist())),
+        "unmatched_new": sorted(set(range(len(mn))) - set(cols.tolist())),
+        "label_churn": churn,
+        "churn_sample_size": int(keep.sum()),
+        "objective_name": "inertia" if kmeans else "mean log-likelihood",
+        "objective_old": objective_old,
+        "objective_new": objective_new,
+        "objective_worsening": worsening(objective_old, objective_new, kmeans),
+    }
+
+
+def check_guards(drift: dict[str, Any], guards: Any, old_k: int) -> list[str]:
+    """Why the new model must not be promoted (empty: it may be)."""
+    reasons = []
+    limit = guards.max_objective_increase
+    if limit is not None and drift["objective_worsening"] > limit:
+        reasons.append(
+            f"the new model's {drift['objective_name']} on the new data "
+            f"({drift['objective_new']:.8g}) is worse than the current model's "
+            f"({drift['objective_old']:.8g}) by {100 * drift['objective_worsening']:.3g}% "
+            f"(registry.guards.max_objective_increase: {100 * limit:.3g}%)"
+        )
+    limit = guards.max_weight_loss
+    if limit is not None:
+        for c in drift["components"]:
+            loss = -c["weight_change_fraction"]
+            if loss > limit:
+                reasons.append(
+                    f"component {c['old']} (new {c['new']}) lost {100 * loss:.3g}% of its "
+                    f"weight ({c['weight_old']:.4g} -> {c['weight_new']:.4g}; "
+                    f"registry.guards.max_weight_loss: {100 * limit:.3g}%)"
+                )
+        for i in drift["unmatched_old"]:
+            reasons.append(f"component {i} has no counterpart in the new model (lost all weight)")
+    return reasons
+
+
+def write_drift_png(path: str, drift: dict[str, Any], title: str) -> None:
+    """Two panels: centre shift per component (in standard deviations) and weights."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    comps = drift["components"]
+    fig = Figure(figsize=(10, 4.2), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.subplots(1, 2)
+    names = [f"{c['old']}→{c['new']}" for c in comps]
+    x = np.arange(len(comps))
+    shifts = [c["centre_shift_sd"] for c in comps]
+    colours = ["tab:red" if c["moved"] else "tab:blue" for c in comps]
+    ax1.bar(x, shifts, color=colours)
+    ax1.axhline(drift["drift_threshold_sd"], color="0.4", linestyle="--", linewidth=1)
+    ax1.set_xticks(x, names, rotation=90 if len(comps) > 12 else 0)
+    ax1.set_xlabel("component (old → new)")
+    ax1.set_ylabel("centre shift (standard deviations)")
+    moved = ", ".join(str(m) for m in drift["moved"]) or "none"
+    ax1.set_title(f"centre shift; moved: {moved}")
+    width = 0.4
+    ax2.bar(x - width / 2, [c["weight_old"] for c in comps], width, label="old")
+    ax2.bar(x + width / 2, [c["weight_new"] for c in comps], width, label="new")
+    ax2.set_xticks(x, names, rotation=90 if len(comps) > 12 else 0)
+    ax2.set_xlabel("component (old → new)")
+    ax2.set_ylabel("weight")
+    ax2.legend()
+    ax2.set_title(f"weights; label churn {100 * drift['label_churn']:.2f}%")
+    fig.suptitle(
+        f"{title}\n{drift['objective_name']} on the new data: old {drift['objective_old']:.6g}, "
+        f"new {drift['objective_new']:.6g}"
+    )
+    fig.savefig(path)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class ReclusterResult:
+    version: int
+    promoted: bool
+    reasons: list[str]
+    mode: str
+    current: int | None
+    summary: dict[str, Any]
+
+
+def _registry(config: JobConfig) -> tuple[Registry, RegistryConfig]:
+    if config.registry is None:
+        raise ConfigError(
+            "this config has no registry section: dkm recluster and dkm models need "
+            "registry.location and registry.name (see configs/recluster.yaml)"
+        )
+    r = config.registry
+    return Registry(r.location, r.name, storage_options=r.storage_options), r
+
+
+def registry_from_config(config: JobConfig) -> Registry:
+    return _registry(config)[0]
+
+
+def _check_compatible(old: Model, config: JobConfig, d: int, where: str) -> None:
+    m = config.model
+    ct, assignment = _kind(old)
+    want = (m.resolved("covariance_type"), m.resolved("assignment"), m.n_clusters, d)
+    have = (ct, assignment, old._params.n_components, int(old.n_features_in_))
+    if want != have:
+        raise ConfigError(
+            f"the current model {where} is {have[0]}/{have[1]} with k={have[2]} on {have[3]} "
+            f"features, but the config and data ask for {want[0]}/{want[1]} with k={want[2]} "
+            f"on {want[3]}: reclustering continues the same model; use another "
+            "registry.name for a different one"
+        )
+
+
+def _describe(est: Model) -> dict[str, Any]:
+    ct, assignment = _kind(est)
+    return {"covariance_type": ct, "assignment": assignment, "k": est._params.n_components}
+
+
+def recluster(
+    config: JobConfig,
+    *,
+    update: bool = False,
+    progress: Progress | None = None,
+    config_source: str | None = None,
+) -> ReclusterResult:
+    """One reclustering run (see the module docstring); nothing changes on failure."""
+    t_start = time.perf_counter()
+    job_id = uuid.uuid4().hex[:12]
+    progress = progress or Progress(job_id, quiet=True)
+    progress.job_id = job_id
+    registry, rcfg = _registry(config)
+    if not isinstance(config.model.n_clusters, int):
+        raise ConfigError(
+            "dkm recluster continues one model: model.n_clusters must be one number, not "
+            f"candidates ({config.model.n_clusters}); choose k with dkm run first"
+        )
+    out = config.output
+    registry.check_writable()
+    io.check_writable(out.path, storage_options=out.storage_options, create_parents=True)
+    current = registry.current()
+    old: Model | None = None
+    old_saved: io.ModelStatistics | None = None
+    if current is not None:
+        url = registry.model_url(current)
+        old = io.load_model(url, storage_options=rcfg.storage_options)
+        if update or io.has_model_statistics(url, storage_options=rcfg.storage_options):
+            old_saved = io.load_model_statistics(url, storage_options=rcfg.storage_options)
+    points = open_data(config)
+    if old is not None:
+        _check_compatible(old, config, int(points.X.shape[1]), f"v{current} of {registry}")
+    mode = "first" if old is None else ("update" if update else "refit")
+    progress.event(
+        "recluster",
+        f"{mode}: registry {registry}, current "
+        f"{'none' if current is None else f'v{current}'}; data: {points.description}",
+    )
+    split_every = config.runtime.split_every
+    m = config.model
+    with connect(config.cluster) as client:
+        progress.publish = progress.publish or scheduler_publisher(client)
+        X, weights = points.X, points.weights
+        if should_persist(config.runtime.persist, X, cluster_memory(client)):
+            X, weights = dask.persist(X, weights)
+        t_fit = time.perf_counter()
+        n_dropped = 0
+        if old is None or not update:
+            model_cfg = m if old is None else m.model_copy(update={"n_init": 1})
+            est = build_estimator(model_cfg, split_every, progress, config.data.nan_policy)
+            if old is not None:  # warm start from the current model
+                if isinstance(est, KMeans):
+                    est.set_params(init=old)
+                else:
+                    est.set_params(init_params=old)
+            est.fit(X, sample_weight=weights)
+            n_dropped = int(est.n_dropped_)
+            data = ChunkedData.from_dask(X, weights, config.data.nan_policy).with_origin(
+                est._origin
+            )
+            models: list[Model] = [est] if old is None else [est, old]
+            passes = statistics_pass(data, models, split_every=split_every)
+            saved = new_stats = passes[0]
+            old_pass = passes[1] if old is not None else None
+            n_iter = int(est.n_iter_)
+        else:
+            assert old_saved is not None
+            data = ChunkedData.from_dask(X, weights, config.data.nan_policy).with_origin(
+                old._origin
+            )
+            # the checks of a fit (NaN/inf rows, bad weights) before the data counts
+            checked = summarize(data, sample_size=1, seed=0, split_every=split_every)
+            n_dropped = int(checked.n_nonfinite)
+            k = old._params.n_components
+            (old_pass,) = statistics_pass(data, [old], n_farthest=k, split_every=split_every)
+            factor = decay_factor(rcfg.half_life)
+            saved = merge_statistics(old_saved, old_pass, factor)
+            template = build_estimator(m, split_every, None, config.data.nan_policy)
+            template._origin = old._origin
+            template.n_features_in_ = old.n_features_in_
+            est = model_from_statistics(
+                saved, template, reg_covar=m.reg_covar, on_degenerate=m.on_degenerate
+            )
+            (new_stats,) = statistics_pass(data, [est], split_every=split_every)
+            saved = replace(saved, stats=replace(saved.stats, farthest=None))
+            n_iter = 1
+            _set_fitted(
+                est, new_stats.stats, old_pass.stats, n_dropped, time.perf_counter() - t_fit
+            )
+            progress(est.history_[0])
+        fit_seconds = time.perf_counter() - t_fit
+        kmeans = isinstance(est, KMeans)
+        new_objective = objective_of(new_stats.stats, kmeans)
+        drift: dict[str, Any] | None = None
+        reasons: list[str] = []
+        if old is not None:
+            assert old_pass is not None
+            sample = sample_rows(X, rcfg.churn_sample, seed=m.seed or 0)
+            (sample_np,) = dask.compute(sample)
+            sample_np = np.asarray(sample_np)
+            labels_old = np.asarray(old.predict(sample_np)) if len(sample_np) else np.empty(0, int)
+            labels_new = np.asarray(est.predict(sample_np)) if len(sample_np) else np.empty(0, int)
+            ref = old_saved.stats if old_saved is not None else old_pass.stats
+            drift = drift_report(
+                old,
+                est,
+                old_weights=ref.nk / ref.n,
+                new_weights=saved.stats.nk / saved.stats.n,
+                old_scales=component_scales(old, ref),
+                sample_old_labels=labels_old.astype(np.int64),
+                sample_new_labels=labels_new.astype(np.int64),
+                objective_old=objective_of(old_pass.stats, kmeans),
+                objective_new=new_objective,
+                threshold=rcfg.drift_threshold,
+            )
+            reasons = check_guards(drift, rcfg.guards, old._params.n_components)
+    promote = not reasons
+    decision = "first" if old is None else ("promoted" if promote else "refused")
+    summary = {
+        "dkm_version": dkm.__version__,
+        "job": job_id,
+        "registry": str(registry),
+        "mode": mode,
+        "decision": decision,
+        "reasons": reasons,
+        "parent": current,
+        "model": _describe(est),
+        "data": points.description,
+        "data_fingerprint": points.fingerprint,
+        "n_samples": int(points.X.shape[0]),
+        "dropped_rows": n_dropped,
+        "n_iter": n_iter,
+        "objective_name": "inertia" if isinstance(est, KMeans) else "mean log-likelihood",
+        "objective": new_objective,
+        "statistics_updates": saved.updates,
+        "half_life": rcfg.half_life if mode == "update" else None,
+        "fit_seconds": fit_seconds,
+    }
+
+    def write_outputs(target: str, storage_options: dict[str, Any] | None) -> None:
+        fs_write = io.text_writer(target, storage_options=storage_options)
+        fs_write("summary.json", json.dumps(summary, indent=2) + "\n")
+        fs_write("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in progress.records))
+        if drift is not None:
+            fs_write("drift.json", json.dumps(drift, indent=2) + "\n")
+            with io.local_dir(target, storage_options=storage_options) as local:
+                write_drift_png(
+                    f"{local}/drift.png",
+                    drift,
+                    f"{registry.name}: current v{current} → new model ({mode})",
+                )
+
+    def write_version(tmp: str) -> None:
+        io.save_model(
+            est,
+            f"{tmp}/model",
+            metadata={
+                "config": config.to_dict(),
+                "config_source": config_source,
+                "data_fingerprint": points.fingerprint,
+                "data": points.description,
+                "job": job_id,
+                "recluster": mode,
+                "parent": current,
+            },
+            storage_options=rcfg.storage_options,
+            statistics=saved,
+        )
+        write_outputs(tmp, rcfg.storage_options)
+
+    info = {
+        "decision": decision,
+        "mode": mode,
+        "parent": current,
+        "reasons": reasons,
+        "objective_name": summary["objective_name"],
+        "objective": new_objective,
+        "data": points.description,
+        "data_fingerprint": points.fingerprint,
+        "dkm_version": dkm.__version__,
+        "config_source": config_source,
+        "moved": None if drift is None else drift["moved"],
+    }
+    version = registry.add_version(write_version, info)
+    summary["version"] = version.number
+    try:
+        with io.AtomicOutput(out.path, storage_options=out.storage_options) as tmp:
+            write_outputs(tmp, out.storage_options)
+    except BaseException:
+        registry.remove_version(version.number)  # a failed run adds no version
+        raise
+    if promote:
+        registry.promote(version.number)
+    pruned = registry.prune(rcfg.keep)
+    now_current = registry.current()
+    summary["total_seconds"] = time.perf_counter() - t_start
+    if pruned:
+        progress.event("prune", f"removed versions {', '.join(f'v{p}' for p in pruned)}")
+    if promote:
+        progress.event("done", f"v{version.number} is current ({mode}); wrote {out.path}")
+    else:
+        progress.event(
+            "refused",
+            f"v{version.number} kept as a candidate; v{current} stays current: "
+            + "; ".join(reasons),
+        )
+    return ReclusterResult(version.number, promote, reasons, mode, now_current, summary)
+
+
+def _set_fitted(est: Model, new: SuffStats, old: SuffStats, dropped: int, seconds: float) -> None:
+    """The fitted scalars of an updated model: one iteration, objectives on the new data."""
+    kmeans = isinstance(est, KMeans)
+    objective_old, objective_new = objective_of(old, kmeans), objective_of(new, kmeans)
+    est.n_iter_ = 1
+    est.converged_ = False
+    est.n_dropped_ = dropped
+    est.history_ = [
+        IterationInfo(1, objective_old, objective_new - objective_old, seconds, est._params)
+    ]
+    if isinstance(est, KMeans):
+        est.inertia_ = objective_new
+    else:
+        est.lower_bound_ = objective_new
+        est.lower_bounds_ = [objective_new]
