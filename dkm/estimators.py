@@ -370,7 +370,7 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
         self, summary: DataSummary, data: ChunkedData, k: int, rng: np.random.RandomState
     ) -> F64:
         d = data.n_features
-        if self.init == "k-means||":
+        if isinstance(self.init, str) and self.init == "k-means||":
             return kmeans_parallel(
                 data,
                 k,

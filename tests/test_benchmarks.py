@@ -1,4 +1,8 @@
-"""The benchmark harness's smallest workload runs (so it cannot rot); no timing asserted."""
+"""The benchmark harness's quick suite runs with every contender (so it cannot rot).
+
+No timing is asserted: only that every contender ran, that the final objectives agree
+(the harness exits 1 otherwise) and that the BLAS in use is reported.
+"""
 
 from __future__ import annotations
 
@@ -6,27 +10,107 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
+CONTENDERS = (
+    "dkm threads",
+    "dkm LocalCluster",
+    "scikit-learn KMeans lloyd",
+    "scikit-learn GaussianMixture",
+    "FAISS Kmeans",
+    "dask-ml KMeans",
+)
 
-def test_quick_benchmark_runs_and_objectives_agree():
+
+@pytest.mark.slow
+def test_quick_suite_runs_every_contender_and_objectives_agree():
     result = subprocess.run(
-        [
-            sys.executable,
-            "benchmarks/bench_iteration.py",
-            "--quick",
-            "--workload",
-            "all",
-            "--covariance",
-            "full,tied,diag,spherical",
-        ],
+        [sys.executable, "-m", "benchmarks", "--suite", "quick"],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=400,
         check=False,
     )
-    # the harness exits non-zero when any objective disagrees with scikit-learn's
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "objectives agree with scikit-learn" in result.stdout
-    assert "openblas" in result.stdout.lower() or "mkl" in result.stdout.lower()
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    assert "final objectives agree everywhere" in out
+    assert "MISMATCH" not in out
+    table = [line for line in out.splitlines() if line.startswith("| ")]
+    for workload in ("KM-1", "KM-2", "GMM-1-full", "GMM-1-tied", "GMM-1-diag", "GMM-1-spherical"):
+        assert any(line.startswith(f"| {workload} ") for line in table), workload
+    for contender in CONTENDERS:
+        assert any(f"| {contender} |" in line for line in table), contender
+    assert "| scaling: 4x points" in out
+    assert "| overhead: KM-1 16 chunks, dkm threads |" in out
+    assert "openblas" in out.lower() or "mkl" in out.lower()
+    # the harness reads the OpenBLAS variables but never sets them
+    assert "env         OPENBLAS_CORETYPE=" in out
+
+
+def test_bad_arguments_exit_2():
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--suite", "quick", "--workload", "km9"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "--workload" in result.stderr and "km9" in result.stderr
+
+
+@pytest.fixture
+def bench_modules(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import cli, common
+
+    return cli, common
+
+
+def test_harness_inertia_matches_scikit_learn(bench_modules):
+    """The one evaluator of every k-means contender's final centres, against sklearn."""
+    from sklearn.cluster import KMeans
+
+    _, common = bench_modules
+    X = common.make_blobs(5_000, 6, 7, np.float32, anisotropic=False)
+    C0 = common.random_rows(X, 7)
+    km = KMeans(7, init=C0, n_init=1, max_iter=3, tol=0.0).fit(X.astype(np.float64))
+    got = common.inertia(X, km.cluster_centers_, block=999)  # several blocks
+    np.testing.assert_allclose(got, -km.score(X.astype(np.float64)), rtol=1e-10)
+
+
+def test_a_disagreeing_objective_fails_the_run(bench_modules, capsys):
+    cli, common = bench_modules
+
+    def run(contender: str, objective: float, workload: str = "KM-1 tiny") -> object:
+        return common.Run(
+            workload, contender, 1.0, 5, (0.2,) * 5, objective, is_dkm="dkm" in contender
+        )
+
+    agreeing = [run("dkm threads", 100.0), run("scikit-learn KMeans lloyd", 100.00001)]
+    assert cli.print_results(agreeing)
+    assert not cli.print_results([*agreeing, run("FAISS Kmeans", 100.1)])
+    gmm = [
+        run("dkm threads", -3.0, "GMM-1-full tiny"),
+        run("scikit-learn GaussianMixture", -3.00001, "GMM-1-full tiny"),
+    ]
+    assert not cli.print_results(gmm)  # 1e-5 > the 1e-6 GMM tolerance
+    assert "MISMATCH" in capsys.readouterr().out
+
+
+def test_a_missing_contender_is_named_with_the_install_command(bench_modules, monkeypatch, capsys):
+    import importlib.util
+
+    cli, _ = bench_modules
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "dask_ml" else real(name, *a)
+    )
+    assert cli.main(["--suite", "quick"]) == 2
+    err = capsys.readouterr().err
+    assert "dask-ml (or pass --no-dask-ml)" in err and '".[bench]"' in err

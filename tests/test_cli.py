@@ -253,11 +253,11 @@ def _slow_config(path: Path, **model) -> Path:
     raw = {
         "data": {
             "kind": "synthetic",
-            "n": 300_000,
+            "n": 120_000,
             "d": 8,
             "k": 40,
             "spread": 2.0,
-            "chunk_rows": 50_000,
+            "chunk_rows": 20_000,
         },
         "model": {
             "mode": "kmeans",

@@ -239,7 +239,10 @@ def test_collapsed_component_error_is_clear():
     "kwargs, message",
     [
         (dict(n_clusters=0), "n_clusters must be an integer >= 1"),
-        (dict(n_clusters=2, init="kmeans"), "init: expected one of k-means\\+\\+, random"),
+        (
+            dict(n_clusters=2, init="kmeans"),
+            "init: expected one of k-means\\+\\+, k-means\\|\\|, random",
+        ),
         (dict(n_clusters=2, init=np.zeros((3, 2))), "shape of the initial centers"),
         (dict(n_clusters=2, max_iter=0), "max_iter must be"),
         (dict(n_clusters=2, split_every=1), "split_every must be"),
