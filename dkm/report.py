@@ -6,6 +6,7 @@ import html
 import math
 import os
 import pathlib
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,10 @@ _JITTER = 0.5
 
 
 # --------------------------------------------------------------------------- public
+
+
+#: Serialises figure making and rendering across threads (see :func:`write_report`).
+_MATPLOTLIB = threading.Lock()
 
 
 def write_report(
@@ -112,21 +117,25 @@ def write_report(
     out = pathlib.Path(out_dir)
     if not out.is_dir():
         raise ValueError(f"out_dir: {str(out)!r} is not an existing directory")
-    images = {
-        "convergence.png": _convergence_figure(inputs),
-        "sizes.png": _sizes_figure(inputs),
-        "projection.png": _projection_figure(inputs),
-    }
     if selection is not None:
         check_choice("criterion", criterion, ("bic", "aic"))
         if not selection:
             raise ValueError("selection: expected at least one candidate")
-        images["criterion.png"] = _criterion_figure(selection, criterion, inputs.k)
     written = []
-    for name, fig in images.items():
-        path = out / name
-        FigureCanvasAgg(fig).print_png(path)
-        written.append(path)
+    # matplotlib is not thread-safe: FreeType font objects are shared between figures,
+    # and two threads laying out text at once fail ("FT_Load_Glyph … invalid outline")
+    with _MATPLOTLIB:
+        images = {
+            "convergence.png": _convergence_figure(inputs),
+            "sizes.png": _sizes_figure(inputs),
+            "projection.png": _projection_figure(inputs),
+        }
+        if selection is not None:
+            images["criterion.png"] = _criterion_figure(selection, criterion, inputs.k)
+        for name, fig in images.items():
+            path = out / name
+            FigureCanvasAgg(fig).print_png(path)
+            written.append(path)
     index = out / "index.html"
     index.write_text(_html(inputs, list(images), selection, criterion), encoding="utf-8")
     written.append(index)

@@ -350,3 +350,28 @@ def test_bad_input_raises(tmp_path: Path, name: str) -> None:
 def test_missing_out_dir(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not an existing directory"):
         report.write_report(tmp_path / "nope", **args())
+
+
+def test_report_of_a_sweep_plots_the_criteria(tmp_path: Path) -> None:
+    selection = [
+        {
+            "n_clusters": k,
+            "bic": 1000.0 - 50 * min(k, 4) + 5 * k,
+            "aic": 990.0 - 50 * min(k, 4) + 2 * k,
+            "log_likelihood": -400.0 + k,
+            "n_parameters": 3 * k,
+            "n_iter": 7,
+            "converged": True,
+        }
+        for k in (2, 3, 4, 5, 6)
+    ]
+    kw = args("kmeans", "identity")
+    written = report.write_report(tmp_path, **kw, selection=selection, criterion="bic")
+    assert written[-2:] == [tmp_path / "criterion.png", tmp_path / "index.html"]
+    check_png(tmp_path / "criterion.png")
+    text = (tmp_path / "index.html").read_text(encoding="utf-8")
+    assert "Choosing k" in text and 'src="criterion.png"' in text
+    assert text.count('<tr class="chosen">') == 1  # the fitted k's row
+    for bad, message in [({"criterion": "hqc"}, "criterion"), ({"selection": []}, "at least one")]:
+        with pytest.raises(ValueError, match=message):
+            report.write_report(tmp_path, **kw, **{"selection": selection, **bad})
