@@ -113,7 +113,10 @@ class Progress:
         fields = " ".join(
             f"{k}={v:.8g}" if isinstance(v, float) else f"{k}={v}"
             for k, v in record.items()
-            if k not in ("time", "event", "job", "iteration") and v is not None
+            if k not in ("time", "event", "job", "iteration")
+            and v is not None
+            # which model: only when several iterate together (restarts, a sweep over k)
+            and (k != "model" or len(self._previous) > 1)
         )
         self._write(f"{record['time']} iteration {record['iteration']}: {fields}")
 
