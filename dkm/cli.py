@@ -87,21 +87,23 @@ _set_option = click.option(
     metavar="KEY=VALUE",
     help="Override a config value, e.g. --set model.n_clusters=32 (repeatable).",
 )
-
-
-@main.command()
-@click.argument("config", type=click.Path(dir_okay=False))
-@_set_option
-@click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
-@click.option(
-    "--resume", is_flag=True, help="Continue from the checkpoint an interrupted run of CONFIG left."
-)
-@click.option(
+_quiet_option = click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
+_log_format_option = click.option(
     "--log-format",
     type=click.Choice(["text", "json"]),
     default="text",
     help="json: one JSON object per line, for batch schedulers.",
 )
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@_set_option
+@_quiet_option
+@click.option(
+    "--resume", is_flag=True, help="Continue from the checkpoint an interrupted run of CONFIG left."
+)
+@_log_format_option
 @handle_errors
 def run(
     config: str, overrides: tuple[str, ...], quiet: bool, resume: bool, log_format: str
@@ -127,13 +129,8 @@ def run(
     help="Merge the new data's statistics into the current model's (decayed by "
     "registry.half_life) and take one M-step, instead of refitting.",
 )
-@click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
-@click.option(
-    "--log-format",
-    type=click.Choice(["text", "json"]),
-    default="text",
-    help="json: one JSON object per line, for batch schedulers.",
-)
+@_quiet_option
+@_log_format_option
 @handle_errors
 def recluster(
     config: str, overrides: tuple[str, ...], update: bool, quiet: bool, log_format: str

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -136,22 +136,6 @@ def _without_nonfinite(
     return X, w, bad
 
 
-def _estep_chunk(
-    X: NDArray[Any],
-    w: NDArray[Any] | None,
-    params: MixtureParams,
-    origin: F64,
-    shift: F64 | None,
-    options: PassOptions,
-    row_offset: int,
-    drop_nonfinite: bool = False,
-) -> SuffStats:
-    (stats,) = _estep_chunk_many(
-        X, w, ((params, shift, options),), origin, row_offset, drop_nonfinite
-    )
-    return stats
-
-
 @dataclass(frozen=True, eq=False)
 class StackedStats:
     """The statistics of several models from one chunk: merged model by model.
@@ -164,9 +148,6 @@ class StackedStats:
 
     def merge(self, other: StackedStats) -> StackedStats:
         return StackedStats(tuple(a.merge(b) for a, b in zip(self.parts, other.parts, strict=True)))
-
-    def __iter__(self) -> Iterator[SuffStats]:
-        return iter(self.parts)
 
 
 #: One model's share of a pass: parameters (centred), moment shift, what to compute.

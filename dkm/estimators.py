@@ -234,6 +234,15 @@ class _DaskMixtureBase(BaseEstimator):
             )
         return summary
 
+    def _candidate(self, n_candidates: int, **params: Any) -> Any:
+        """The estimator one candidate of a shared fit is stored in: ``self`` when it
+        is the only one, else a clone with ``params`` and the fitted feature count."""
+        if n_candidates == 1:
+            return self
+        est = clone(self).set_params(**params)
+        est.n_features_in_ = self.n_features_in_
+        return est
+
     def _split_every(self) -> int:
         return _check_int("split_every", self.split_every, 2)
 
@@ -462,9 +471,7 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
         for i, k in enumerate(ks):
             runs = results[i * n_init : (i + 1) * n_init]
             best = min(runs, key=lambda r: r.objective)  # the first of equals, as before
-            est = self if len(ks) == 1 else clone(self).set_params(n_clusters=k)
-            if est is not self:
-                est.n_features_in_ = self.n_features_in_
+            est = self._candidate(len(ks), n_clusters=k)
             est._adopt(best, data, Xn, summary)
             fitted.append(est)
         return fitted
@@ -868,9 +875,7 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
                     ConvergenceWarning,
                     stacklevel=3,
                 )
-            est = self if len(ks) == 1 else clone(self).set_params(n_components=k)
-            if est is not self:
-                est.n_features_in_ = self.n_features_in_
+            est = self._candidate(len(ks), n_components=k)
             est._set_params(best, data)
             est.n_dropped_ = summary.n_nonfinite
             fitted.append(est)

@@ -345,14 +345,9 @@ def _run(
                 io.save_model(
                     estimator,
                     f"{tmp}/model",
-                    metadata={
-                        "config": config.to_dict(),
-                        "config_source": config_source,
-                        "data_fingerprint": points.fingerprint,
-                        "data": points.description,
-                        "job": job_id,
-                        "fit_seconds": fit_seconds,
-                    },
+                    metadata=model_metadata(
+                        config, config_source, points, job_id, fit_seconds=fit_seconds
+                    ),
                     storage_options=out.storage_options,
                 )
             fs_write = io.text_writer(tmp, storage_options=out.storage_options)
@@ -369,6 +364,20 @@ def _run(
             output=out.path,
         )
     return JobResult(summary, out.path)
+
+
+def model_metadata(
+    config: JobConfig, config_source: str | None, points: io.Points, job_id: str, **extra: Any
+) -> dict[str, Any]:
+    """What a saved model records of the run that made it (``dkm info`` shows it)."""
+    return {
+        "config": config.to_dict(),
+        "config_source": config_source,
+        "data_fingerprint": points.fingerprint,
+        "data": points.description,
+        "job": job_id,
+        **extra,
+    }
 
 
 def _summary(

@@ -29,7 +29,7 @@ from dkm.cluster import cluster_memory, connect
 from dkm.config import ConfigError, JobConfig, RegistryConfig
 from dkm.engine import ChunkedData, IterationInfo, PassOptions, stats_pass_many, summarize
 from dkm.estimators import GaussianMixture, KMeans
-from dkm.job import build_estimator, open_data, sample_rows, should_persist
+from dkm.job import build_estimator, model_metadata, open_data, sample_rows, should_persist
 from dkm.kernels.mstep import gaussian_mstep, kmeans_centres
 from dkm.kernels.params import (
     MixtureParams,
@@ -538,15 +538,9 @@ def recluster(
         io.save_model(
             est,
             f"{tmp}/model",
-            metadata={
-                "config": config.to_dict(),
-                "config_source": config_source,
-                "data_fingerprint": points.fingerprint,
-                "data": points.description,
-                "job": job_id,
-                "recluster": mode,
-                "parent": current,
-            },
+            metadata=model_metadata(
+                config, config_source, points, job_id, recluster=mode, parent=current
+            ),
             storage_options=rcfg.storage_options,
             statistics=saved,
         )

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import numpy as np
+from sklearn.base import clone
 
 from dkm.engine import PassOptions, stats_pass_many
 from dkm.estimators import GaussianMixture, KMeans
@@ -104,8 +105,6 @@ def sweep(
     if criterion not in CRITERIA:
         raise ValueError(f"criterion: expected one of {', '.join(CRITERIA)}, got {criterion!r}")
     ks = check_candidates(n_clusters)
-    from sklearn.base import clone
-
     proto = clone(estimator)
     if isinstance(proto, KMeans):
         models: list[Any] = proto._fit_candidates(X, ks, sample_weight)
