@@ -102,12 +102,6 @@ class ChunkedData:
         return self._blocks
 
 
-def centred(X: NDArray[Any], origin: F64, covariance_type: str) -> NDArray[Any]:
-    """``X − origin`` in the kernels' compute dtype (float32 stays float32 for k-means)."""
-    dtype = K.compute_dtype(np.dtype(X.dtype), covariance_type)
-    return np.asarray(X, dtype) - origin.astype(dtype)
-
-
 # --------------------------------------------------------------------------- passes
 
 
@@ -162,18 +156,18 @@ def _estep_chunk_many(
     row_offset: int,
     drop_nonfinite: bool = False,
 ) -> StackedStats:
-    """The E-step of every model in ``jobs`` on one chunk, read (and centred) once."""
+    """The E-step of every model in ``jobs`` on one chunk, read once.
+
+    The kernels centre each row block on ``origin`` as they read it (in cache), rather
+    than the chunk being copied whole, centred, every pass.
+    """
     if drop_nonfinite:
         X, w, _ = _without_nonfinite(X, w, origin)
-    centred_by_dtype: dict[Any, NDArray[Any]] = {}
     out = []
     for params, shift, options in jobs:
-        dtype = K.compute_dtype(np.dtype(X.dtype), params.covariance_type)
-        if dtype not in centred_by_dtype:
-            centred_by_dtype[dtype] = centred(X, origin, params.covariance_type)
         out.append(
             K.estep(
-                centred_by_dtype[dtype],
+                X,
                 params,
                 assignment=options.assignment,
                 moments=options.moments,
@@ -181,6 +175,7 @@ def _estep_chunk_many(
                 sample_weight=w,
                 n_farthest=options.n_farthest,
                 row_offset=row_offset,
+                origin=origin,
             )
         )
     return StackedStats(tuple(out))
@@ -702,7 +697,7 @@ def _apply_kernel(
     bad = None
     if drop_nonfinite:
         X, _, bad = _without_nonfinite(X, None, origin)
-    out = fn(centred(X, origin, params.covariance_type), params)
+    out = fn(K.centred(X, origin, params.covariance_type), params)
     if bad is not None:  # dropped rows: label -1, no probabilities, distances or density
         out[bad] = -1 if out.dtype.kind == "i" else np.nan
     return out

@@ -53,9 +53,9 @@ from dkm.engine import (
     PassOptions,
     _reduce_and_compute,
     _without_nonfinite,
-    centred,
     stats_pass,
 )
+from dkm.kernels.expectation import centred
 from dkm.kernels.init import (
     candidate_capacity,
     min_sq_distances,

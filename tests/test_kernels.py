@@ -213,3 +213,93 @@ def test_kmeans_without_candidates_raises():
     stats = estep(X, MixtureParams.identity(C), assignment="hard", moments="none", n_farthest=2)
     with pytest.raises(ValueError, match="cluster 1 is empty"):
         kmeans_centres(stats)
+
+
+@pytest.mark.parametrize("limit", [0.0, None, np.inf], ids=["exact", "default", "raw"])
+@pytest.mark.parametrize("block", [None, 1 << 8], ids=["default-blocks", "tiny-blocks"])
+def test_soft_full_moments_match_naive_on_every_path(limit, block, monkeypatch):
+    """Second moments from ``R Z`` (raw path), from the exact differences, or chosen
+    per component, over one block or many: all equal the naive sums."""
+    from dkm.kernels import expectation as E
+
+    if limit is not None:
+        monkeypatch.setattr(E, "CANCELLATION_LIMIT", limit)
+    if block is not None:
+        monkeypatch.setattr(E, "SOFT_BLOCK_ELEMENTS", block)
+    params, dense = random_params("full", k=4, d=5, seed=7)
+    rng = np.random.default_rng(8)
+    X = rng.normal(scale=3, size=(301, 5))
+    w = rng.uniform(0, 2, size=301)
+    shift = params.means + rng.normal(scale=0.1, size=params.means.shape)
+    logp = np.column_stack(
+        [
+            np.log(params.weights[j]) + multivariate_normal(params.means[j], dense[j]).logpdf(X)
+            for j in range(4)
+        ]
+    )
+    norm = np.log(np.exp(logp).sum(axis=1))
+    resp = np.exp(logp - norm[:, None])
+    got = estep(X, params, assignment="soft", moments="full", shift=shift, sample_weight=w)
+    nk, sx, sxx = naive_stats(X, w, resp, shift, "full")
+    np.testing.assert_allclose(got.nk, nk, rtol=1e-12)
+    np.testing.assert_allclose(got.sx, sx, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(got.sxx, sxx, rtol=1e-10, atol=1e-9)
+    assert got.objective == pytest.approx(float(w @ norm), rel=1e-12)
+
+
+@pytest.mark.parametrize("limit", [None, np.inf], ids=["default", "raw-only"])
+def test_soft_full_moments_of_a_tight_far_component_are_exact(limit, monkeypatch):
+    """A component of spread 1e-3 at distance 1e3 from the origin: raw sums would cancel
+    12 digits; the default limit sums that component from exact differences instead."""
+    from dkm.kernels import expectation as E
+
+    if limit is not None:
+        monkeypatch.setattr(E, "CANCELLATION_LIMIT", limit)
+    rng = np.random.default_rng(9)
+    near = rng.normal(size=(400, 3))
+    far = 1e3 + 1e-3 * rng.normal(size=(400, 3))
+    X = np.vstack([near, far])
+    means = np.array([np.zeros(3), np.full(3, 1e3)])
+    cov = np.array([np.eye(3), 1e-6 * np.eye(3)])
+    params = MixtureParams(
+        "full", np.array([0.5, 0.5]), means, precision_cholesky_from_covariances(cov, "full")
+    )
+    got = estep(X, params, assignment="soft", moments="full", shift=means)
+    ref = np.cov((far - 1e3).T, bias=True) * 400 + 400 * np.outer(
+        far.mean(axis=0) - 1e3, far.mean(axis=0) - 1e3
+    )
+    error = np.abs(got.sxx[1] - ref).max() / np.abs(ref).max()
+    logp = np.column_stack(
+        [np.log(0.5) + multivariate_normal(means[j], cov[j]).logpdf(X) for j in range(2)]
+    )
+    objective = float(np.log(np.exp(logp).sum(axis=1)).sum())
+    objective_error = abs(got.objective - objective) / abs(objective)
+    if limit is None:
+        assert error < 1e-9
+        assert objective_error < 1e-12
+    else:  # the raw path alone is visibly wrong here: the fallback is what fixes it
+        assert error > 1e-6
+
+
+@pytest.mark.parametrize("ct", [*TYPES, "identity"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_estep_centring_rows_as_read_equals_centred_copy(ct, dtype):
+    """``estep(X, origin=o)`` is bit for bit ``estep(centred(X, o))``, farthest included."""
+    from dkm.kernels.expectation import centred
+
+    params, _ = random_params(ct, k=3, d=4, seed=10)
+    rng = np.random.default_rng(11)
+    origin = rng.normal(scale=50, size=4)
+    X = (origin + rng.normal(scale=3, size=(257, 4))).astype(dtype)
+    w = rng.uniform(0, 2, size=257)
+    assignment = "hard" if ct == "identity" else "soft"
+    moments = "none" if ct == "identity" else ct
+    kwargs = dict(assignment=assignment, moments=moments, sample_weight=w, n_farthest=3)
+    a = estep(centred(X, origin, ct), params, **kwargs, row_offset=5)
+    b = estep(X, params, **kwargs, row_offset=5, origin=origin)
+    for field in ("nk", "sx", "sxx"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+    assert a.objective == b.objective
+    assert a.farthest is not None and b.farthest is not None
+    np.testing.assert_array_equal(a.farthest.points, b.farthest.points)
+    np.testing.assert_array_equal(a.farthest.rows, b.farthest.rows)

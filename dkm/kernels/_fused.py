@@ -22,6 +22,7 @@ The functions release the GIL, so Dask's threaded scheduler runs chunks in paral
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -186,3 +187,143 @@ def kmeans_rows(
         if m > 0 and wi > 0.0 and (heap_n[0] < m or dist >= heap_d[0]):
             _heap_offer(heap_d, heap_r, heap_l, heap_n, dist, row_offset + i, lab)
     objective[0] += total
+
+
+# --------------------------------------------------------------------------- mixtures
+# Row passes of the Gaussian-mixture E-step. Each fills or transforms an (n, k) block of
+# log-densities that stays in cache; the GEMMs around them are NumPy's (BLAS).
+
+
+@_jit(fastmath=_REASSOC)
+def log_density_stacked(Y: Any, shift: Any, const: Any, out: Any) -> None:
+    """``out[i, j] = const[j] − ½ Σ_f (Y[i, f·k + j] − shift[f, j])²`` (full covariances).
+
+    ``Y = X @ S`` is one GEMM for every component, its columns feature-major
+    (``S[:, f·k + j] = P_j[:, f]``) so that the inner loop runs over the k components
+    (contiguous, vectorised); ``shift[f, j] = (μ_j P_j)_f``.
+    """
+    n = Y.shape[0]
+    d, k = shift.shape
+    for i in range(n):
+        for j in range(k):
+            out[i, j] = 0.0
+        for f in range(d):
+            base = f * k
+            for j in range(k):
+                t = Y[i, base + j] - shift[f, j]
+                out[i, j] += t * t
+        for j in range(k):
+            out[i, j] = const[j] - 0.5 * out[i, j]
+
+
+@_jit(fastmath=_REASSOC)
+def log_density_shared(Y: Any, MT: Any, const: Any, out: Any) -> None:
+    """``out[i, j] = const[j] − ½ ‖Y[i] − M[j]‖²`` (tied: ``Y = X P``, ``MT = (μ P)ᵀ``)."""
+    n, d = Y.shape
+    k = MT.shape[1]
+    for i in range(n):
+        for j in range(k):
+            out[i, j] = 0.0
+        for f in range(d):
+            y = Y[i, f]
+            for j in range(k):
+                t = y - MT[f, j]
+                out[i, j] += t * t
+        for j in range(k):
+            out[i, j] = const[j] - 0.5 * out[i, j]
+
+
+@_jit(fastmath=_REASSOC)
+def log_density_diag(X: Any, meansT: Any, precT: Any, const: Any, out: Any) -> None:
+    """``out[i, j] = const[j] − ½ Σ_f precT[f, j] (X[i, f] − meansT[f, j])²``.
+
+    Diag and spherical covariances; the differences are taken exactly, not expanded
+    into ``x² − 2xμ + μ²``. Parameters are feature-major (d, k): the inner loop runs
+    over the components.
+    """
+    n, d = X.shape
+    k = meansT.shape[1]
+    for i in range(n):
+        for j in range(k):
+            out[i, j] = 0.0
+        for f in range(d):
+            x = X[i, f]
+            for j in range(k):
+                t = x - meansT[f, j]
+                out[i, j] += precT[f, j] * t * t
+        for j in range(k):
+            out[i, j] = const[j] - 0.5 * out[i, j]
+
+
+#: exp by Cody–Waite reduction ``t = n ln2 + r`` (|r| ≤ ln2/2) and a degree-13 Taylor
+#: polynomial (truncation < 3e-18): within ~1 ulp of libm's exp, but plain arithmetic
+#: and table look-ups, so a loop over a row's components vectorises (numba's ``np.exp``
+#: is a scalar libm call here: llvmlite's wheels carry no SVML).
+_LOG2E = 1.4426950408889634
+_LN2_HI = 6.93147180369123816490e-01  # 32 significant bits: n·_LN2_HI is exact
+_LN2_LO = 1.90821492927058770002e-10
+_INV_FACT = np.array([1.0 / math.factorial(i) for i in range(14)])
+_POW2_LOW = np.array([2.0**-i for i in range(64)])  # 2^-(m mod 64)
+_POW2_HIGH = np.array([2.0 ** (-64 * i) for i in range(16)])  # 2^-(64 ⌊m/64⌋)
+#: below this, exp(t) is subnormal (< 2.2e-308): taken as 0
+_EXP_FLOOR = -708.0
+
+
+@_jit
+def _exp_nonpositive(t: float) -> float:
+    """``exp(t)`` for ``t ≤ 0`` (0 below :data:`_EXP_FLOOR`); compiled without fastmath,
+    so the reduction's two-part subtraction is kept as written."""
+    tc = max(t, _EXP_FLOOR)
+    nf = np.floor(tc * _LOG2E + 0.5)
+    r = (tc - nf * _LN2_HI) - nf * _LN2_LO
+    p = _INV_FACT[13]
+    for q in range(12, -1, -1):
+        p = p * r + _INV_FACT[q]
+    m = np.int64(-nf)  # 0 … 1022
+    e = p * _POW2_LOW[m & 63] * _POW2_HIGH[m >> 6]
+    if t >= _EXP_FLOOR:
+        return e
+    return 0.0 if t < _EXP_FLOOR else np.nan  # NaN stays NaN
+
+
+@_jit(fastmath=_REASSOC)
+def soft_rows(L: Any, w: Any, norm: Any, nk: Any, objective: Any) -> None:
+    """Responsibilities in place: ``L[i] ← w_i · softmax(L[i])``, with the sums fused.
+
+    ``norm[i] = log Σ_j exp L[i, j]`` (the max-shifted log-sum-exp, as SciPy's),
+    ``nk += Σ_i L[i]`` (after the transform) and ``objective += Σ_i w_i norm[i]``.
+    """
+    n, k = L.shape
+    total = 0.0
+    for i in range(n):
+        m = L[i, 0]
+        for j in range(1, k):
+            m = max(m, L[i, j])
+        s = 0.0
+        for j in range(k):
+            e = _exp_nonpositive(L[i, j] - m)
+            L[i, j] = e
+            s += e
+        lse = m + np.log(s)
+        norm[i] = lse
+        scale = w[i] / s
+        for j in range(k):
+            r = L[i, j] * scale
+            L[i, j] = r
+            nk[j] += r
+        total += w[i] * lse
+    objective[0] += total
+
+
+@_jit
+def outer_rows(X: Any, Z: Any) -> None:
+    """``Z[i] = [x ⊗ x | x]``: ``Z[i, a·d + b] = x_a x_b``, then ``Z[i, d² + a] = x_a``."""
+    n, d = X.shape
+    dd = d * d
+    for i in range(n):
+        for a in range(d):
+            xa = X[i, a]
+            base = a * d
+            for b in range(d):
+                Z[i, base + b] = xa * X[i, b]
+            Z[i, dd + a] = xa

@@ -7,6 +7,7 @@ origin (``X − origin``), ``params`` are expressed in the same centred coordina
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
@@ -29,6 +30,15 @@ BLOCK_ELEMENTS = 1 << 22
 #: Elements of the (rows, k) distance block of the fused k-means kernels: small enough
 #: (1 MB in float32) that the compiled pass reads it back from cache, not from memory.
 FUSED_BLOCK_ELEMENTS = 1 << 18
+
+#: Elements of the widest per-block temporary of the mixture E-step (``X @ [P_1 … P_k]``
+#: for full covariances, the second-moment features): 4 MB in float64, cache-sized.
+SOFT_BLOCK_ELEMENTS = 1 << 19
+
+#: A component's second moments taken from raw sums (``Σ r x xᵀ − …``) lose about
+#: log10(ratio) digits, ratio = ``Σ r ‖x‖² / Σ r ‖x − c‖²``; above this ratio they are
+#: summed again from the exact differences ``x − c``.
+CANCELLATION_LIMIT = 1e4
 
 
 def row_blocks(n: int, per_row: int, elements: int = BLOCK_ELEMENTS) -> Iterator[slice]:
@@ -65,52 +75,73 @@ def nearest(X: NDArray[Any], means: NDArray[Any]) -> NDArray[np.int64]:
 
 
 def log_gaussian(X: F64, params: MixtureParams) -> F64:
-    """``log N(x_i | μ_k, Σ_k)`` for all i, k; (n, k) float64.
+    """``log N(x_i | μ_k, Σ_k)`` for all i, k; (n, k) float64."""
+    return _log_density(X, params, np.zeros(params.n_components))
 
-    Mahalanobis terms come from GEMMs: the full type stacks all k precision-Cholesky
-    factors into one (d, k·d) matrix so a single product serves every component.
+
+def _log_density(
+    X: NDArray[Any], params: MixtureParams, offset: F64, ws: Workspace | None = None
+) -> F64:
+    """``log N(x_i | μ_k, Σ_k) + offset_k``; (n, k) float64, in bounded row blocks.
+
+    Mahalanobis terms: identity by :func:`sq_distances`; full by one GEMM for all
+    components (the k precision-Cholesky factors stacked into a (d, k·d) matrix), then a
+    compiled pass subtracting ``μ_k P_k`` and summing squares per component; tied by the
+    GEMM ``X P`` and the same pass against ``μ_k P``; diag and spherical by a compiled
+    pass over the exact differences ``x − μ_k``, weighted by the precisions. With a
+    workspace, the result and the temporaries are its buffers ``L`` and ``Y``.
     """
     n, d = X.shape
     means, pc, ct = params.means, params.precisions_cholesky, params.covariance_type
     k = means.shape[0]
+    const = np.ascontiguousarray(
+        -0.5 * d * LOG_2PI + log_det_cholesky(pc, ct, d) + offset, dtype=np.float64
+    ).reshape(k)
+    out = np.empty((n, k)) if ws is None else ws.get("L", (n, k))
     if ct == "identity":
-        maha = sq_distances(X, means)
-    elif ct == "full":
-        assert pc is not None
-        stacked = pc.transpose(1, 0, 2).reshape(d, k * d)
-        shift = np.einsum("kd,kde->ke", means, pc)
-        Y = (X @ stacked).reshape(n, k, d)
-        Y -= shift
-        maha = np.einsum("nkd,nkd->nk", Y, Y)
+        for rows in row_blocks(n, k):
+            out[rows] = const - 0.5 * sq_distances(np.asarray(X[rows], np.float64), means)
+        return out
+    assert pc is not None
+    fused = _fused()
+    if ct == "full":
+        # columns feature-major: stacked[:, f·k + j] = P_j[:, f]
+        stacked = np.ascontiguousarray(pc.transpose(1, 2, 0).reshape(d, d * k))
+        shift = np.ascontiguousarray(np.einsum("kd,kde->ek", means, pc))
+        for rows in row_blocks(n, k * d, SOFT_BLOCK_ELEMENTS):
+            Xb = np.asarray(X[rows], np.float64)
+            Y = _product(Xb, stacked, ws)
+            fused.log_density_stacked(Y, shift, const, out[rows])
     elif ct == "tied":
-        assert pc is not None
-        Y = X @ pc
-        M = means @ pc
-        maha = np.empty((n, k))
-        for j in range(k):  # k passes over an (n, d) block; the product above is the GEMM
-            diff = Y - M[j]
-            maha[:, j] = np.einsum("nd,nd->n", diff, diff)
-    elif ct == "diag":
-        assert pc is not None
-        prec = pc**2
-        maha = (X * X) @ prec.T - 2.0 * (X @ (means * prec).T) + (means**2 * prec).sum(axis=1)
-    else:  # spherical
-        assert pc is not None
-        prec = pc**2
-        x2 = np.einsum("ij,ij->i", X, X)[:, None]
-        maha = (x2 - 2.0 * (X @ means.T) + (means**2).sum(axis=1)) * prec
-    return -0.5 * (d * LOG_2PI + maha) + log_det_cholesky(pc, ct, d)
+        MT = np.ascontiguousarray((means @ pc).T)
+        for rows in row_blocks(n, d + k, SOFT_BLOCK_ELEMENTS):
+            Y = _product(np.asarray(X[rows], np.float64), pc, ws)
+            fused.log_density_shared(Y, MT, const, out[rows])
+    else:  # diag, spherical: exact differences, one pass
+        prec = pc**2 if ct == "diag" else np.repeat((pc**2)[:, None], d, axis=1)
+        precT, meansT = np.ascontiguousarray(prec.T), np.ascontiguousarray(means.T)
+        for rows in row_blocks(n, d + k, SOFT_BLOCK_ELEMENTS):
+            Xb = np.ascontiguousarray(X[rows], np.float64)
+            fused.log_density_diag(Xb, meansT, precT, const, out[rows])
+    return out
+
+
+def _product(A: F64, B: F64, ws: Workspace | None) -> F64:
+    """``A @ B`` as a C-contiguous array, in the workspace's ``Y`` buffer if given."""
+    if ws is None:
+        return np.ascontiguousarray(A @ B)
+    return np.matmul(A, B, out=ws.get("Y", (A.shape[0], B.shape[1])))
 
 
 def weighted_log_prob(X: F64, params: MixtureParams) -> F64:
     """``log π_k + log N(x_i | k)``; (n, k)."""
-    return log_gaussian(X, params) + np.log(params.weights)
+    return _log_density(X, params, np.log(params.weights))
 
 
 def _per_row(params: MixtureParams, moments: Moments) -> int:
     k, d = params.n_components, params.n_features
     width = k * d if params.covariance_type in ("full", "tied") else k + d
-    return max(width, 2 * d if moments == "full" else d)
+    return max(width, d * d + d if moments == "full" else d)
 
 
 def estep(
@@ -123,6 +154,7 @@ def estep(
     sample_weight: NDArray[Any] | None = None,
     n_farthest: int = 0,
     row_offset: int = 0,
+    origin: F64 | None = None,
 ) -> SuffStats:
     """Sufficient statistics of one chunk under ``params``.
 
@@ -137,22 +169,91 @@ def estep(
     n_farthest : keep this many points for re-seeding: farthest from their centre
         (k-means) or with the lowest likelihood (mixtures).
     row_offset : global index of the chunk's first row.
+    origin : if given, ``X`` is not centred yet: each row block is centred as it is
+        read (``X − origin`` in the compute dtype, what :func:`centred` gives), so the
+        chunk is never copied whole.
     """
     n, d = X.shape
     k = params.n_components
     w = np.ones(n) if sample_weight is None else np.asarray(sample_weight, np.float64)
-    if params.covariance_type == "identity" and assignment == "hard":
-        return _kmeans_estep(X, params, moments, shift, w, n_farthest, row_offset)
-    total = SuffStats.zero(k, d, moments, n_farthest)
     cdtype = compute_dtype(X.dtype, params.covariance_type)
-    for rows in row_blocks(n, _per_row(params, moments)):
-        Xb = np.asarray(X[rows], dtype=cdtype)
+    ws = Workspace()
+    rows_of = _Rows(X, origin, cdtype, ws)
+    if params.covariance_type == "identity" and assignment == "hard":
+        return _kmeans_estep(rows_of, params, moments, shift, w, n_farthest, row_offset)
+    total = SuffStats.zero(k, d, moments, n_farthest)
+    for rows in row_blocks(n, _per_row(params, moments), SOFT_BLOCK_ELEMENTS):
+        Xb = rows_of(rows)
         total = total.merge(
             _estep_block(
-                Xb, params, assignment, moments, shift, w[rows], n_farthest, row_offset + rows.start
+                Xb,
+                params,
+                assignment,
+                moments,
+                shift,
+                w[rows],
+                n_farthest,
+                row_offset + rows.start,
+                ws,
             )
         )
     return total
+
+
+def centred(X: NDArray[Any], origin: F64, covariance_type: str) -> NDArray[Any]:
+    """``X − origin`` in the kernels' compute dtype (float32 stays float32 for k-means)."""
+    dtype = compute_dtype(np.dtype(X.dtype), covariance_type)
+    return np.asarray(X, dtype) - origin.astype(dtype)
+
+
+class Workspace:
+    """Buffers reused by every row block of one chunk.
+
+    Under a Dask nanny, workers run with ``MALLOC_TRIM_THRESHOLD_`` set, which turns off
+    glibc's adaptive mmap threshold: every temporary over 128 kB is then a fresh ``mmap``
+    whose pages the kernel faults in and zeroes, and the per-block temporaries of the
+    E-step made it run ~1.8× slower in worker processes than in threads. One buffer per
+    name, grown when needed, keeps them out of the allocator.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, NDArray[Any]] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: Any = np.float64) -> NDArray[Any]:
+        """A C-contiguous uninitialised array of ``shape`` (a view of the named buffer)."""
+        size = math.prod(shape)
+        buf = self._buffers.get(name)
+        if buf is None or buf.size < size or buf.dtype != np.dtype(dtype):
+            buf = self._buffers[name] = np.empty(size, dtype)
+        return buf[:size].reshape(shape)
+
+
+class _Rows:
+    """Rows of a chunk in the compute dtype, centred on ``origin`` as they are read."""
+
+    def __init__(
+        self, X: NDArray[Any], origin: F64 | None, dtype: np.dtype[Any], ws: Workspace
+    ) -> None:
+        self.X, self.dtype, self.shape, self.ws = X, dtype, X.shape, ws
+        self.origin = None if origin is None else origin.astype(dtype)
+
+    def __call__(self, rows: Any) -> NDArray[Any]:
+        """C-contiguous ``X[rows] (− origin)``: the bits :func:`centred` would give.
+
+        Slices land in the workspace's ``rows`` buffer (valid until the next call);
+        index arrays get their own array.
+        """
+        src = self.X[rows]
+        if self.origin is None and src.dtype == self.dtype and src.flags.c_contiguous:
+            return src
+        if isinstance(rows, slice):
+            out = self.ws.get("rows", src.shape, self.dtype)
+        else:
+            out = np.empty(src.shape, self.dtype)
+        if self.origin is None:
+            out[...] = src
+            return out
+        return np.subtract(src, self.origin, out=out, dtype=self.dtype)
 
 
 def _fused() -> ModuleType:
@@ -163,7 +264,7 @@ def _fused() -> ModuleType:
 
 
 def _kmeans_estep(
-    X: NDArray[Any],
+    X: _Rows,
     params: MixtureParams,
     moments: Moments,
     shift: F64 | None,
@@ -182,7 +283,7 @@ def _kmeans_estep(
     """
     n, d = X.shape
     k = params.n_components
-    cdtype = compute_dtype(X.dtype, "identity")
+    cdtype = X.dtype
     w = np.ascontiguousarray(w, np.float64)
     C = np.ascontiguousarray(params.means, dtype=cdtype)
     neg2CT = (-2.0 * C).T  # as in nearest(): the same GEMM, so the same labels
@@ -193,8 +294,8 @@ def _kmeans_estep(
     heap_r, heap_l = np.empty(n_farthest, np.int64), np.empty(n_farthest, np.int64)
     kernel = _fused().kmeans_rows
     for rows in row_blocks(n, k, FUSED_BLOCK_ELEMENTS):
-        Xb = np.ascontiguousarray(X[rows], dtype=cdtype)
-        G = Xb @ neg2CT
+        Xb = X(rows)
+        G = np.matmul(Xb, neg2CT, out=X.ws.get("G", (Xb.shape[0], k), cdtype))
         kernel(
             Xb,
             G,
@@ -217,7 +318,7 @@ def _kmeans_estep(
     if moments != "none":  # second moments around c: float64 rows, bounded blocks
         raw = np.zeros(_raw_shape(moments, k, d))
         for rows in row_blocks(n, _per_row(params, moments)):
-            X64 = np.asarray(X[rows], np.float64)
+            X64 = np.asarray(X(rows), np.float64)
             ids = np.arange(X64.shape[0])
             R = sparse.csr_array((w[rows], (labels[rows], ids)), shape=(k, X64.shape[0]))
             raw += _raw_moments(X64, labels[rows], R, w[rows], c, moments)
@@ -232,7 +333,7 @@ def _kmeans_estep(
             n_farthest,
             heap_d[:m][order],
             rows_kept,
-            np.asarray(X[local], np.float64),
+            np.asarray(X(local), np.float64),
             w[local],
             heap_l[:m][order],
         )
@@ -248,6 +349,7 @@ def _estep_block(
     w: F64,
     n_farthest: int,
     row_offset: int,
+    ws: Workspace,
 ) -> SuffStats:
     n, d = X.shape
     k = params.n_components
@@ -263,25 +365,36 @@ def _estep_block(
         R: Any = sparse.csr_array((w, (labels, np.arange(n))), shape=(k, n))
         nk = np.bincount(labels, weights=w, minlength=k).astype(np.float64)
     else:
-        wlp = weighted_log_prob(X64, params)
-        norm = logsumexp(wlp, axis=1)
-        objective = float(w @ norm)
-        if n_farthest:  # the points the model explains worst, for re-seeding
-            worst_labels = wlp.argmax(axis=1)
+        resp = _log_density(X64, params, np.log(params.weights), ws)
+        features = None
+        if params.covariance_type == "full" and moments == "full":
+            features = _features(X64, ws)
+        worst_labels = resp.argmax(axis=1) if n_farthest else None
+        norm, nk, total = np.empty(n), np.zeros(k), np.zeros(1)
+        _fused().soft_rows(resp, w, norm, nk, total)  # resp ← w · responsibilities
+        objective = float(total[0])
+        if worst_labels is not None:  # the points the model explains worst, for re-seeding
             farthest = FarthestPoints.from_chunk(
                 n_farthest, -norm, X64, w, worst_labels, row_offset
             )
-        resp = np.exp(wlp - norm[:, None])
-        resp *= w[:, None]
         R = resp.T
-        nk = resp.sum(axis=0)
         labels = None
+        if features is not None:  # one GEMM: raw second moments and Σ w r x
+            c = np.zeros((k, d)) if shift is None else shift
+            M = R @ features
+            S1 = np.ascontiguousarray(M[:, d * d :])
+            raw = M[:, : d * d].reshape(k, d, d)
+            sxx = _full_moments_from_raw(raw, S1, nk, X64, R, c)
+            return SuffStats(
+                moments, nk, S1 - nk[:, None] * c, sxx, objective, float(w.sum()), n, farthest
+            )
     S1 = np.asarray(R @ X64)  # (k, d): Σ w r x
     c = np.zeros((k, d)) if shift is None else shift
     sx = S1 - nk[:, None] * c
     sxx = None
     if moments != "none":
-        sxx = _moments_around(_raw_moments(X64, labels, R, w, c, moments), S1, nk, c, moments)
+        raw = _raw_moments(X64, labels, R, w, c, moments, ws)
+        sxx = _moments_around(raw, S1, nk, c, moments)
     return SuffStats(moments, nk, sx, sxx, objective, float(w.sum()), n, farthest)
 
 
@@ -291,7 +404,13 @@ def _raw_shape(moments: Moments, k: int, d: int) -> tuple[int, ...]:
 
 
 def _raw_moments(
-    X64: F64, labels: NDArray[np.int64] | None, R: Any, w: F64, c: F64, moments: Moments
+    X64: F64,
+    labels: NDArray[np.int64] | None,
+    R: Any,
+    w: F64,
+    c: F64,
+    moments: Moments,
+    ws: Workspace | None = None,
 ) -> F64:
     """The additive part of the second moments over some rows.
 
@@ -300,6 +419,8 @@ def _raw_moments(
     weighted responsibilities; with hard ``labels`` the full moments use them instead.
     """
     k, d = c.shape
+    if moments == "full" and labels is None:
+        return _full_moments_soft(X64, R, c, ws)
     if moments == "full":
         sxx = np.empty((k, d, d))
         if labels is not None:
@@ -317,6 +438,46 @@ def _raw_moments(
     if moments == "tied":
         return np.asarray(X64.T @ (X64 * w[:, None]))
     return np.asarray(R @ (X64 * X64))  # diag, spherical
+
+
+def _features(X64: F64, ws: Workspace | None = None) -> F64:
+    """``[x ⊗ x | x]`` per row, (n, d² + d): ``R Z`` gives raw moments and ``Σ r x``."""
+    n, d = X64.shape
+    shape = (n, d * d + d)
+    Z = np.empty(shape) if ws is None else ws.get("Z", shape)
+    _fused().outer_rows(np.ascontiguousarray(X64), Z)
+    return Z
+
+
+def _full_moments_soft(X64: F64, R: Any, c: F64, ws: Workspace | None = None) -> F64:
+    """``Σ_i R[k, i] (x_i − c_k)(x_i − c_k)ᵀ`` per component, by one GEMM for all."""
+    k, d = c.shape
+    M = R @ _features(X64, ws)
+    nk = np.asarray(R.sum(axis=1))
+    S1 = np.ascontiguousarray(M[:, d * d :])
+    return _full_moments_from_raw(M[:, : d * d].reshape(k, d, d), S1, nk, X64, R, c)
+
+
+def _full_moments_from_raw(raw: F64, S1: F64, nk: F64, X64: F64, R: Any, c: F64) -> F64:
+    """Second moments around ``c_k`` from the raw ones ``Σ r x xᵀ`` (``R Z``).
+
+    The rows' products ``x_a x_b`` form the features Z, so the raw moments of every
+    component are the single product ``R Z`` (the full square rather than the triangle:
+    twice the flops of a GEMM that is not the bottleneck, a row pass that vectorises);
+    they are moved to ``c_k`` with the first moments ``S1 = R X``. Where that
+    subtraction would cancel more than :data:`CANCELLATION_LIMIT` allows (a tight
+    component far from the origin), the component is summed again from the exact
+    differences, as scikit-learn does.
+    """
+    raw = 0.5 * (raw + raw.transpose(0, 2, 1))  # exactly symmetric
+    cs = c[:, :, None] * S1[:, None, :]
+    sxx = raw - cs - cs.transpose(0, 2, 1) + nk[:, None, None] * c[:, :, None] * c[:, None, :]
+    raw_trace = np.trace(raw, axis1=1, axis2=2)
+    centred_trace = np.trace(sxx, axis1=1, axis2=2)
+    for j in np.flatnonzero(raw_trace > CANCELLATION_LIMIT * centred_trace):
+        diff = X64 - c[j]
+        sxx[j] = (diff * R[j][:, None]).T @ diff
+    return np.asarray(sxx)
 
 
 def _moments_around(raw: F64, S1: F64, nk: F64, c: F64, moments: Moments) -> F64:
