@@ -75,7 +75,7 @@ def check_stats(
 @pytest.fixture(params=[None, 1 << 6], ids=["default-blocks", "tiny-blocks"])
 def block_elements(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """Run each case with the default block and with blocks of a few rows (many blocks,
-    odd remainders for the four-row argmin)."""
+    odd remainders; a block shorter than a SIMD vector)."""
     if request.param is not None:
         monkeypatch.setattr(E, "FUSED_BLOCK_ELEMENTS", request.param)
 
@@ -234,7 +234,7 @@ def test_non_contiguous_and_integer_input() -> None:
 
 def test_kernels_release_the_gil() -> None:
     # Dask's threaded scheduler runs one chunk per thread: the passes must not hold the GIL
-    for f in (_fused.kmeans_rows, _fused.nearest_rows):
+    for f in (_fused.kmeans_rows, _fused.nearest_cols):
         assert f.targetoptions.get("nogil") is True
 
 

@@ -67,11 +67,14 @@ def sq_distances(X: NDArray[Any], means: NDArray[Any]) -> NDArray[Any]:
 
 
 def nearest(X: NDArray[Any], means: NDArray[Any]) -> NDArray[np.int64]:
-    """Index of the closest centre: argmin of ``‖μ‖² − 2 x·μ`` (one GEMM, X's dtype)."""
+    """Index of the closest centre: argmin of ``‖μ‖² − 2 μ·x`` (one GEMM, X's dtype).
+
+    The product is centre-major, ``(−2C) @ Xᵀ``, as the compiled kernels compute it.
+    """
     C = means.astype(X.dtype, copy=False)
-    D = X @ (-2.0 * C).T  # the factor folded into the small operand: one pass fewer
-    D += (C * C).sum(axis=1)
-    return D.argmin(axis=1).astype(np.int64, copy=False)
+    D = (-2.0 * C) @ X.T  # the factor folded into the small operand: one pass fewer
+    D += (C * C).sum(axis=1)[:, None]
+    return D.argmin(axis=0).astype(np.int64, copy=False)
 
 
 def log_gaussian(X: F64, params: MixtureParams) -> F64:
@@ -274,7 +277,7 @@ def _kmeans_estep(
 ) -> SuffStats:
     """The hard E-step of identity covariances (k-means): GEMM, then one fused pass.
 
-    Per block of rows: ``G = X @ (−2C)ᵀ`` by BLAS in the compute dtype (float32 stays
+    Per block of rows: ``Gᵀ = (−2C) @ Xᵀ`` by BLAS in the compute dtype (float32 stays
     float32), then :func:`dkm.kernels._fused.kmeans_rows` takes the argmin of
     ``G + ‖c‖²`` (the labels of :func:`nearest`, lowest index on ties), the squared
     distance to the chosen centre from the exact differences (summed in float64), and
@@ -286,7 +289,7 @@ def _kmeans_estep(
     cdtype = X.dtype
     w = np.ascontiguousarray(w, np.float64)
     C = np.ascontiguousarray(params.means, dtype=cdtype)
-    neg2CT = (-2.0 * C).T  # as in nearest(): the same GEMM, so the same labels
+    neg2C = -2.0 * C  # as in nearest(): the same GEMM, so the same labels
     c2 = (C * C).sum(axis=1)
     labels = np.empty(n, np.int64)
     nk, s1, objective = np.zeros(k), np.zeros((k, d)), np.zeros(1)
@@ -295,15 +298,17 @@ def _kmeans_estep(
     kernel = _fused().kmeans_rows
     for rows in row_blocks(n, k, FUSED_BLOCK_ELEMENTS):
         Xb = X(rows)
-        G = np.matmul(Xb, neg2CT, out=X.ws.get("G", (Xb.shape[0], k), cdtype))
+        m = Xb.shape[0]
+        GT = np.matmul(neg2C, Xb.T, out=X.ws.get("GT", (k, m), cdtype))
         kernel(
             Xb,
-            G,
+            GT,
             c2,
             C,
             w[rows],
             row_offset + rows.start,
             labels[rows],
+            X.ws.get("best", (m,), cdtype),
             nk,
             s1,
             objective,
@@ -498,10 +503,13 @@ def predict_labels(X: NDArray[Any], params: MixtureParams) -> NDArray[np.int64]:
     out = np.empty(n, np.int64)
     if params.covariance_type == "identity":  # nearest(), with the argmin compiled
         C = np.ascontiguousarray(params.means, dtype=cdtype)
-        neg2CT, c2 = (-2.0 * C).T, (C * C).sum(axis=1)
-        kernel = _fused().nearest_rows
+        neg2C, c2 = -2.0 * C, (C * C).sum(axis=1)
+        kernel, ws = _fused().nearest_cols, Workspace()
         for rows in row_blocks(n, C.shape[0], FUSED_BLOCK_ELEMENTS):
-            kernel(np.asarray(X[rows], dtype=cdtype) @ neg2CT, c2, out[rows])
+            Xb = np.asarray(X[rows], dtype=cdtype)
+            m = Xb.shape[0]
+            GT = np.matmul(neg2C, Xb.T, out=ws.get("GT", (C.shape[0], m), cdtype))
+            kernel(GT, c2, ws.get("best", (m,), cdtype), out[rows])
         return out
     for rows in row_blocks(n, _per_row(params, "none")):
         Xb = np.asarray(X[rows], dtype=cdtype)
