@@ -114,3 +114,36 @@ def test_a_missing_contender_is_named_with_the_install_command(bench_modules, mo
     assert cli.main(["--suite", "quick"]) == 2
     err = capsys.readouterr().err
     assert "dask-ml (or pass --no-dask-ml)" in err and '".[bench]"' in err
+
+
+@pytest.mark.slow
+def test_out_of_core_run_completes_and_reports_memory_and_spill():
+    """``bench_outofcore.py --quick``: a real `dkm run` on a streamed store, its process
+    tree sampled. Only that it completes and reports is asserted, not a figure."""
+    result = subprocess.run(
+        [sys.executable, "benchmarks/bench_outofcore.py", "--quick", "--iters", "2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    assert "persisted=False" in out  # streamed from the store, not held in memory
+    assert "read + decompress the store once" in out
+    assert "peak summed RSS of" in out and "(target < 4.0 GB: met)" in out
+    assert "spilled: 0 bytes" in out
+
+
+def test_out_of_core_without_a_store_exits_2():
+    result = subprocess.run(
+        [sys.executable, "benchmarks/bench_outofcore.py", "--store", "/nonexistent.zarr"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "--store" in result.stderr

@@ -22,7 +22,6 @@ The functions release the GIL, so Dask's threaded scheduler runs chunks in paral
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -246,61 +245,40 @@ def log_density_diag(X: Any, meansT: Any, precT: Any, const: Any, out: Any) -> N
             out[i, j] = const[j] - 0.5 * out[i, j]
 
 
-#: exp by Cody–Waite reduction ``t = n ln2 + r`` (|r| ≤ ln2/2) and a degree-13 Taylor
-#: polynomial (truncation < 3e-18): within ~1 ulp of libm's exp, but plain arithmetic
-#: and table look-ups, so a loop over a row's components vectorises (numba's ``np.exp``
-#: is a scalar libm call here: llvmlite's wheels carry no SVML).
-_LOG2E = 1.4426950408889634
-_LN2_HI = 6.93147180369123816490e-01  # 32 significant bits: n·_LN2_HI is exact
-_LN2_LO = 1.90821492927058770002e-10
-_INV_FACT = np.array([1.0 / math.factorial(i) for i in range(14)])
-_POW2_LOW = np.array([2.0**-i for i in range(64)])  # 2^-(m mod 64)
-_POW2_HIGH = np.array([2.0 ** (-64 * i) for i in range(16)])  # 2^-(64 ⌊m/64⌋)
-#: below this, exp(t) is subnormal (< 2.2e-308): taken as 0
-_EXP_FLOOR = -708.0
-
-
 @_jit
-def _exp_nonpositive(t: float) -> float:
-    """``exp(t)`` for ``t ≤ 0`` (0 below :data:`_EXP_FLOOR`); compiled without fastmath,
-    so the reduction's two-part subtraction is kept as written."""
-    tc = max(t, _EXP_FLOOR)
-    nf = np.floor(tc * _LOG2E + 0.5)
-    r = (tc - nf * _LN2_HI) - nf * _LN2_LO
-    p = _INV_FACT[13]
-    for q in range(12, -1, -1):
-        p = p * r + _INV_FACT[q]
-    m = np.int64(-nf)  # 0 … 1022
-    e = p * _POW2_LOW[m & 63] * _POW2_HIGH[m >> 6]
-    if t >= _EXP_FLOOR:
-        return e
-    return 0.0 if t < _EXP_FLOOR else np.nan  # NaN stays NaN
-
-
-@_jit(fastmath=_REASSOC)
-def soft_rows(L: Any, w: Any, norm: Any, nk: Any, objective: Any) -> None:
-    """Responsibilities in place: ``L[i] ← w_i · softmax(L[i])``, with the sums fused.
-
-    ``norm[i] = log Σ_j exp L[i, j]`` (the max-shifted log-sum-exp, as SciPy's),
-    ``nk += Σ_i L[i]`` (after the transform) and ``objective += Σ_i w_i norm[i]``.
-    """
+def shift_rows(L: Any, top: Any) -> None:
+    """``top[i] = max_j L[i, j]``, then ``L[i] −= top[i]`` (the first half of a softmax)."""
     n, k = L.shape
-    total = 0.0
     for i in range(n):
         m = L[i, 0]
         for j in range(1, k):
             m = max(m, L[i, j])
+        top[i] = m
+        for j in range(k):
+            L[i, j] -= m
+
+
+@_jit(fastmath=_REASSOC)
+def normalise_rows(E: Any, w: Any, norm: Any, nk: Any, objective: Any) -> None:
+    """The second half: ``E[i] = exp(L[i] − top[i])`` in, ``w_i · softmax`` out, sums fused.
+
+    ``norm[i]`` comes in as ``top[i]`` and leaves as ``log Σ_j exp L[i, j]`` (the
+    max-shifted log-sum-exp, as SciPy's); ``nk += Σ_i E[i]`` (after the transform) and
+    ``objective += Σ_i w_i norm[i]``. Between the halves NumPy's SIMD ``exp`` runs over
+    the whole block (numba's is a scalar libm call: llvmlite's wheels carry no SVML).
+    """
+    n, k = E.shape
+    total = 0.0
+    for i in range(n):
         s = 0.0
         for j in range(k):
-            e = _exp_nonpositive(L[i, j] - m)
-            L[i, j] = e
-            s += e
-        lse = m + np.log(s)
+            s += E[i, j]
+        lse = norm[i] + np.log(s)
         norm[i] = lse
         scale = w[i] / s
         for j in range(k):
-            r = L[i, j] * scale
-            L[i, j] = r
+            r = E[i, j] * scale
+            E[i, j] = r
             nk[j] += r
         total += w[i] * lse
     objective[0] += total
@@ -318,3 +296,14 @@ def outer_rows(X: Any, Z: Any) -> None:
             for b in range(d):
                 Z[i, base + b] = xa * X[i, b]
             Z[i, dd + a] = xa
+
+
+@_jit
+def square_rows(X: Any, F: Any) -> None:
+    """``F[i] = [x² | x]`` (elementwise square, then the row): diag moments' features."""
+    n, d = X.shape
+    for i in range(n):
+        for f in range(d):
+            x = X[i, f]
+            F[i, f] = x * x
+            F[i, d + f] = x

@@ -144,7 +144,7 @@ def weighted_log_prob(X: F64, params: MixtureParams) -> F64:
 def _per_row(params: MixtureParams, moments: Moments) -> int:
     k, d = params.n_components, params.n_features
     width = k * d if params.covariance_type in ("full", "tied") else k + d
-    return max(width, d * d + d if moments == "full" else d)
+    return max(width, d * d + d if moments == "full" else 2 * d)
 
 
 def estep(
@@ -371,12 +371,15 @@ def _estep_block(
         nk = np.bincount(labels, weights=w, minlength=k).astype(np.float64)
     else:
         resp = _log_density(X64, params, np.log(params.weights), ws)
-        features = None
-        if params.covariance_type == "full" and moments == "full":
+        features: F64 | None = None
+        if moments == "full" and params.covariance_type == "full":
             features = _features(X64, ws)
+        elif moments in ("diag", "spherical"):
+            features = ws.get("F", (n, 2 * d))
+            _fused().square_rows(np.ascontiguousarray(X64), features)
         worst_labels = resp.argmax(axis=1) if n_farthest else None
         norm, nk, total = np.empty(n), np.zeros(k), np.zeros(1)
-        _fused().soft_rows(resp, w, norm, nk, total)  # resp ← w · responsibilities
+        _softmax_rows(resp, w, norm, nk, total)  # resp ← w · responsibilities
         objective = float(total[0])
         if worst_labels is not None:  # the points the model explains worst, for re-seeding
             farthest = FarthestPoints.from_chunk(
@@ -387,11 +390,15 @@ def _estep_block(
         if features is not None:  # one GEMM: raw second moments and Σ w r x
             c = np.zeros((k, d)) if shift is None else shift
             M = R @ features
-            S1 = np.ascontiguousarray(M[:, d * d :])
-            raw = M[:, : d * d].reshape(k, d, d)
-            sxx = _full_moments_from_raw(raw, S1, nk, X64, R, c)
+            width = features.shape[1] - d
+            S1 = np.ascontiguousarray(M[:, width:])
+            if moments == "full":
+                raw = M[:, :width].reshape(k, d, d)
+                around = _full_moments_from_raw(raw, S1, nk, X64, R, c)
+            else:  # diag, spherical: Σ w r x² per component and feature
+                around = _moments_around(np.asarray(M[:, :width]), S1, nk, c, moments)
             return SuffStats(
-                moments, nk, S1 - nk[:, None] * c, sxx, objective, float(w.sum()), n, farthest
+                moments, nk, S1 - nk[:, None] * c, around, objective, float(w.sum()), n, farthest
             )
     S1 = np.asarray(R @ X64)  # (k, d): Σ w r x
     c = np.zeros((k, d)) if shift is None else shift
@@ -401,6 +408,16 @@ def _estep_block(
         raw = _raw_moments(X64, labels, R, w, c, moments, ws)
         sxx = _moments_around(raw, S1, nk, c, moments)
     return SuffStats(moments, nk, sx, sxx, objective, float(w.sum()), n, farthest)
+
+
+def _softmax_rows(L: F64, w: F64, norm: F64, nk: F64, objective: F64) -> None:
+    """In place ``L[i] ← w_i · softmax(L[i])``; ``norm[i] = logsumexp(L[i])``, and
+    ``nk += Σ_i`` of the result, ``objective += Σ_i w_i norm[i]``: two compiled row
+    passes around NumPy's vectorised ``exp`` of the (rows, k) block."""
+    fused = _fused()
+    fused.shift_rows(L, norm)
+    np.exp(L, out=L)
+    fused.normalise_rows(L, w, norm, nk, objective)
 
 
 def _raw_shape(moments: Moments, k: int, d: int) -> tuple[int, ...]:
