@@ -255,3 +255,25 @@ def test_uncacheable_location_falls_back_to_plain_jit(monkeypatch: pytest.Monkey
 
     assert add_one(1) == 2
     assert isinstance(add_one._cache, numba.core.caching.NullCache)
+
+
+def test_softmax_rows_flush_negligible_terms_to_exact_zero() -> None:
+    """Terms below exp(−690) of a row's largest are exactly 0 (never subnormal); the
+    rest equal SciPy's softmax; NaN is kept."""
+    from scipy.special import logsumexp, softmax
+
+    L = np.array([[0.0, -10.0, -700.0, -745.5, -1e5], [5.0, 5.0, -800.0, 3.0, -689.0]])
+    w = np.array([1.0, 2.0])
+    R, norm, nk, total = L.copy(), np.empty(2), np.zeros(5), np.zeros(1)
+    E._softmax_rows(R, w, norm, nk, total)
+    ref = softmax(L, axis=1) * w[:, None]
+    big = L - L.max(axis=1, keepdims=True) >= -690
+    np.testing.assert_allclose(R[big], ref[big], rtol=1e-15)
+    assert np.all(R[~big] == 0.0)
+    assert not np.any((R != 0) & (np.abs(R) < np.finfo(float).tiny))
+    np.testing.assert_allclose(norm, logsumexp(L, axis=1), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(nk, R.sum(axis=0), rtol=1e-15)
+    assert total[0] == pytest.approx(w @ norm, rel=1e-15)
+    L[0, 1] = np.nan
+    E._softmax_rows(L, w, norm, nk, total)
+    assert np.isnan(L[0]).any() and np.isnan(norm[0])
