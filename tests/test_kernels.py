@@ -58,6 +58,16 @@ def test_log_gaussian_matches_scipy(ct):
     np.testing.assert_allclose(got, ref, rtol=1e-10, atol=1e-10)
 
 
+def naive_log_prob(params, dense, X):
+    """``log π_k + log N(x | k)`` by SciPy, component by component."""
+    return np.column_stack(
+        [
+            np.log(params.weights[j]) + multivariate_normal(params.means[j], dense[j]).logpdf(X)
+            for j in range(params.n_components)
+        ]
+    )
+
+
 def naive_stats(X, w, resp, shift, moments):
     k, _d = shift.shape
     nk = np.array([sum(w[i] * resp[i, j] for i in range(len(X))) for j in range(k)])
@@ -88,12 +98,7 @@ def test_estep_statistics_match_naive_sums(ct, assignment):
     X = rng.normal(scale=3, size=(40, 4))
     w = rng.uniform(0, 2, size=40)
     shift = params.means + rng.normal(scale=0.1, size=params.means.shape)
-    logp = np.column_stack(
-        [
-            np.log(params.weights[j]) + multivariate_normal(params.means[j], dense[j]).logpdf(X)
-            for j in range(3)
-        ]
-    )
+    logp = naive_log_prob(params, dense, X)
     if assignment == "hard":
         resp = np.eye(3)[logp.argmax(axis=1)]
         objective = float(w @ logp.max(axis=1))
@@ -231,12 +236,7 @@ def test_soft_full_moments_match_naive_on_every_path(limit, block, monkeypatch):
     X = rng.normal(scale=3, size=(301, 5))
     w = rng.uniform(0, 2, size=301)
     shift = params.means + rng.normal(scale=0.1, size=params.means.shape)
-    logp = np.column_stack(
-        [
-            np.log(params.weights[j]) + multivariate_normal(params.means[j], dense[j]).logpdf(X)
-            for j in range(4)
-        ]
-    )
+    logp = naive_log_prob(params, dense, X)
     norm = np.log(np.exp(logp).sum(axis=1))
     resp = np.exp(logp - norm[:, None])
     got = estep(X, params, assignment="soft", moments="full", shift=shift, sample_weight=w)

@@ -207,29 +207,12 @@ def log_density_stacked(Y: Any, shift: Any, const: Any, out: Any) -> None:
 
 
 @_jit(fastmath=_REASSOC)
-def log_density_shared(Y: Any, MT: Any, const: Any, out: Any) -> None:
-    """``out[i, j] = const[j] − ½ ‖Y[i] − M[j]‖²`` (tied: ``Y = X P``, ``MT = (μ P)ᵀ``)."""
-    n, d = Y.shape
-    k = MT.shape[1]
-    for i in range(n):
-        for j in range(k):
-            out[i, j] = 0.0
-        for f in range(d):
-            y = Y[i, f]
-            for j in range(k):
-                t = y - MT[f, j]
-                out[i, j] += t * t
-        for j in range(k):
-            out[i, j] = const[j] - 0.5 * out[i, j]
-
-
-@_jit(fastmath=_REASSOC)
 def log_density_diag(X: Any, meansT: Any, precT: Any, const: Any, out: Any) -> None:
     """``out[i, j] = const[j] − ½ Σ_f precT[f, j] (X[i, f] − meansT[f, j])²``.
 
-    Diag and spherical covariances; the differences are taken exactly, not expanded
-    into ``x² − 2xμ + μ²``. Parameters are feature-major (d, k): the inner loop runs
-    over the components.
+    Diag and spherical covariances; tied too, on ``X P`` against ``μ P`` with unit
+    precisions. The differences are taken exactly, not expanded into ``x² − 2xμ + μ²``.
+    Parameters are feature-major (d, k): the inner loop runs over the components.
     """
     n, d = X.shape
     k = meansT.shape[1]

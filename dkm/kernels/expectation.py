@@ -89,9 +89,9 @@ def _log_density(
 
     Mahalanobis terms: identity by :func:`sq_distances`; full by one GEMM for all
     components (the k precision-Cholesky factors stacked into a (d, k·d) matrix), then a
-    compiled pass subtracting ``μ_k P_k`` and summing squares per component; tied by the
-    GEMM ``X P`` and the same pass against ``μ_k P``; diag and spherical by a compiled
-    pass over the exact differences ``x − μ_k``, weighted by the precisions. With a
+    compiled pass subtracting ``μ_k P_k`` and summing squares per component; diag and
+    spherical by a compiled pass over the exact differences ``x − μ_k``, weighted by the
+    precisions; tied by the GEMM ``X P`` and the same pass against ``μ_k P``. With a
     workspace, the result and the temporaries are its buffers ``L`` and ``Y``.
     """
     n, d = X.shape
@@ -116,10 +116,10 @@ def _log_density(
             Y = _product(Xb, stacked, ws)
             fused.log_density_stacked(Y, shift, const, out[rows])
     elif ct == "tied":
-        MT = np.ascontiguousarray((means @ pc).T)
+        MT, unit = np.ascontiguousarray((means @ pc).T), np.ones((d, k))
         for rows in row_blocks(n, d + k, SOFT_BLOCK_ELEMENTS):
             Y = _product(np.asarray(X[rows], np.float64), pc, ws)
-            fused.log_density_shared(Y, MT, const, out[rows])
+            fused.log_density_diag(Y, MT, unit, const, out[rows])
     else:  # diag, spherical: exact differences, one pass
         prec = pc**2 if ct == "diag" else np.repeat((pc**2)[:, None], d, axis=1)
         precT, meansT = np.ascontiguousarray(prec.T), np.ascontiguousarray(means.T)
