@@ -15,6 +15,19 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+
+def run_python(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """``python ARGS`` from the repository root, output captured, exit status kept."""
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 CONTENDERS = (
     "dkm threads",
     "dkm LocalCluster",
@@ -27,14 +40,7 @@ CONTENDERS = (
 
 @pytest.mark.slow
 def test_quick_suite_runs_every_contender_and_objectives_agree():
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--suite", "quick"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=400,
-        check=False,
-    )
+    result = run_python(["-m", "benchmarks", "--suite", "quick"], timeout=400)
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
     assert "final objectives agree everywhere" in out
@@ -52,14 +58,7 @@ def test_quick_suite_runs_every_contender_and_objectives_agree():
 
 
 def test_bad_arguments_exit_2():
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--suite", "quick", "--workload", "km9"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = run_python(["-m", "benchmarks", "--suite", "quick", "--workload", "km9"], timeout=120)
     assert result.returncode == 2
     assert "--workload" in result.stderr and "km9" in result.stderr
 
@@ -120,14 +119,7 @@ def test_a_missing_contender_is_named_with_the_install_command(bench_modules, mo
 def test_out_of_core_run_completes_and_reports_memory_and_spill():
     """``bench_outofcore.py --quick``: a real `dkm run` on a streamed store, its process
     tree sampled. Only that it completes and reports is asserted, not a figure."""
-    result = subprocess.run(
-        [sys.executable, "benchmarks/bench_outofcore.py", "--quick", "--iters", "2"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    result = run_python(["benchmarks/bench_outofcore.py", "--quick", "--iters", "2"], timeout=300)
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
     assert "persisted=False" in out  # streamed from the store, not held in memory
@@ -137,13 +129,8 @@ def test_out_of_core_run_completes_and_reports_memory_and_spill():
 
 
 def test_out_of_core_without_a_store_exits_2():
-    result = subprocess.run(
-        [sys.executable, "benchmarks/bench_outofcore.py", "--store", "/nonexistent.zarr"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    result = run_python(
+        ["benchmarks/bench_outofcore.py", "--store", "/nonexistent.zarr"], timeout=60
     )
     assert result.returncode == 2
     assert "--store" in result.stderr

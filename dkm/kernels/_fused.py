@@ -1,17 +1,20 @@
-"""Compiled (numba) row passes of the k-means E-step: argmin, objective and sums fused.
+"""Compiled (numba) row passes of the E-step: what NumPy cannot fuse after the GEMMs.
 
-The distances to all centres still come from one BLAS GEMM per row block
-(``G = X @ (−2C)ᵀ``, in X's dtype); what NumPy cannot fuse is everything after it:
-adding ``‖c_k‖²``, the argmin over the k columns, the exact distance to the chosen
-centre, the sums ``nk`` and ``Σ w x`` per centre, and the farthest-point candidates.
-:func:`kmeans_rows` does all of that in one pass over the rows, reading each row of X
-and of G once, with float32 kept as float32 and float64 used only for the accumulators
-(the distance to the chosen centre is taken in float64 from the exact differences).
+k-means: the distances to all centres come from one BLAS GEMM per row block, centre-
+major (``Gᵀ = (−2C) @ Xᵀ``, in X's dtype); :func:`kmeans_rows` then adds ``‖c_k‖²``,
+takes the argmin (:func:`nearest_cols`: every row of the block keeps its own running
+minimum while the centres are scanned in order), the exact distance to the chosen
+centre, the sums ``nk`` and ``Σ w x`` per centre, and the farthest-point candidates,
+with float32 kept as float32 and float64 used only for the accumulators (the distance
+to the chosen centre is taken in float64 from the exact differences).
 
 Ties: the label is the *lowest* index among the centres with the smallest
-``G[i, j] + ‖c_j‖²`` (a strict ``<`` scan in column order, what ``np.argmin`` and
+``G[i, j] + ‖c_j‖²`` (a strict ``<`` scan in centre order, what ``np.argmin`` and
 scikit-learn's Lloyd loop do), so the labels are those of
 :func:`dkm.kernels.expectation.nearest` bit for bit.
+
+Mixtures: the log-density passes after the Mahalanobis GEMMs, the two halves of the
+softmax around NumPy's ``exp``, and the per-row features of the moments GEMM.
 
 The functions are compiled on first call (per process) for float32 and float64 rows;
 with ``cache=True`` the machine code is stored beside this file (``__pycache__``) or,

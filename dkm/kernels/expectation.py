@@ -371,12 +371,6 @@ def _estep_block(
         nk = np.bincount(labels, weights=w, minlength=k).astype(np.float64)
     else:
         resp = _log_density(X64, params, np.log(params.weights), ws)
-        features: F64 | None = None
-        if moments == "full" and params.covariance_type == "full":
-            features = _features(X64, ws)
-        elif moments in ("diag", "spherical"):
-            features = ws.get("F", (n, 2 * d))
-            _fused().square_rows(np.ascontiguousarray(X64), features)
         worst_labels = resp.argmax(axis=1) if n_farthest else None
         norm, nk, total = np.empty(n), np.zeros(k), np.zeros(1)
         _softmax_rows(resp, w, norm, nk, total)  # resp ← w · responsibilities
@@ -387,27 +381,16 @@ def _estep_block(
             )
         R = resp.T
         labels = None
-        if features is not None:  # one GEMM: raw second moments and Σ w r x
-            c = np.zeros((k, d)) if shift is None else shift
-            M = R @ features
-            width = features.shape[1] - d
-            S1 = np.ascontiguousarray(M[:, width:])
-            if moments == "full":
-                raw = M[:, :width].reshape(k, d, d)
-                around = _full_moments_from_raw(raw, S1, nk, X64, R, c)
-            else:  # diag, spherical: Σ w r x² per component and feature
-                around = _moments_around(np.asarray(M[:, :width]), S1, nk, c, moments)
-            return SuffStats(
-                moments, nk, S1 - nk[:, None] * c, around, objective, float(w.sum()), n, farthest
-            )
-    S1 = np.asarray(R @ X64)  # (k, d): Σ w r x
     c = np.zeros((k, d)) if shift is None else shift
-    sx = S1 - nk[:, None] * c
     sxx = None
-    if moments != "none":
-        raw = _raw_moments(X64, labels, R, w, c, moments, ws)
-        sxx = _moments_around(raw, S1, nk, c, moments)
-    return SuffStats(moments, nk, sx, sxx, objective, float(w.sum()), n, farthest)
+    if labels is None and moments in ("full", "diag", "spherical"):
+        S1, sxx = _soft_moments(X64, R, nk, c, moments, ws)
+    else:
+        S1 = np.asarray(R @ X64)  # (k, d): Σ w r x
+        if moments != "none":
+            raw = _raw_moments(X64, labels, R, w, c, moments)
+            sxx = _moments_around(raw, S1, nk, c, moments)
+    return SuffStats(moments, nk, S1 - nk[:, None] * c, sxx, objective, float(w.sum()), n, farthest)
 
 
 def _softmax_rows(L: F64, w: F64, norm: F64, nk: F64, objective: F64) -> None:
@@ -426,58 +409,52 @@ def _raw_shape(moments: Moments, k: int, d: int) -> tuple[int, ...]:
 
 
 def _raw_moments(
-    X64: F64,
-    labels: NDArray[np.int64] | None,
-    R: Any,
-    w: F64,
-    c: F64,
-    moments: Moments,
-    ws: Workspace | None = None,
+    X64: F64, labels: NDArray[np.int64] | None, R: Any, w: F64, c: F64, moments: Moments
 ) -> F64:
     """The additive part of the second moments over some rows.
 
-    full: ``Σ w r (x − c_k)(x − c_k)ᵀ`` per component; tied: ``Σ w x xᵀ``; diag and
-    spherical: ``Σ w r x²`` per component and feature. ``R`` is the (k, n) matrix of
-    weighted responsibilities; with hard ``labels`` the full moments use them instead.
+    full (hard ``labels`` only; soft responsibilities go through :func:`_soft_moments`):
+    ``Σ w (x − c_k)(x − c_k)ᵀ`` per component; tied: ``Σ w x xᵀ``; diag and spherical:
+    ``Σ w r x²`` per component and feature, ``R`` being the (k, n) matrix of weighted
+    responsibilities.
     """
     k, d = c.shape
-    if moments == "full" and labels is None:
-        return _full_moments_soft(X64, R, c, ws)
     if moments == "full":
+        assert labels is not None
         sxx = np.empty((k, d, d))
-        if labels is not None:
-            order = np.argsort(labels, kind="stable")
-            bounds = np.searchsorted(labels[order], np.arange(k + 1))
+        order = np.argsort(labels, kind="stable")
+        bounds = np.searchsorted(labels[order], np.arange(k + 1))
         for j in range(k):  # one (d × n_j) @ (n_j × d) GEMM per component
-            if labels is not None:
-                idx = order[bounds[j] : bounds[j + 1]]
-                diff = X64[idx] - c[j]
-                sxx[j] = (diff * w[idx, None]).T @ diff
-            else:
-                diff = X64 - c[j]
-                sxx[j] = (diff * R[j][:, None]).T @ diff
+            idx = order[bounds[j] : bounds[j + 1]]
+            diff = X64[idx] - c[j]
+            sxx[j] = (diff * w[idx, None]).T @ diff
         return sxx
     if moments == "tied":
         return np.asarray(X64.T @ (X64 * w[:, None]))
     return np.asarray(R @ (X64 * X64))  # diag, spherical
 
 
-def _features(X64: F64, ws: Workspace | None = None) -> F64:
-    """``[x ⊗ x | x]`` per row, (n, d² + d): ``R Z`` gives raw moments and ``Σ r x``."""
+def _soft_moments(
+    X64: F64, R: Any, nk: F64, c: F64, moments: Moments, ws: Workspace
+) -> tuple[F64, F64]:
+    """``Σ w r x`` and the second moments around ``c_k`` (full, diag, spherical) under
+    soft responsibilities ``R`` (k, n), both from one GEMM ``R @ F`` against per-row
+    features: ``F = [x ⊗ x | x]`` (n, d² + d) for full, ``[x² | x]`` (n, 2d) otherwise."""
     n, d = X64.shape
-    shape = (n, d * d + d)
-    Z = np.empty(shape) if ws is None else ws.get("Z", shape)
-    _fused().outer_rows(np.ascontiguousarray(X64), Z)
-    return Z
-
-
-def _full_moments_soft(X64: F64, R: Any, c: F64, ws: Workspace | None = None) -> F64:
-    """``Σ_i R[k, i] (x_i − c_k)(x_i − c_k)ᵀ`` per component, by one GEMM for all."""
-    k, d = c.shape
-    M = R @ _features(X64, ws)
-    nk = np.asarray(R.sum(axis=1))
-    S1 = np.ascontiguousarray(M[:, d * d :])
-    return _full_moments_from_raw(M[:, : d * d].reshape(k, d, d), S1, nk, X64, R, c)
+    k = c.shape[0]
+    Xc = np.ascontiguousarray(X64)
+    if moments == "full":
+        F = ws.get("Z", (n, d * d + d))
+        _fused().outer_rows(Xc, F)
+    else:
+        F = ws.get("F", (n, 2 * d))
+        _fused().square_rows(Xc, F)
+    M = R @ F
+    width = F.shape[1] - d
+    S1 = np.ascontiguousarray(M[:, width:])
+    if moments == "full":
+        return S1, _full_moments_from_raw(M[:, :width].reshape(k, d, d), S1, nk, X64, R, c)
+    return S1, _moments_around(np.asarray(M[:, :width]), S1, nk, c, moments)
 
 
 def _full_moments_from_raw(raw: F64, S1: F64, nk: F64, X64: F64, R: Any, c: F64) -> F64:
@@ -503,7 +480,8 @@ def _full_moments_from_raw(raw: F64, S1: F64, nk: F64, X64: F64, R: Any, c: F64)
 
 
 def _moments_around(raw: F64, S1: F64, nk: F64, c: F64, moments: Moments) -> F64:
-    """Second moments around ``c_k`` from :func:`_raw_moments` and the totals ``S1, nk``."""
+    """Second moments around ``c_k`` from the raw ones and the totals ``S1, nk``
+    (full: :func:`_raw_moments` already takes them around ``c_k``)."""
     if moments == "full":
         return raw
     if moments == "tied":
