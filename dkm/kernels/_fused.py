@@ -104,6 +104,9 @@ def nearest_cols(GT: Any, c2: Any, best: Any, labels: Any) -> None:
     minimum (``best``, scratch of the block's length) and a strict ``<`` updates it,
     so the lowest index wins ties. The inner loop is contiguous and branch-free after
     if-conversion and vectorises (~3× the four-row scalar scan of a row-major block).
+    ``labels`` should be int32: with float32 ``best`` the minimum and its index then
+    fill SIMD lanes of the same width (int64 halves the index lanes; measured 81 → 50 ms
+    for the scan of a 250k-row block against k = 1000 centres).
     """
     k, n = GT.shape
     c = c2[0]
@@ -117,6 +120,19 @@ def nearest_cols(GT: Any, c2: Any, best: Any, labels: Any) -> None:
             if v < best[i]:
                 best[i] = v
                 labels[i] = j
+
+
+@_jit
+def centre_rows(src: Any, origin: Any, out: Any) -> None:
+    """``out = src − origin`` row by row, in out's dtype (one rounding, as NumPy's).
+
+    NumPy broadcasts ``origin`` with an inner loop of only d elements per row, which
+    took ~2× a plain copy on 250k × 32 float32; this loop runs at the copy's speed.
+    """
+    n, d = src.shape
+    for i in range(n):
+        for f in range(d):
+            out[i, f] = src[i, f] - origin[f]
 
 
 #: ``reassoc`` lets LLVM vectorise the float64 sum of squared differences per row (its
@@ -134,6 +150,7 @@ def kmeans_rows(
     w: Any,
     row_offset: int,
     labels: Any,
+    index: Any,
     best: Any,
     nk: Any,
     s1: Any,
@@ -154,6 +171,7 @@ def kmeans_rows(
     w : (n,) float64 sample weights (≥ 0).
     row_offset : global index of the block's first row.
     labels : (n,) int64, out: index of the nearest centre (lowest index on ties).
+    index : (n,) int32, scratch of the argmin scan.
     best : (n,) X's dtype, scratch.
     nk : (k,) float64, += ``Σ w`` per centre.
     s1 : (k, d) float64, += ``Σ w x`` per centre.
@@ -164,10 +182,11 @@ def kmeans_rows(
     """
     n, d = X.shape
     m = heap_d.shape[0]
-    nearest_cols(GT, c2, best, labels)  # GT was just written by the GEMM: still in cache
+    nearest_cols(GT, c2, best, index)  # GT was just written by the GEMM: still in cache
     total = 0.0
     for i in range(n):
-        lab = labels[i]
+        lab = np.int64(index[i])
+        labels[i] = lab
         wi = w[i]
         dist = 0.0
         for f in range(d):

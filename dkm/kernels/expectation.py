@@ -255,8 +255,11 @@ class _Rows:
             out = np.empty(src.shape, self.dtype)
         if self.origin is None:
             out[...] = src
-            return out
-        return np.subtract(src, self.origin, out=out, dtype=self.dtype)
+        elif src.dtype == self.dtype:
+            _fused().centre_rows(src, self.origin, out)
+        else:
+            np.subtract(src, self.origin, out=out, dtype=self.dtype)
+        return out
 
 
 def _fused() -> ModuleType:
@@ -308,6 +311,7 @@ def _kmeans_estep(
             w[rows],
             row_offset + rows.start,
             labels[rows],
+            X.ws.get("index", (m,), np.int32),
             X.ws.get("best", (m,), cdtype),
             nk,
             s1,
@@ -504,7 +508,9 @@ def predict_labels(X: NDArray[Any], params: MixtureParams) -> NDArray[np.int64]:
             Xb = np.asarray(X[rows], dtype=cdtype)
             m = Xb.shape[0]
             GT = np.matmul(neg2C, Xb.T, out=ws.get("GT", (C.shape[0], m), cdtype))
-            kernel(GT, c2, ws.get("best", (m,), cdtype), out[rows])
+            index = ws.get("index", (m,), np.int32)
+            kernel(GT, c2, ws.get("best", (m,), cdtype), index)
+            out[rows] = index
         return out
     for rows in row_blocks(n, _per_row(params, "none")):
         Xb = np.asarray(X[rows], dtype=cdtype)
