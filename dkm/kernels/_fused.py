@@ -299,17 +299,21 @@ def normalise_rows(E: Any, w: Any, norm: Any, nk: Any, objective: Any) -> None:
 
 
 @_jit
-def outer_rows(X: Any, Z: Any) -> None:
-    """``Z[i] = [x ⊗ x | x]``: ``Z[i, a·d + b] = x_a x_b``, then ``Z[i, d² + a] = x_a``."""
-    n, d = X.shape
-    dd = d * d
-    for i in range(n):
-        for a in range(d):
-            xa = X[i, a]
-            base = a * d
-            for b in range(d):
-                Z[i, base + b] = xa * X[i, b]
-            Z[i, dd + a] = xa
+def outer_cols(XT: Any, ZT: Any) -> None:
+    """Features of the full second moments, feature-major: from ``XT`` (d, n), the rows
+    ``ZT[p] = x_a x_b`` for the pairs a ≤ b in row-major upper-triangle order, then
+    ``ZT[d(d+1)/2 + a] = x_a``; (d(d+1)/2 + d, n). The inner loop runs over the points
+    (contiguous, long: it vectorises, which a per-point triangle does not)."""
+    d, n = XT.shape
+    p = 0
+    for a in range(d):
+        for b in range(a, d):
+            for i in range(n):
+                ZT[p, i] = XT[a, i] * XT[b, i]
+            p += 1
+    for a in range(d):
+        for i in range(n):
+            ZT[p + a, i] = XT[a, i]
 
 
 @_jit
