@@ -262,12 +262,17 @@ def test_softmax_rows_flush_negligible_terms_to_exact_zero() -> None:
     rest equal SciPy's softmax; NaN is kept."""
     from scipy.special import logsumexp, softmax
 
-    L = np.array([[0.0, -10.0, -700.0, -745.5, -1e5], [5.0, 5.0, -800.0, 3.0, -689.0]])
+    L = np.array(
+        [[0.0, -10.0, -700.0, -745.5, -1e5], [5.0, 5.0, -800.0, 3.0, -689.0]],
+    )
+    L[0, 4] = -np.inf  # a component of weight 0
+    L[1, 2] = 5.0 - 689.9  # just above the cut: kept
     w = np.array([1.0, 2.0])
     R, norm, nk, total = L.copy(), np.empty(2), np.zeros(5), np.zeros(1)
     E._softmax_rows(R, w, norm, nk, total)
     ref = softmax(L, axis=1) * w[:, None]
     big = L - L.max(axis=1, keepdims=True) >= -690
+    assert big.sum() == 6
     np.testing.assert_allclose(R[big], ref[big], rtol=1e-15)
     assert np.all(R[~big] == 0.0)
     assert not np.any((R != 0) & (np.abs(R) < np.finfo(float).tiny))
