@@ -12,7 +12,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
-from functools import cached_property
+from functools import cache, cached_property
 from typing import Any
 
 import dask
@@ -21,7 +21,7 @@ import numpy as np
 from dask.base import tokenize
 from dask.delayed import Delayed, delayed
 from numpy.typing import NDArray
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from dkm._typing import (
     Assignment,
@@ -204,7 +204,15 @@ def _blas_limit(n_tasks: int) -> AbstractContextManager[Any]:
     """
     if n_tasks < 2:
         return nullcontext()
-    return threadpool_limits(limits=1, user_api="blas")
+    return _blas_controller().limit(limits=1, user_api="blas")
+
+
+@cache
+def _blas_controller() -> ThreadpoolController:
+    """The process's thread pools, found once: ``threadpool_limits`` searches the loaded
+    libraries on every call (~2 ms a pass); by the first pass NumPy's and SciPy's BLAS
+    are loaded (the kernels import both)."""
+    return ThreadpoolController()
 
 
 def _reduce_and_compute(parts: list[Delayed], split_every: int, name: str) -> Any:

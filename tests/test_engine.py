@@ -242,3 +242,24 @@ def test_warm_start_from_a_fitted_model_converges_at_once(ct):
     assert from_kmeans.converged_
     with pytest.raises(ValueError, match="expected 5"):
         dkm.GaussianMixture(5, covariance_type=ct, init_params=gm).fit(X)
+
+
+def test_blas_limit_one_thread_per_task_then_restored() -> None:
+    """Several chunk tasks at once: BLAS runs one thread each inside the pass, and
+    its own count again afterwards; a lone task keeps BLAS's threads."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from dkm.engine import _blas_limit
+
+    def blas_threads() -> list[int]:
+        return [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = blas_threads()
+        assert before and max(before) == 2
+        for _ in range(2):  # the cached controller works again after restoring
+            with _blas_limit(4):
+                assert blas_threads() == [1] * len(before)
+            assert blas_threads() == before
+        with _blas_limit(1):
+            assert blas_threads() == before
