@@ -12,7 +12,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
-from functools import cache, cached_property
+from functools import cache, cached_property, partial
 from typing import Any
 
 import dask
@@ -234,6 +234,16 @@ def stats_pass(
     return total
 
 
+#: Largest total size of the parameters' copies that E-step tasks carry inline (one
+#: copy per chunk); above it the parameters are one shared key of the graph.
+EMBED_PARAMS_BYTES = 8 << 20
+
+
+def _params_nbytes(params: MixtureParams, shift: F64 | None) -> int:
+    arrays = (params.means, params.weights, params.precisions_cholesky, shift)
+    return sum(a.nbytes for a in arrays if a is not None)
+
+
 def stats_pass_many(
     data: ChunkedData, jobs: Sequence[PassJob], *, split_every: int = 8
 ) -> list[SuffStats]:
@@ -241,8 +251,15 @@ def stats_pass_many(
 
     Each chunk task reads its chunk once and runs the E-step of every model in ``jobs``
     (restarts, candidate numbers of clusters); the tree merges the stacked statistics
-    model by model. A single ``compute``. The parameters enter the graph once, as one
-    key every E-step task depends on, so each worker receives them once per pass.
+    model by model. A single ``compute``.
+
+    The parameters (and the origin) travel inside every E-step task while all their
+    copies together stay under :data:`EMBED_PARAMS_BYTES`: a worker then starts a task
+    as soon as it receives it. Larger parameters enter the graph once, as one key every
+    E-step task depends on, so each worker receives them once per pass; but that key is
+    a task of its own, run on one worker and fetched by the others before their first
+    E-step (KM-1 in 16 chunks on a 2-worker LocalCluster: 349 → 314 ms per iteration
+    when embedded, medians of 32 iterations each, alternated in one cluster).
     """
     if not jobs:
         return []
@@ -253,15 +270,30 @@ def stats_pass_many(
         split_every,
         data.nan_policy,
     )
-    j = delayed(tuple(jobs), traverse=False, name=f"dkm-params-{token}")
-    o = delayed(data.origin, traverse=False, name=f"dkm-origin-{token}")
+    blocks = data.block_tasks()
     drop = data.nan_policy == "drop"
-    parts = [
-        delayed(_estep_chunk_many, pure=True)(
-            xb, wb, j, o, off, drop, dask_key_name=(f"dkm-estep-{token}", i)
-        )
-        for i, (xb, wb, off) in enumerate(data.block_tasks())
-    ]
+    size = data.origin.nbytes + sum(_params_nbytes(p, s) for p, s, _ in jobs)
+    if size * len(blocks) <= EMBED_PARAMS_BYTES:
+        estep: Any = partial(_estep_chunk_many, jobs=tuple(jobs), origin=data.origin)
+        parts = [
+            delayed(estep, pure=True)(
+                xb,
+                wb,
+                row_offset=off,
+                drop_nonfinite=drop,
+                dask_key_name=(f"dkm-estep-{token}", i),
+            )
+            for i, (xb, wb, off) in enumerate(blocks)
+        ]
+    else:
+        j = delayed(tuple(jobs), traverse=False, name=f"dkm-params-{token}")
+        o = delayed(data.origin, traverse=False, name=f"dkm-origin-{token}")
+        parts = [
+            delayed(_estep_chunk_many, pure=True)(
+                xb, wb, j, o, off, drop, dask_key_name=(f"dkm-estep-{token}", i)
+            )
+            for i, (xb, wb, off) in enumerate(blocks)
+        ]
     total: StackedStats = _reduce_and_compute(parts, split_every, f"dkm-merge-{token}")
     return list(total.parts)
 

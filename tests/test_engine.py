@@ -131,7 +131,10 @@ def test_one_compute_per_iteration_and_callback():
     np.testing.assert_allclose(seen[-1].params.means, km.history_[-1].params.means)
 
 
-def test_parameters_enter_the_graph_once(monkeypatch):
+@pytest.mark.parametrize("embed_limit", [None, 0])
+def test_parameters_travel_in_the_tasks_or_enter_the_graph_once(monkeypatch, embed_limit):
+    """Small parameters ride inside every E-step task (no task to wait for); past
+    EMBED_PARAMS_BYTES they are one key all E-step tasks share. Same totals."""
     import dkm.engine
 
     data = ChunkedData.from_dask(da.from_array(X, chunks=(500, -1)))
@@ -144,10 +147,23 @@ def test_parameters_enter_the_graph_once(monkeypatch):
         return out
 
     monkeypatch.setattr(dkm.engine, "tree_reduce", spy)
-    stats_pass(data, MixtureParams.identity(INIT_KM), PassOptions("hard", "none"))
-    names = [k if isinstance(k, str) else k[0] for k in seen["graph"]]
-    assert sum(n.startswith("dkm-params") for n in names) == 1
-    assert sum(n.startswith("dkm-estep") for n in names) == 8
+    params = MixtureParams.identity(INIT_KM)
+    reference = stats_pass(data, params, PassOptions("hard", "none"))
+    if embed_limit is not None:
+        monkeypatch.setattr(dkm.engine, "EMBED_PARAMS_BYTES", embed_limit)
+    total = stats_pass(data, params, PassOptions("hard", "none"))
+    graph = seen["graph"]
+    names = [k if isinstance(k, str) else k[0] for k in graph]
+    esteps = [k for k, n in zip(graph, names, strict=True) if n.startswith("dkm-estep")]
+    assert len(esteps) == 8
+    shared = sum(n.startswith("dkm-params") for n in names)
+    if embed_limit is None:
+        assert shared == 0
+        assert len({id(graph[k].func.keywords["jobs"]) for k in esteps}) == 1  # one object
+    else:
+        assert shared == 1
+    np.testing.assert_array_equal(total.sx, reference.sx)
+    assert total.objective == reference.objective
 
 
 @pytest.mark.distributed

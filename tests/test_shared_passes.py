@@ -55,9 +55,7 @@ class PassCounter:
             estep = [k for k in graph if key_split(k) == "dkm-estep"]
             if estep:
                 counter.passes.append(len(estep))
-                params = [v for k, v in graph.items() if key_split(k) == "dkm-params"]
-                # the parameters of every model of the pass, as one graph literal
-                counter.models.append(len(getattr(params[0], "value", params[0])))
+                counter.models.append(len(pass_jobs(graph, estep[0])))
             return counter._compute(*args, **kwargs)
 
         dask.compute = compute
@@ -65,6 +63,14 @@ class PassCounter:
 
     def __exit__(self, *exc: object) -> None:
         dask.compute = self._compute
+
+
+def pass_jobs(graph: dict, estep_key: object) -> tuple:
+    """The models of a pass: carried by each E-step task, or one shared graph literal."""
+    params = [v for k, v in graph.items() if key_split(k) == "dkm-params"]
+    if params:
+        return getattr(params[0], "value", params[0])
+    return graph[estep_key].func.keywords["jobs"]
 
 
 def chunked(X: np.ndarray, rows: int) -> ChunkedData:
