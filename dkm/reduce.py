@@ -15,8 +15,11 @@ from dask.delayed import Delayed, delayed
 from dkm.stats import merge_all
 
 
-def tree_reduce(parts: Sequence[Delayed], split_every: int, name: str) -> Delayed:
-    """Merge ``parts`` with a tree of fan-in ``split_every``; keys ``(name, level, j)``.
+def tree_top(parts: Sequence[Delayed], split_every: int, name: str) -> list[Delayed]:
+    """A tree of fan-in ``split_every`` over ``parts``, without its root: the at most
+    ``split_every`` partial merges (or the parts themselves, if that few) whose
+    left-to-right merge (:func:`dkm.stats.merge_all`, where they are gathered) is the
+    total. Keys ``(name, level, j)``.
 
     ``name`` should be unique per reduction (carry a token); its prefix (before the
     token) is what the Dask dashboard shows, e.g. ``dkm-merge``.
@@ -27,7 +30,7 @@ def tree_reduce(parts: Sequence[Delayed], split_every: int, name: str) -> Delaye
         raise ValueError("nothing to reduce: the data has no chunks")
     level = 0
     current: list[Any] = list(parts)
-    while len(current) > 1:
+    while len(current) > split_every:
         current = [
             delayed(merge_all, pure=True)(
                 current[i : i + split_every], dask_key_name=(name, level, i // split_every)
@@ -35,7 +38,4 @@ def tree_reduce(parts: Sequence[Delayed], split_every: int, name: str) -> Delaye
             for i in range(0, len(current), split_every)
         ]
         level += 1
-    if level == 0:  # a single chunk: still one task, so the result is a Delayed we own
-        return delayed(merge_all, pure=True)(current, dask_key_name=(name, 0, 0))
-    result: Delayed = current[0]
-    return result
+    return current

@@ -9,9 +9,18 @@ import pytest
 from conftest import blobs
 
 import dkm
-from dkm.engine import ChunkedData, EMOptions, IterationInfo, PassOptions, fit_em, stats_pass
+from dkm.engine import (
+    ChunkedData,
+    EMOptions,
+    IterationInfo,
+    PassOptions,
+    _reduce_and_compute,
+    fit_em,
+    stats_pass,
+)
 from dkm.kernels import MixtureParams
-from dkm.reduce import tree_reduce
+from dkm.reduce import tree_top
+from dkm.stats import merge_all
 
 X = blobs(4000, 3, 4, seed=11)
 INIT_KM = X[[0, 1000, 2000, 3000]].copy()
@@ -97,12 +106,18 @@ def test_tree_shape_and_order():
             return Cat(self.s + other.s)
 
     parts = [delayed(Cat)(str(i)) for i in range(10)]
-    out = tree_reduce(parts, 3, "dkm-test")
-    assert out.compute().s == "0123456789"
-    levels = {k[1] for k in out.dask if isinstance(k, tuple) and k[0] == "dkm-test"}
-    assert levels == {0, 1, 2}  # ceil(log3(10)) levels
+    top = tree_top(parts, 3, "dkm-test")
+    assert len(top) == 2  # 10 -> 4 -> 2 partial merges; the root merges on the client
+    assert merge_all(dask.compute(*top)).s == "0123456789"
+    graph = dask.delayed(top).dask
+    levels = {k[1] for k in graph if isinstance(k, tuple) and k[0] == "dkm-test"}
+    assert levels == {0, 1}
+    assert tree_top(parts[:3], 3, "dkm-test") == parts[:3]  # few enough: no merge task
+    assert _reduce_and_compute(parts, 3, "dkm-test").s == "0123456789"
     with pytest.raises(ValueError, match="split_every"):
-        tree_reduce(parts, 1, "x")
+        tree_top(parts, 1, "x")
+    with pytest.raises(ValueError, match="no chunks"):
+        tree_top([], 3, "x")
 
 
 def test_one_compute_per_iteration_and_callback():
@@ -139,14 +154,14 @@ def test_parameters_travel_in_the_tasks_or_enter_the_graph_once(monkeypatch, emb
 
     data = ChunkedData.from_dask(da.from_array(X, chunks=(500, -1)))
     seen = {}
-    original = dkm.engine.tree_reduce
+    original = dkm.engine.tree_top
 
     def spy(parts, split_every, name):
         out = original(parts, split_every, name)
-        seen["graph"] = dict(out.__dask_graph__())
+        seen["graph"] = dict(dask.delayed(out).__dask_graph__())
         return out
 
-    monkeypatch.setattr(dkm.engine, "tree_reduce", spy)
+    monkeypatch.setattr(dkm.engine, "tree_top", spy)
     params = MixtureParams.identity(INIT_KM)
     reference = stats_pass(data, params, PassOptions("hard", "none"))
     if embed_limit is not None:
