@@ -17,8 +17,10 @@ from typing import Any
 
 import dask
 import dask.array as da
+import dask.threaded
 import numpy as np
-from dask.base import tokenize
+from dask._task_spec import DataNode, Task, TaskRef
+from dask.base import get_scheduler, tokenize
 from dask.delayed import Delayed, delayed
 from numpy.typing import NDArray
 from threadpoolctl import ThreadpoolController
@@ -100,6 +102,17 @@ class ChunkedData:
     def block_tasks(self) -> list[tuple[Any, Any, int]]:
         """(X block, weight block or None, row offset) per row chunk, as Delayed."""
         return self._blocks
+
+    @cached_property
+    def block_graph(self) -> dict[Any, Any]:
+        """The (optimised) graph of every block of X and the weights, materialised once:
+        the base of the graphs the passes build by hand."""
+        graph: dict[Any, Any] = {}
+        for xb, wb, _ in self._blocks:
+            for block in (xb, wb):
+                if block is not None and block.key not in graph:
+                    graph.update(block.__dask_graph__())
+        return graph
 
 
 # --------------------------------------------------------------------------- passes
@@ -256,7 +269,13 @@ def stats_pass_many(
 
     Each chunk task reads its chunk once and runs the E-step of every model in ``jobs``
     (restarts, candidate numbers of clusters); the tree merges the stacked statistics
-    model by model. A single ``compute``.
+    model by model. One graph, run by the current scheduler (a distributed ``Client``
+    if one is the default, else Dask's configured or threaded scheduler).
+
+    The graph is built by hand on top of the blocks' graph, materialised once per
+    dataset, and handed to the scheduler's ``get``: ``dask.compute`` on ``Delayed``
+    objects re-tokenised the parameters for every task and re-optimised the graph,
+    ~25 ms of a pass whatever the data (16 tiny chunks: 34 → 10 ms per pass).
 
     The parameters (and the origin) travel inside every E-step task while all their
     copies together stay under :data:`EMBED_PARAMS_BYTES`: a worker then starts a task
@@ -278,29 +297,52 @@ def stats_pass_many(
     blocks = data.block_tasks()
     drop = data.nan_policy == "drop"
     size = data.origin.nbytes + sum(_params_nbytes(p, s) for p, s, _ in jobs)
+    graph = dict(data.block_graph)
+    esteps = []
     if size * len(blocks) <= EMBED_PARAMS_BYTES:
-        estep: Any = partial(_estep_chunk_many, jobs=tuple(jobs), origin=data.origin)
-        parts = [
-            delayed(estep, pure=True)(
-                xb,
-                wb,
-                row_offset=off,
-                drop_nonfinite=drop,
-                dask_key_name=(f"dkm-estep-{token}", i),
+        estep = partial(_estep_chunk_many, jobs=tuple(jobs), origin=data.origin)
+        for i, (xb, wb, off) in enumerate(blocks):
+            key = (f"dkm-estep-{token}", i)
+            graph[key] = Task(
+                key, estep, TaskRef(xb.key), _ref(wb), row_offset=off, drop_nonfinite=drop
             )
-            for i, (xb, wb, off) in enumerate(blocks)
-        ]
+            esteps.append(key)
     else:
-        j = delayed(tuple(jobs), traverse=False, name=f"dkm-params-{token}")
-        o = delayed(data.origin, traverse=False, name=f"dkm-origin-{token}")
-        parts = [
-            delayed(_estep_chunk_many, pure=True)(
-                xb, wb, j, o, off, drop, dask_key_name=(f"dkm-estep-{token}", i)
+        jkey, okey = f"dkm-params-{token}", f"dkm-origin-{token}"
+        graph[jkey] = DataNode(jkey, tuple(jobs))
+        graph[okey] = DataNode(okey, data.origin)
+        for i, (xb, wb, off) in enumerate(blocks):
+            key = (f"dkm-estep-{token}", i)
+            graph[key] = Task(
+                key,
+                _estep_chunk_many,
+                TaskRef(xb.key),
+                _ref(wb),
+                TaskRef(jkey),
+                TaskRef(okey),
+                off,
+                drop,
             )
-            for i, (xb, wb, off) in enumerate(blocks)
-        ]
-    total: StackedStats = _reduce_and_compute(parts, split_every, f"dkm-merge-{token}")
+            esteps.append(key)
+
+    def merge(group: list[Any], key: tuple[str, int, int]) -> Any:
+        graph[key] = Task(key, _merge_args, *(TaskRef(k) for k in group))
+        return key
+
+    top = tree_top(esteps, split_every, f"dkm-merge-{token}", merge)
+    schedule = get_scheduler() or dask.threaded.get
+    with _blas_limit(len(esteps)):
+        parts = schedule(graph, top)
+    total: StackedStats = merge_all(parts)
     return list(total.parts)
+
+
+def _ref(block: Delayed | None) -> TaskRef | None:
+    return None if block is None else TaskRef(block.key)
+
+
+def _merge_args(*parts: Any) -> Any:
+    return merge_all(parts)
 
 
 def summarize(

@@ -97,17 +97,16 @@ def test_passes_over_the_data_are_rounds_plus_one(
     data = data.with_origin(summary.mean)
 
     computes = []
-    real_compute = dask.compute
 
-    def counting_compute(*args: Any, **kwargs: Any) -> Any:
-        computes.append(args)
-        return real_compute(*args, **kwargs)
+    def counting_get(dsk: Any, keys: Any, **kwargs: Any) -> Any:
+        computes.append(keys)
+        return dask.threaded.get(dsk, keys, **kwargs)
 
-    monkeypatch.setattr(dask, "compute", counting_compute)
     reads.count = 0
-    centres = kmeans_parallel(
-        data, 9, 0, n_rounds=n_rounds, summary=summary if with_summary else None
-    )
+    with dask.config.set(scheduler=counting_get):
+        centres = kmeans_parallel(
+            data, 9, 0, n_rounds=n_rounds, summary=summary if with_summary else None
+        )
     expected = n_rounds + 1 + (0 if with_summary else 1)
     assert centres.shape == (9, 2)
     assert reads.count == expected * Xd.numblocks[0]  # each pass reads every chunk once
