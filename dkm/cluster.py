@@ -116,6 +116,36 @@ def _connect_address(config: AddressClusterConfig) -> Client:
         ) from None
 
 
+class _ClosedCommTracebacks(logging.Filter):
+    """Keeps distributed's INFO notes that a connection closed, without their tracebacks.
+
+    When a run stops (finished or failed), distributed's background senders and
+    connection handlers may log at INFO, with the ``CommClosedError`` traceback, that
+    the other end went away first. That is the expected end of a connection, not an
+    error, but a traceback on stderr reads like one, next to the run's own error
+    message. WARNING and above, and any other exception, keep their tracebacks.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if record.levelno < logging.WARNING and isinstance(exc, CommClosedError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+#: The loggers of distributed that note a closed connection at INFO with exc_info.
+_CLOSED_COMM_LOGGERS = ("distributed.batched", "distributed.core")
+
+
+def quiet_closed_comm_tracebacks() -> None:
+    """Drop the tracebacks of distributed's INFO notes that a connection closed (idempotent)."""
+    for name in _CLOSED_COMM_LOGGERS:
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _ClosedCommTracebacks) for f in log.filters):
+            log.addFilter(_ClosedCommTracebacks())
+
+
 class _LocalCluster(LocalCluster):
     """A LocalCluster whose dashboard link names the host the dashboard listens on.
 
@@ -325,6 +355,7 @@ def connect(
     | KubernetesClusterConfig,
 ) -> Iterator[Client]:
     """A client for the run; a cluster started for it is shut down afterwards."""
+    quiet_closed_comm_tracebacks()
     if isinstance(config, AddressClusterConfig):
         with _connect_address(config) as client:
             yield client

@@ -169,6 +169,45 @@ def test_bad_config_or_input_exits_2_and_writes_nothing(workdir, tmp_path, secti
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml", "data.zarr"]
 
 
+@pytest.mark.parametrize("name", ["distributed.batched", "distributed.core"])
+def test_closed_comm_notes_at_teardown_carry_no_traceback(name, capsys):
+    """A run that stops while distributed still talks logs "comm closed" at INFO with
+    the CommClosedError traceback (seen in CI after a bad-input run, intermittently):
+    the note stays, the traceback goes; real problems keep theirs."""
+    import logging
+
+    from distributed.comm.core import CommClosedError
+
+    from dkm.cluster import connect
+    from dkm.config import LocalClusterConfig
+
+    log = logging.getLogger(name)
+    handler = logging.StreamHandler(sys.stderr)
+    old_level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        with connect(LocalClusterConfig(n_workers=1, processes=False)):
+            pass  # installs the filter, as every run does
+
+        def note(level: int, exc: BaseException, message: str) -> str:
+            try:
+                raise exc
+            except BaseException:
+                log.log(level, message, exc_info=True)
+            return capsys.readouterr().err
+
+        closed = note(logging.INFO, CommClosedError("in: closed"), "Batched Comm Closed")
+        assert "Batched Comm Closed" in closed and "Traceback" not in closed
+        warned = note(logging.WARNING, CommClosedError("in: closed"), "lost the scheduler")
+        assert "lost the scheduler" in warned and "CommClosedError" in warned
+        other = note(logging.INFO, ValueError("bad frame"), "Failed to deserialize")
+        assert "Traceback" in other and "ValueError: bad frame" in other
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old_level)
+
+
 def test_unwritable_output_exits_2(workdir, tmp_path):
     shutil.copytree(workdir / "data.zarr", tmp_path / "data.zarr")
     locked = tmp_path / "locked"
