@@ -298,32 +298,28 @@ def stats_pass_many(
     drop = data.nan_policy == "drop"
     size = data.origin.nbytes + sum(_params_nbytes(p, s) for p, s, _ in jobs)
     graph = dict(data.block_graph)
-    esteps = []
+    estep: Callable[..., StackedStats]
     if size * len(blocks) <= EMBED_PARAMS_BYTES:
         estep = partial(_estep_chunk_many, jobs=tuple(jobs), origin=data.origin)
-        for i, (xb, wb, off) in enumerate(blocks):
-            key = (f"dkm-estep-{token}", i)
-            graph[key] = Task(
-                key, estep, TaskRef(xb.key), _ref(wb), row_offset=off, drop_nonfinite=drop
-            )
-            esteps.append(key)
+        inputs: dict[str, Any] = {}
     else:
         jkey, okey = f"dkm-params-{token}", f"dkm-origin-{token}"
         graph[jkey] = DataNode(jkey, tuple(jobs))
         graph[okey] = DataNode(okey, data.origin)
-        for i, (xb, wb, off) in enumerate(blocks):
-            key = (f"dkm-estep-{token}", i)
-            graph[key] = Task(
-                key,
-                _estep_chunk_many,
-                TaskRef(xb.key),
-                _ref(wb),
-                TaskRef(jkey),
-                TaskRef(okey),
-                off,
-                drop,
-            )
-            esteps.append(key)
+        estep, inputs = _estep_chunk_many, {"jobs": TaskRef(jkey), "origin": TaskRef(okey)}
+    esteps = []
+    for i, (xb, wb, off) in enumerate(blocks):
+        key = (f"dkm-estep-{token}", i)
+        graph[key] = Task(
+            key,
+            estep,
+            TaskRef(xb.key),
+            _ref(wb),
+            row_offset=off,
+            drop_nonfinite=drop,
+            **inputs,
+        )
+        esteps.append(key)
 
     def merge(group: list[Any], key: tuple[str, int, int]) -> Any:
         graph[key] = Task(key, _merge_args, *(TaskRef(k) for k in group))
