@@ -281,6 +281,50 @@ def test_soft_full_moments_of_a_tight_far_component_are_exact(limit, monkeypatch
         assert error > 1e-6
 
 
+@pytest.mark.parametrize("limit", [None, 10.0, -1.0], ids=["all-gemm", "mixed", "all-exact"])
+def test_full_log_density_from_features_matches_scipy(limit, monkeypatch):
+    """``F(x) @ W + const`` (the expanded quadratic form) equals SciPy's log-pdf; the
+    components over the limit take the exact differences instead, the others the GEMM."""
+    from dkm.kernels import expectation as E
+
+    if limit is not None:
+        monkeypatch.setattr(E, "QUADRATIC_LIMIT", limit)
+    params, dense = random_params("full", k=5, d=4, seed=3)
+    X = np.random.default_rng(4).normal(scale=3, size=(200, 4))
+    offset = np.log(params.weights)
+    form = E.QuadraticForm(params, offset)
+    P = params.precisions_cholesky
+    q = np.einsum("ka,kab,kb->k", params.means, P @ P.transpose(0, 2, 1), params.means)
+    expected_exact = np.flatnonzero(q > (E.QUADRATIC_LIMIT if limit is None else limit))
+    np.testing.assert_array_equal(form.exact, expected_exact)
+    if limit == 10.0:
+        assert 0 < form.exact.size < 5  # the seed gives both kinds
+    assert form.useful == (form.exact.size < 5)
+    got = form.log_density(X, E._full_features(X, E.Workspace()), E.Workspace())
+    np.testing.assert_allclose(got, naive_log_prob(params, dense, X), rtol=1e-11, atol=1e-11)
+
+
+def test_soft_full_estep_same_from_features_or_exact_differences(monkeypatch):
+    """The E-step's statistics do not depend on which way the log-densities were taken."""
+    from dkm.kernels import expectation as E
+
+    params, _ = random_params("full", k=4, d=6, seed=11)
+    rng = np.random.default_rng(12)
+    X = rng.normal(scale=3, size=(5000, 6))
+    w = rng.uniform(0, 2, size=5000)
+    kw = {"assignment": "soft", "moments": "full", "shift": params.means, "sample_weight": w}
+    assert E.QuadraticForm(params, np.log(params.weights)).exact.size == 0
+    quadratic = estep(X, params, **kw, n_farthest=5)
+    monkeypatch.setattr(E, "QUADRATIC_LIMIT", -1.0)
+    exact = estep(X, params, **kw, n_farthest=5)
+    np.testing.assert_allclose(quadratic.nk, exact.nk, rtol=1e-11)
+    np.testing.assert_allclose(quadratic.sx, exact.sx, rtol=1e-10, atol=1e-9)
+    np.testing.assert_allclose(quadratic.sxx, exact.sxx, rtol=1e-11)
+    assert quadratic.objective == pytest.approx(exact.objective, rel=1e-13)
+    assert quadratic.farthest is not None and exact.farthest is not None
+    np.testing.assert_array_equal(quadratic.farthest.rows, exact.farthest.rows)
+
+
 @pytest.mark.parametrize("ct", [*TYPES, "identity"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_estep_centring_rows_as_read_equals_centred_copy(ct, dtype):
