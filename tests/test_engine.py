@@ -201,6 +201,54 @@ def test_same_result_on_real_scheduler_and_worker_processes(dask_processes, gmm_
     assert_same_gmm(gmm_reference, dist_gmm)
 
 
+@pytest.mark.distributed
+@pytest.mark.parametrize("limit", [None, 0], ids=["grouped", "too-large-to-group"])
+def test_persisted_blocks_run_as_one_task_per_worker_thread(dask_processes, monkeypatch, limit):
+    """Blocks persisted on the workers: one E-step task per worker thread and pass, no
+    merge tasks, and totals with the same bits as the threaded scheduler's tree; a pass
+    whose per-chunk statistics would be too large for the client stays one task per
+    block."""
+    from distributed import Client, get_task_stream, wait
+
+    import dkm.engine
+
+    w = np.random.default_rng(0).uniform(0.5, 2.0, len(X))
+    Xd, wd = da.from_array(X, chunks=(500, -1)), da.from_array(w, chunks=500)
+    params = MixtureParams.identity(INIT_KM)
+    options = PassOptions("hard", "none", n_farthest=3)
+    reference = stats_pass(ChunkedData.from_dask(Xd, wd), params, options, split_every=3)
+    threaded_km = fit_kmeans(Xd)
+    if limit is not None:
+        monkeypatch.setattr(dkm.engine, "GROUPED_STATS_BYTES", limit)
+    with Client(dask_processes) as client:
+        Xp, wp = client.persist([Xd, wd])
+        wait([Xp, wp])
+        assert ChunkedData.from_dask(Xd, wd).worker_groups(client) is None  # not persisted
+        data = ChunkedData.from_dask(Xp, wp)
+        groups = data.worker_groups(client)
+        assert groups is not None
+        assert sorted(i for g in groups for i in g) == list(range(8))
+        holders = set(client.who_has(Xp).values())
+        assert len(groups) == len({h[0] for h in holders})  # one single-threaded each
+        with get_task_stream(client) as stream:
+            total = stats_pass(data, params, options, split_every=3)
+        km = fit_kmeans(Xp)
+    names = [str(t["key"]) for t in stream.data]
+    esteps = sum("dkm-estep" in n for n in names)
+    merges = sum("dkm-merge" in n for n in names)
+    if limit is None:
+        assert (esteps, merges) == (len(groups), 0)
+    else:
+        assert (esteps, merges) == (8, 3)
+    for name in ("nk", "sx"):
+        np.testing.assert_array_equal(getattr(total, name), getattr(reference, name))
+    assert total.objective == reference.objective
+    assert total.farthest is not None and reference.farthest is not None
+    np.testing.assert_array_equal(total.farthest.rows, reference.farthest.rows)
+    np.testing.assert_array_equal(km.cluster_centers_, threaded_km.cluster_centers_)
+    assert km.inertia_ == threaded_km.inertia_
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_tiny_kmeans_worked_by_hand(dtype):
     """Four points, two clusters: centres (0, .5) and (4, .5), inertia 4 × 0.25 = 1.
