@@ -35,11 +35,12 @@ FUSED_BLOCK_ELEMENTS = 1 << 18
 #: for full covariances, the second-moment features): 4 MB in float64, cache-sized.
 SOFT_BLOCK_ELEMENTS = 1 << 19
 
-#: Full covariances: the E-step takes log-densities from the moments' features when
-#: every ``μ_kᵀ Λ_k μ_k`` (component k's distance from the origin, in its own widths,
-#: squared) is at most this. Rows near μ_k then lose about log10 of it in digits to
-#: the expansion ``xᵀΛx − 2μᵀΛx + μᵀΛμ`` (~1e-10 in the log-density at the limit).
-QUADRATIC_LIMIT = 1e6
+#: Full covariances: the E-step takes component k's log-densities from the moments'
+#: features while ``|μ_k|ᵀ |Λ_k| |μ_k|`` (elementwise absolute values) is at most this.
+#: The expansion ``Σ Λ_ab x_a x_b − 2μᵀΛx + μᵀΛμ`` then errs by about float64's
+#: epsilon times that for rows near μ_k (1.6e-16 × at most, measured on GMM-1's
+#: components), ~1e-9 in the log-density at the limit.
+QUADRATIC_LIMIT = 1e7
 
 #: A component's second moments taken from raw sums (``Σ r x xᵀ − …``) lose about
 #: log10(ratio) digits, ratio = ``Σ r ‖x‖² / Σ r ‖x − c‖²``; above this ratio they are
@@ -245,9 +246,11 @@ class QuadraticForm:
     pass over its k·d columns per row (E-step of a 131k × 16 chunk, k = 16, one BLAS
     thread: 146 → 93 ms, medians of seven, alternating).
 
-    Rows near μ_k lose about log10(μ_kᵀΛ_kμ_k) digits to the expansion, so the
-    components beyond :data:`QUADRATIC_LIMIT` (tight, far from the origin) keep the
-    exact differences of :func:`_log_density`; their columns of ``W`` are zero.
+    The sum's terms are as large as ``|x|ᵀ|Λ_k||x|``, ``|μ_k|ᵀ|Λ_k||μ_k|`` for the rows near
+    μ_k (the rows whose densities matter), which is ``μ_kᵀΛ_kμ_k`` or up to ~100× more
+    when Λ_k's entries cancel (an elongated component): the components beyond
+    :data:`QUADRATIC_LIMIT` (tight or elongated, far from the origin) keep the exact
+    differences of :func:`_log_density`; their columns of ``W`` are zero.
     """
 
     def __init__(self, params: MixtureParams, offset: F64) -> None:
@@ -257,7 +260,8 @@ class QuadraticForm:
         lam = pc @ pc.transpose(0, 2, 1)  # Λ_k = P_k P_kᵀ
         lam_mu = np.einsum("kab,kb->ka", lam, means)
         q = np.einsum("ka,ka->k", lam_mu, means)  # μ_kᵀ Λ_k μ_k
-        exact = ~(q <= QUADRATIC_LIMIT)
+        scale = np.einsum("ka,kab,kb->k", np.abs(means), np.abs(lam), np.abs(means))
+        exact = ~(scale <= QUADRATIC_LIMIT)
         a, b = np.triu_indices(d)
         quad = -0.5 * np.where(a == b, 1.0, 2.0) * lam[:, a, b]  # (k, d(d+1)/2)
         WT = np.concatenate([quad, lam_mu], axis=1)
