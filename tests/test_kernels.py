@@ -281,7 +281,7 @@ def test_soft_full_moments_of_a_tight_far_component_are_exact(limit, monkeypatch
         assert error > 1e-6
 
 
-@pytest.mark.parametrize("limit", [None, 10.0, -1.0], ids=["all-gemm", "mixed", "all-exact"])
+@pytest.mark.parametrize("limit", [None, 120.0, -1.0], ids=["all-gemm", "mixed", "all-exact"])
 def test_full_log_density_from_features_matches_scipy(limit, monkeypatch):
     """``F(x) @ W + const`` (the expanded quadratic form) equals SciPy's log-pdf; the
     components over the limit take the exact differences instead, the others the GEMM."""
@@ -294,11 +294,12 @@ def test_full_log_density_from_features_matches_scipy(limit, monkeypatch):
     offset = np.log(params.weights)
     form = E.QuadraticForm(params, offset)
     P = params.precisions_cholesky
-    absolute = np.abs(P @ P.transpose(0, 2, 1))
-    scale = np.einsum("ka,kab,kb->k", np.abs(params.means), absolute, np.abs(params.means))
+    sigma = np.sqrt(np.diagonal(dense, axis1=1, axis2=2))
+    reach = np.abs(params.means) + E.QUADRATIC_SPREAD * sigma
+    scale = np.einsum("ka,kab,kb->k", reach, np.abs(P @ P.transpose(0, 2, 1)), reach)
     expected_exact = np.flatnonzero(scale > (E.QUADRATIC_LIMIT if limit is None else limit))
     np.testing.assert_array_equal(form.exact, expected_exact)
-    if limit == 10.0:
+    if limit == 120.0:
         assert 0 < form.exact.size < 5  # the seed gives both kinds
     assert form.useful == (form.exact.size < 5)
     got = form.log_density(X, E._full_features(X, E.Workspace()), E.Workspace())
@@ -332,6 +333,39 @@ def test_elongated_component_keeps_exact_log_densities(limit, monkeypatch):
         assert error < 1e-7, error  # the exact differences err by ~7e-9 here
     else:  # the expansion alone is visibly off here: the limit is what fixes it
         assert form.exact.size == 0 and error > 1e-6, error
+
+
+@pytest.mark.parametrize("limit", [None, np.inf], ids=["default", "features-only"])
+def test_elongated_component_at_the_origin_keeps_exact_log_densities(limit, monkeypatch):
+    """μ = 0, variances 1e4, 1, 1, 1e-6 along rotated axes: μᵀΛμ = 0, but rows reach
+    ~300 along the long axis while Λ's entries are ~1e6, and the expansion errs by far
+    more than the exact differences there; the limit counts the rows' reach, so the
+    component stays exact."""
+    from dkm.kernels import expectation as E
+
+    if limit is not None:
+        monkeypatch.setattr(E, "QUADRATIC_LIMIT", limit)
+    rng = np.random.default_rng(6)
+    Q, _ = np.linalg.qr(rng.normal(size=(4, 4)))
+    cov = np.array([Q @ np.diag([1e4, 1.0, 1.0, 1e-6]) @ Q.T, np.eye(4)])
+    means = np.zeros((2, 4))
+    params = MixtureParams(
+        "full", np.array([0.5, 0.5]), means, precision_cholesky_from_covariances(cov, "full")
+    )
+    X = Q @ (np.sqrt([1e4, 1.0, 1.0, 1e-6])[:, None] * rng.normal(size=(4, 2000)))
+    X = np.ascontiguousarray(X.T)
+    form = E.QuadraticForm(params, np.zeros(2))
+    got = form.log_density(X, E._full_features(X, E.Workspace()), E.Workspace())[:, 0]
+    # reference from the same P, in extended precision: −½(d log 2π + ‖xᵀP‖²) + log det P
+    P = params.precisions_cholesky[0].astype(np.longdouble)
+    y = X.astype(np.longdouble) @ P
+    ref = -0.5 * (4 * np.log(2 * np.pi) + (y * y).sum(axis=1)) + np.log(np.diag(P)).sum()
+    error = float(np.abs(got - ref).max())
+    if limit is None:
+        np.testing.assert_array_equal(form.exact, [0])
+        assert error < 1e-10, error  # ~7e-12 here; the expansion: ~6e-7
+    else:  # the expansion alone is visibly off here: the limit is what fixes it
+        assert form.exact.size == 0 and error > 1e-8, error
 
 
 def test_soft_full_estep_same_from_features_or_exact_differences(monkeypatch):

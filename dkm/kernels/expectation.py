@@ -36,11 +36,14 @@ FUSED_BLOCK_ELEMENTS = 1 << 18
 SOFT_BLOCK_ELEMENTS = 1 << 19
 
 #: Full covariances: the E-step takes component k's log-densities from the moments'
-#: features while ``|μ_k|ᵀ |Λ_k| |μ_k|`` (elementwise absolute values) is at most this.
-#: The expansion ``Σ Λ_ab x_a x_b − 2μᵀΛx + μᵀΛμ`` then errs by about float64's
-#: epsilon times that for rows near μ_k (1.6e-16 × at most, measured on GMM-1's
+#: features while ``vᵀ |Λ_k| v`` is at most this, ``v = |μ_k| + SPREAD · σ_k`` (absolute
+#: values elementwise, ``σ_k`` the standard deviations, ``√diag Σ_k``): the largest
+#: terms of the expansion ``Σ Λ_ab x_a x_b − 2μᵀΛx + μᵀΛμ`` for the rows within
+#: SPREAD standard deviations of μ_k, whose densities matter. It errs by about float64's
+#: epsilon times that (1.6e-16 × ``|μ_k|ᵀ|Λ_k||μ_k|`` at most, measured on GMM-1's
 #: components), ~1e-9 in the log-density at the limit.
 QUADRATIC_LIMIT = 1e7
+QUADRATIC_SPREAD = 3.0
 
 #: A component's second moments taken from raw sums (``Σ r x xᵀ − …``) lose about
 #: log10(ratio) digits, ratio = ``Σ r ‖x‖² / Σ r ‖x − c‖²``; above this ratio they are
@@ -246,11 +249,12 @@ class QuadraticForm:
     pass over its k·d columns per row (E-step of a 131k × 16 chunk, k = 16, one BLAS
     thread: 146 → 93 ms, medians of seven, alternating).
 
-    The sum's terms are as large as ``|x|ᵀ|Λ_k||x|``, ``|μ_k|ᵀ|Λ_k||μ_k|`` for the rows near
-    μ_k (the rows whose densities matter), which is ``μ_kᵀΛ_kμ_k`` or up to ~100× more
-    when Λ_k's entries cancel (an elongated component): the components beyond
-    :data:`QUADRATIC_LIMIT` (tight or elongated, far from the origin) keep the exact
-    differences of :func:`_log_density`; their columns of ``W`` are zero.
+    The sum's terms are as large as ``|x|ᵀ|Λ_k||x|``, and the rows whose densities
+    matter lie within a few standard deviations of μ_k: that is ``μ_kᵀΛ_kμ_k`` or much
+    more when Λ_k's entries cancel (an elongated component, even at μ_k = 0). The
+    components beyond :data:`QUADRATIC_LIMIT` (tight, or elongated, or far from the
+    origin) keep the exact differences of :func:`_log_density`; their columns of ``W``
+    are zero.
     """
 
     def __init__(self, params: MixtureParams, offset: F64) -> None:
@@ -260,7 +264,9 @@ class QuadraticForm:
         lam = pc @ pc.transpose(0, 2, 1)  # Λ_k = P_k P_kᵀ
         lam_mu = np.einsum("kab,kb->ka", lam, means)
         q = np.einsum("ka,ka->k", lam_mu, means)  # μ_kᵀ Λ_k μ_k
-        scale = np.einsum("ka,kab,kb->k", np.abs(means), np.abs(lam), np.abs(means))
+        inv = np.linalg.inv(pc)  # Σ_k = P_k⁻ᵀ P_k⁻¹: diag Σ_k = column sums of squares
+        reach = np.abs(means) + QUADRATIC_SPREAD * np.sqrt(np.einsum("kab,kab->kb", inv, inv))
+        scale = np.einsum("ka,kab,kb->k", reach, np.abs(lam), reach)
         exact = ~(scale <= QUADRATIC_LIMIT)
         a, b = np.triu_indices(d)
         quad = -0.5 * np.where(a == b, 1.0, 2.0) * lam[:, a, b]  # (k, d(d+1)/2)
