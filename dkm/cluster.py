@@ -127,7 +127,7 @@ class _ClosedCommTracebacks(logging.Filter):
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
+        exc = record.exc_info[1] if isinstance(record.exc_info, tuple) else None
         if record.levelno < logging.WARNING and isinstance(exc, CommClosedError):
             record.exc_info = None
             record.exc_text = None

@@ -333,16 +333,18 @@ def stats_pass_many(
         if stats_bytes <= GROUPED_STATS_BYTES:
             groups = data.worker_groups(client)
     if groups is not None:
+        # the grouping is part of the keys: a key never names two different tasks
+        gtoken = tokenize(token, groups)
         keys = []
         for g, members in enumerate(groups):
-            key = (f"dkm-estep-{token}", g)
+            key = (f"dkm-estep-{gtoken}", g)
             refs = [ref for i in members for ref in (TaskRef(blocks[i][0].key), _ref(blocks[i][1]))]
             offsets = tuple(blocks[i][2] for i in members)
             graph[key] = Task(
                 key, _estep_chunks, estep, offsets, *refs, drop_nonfinite=drop, **inputs
             )
             keys.append(key)
-        with _blas_limit(len(keys)):
+        with _blas_limit(len(blocks)):  # as the ungrouped pass: the same BLAS, the same bits
             grouped = schedule(graph, keys)
         per_chunk: list[Any] = [None] * len(blocks)
         for members, results in zip(groups, grouped, strict=True):

@@ -233,7 +233,14 @@ def test_persisted_blocks_run_as_one_task_per_worker_thread(dask_processes, monk
         with get_task_stream(client) as stream:
             total = stats_pass(data, params, options, split_every=3)
         km = fit_kmeans(Xp)
+        # the same pass the other way: its E-step keys are not the grouped pass's
+        monkeypatch.setattr(dkm.engine, "GROUPED_STATS_BYTES", 0 if limit is None else 1 << 30)
+        with get_task_stream(client) as other_stream:
+            other = stats_pass(data, params, options, split_every=3)
     names = [str(t["key"]) for t in stream.data]
+    other_names = {str(t["key"]) for t in other_stream.data if "dkm-estep" in str(t["key"])}
+    assert other_names and not other_names & set(names)
+    np.testing.assert_array_equal(other.sx, reference.sx)
     esteps = sum("dkm-estep" in n for n in names)
     merges = sum("dkm-merge" in n for n in names)
     if limit is None:
