@@ -106,9 +106,9 @@ class ChunkedData:
     def worker_groups(self, client: Any) -> list[list[int]] | None:
         """Blocks of X by the worker thread that should run them: each worker's
         persisted blocks dealt round-robin over its threads; None unless every block of
-        X is persisted on ``client``'s cluster. Asked of the scheduler on every call
-        (two round trips, ~0.6 ms each on a LocalCluster), so a pass after a worker
-        died groups the blocks where they are now."""
+        X is persisted on ``client``'s cluster and every worker holds some. Asked of the
+        scheduler on every call (two round trips, ~0.6 ms each on a LocalCluster), so a
+        pass after a worker died groups the blocks where they are now."""
         return _worker_groups(client, self.X, [b.key for b, _, _ in self._blocks])
 
     @cached_property
@@ -412,6 +412,10 @@ def _worker_groups(client: Any, X: da.Array, keys: list[Any]) -> list[list[int]]
         if not holders:
             return None
         by_worker.setdefault(holders[0], []).append(i)
+    if any(worker not in by_worker for worker in threads):
+        # a worker holding none of the blocks (one that joined after the persist, say)
+        # would get no E-step work at all: one task per block lets the scheduler use it
+        return None
     groups = []
     for worker, members in by_worker.items():
         n = max(1, min(threads.get(worker, 1), len(members)))

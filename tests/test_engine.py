@@ -224,6 +224,13 @@ def test_persisted_blocks_run_as_one_task_per_worker_thread(dask_processes, monk
         Xp, wp = client.persist([Xd, wd])
         wait([Xp, wp])
         assert ChunkedData.from_dask(Xd, wd).worker_groups(client) is None  # not persisted
+        # all blocks on one worker: the other would idle, so the pass is not grouped
+        (first, *_) = client.scheduler_info()["workers"]
+        on_one = client.persist(da.from_array(X, (500, -1), name="on-one"), workers=[first])
+        wait(on_one)
+        assert set(client.who_has(on_one).values()) == {(first,)}
+        assert ChunkedData.from_dask(on_one).worker_groups(client) is None
+        del on_one
         data = ChunkedData.from_dask(Xp, wp)
         groups = data.worker_groups(client)
         assert groups is not None
