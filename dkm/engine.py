@@ -109,7 +109,29 @@ class ChunkedData:
         X is persisted on ``client``'s cluster and every worker holds some. Asked of the
         scheduler on every call (two round trips, ~0.6 ms each on a LocalCluster), so a
         pass after a worker died groups the blocks where they are now."""
-        return _worker_groups(client, self.X, [b.key for b, _, _ in self._blocks])
+        from distributed import futures_of
+
+        keys = [b.key for b, _, _ in self._blocks]
+        futures = {f.key: f for f in futures_of(self.X)}
+        if any(key not in futures for key in keys):
+            return None  # not persisted (e.g. read from a store in every pass)
+        who_has = client.who_has([futures[key] for key in keys])
+        threads = client.nthreads()
+        by_worker: dict[str, list[int]] = {}
+        for i, key in enumerate(keys):
+            holders = who_has.get(key) or ()
+            if not holders:
+                return None
+            by_worker.setdefault(holders[0], []).append(i)
+        if any(worker not in by_worker for worker in threads):
+            # a worker holding none of the blocks (one that joined after the persist, say)
+            # would get no E-step work at all: one task per block lets the scheduler use it
+            return None
+        groups = []
+        for worker, members in by_worker.items():
+            n = max(1, min(threads.get(worker, 1), len(members)))
+            groups += [members[t::n] for t in range(n)]
+        return groups
 
     @cached_property
     def block_graph(self) -> dict[Any, Any]:
@@ -390,37 +412,9 @@ def _stats_nbytes(params: MixtureParams, options: PassOptions) -> int:
 
 
 def _is_client(obj: Any) -> bool:
-    try:
-        from distributed import Client
-    except ImportError:  # pragma: no cover - distributed is a dependency
-        return False
+    from distributed import Client  # imported when a pass runs, not with dkm.engine
+
     return isinstance(obj, Client)
-
-
-def _worker_groups(client: Any, X: da.Array, keys: list[Any]) -> list[list[int]] | None:
-    """See :meth:`ChunkedData.worker_groups`."""
-    from distributed import futures_of
-
-    futures = {f.key: f for f in futures_of(X)}
-    if any(key not in futures for key in keys):
-        return None  # not persisted (e.g. read from a store in every pass)
-    who_has = client.who_has([futures[key] for key in keys])
-    threads = client.nthreads()
-    by_worker: dict[str, list[int]] = {}
-    for i, key in enumerate(keys):
-        holders = who_has.get(key) or ()
-        if not holders:
-            return None
-        by_worker.setdefault(holders[0], []).append(i)
-    if any(worker not in by_worker for worker in threads):
-        # a worker holding none of the blocks (one that joined after the persist, say)
-        # would get no E-step work at all: one task per block lets the scheduler use it
-        return None
-    groups = []
-    for worker, members in by_worker.items():
-        n = max(1, min(threads.get(worker, 1), len(members)))
-        groups += [members[t::n] for t in range(n)]
-    return groups
 
 
 def _estep_chunks(
