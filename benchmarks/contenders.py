@@ -30,20 +30,23 @@ import sklearn.mixture
 from numpy.typing import NDArray
 
 import dkm
+import dkm.engine
 from benchmarks.common import Run, inertia, quiet, timed
 
 # --------------------------------------------------------------------------- scikit-learn
 
 
 @contextlib.contextmanager
-def lloyd_pass_timer(times: list[float]) -> Iterator[None]:
-    """Record the wall time of each centre-updating Lloyd pass of scikit-learn's KMeans.
+def lloyd_pass_timer(times: list[float], algorithm: str = "lloyd") -> Iterator[None]:
+    """Record the wall time of each centre-updating pass of scikit-learn's KMeans.
 
-    ``_kmeans_single_lloyd`` looks ``lloyd_iter_chunked_dense`` up in its module on
-    every call, so swapping the module attribute is enough; it is restored on exit.
-    The final labels-only pass (``update_centers=False``) is not an iteration.
+    ``_kmeans_single_lloyd`` (``_elkan``) looks ``lloyd_iter_chunked_dense``
+    (``elkan_iter_chunked_dense``) up in its module on every call, so swapping the
+    module attribute is enough; it is restored on exit. The final labels-only pass
+    (``update_centers=False``) is not an iteration.
     """
-    original = getattr(sk_kmeans, "lloyd_iter_chunked_dense", None)
+    name = f"{algorithm}_iter_chunked_dense"
+    original = getattr(sk_kmeans, name, None)
     if original is None:  # scikit-learn moved it: fit/iter only
         yield
         return
@@ -55,34 +58,41 @@ def lloyd_pass_timer(times: list[float]) -> Iterator[None]:
             times.append(time.perf_counter() - t0)
         return result
 
-    sk_kmeans.lloyd_iter_chunked_dense = timed_pass
+    setattr(sk_kmeans, name, timed_pass)
     try:
         yield
     finally:
-        sk_kmeans.lloyd_iter_chunked_dense = original
+        setattr(sk_kmeans, name, original)
 
 
-def sklearn_kmeans(workload: str, X: NDArray[Any], C0: NDArray[Any], iters: int) -> Run:
+#: scikit-learn's Elkan keeps an (n, k) float64 array of lower bounds: it runs only
+#: where that stays under this many bytes (KM-1: 1 GB; KM-2 would need 16 GB).
+ELKAN_BYTES = 2 << 30
+
+
+def sklearn_kmeans(
+    workload: str, X: NDArray[Any], C0: NDArray[Any], iters: int, algorithm: str = "lloyd"
+) -> Run:
     k = C0.shape[0]
 
     def make(max_iter: int) -> sklearn.cluster.KMeans:
         return sklearn.cluster.KMeans(
-            k, init=C0, n_init=1, max_iter=max_iter, tol=0.0, algorithm="lloyd"
+            k, init=C0, n_init=1, max_iter=max_iter, tol=0.0, algorithm=algorithm
         )
 
     with quiet():
         make(1).fit(X[: min(len(X), 20 * k)])  # warm-up: thread pools, code paths
         times: list[float] = []
-        with lloyd_pass_timer(times):
+        with lloyd_pass_timer(times, algorithm):
             seconds, est = timed(make(iters).fit, X)
     return Run(
         workload,
-        "scikit-learn KMeans lloyd",
+        f"scikit-learn KMeans {algorithm}",
         seconds,
         int(est.n_iter_),
         tuple(times),
         inertia(X, est.cluster_centers_),
-        "Lloyd pass",
+        f"{algorithm.capitalize()} pass",
         extra={"own objective": float(est.inertia_)},
     )
 
@@ -255,18 +265,20 @@ def dkm_kmeans(
     iters: int,
     warm: da.Array | None,
     X: NDArray[Any],
+    bounds: bool = True,
 ) -> Run:
     """dkm on a persisted Dask array, on the current scheduler (threads or a Client);
     first a one-iteration fit on ``warm`` (None: no warm-up). ``X``: the same points
-    in memory, to evaluate the final centres."""
+    in memory, to evaluate the final centres. ``bounds=False``: without the Hamerly
+    bounds kept between passes (every row searched in every pass, as Lloyd)."""
     k = C0.shape[0]
-    with quiet():
+    with quiet(), _kmeans_bounds(bounds):
         if warm is not None:
             dkm.KMeans(k, init=C0, n_init=1, max_iter=1, tol=0.0).fit(warm)
         seconds, est = timed(dkm.KMeans(k, init=C0, n_init=1, max_iter=iters, tol=0.0).fit, data)
     return Run(
         workload,
-        label,
+        label if bounds else f"{label}, no bounds",
         seconds,
         int(est.n_iter_),
         tuple(info.seconds for info in est.history_),
@@ -275,6 +287,15 @@ def dkm_kmeans(
         is_dkm=True,
         extra={"own objective": float(est.inertia_)},
     )
+
+
+@contextlib.contextmanager
+def _kmeans_bounds(on: bool) -> Iterator[None]:
+    previous, dkm.engine.KMEANS_BOUNDS = dkm.engine.KMEANS_BOUNDS, on
+    try:
+        yield
+    finally:
+        dkm.engine.KMEANS_BOUNDS = previous
 
 
 def dkm_gmm(

@@ -141,6 +141,7 @@ def kmeans_workload(bench: Bench, name: str, size: Size) -> None:
     warm = persisted(X[: min(size.n, 20 * size.k)], 2)
     with threads():
         bench.add(C.dkm_kmeans(workload, "dkm threads", Xd, C0, opts.iters, warm, X))
+        bench.add(C.dkm_kmeans(workload, "dkm threads", Xd, C0, opts.iters, warm, X, False))
     if opts.local_cluster:
         bench.add(
             on_local_cluster(
@@ -150,6 +151,8 @@ def kmeans_workload(bench: Bench, name: str, size: Size) -> None:
             )
         )
     bench.add(C.sklearn_kmeans(workload, X, C0, opts.iters))
+    if 8 * size.n * size.k <= C.ELKAN_BYTES:
+        bench.add(C.sklearn_kmeans(workload, X, C0, opts.iters, "elkan"))
     if opts.faiss:
         bench.add(C.faiss_kmeans(workload, X, C0, opts.iters))
     if opts.dask_ml:

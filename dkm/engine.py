@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -33,6 +34,7 @@ from dkm._typing import (
     check_choice,
     moments_for,
 )
+from dkm.kernels import bounds
 from dkm.kernels import expectation as K
 from dkm.kernels.init import INIT_METHODS
 from dkm.kernels.mstep import gaussian_mstep, kmeans_centres
@@ -155,6 +157,9 @@ class PassOptions:
     assignment: Assignment
     moments: Moments
     n_farthest: int = 0
+    #: k-means: ``(fit, model)`` under which the chunks' Hamerly bounds are kept between
+    #: this fit's passes (:mod:`dkm.kernels.bounds`); None searches every row.
+    bounds: tuple[str, int] | None = None
 
 
 def _without_nonfinite(
@@ -219,6 +224,7 @@ def _estep_chunk_many(
                 n_farthest=options.n_farthest,
                 row_offset=row_offset,
                 origin=origin,
+                bounds_key=None if options.bounds is None else (*options.bounds, row_offset),
             )
         )
     return StackedStats(tuple(out))
@@ -634,6 +640,8 @@ class _Run:
     lower_bound: float = -math.inf
     history: list[IterationInfo] = field(default_factory=list)
     final: SuffStats | None = None
+    #: k-means: the passes keep Hamerly bounds (from when the centres settle)
+    bounds: bool = False
 
 
 def fit_em_many(
@@ -669,11 +677,12 @@ def fit_em_many(
         run.lower_bound = resume.objective
     kmeans = options.is_kmeans
     tol = (0.0 if tol_abs is None else tol_abs) if kmeans else options.tol
+    fit = uuid.uuid4().hex  # names this fit's Hamerly bounds (k-means) in the caches
 
     def job(run: _Run) -> PassJob:
         k = run.params.n_components
         if kmeans:
-            return run.params, None, PassOptions("hard", "none", n_farthest=k)
+            return run.params, None, PassOptions("hard", "none", k, _bounds(fit, run))
         # re-seeding needs the points the model explains worst: one per component
         n_far = k if options.on_degenerate == "reseed" else 0
         moments = moments_for(options.covariance_type)
@@ -689,6 +698,9 @@ def fit_em_many(
                 centres, _ = kmeans_centres(stats)
                 change = float(((centres - run.params.means) ** 2).sum())
                 objective = stats.objective
+                run.bounds = run.bounds or (
+                    KMEANS_BOUNDS and bounds.worth_keeping(run.params.means, centres)
+                )
                 run.params = MixtureParams.identity(centres)
                 run.converged = change <= tol
             else:
@@ -720,11 +732,14 @@ def fit_em_many(
                 ),
             )
     if kmeans:  # the inertia of the final centres, for every model in one more pass
-        finals = stats_pass_many(
-            data,
-            [(r.params, None, PassOptions("hard", "none")) for r in runs],
-            split_every=options.split_every,
-        )
+        try:
+            finals = stats_pass_many(
+                data,
+                [(r.params, None, PassOptions("hard", "none", 0, _bounds(fit, r))) for r in runs],
+                split_every=options.split_every,
+            )
+        finally:
+            _release_bounds(fit)
         for run, final in zip(runs, finals, strict=True):
             run.final = final
     return [
@@ -739,6 +754,31 @@ def fit_em_many(
         )
         for r in runs
     ]
+
+
+#: k-means fits keep Hamerly bounds between passes once the centres settle
+#: (:func:`dkm.kernels.bounds.worth_keeping`); False: every pass searches every row, as
+#: scikit-learn's Lloyd. The results are the same, bit for bit.
+KMEANS_BOUNDS = True
+
+
+def _bounds(fit: str, run: _Run) -> tuple[str, int] | None:
+    return (fit, run.index) if KMEANS_BOUNDS and run.bounds else None
+
+
+def _release_bounds(fit: str) -> None:
+    """Drop the fit's bounds here and, without waiting, on a distributed cluster's
+    workers (bounds that a worker still holds would otherwise only give way to later
+    fits' bounds)."""
+    bounds.CACHE.release(fit)
+    client: Any = getattr(get_scheduler(), "__self__", None)
+    if _is_client(client) and client.status == "running":
+        client.run(_release_worker_bounds, fit, wait=False, on_error="ignore")
+
+
+async def _release_worker_bounds(fit: str) -> None:
+    """On a worker's event loop (a coroutine: ``client.run`` need not wait for it)."""
+    bounds.CACHE.release(fit)
 
 
 # --------------------------------------------------------------------------- init

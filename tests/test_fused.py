@@ -234,8 +234,12 @@ def test_non_contiguous_and_integer_input() -> None:
 
 def test_kernels_release_the_gil() -> None:
     # Dask's threaded scheduler runs one chunk per thread: the passes must not hold the GIL
-    for f in (_fused.kmeans_rows, _fused.nearest_cols):
-        assert f.targetoptions.get("nogil") is True
+    compiled = [
+        f for f in vars(_fused).values() if isinstance(f, numba.core.registry.CPUDispatcher)
+    ]
+    assert {"accumulate_rows", "nearest_cols", "filter_bounds"} <= {f.__name__ for f in compiled}
+    for f in compiled:
+        assert f.targetoptions.get("nogil") is True, f.__name__
 
 
 def test_uncacheable_location_falls_back_to_plain_jit(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,12 +1,13 @@
 """Compiled (numba) row passes of the E-step: what NumPy cannot fuse after the GEMMs.
 
 k-means: the distances to all centres come from one BLAS GEMM per row block, centre-
-major (``Gᵀ = (−2C) @ Xᵀ``, in X's dtype); :func:`kmeans_rows` then adds ``‖c_k‖²``,
-takes the argmin (:func:`nearest_cols`: every row of the block keeps its own running
-minimum while the centres are scanned in order), the exact distance to the chosen
-centre, the sums ``nk`` and ``Σ w x`` per centre, and the farthest-point candidates,
-with float32 kept as float32 and float64 used only for the accumulators (the distance
-to the chosen centre is taken in float64 from the exact differences).
+major (``Gᵀ = (−2C) @ Xᵀ``, in X's dtype); :func:`nearest_cols` then adds ``‖c_k‖²``
+and takes the argmin (every row of the block keeps its own running minimum while the
+centres are scanned in order), and :func:`accumulate_rows` the exact distance to the
+chosen centre, the sums ``nk`` and ``Σ w x`` per centre, and the farthest-point
+candidates, with float32 kept as float32 and float64 used only for the accumulators
+(the distance to the chosen centre is taken in float64 from the exact differences).
+Between passes, Hamerly's bounds spare most rows the GEMM (:mod:`dkm.kernels.bounds`).
 
 Ties: the label is the *lowest* index among the centres with the smallest
 ``G[i, j] + ‖c_j‖²`` (a strict ``<`` scan in centre order, what ``np.argmin`` and
@@ -142,16 +143,13 @@ _REASSOC = {"reassoc", "nsz"}
 
 
 @_jit(fastmath=_REASSOC)
-def kmeans_rows(
+def accumulate_rows(
     X: Any,
-    GT: Any,
-    c2: Any,
+    index: Any,
     C: Any,
     w: Any,
     row_offset: int,
     labels: Any,
-    index: Any,
-    best: Any,
     nk: Any,
     s1: Any,
     objective: Any,
@@ -159,30 +157,32 @@ def kmeans_rows(
     heap_r: Any,
     heap_l: Any,
     heap_n: Any,
+    dists: Any,
 ) -> None:
-    """One fused pass over a row block; accumulates into the output arrays in place.
+    """One pass over a row block whose labels are known; accumulates in place.
+
+    The labels come from :func:`nearest_cols` after the block's GEMM, or from the
+    bounds kept between passes (:mod:`dkm.kernels.bounds`): both paths call this one
+    compiled function on the same row blocks, so their statistics are the same bits.
 
     Parameters
     ----------
     X : (n, d) rows, float32 or float64, C-contiguous.
-    GT : (k, n) ``(−2C) @ Xᵀ`` in X's dtype.
-    c2 : (k,) ``‖c_k‖²`` in X's dtype.
+    index : (n,) int32, the nearest centre of each row.
     C : (k, d) the centres in X's dtype.
     w : (n,) float64 sample weights (≥ 0).
     row_offset : global index of the block's first row.
-    labels : (n,) int64, out: index of the nearest centre (lowest index on ties).
-    index : (n,) int32, scratch of the argmin scan.
-    best : (n,) X's dtype, scratch.
+    labels : (n,) int64, out: ``index`` widened.
     nk : (k,) float64, += ``Σ w`` per centre.
     s1 : (k, d) float64, += ``Σ w x`` per centre.
     objective : (1,) float64, += ``Σ w ‖x − c_label‖²`` (differences taken in float64).
     heap_d, heap_r, heap_l : (m,) float64, int64, int64: the farthest rows of positive
         weight so far (squared distance, global row, label) as a min-heap; m may be 0.
     heap_n : (1,) int64, number of entries in the heap.
+    dists : (n,) float64, out: each row's squared distance to its centre.
     """
     n, d = X.shape
     m = heap_d.shape[0]
-    nearest_cols(GT, c2, best, index)  # GT was just written by the GEMM: still in cache
     total = 0.0
     for i in range(n):
         lab = np.int64(index[i])
@@ -195,10 +195,170 @@ def kmeans_rows(
             dist += diff * diff
             s1[lab, f] += wi * xf
         nk[lab] += wi
+        dists[i] = dist
         total += wi * dist
         if m > 0 and wi > 0.0 and (heap_n[0] < m or dist >= heap_d[0]):
             _heap_offer(heap_d, heap_r, heap_l, heap_n, dist, row_offset + i, lab)
     objective[0] += total
+
+
+# ----------------------------------------------------------------- k-means bounds
+# Hamerly's bounds, kept per chunk between passes (dkm.kernels.bounds): an upper bound
+# on each row's distance to its centre and a lower bound on its distance to every other
+# centre. Distances are Euclidean, in float64; "margin" is the row's rounding allowance
+# (squared units) that keeps the labels those of the GEMM and argmin.
+
+
+@_jit
+def nearest2_cols(GT: Any, c2: Any, best: Any, second: Any, labels: Any) -> None:
+    """:func:`nearest_cols` (the same labels, the same ``best``) that also keeps the
+    runner-up ``second[i] = min_{j ≠ labels[i]} GT[j, i] + c2[j]`` (inf for k = 1)."""
+    k, n = GT.shape
+    c = c2[0]
+    for i in range(n):
+        best[i] = GT[0, i] + c
+        second[i] = np.inf
+        labels[i] = 0
+    for j in range(1, k):
+        c = c2[j]
+        for i in range(n):
+            v = GT[j, i] + c
+            b = best[i]
+            second[i] = min(second[i], max(b, v))
+            if v < b:
+                best[i] = v
+                labels[i] = j
+
+
+@_jit
+def _margin(u2: float, scale: float, c2max: float) -> float:
+    """A row's rounding allowance in squared units, ``scale · (‖x‖² + max ‖c‖²)``,
+    from ``u2 ≥ ‖x − c_a‖²`` (``‖x‖² ≤ 2 u2 + 2 max ‖c‖²``)."""
+    return scale * (2.0 * u2 + 3.0 * c2max)
+
+
+@_jit
+def set_bounds(
+    best: Any,
+    second: Any,
+    dists: Any,
+    rows: Any,
+    upper: Any,
+    lower: Any,
+    scale: float,
+    c2max: float,
+) -> None:
+    """Bounds of the rows ``rows`` of a block just searched: ``best[r]``, ``second[r]``
+    from :func:`nearest2_cols` for row ``rows[r]``, ``dists`` the block's exact squared
+    distances to the chosen centres (:func:`accumulate_rows`). The runner-up's squared
+    distance is ``second − best + dist``, less the margin."""
+    for r in range(rows.shape[0]):
+        i = rows[r]
+        d1 = dists[i]
+        upper[i] = np.sqrt(d1)
+        d2 = np.float64(second[r]) - np.float64(best[r]) + d1 - _margin(d1, scale, c2max)
+        lower[i] = np.sqrt(max(d2, 0.0))
+
+
+@_jit
+def set_bounds_all(
+    best: Any, second: Any, dists: Any, upper: Any, lower: Any, scale: float, c2max: float
+) -> None:
+    """:func:`set_bounds` for every row of the block, in order (vectorised)."""
+    for i in range(dists.shape[0]):
+        d1 = dists[i]
+        upper[i] = np.sqrt(d1)
+        d2 = np.float64(second[i]) - np.float64(best[i]) + d1 - _margin(d1, scale, c2max)
+        lower[i] = np.sqrt(max(d2, 0.0))
+
+
+@_jit
+def _lower_bound(
+    lower: float, u: float, a: int, drift_other: Any, drift_rest: float, near: Any, near_movers: Any
+) -> float:
+    """A lower bound on a row's distance to every centre but its own, ``a``, after the
+    centres moved: ``lower`` held before the move, ``u`` holds now, for its own centre.
+
+    The largest of: Hamerly's ``lower − max_{j≠a} δ_j``; the other centres by the
+    triangle inequality through ``c_a``, ``‖c_j − c_a‖ − u ≥ near[a] − u``; and, as the
+    first passes move a few centres far, ``lower − δ_rest`` (the largest drift outside
+    the centres that moved most) for the rest, ``near_movers[a] − u`` for the movers.
+    """
+    hamerly = lower - drift_other[a]
+    movers = min(lower - drift_rest, near_movers[a] - u)
+    return max(hamerly, movers, near[a] - u)
+
+
+@_jit
+def filter_bounds(
+    labels: Any,
+    upper: Any,
+    lower: Any,
+    drift: Any,
+    drift_other: Any,
+    drift_rest: float,
+    near: Any,
+    near_movers: Any,
+    scale: float,
+    c2max: float,
+    out: Any,
+) -> int:
+    """Move the bounds by the centres' drift (``upper += drift[a]``, ``lower`` to
+    :func:`_lower_bound`) and list in ``out`` the rows whose label the bounds no longer
+    settle (``upper² + margin < lower²`` settles it); returns how many. The listed rows
+    keep their previous lower bound, for :func:`tighten_bounds`."""
+    m = 0
+    for i in range(labels.shape[0]):
+        a = labels[i]
+        u = upper[i] + drift[a]
+        upper[i] = u
+        lo = _lower_bound(lower[i], u, a, drift_other, drift_rest, near, near_movers)
+        if lo > 0.0 and u * u + _margin(u * u, scale, c2max) < lo * lo:
+            lower[i] = lo
+        else:
+            out[m] = i
+            m += 1
+    return m
+
+
+@_jit(fastmath=_REASSOC)
+def tighten_bounds(
+    X: Any,
+    rows: Any,
+    count: int,
+    C: Any,
+    drift_other: Any,
+    drift_rest: float,
+    near: Any,
+    near_movers: Any,
+    labels: Any,
+    upper: Any,
+    lower: Any,
+    scale: float,
+    c2max: float,
+) -> int:
+    """For the rows ``rows[:count]`` of the block ``X`` (the bounds arrays are the
+    block's too) that :func:`filter_bounds` listed: the upper bound becomes the exact
+    distance to the labelled centre, and the lower bound :func:`_lower_bound` with it.
+    The rows still unsettled, which need a full search, move to the front of ``rows``;
+    returns how many."""
+    d = X.shape[1]
+    m = 0
+    for r in range(count):
+        i = rows[r]
+        a = labels[i]
+        dist = 0.0
+        for f in range(d):
+            diff = np.float64(X[i, f]) - np.float64(C[a, f])
+            dist += diff * diff
+        u = np.sqrt(dist)
+        upper[i] = u
+        lo = _lower_bound(lower[i], u, a, drift_other, drift_rest, near, near_movers)
+        lower[i] = lo
+        if not (lo > 0.0 and dist + _margin(dist, scale, c2max) < lo * lo):
+            rows[m] = i
+            m += 1
+    return m
 
 
 # --------------------------------------------------------------------------- mixtures

@@ -8,7 +8,7 @@ origin (``X − origin``), ``params`` are expressed in the same centred coordina
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from types import ModuleType
 from typing import Any
 
@@ -18,6 +18,7 @@ from scipy import sparse
 from scipy.special import logsumexp
 
 from dkm._typing import Assignment, Moments
+from dkm.kernels import bounds
 from dkm.kernels.params import MixtureParams, log_det_cholesky
 from dkm.stats import FarthestPoints, SuffStats, sxx_shape
 
@@ -30,6 +31,10 @@ BLOCK_ELEMENTS = 1 << 22
 #: Elements of the (rows, k) distance block of the fused k-means kernels: small enough
 #: (1 MB in float32) that the compiled pass reads it back from cache, not from memory.
 FUSED_BLOCK_ELEMENTS = 1 << 18
+
+#: k-means with bounds: a row block where more than this share of the rows is unsettled
+#: is searched whole (one GEMM on the block as it is) rather than gathered.
+PROMOTE = 0.8
 
 #: Elements of the widest per-block temporary of the mixture E-step (``X @ [P_1 … P_k]``
 #: for full covariances, the second-moment features): 4 MB in float64, cache-sized.
@@ -183,6 +188,7 @@ def estep(
     n_farthest: int = 0,
     row_offset: int = 0,
     origin: F64 | None = None,
+    bounds_key: tuple[Hashable, ...] | None = None,
 ) -> SuffStats:
     """Sufficient statistics of one chunk under ``params``.
 
@@ -200,6 +206,8 @@ def estep(
     origin : if given, ``X`` is not centred yet: each row block is centred as it is
         read (``X − origin`` in the compute dtype, what :func:`centred` gives), so the
         chunk is never copied whole.
+    bounds_key : k-means only: where this chunk's Hamerly bounds are kept between the
+        passes of a fit, ``(fit, model, chunk)`` (see :func:`_kmeans_estep`).
     """
     n, d = X.shape
     k = params.n_components
@@ -208,7 +216,7 @@ def estep(
     ws = Workspace()
     rows_of = _Rows(X, origin, cdtype, ws)
     if params.covariance_type == "identity" and assignment == "hard":
-        return _kmeans_estep(rows_of, params, moments, shift, w, n_farthest, row_offset)
+        return _kmeans_estep(rows_of, params, moments, shift, w, n_farthest, row_offset, bounds_key)
     quadratic = None
     if params.covariance_type == "full" and assignment == "soft" and moments == "full":
         quadratic = QuadraticForm(params, np.log(params.weights))
@@ -373,15 +381,22 @@ def _kmeans_estep(
     w: F64,
     n_farthest: int,
     row_offset: int,
+    bounds_key: tuple[Hashable, ...] | None = None,
 ) -> SuffStats:
     """The hard E-step of identity covariances (k-means): GEMM, then one fused pass.
 
     Per block of rows: ``Gᵀ = (−2C) @ Xᵀ`` by BLAS in the compute dtype (float32 stays
-    float32), then :func:`dkm.kernels._fused.kmeans_rows` takes the argmin of
-    ``G + ‖c‖²`` (the labels of :func:`nearest`, lowest index on ties), the squared
-    distance to the chosen centre from the exact differences (summed in float64), and
-    accumulates ``nk``, ``Σ w x`` and the farthest-point candidates in float64. The
-    rows are not copied to float64 unless second moments are asked for.
+    float32), then :func:`dkm.kernels._fused.nearest_cols` takes the argmin of
+    ``G + ‖c‖²`` (the labels of :func:`nearest`, lowest index on ties), and
+    :func:`dkm.kernels._fused.accumulate_rows` the squared distance to the chosen
+    centre from the exact differences (summed in float64), ``nk``, ``Σ w x`` and the
+    farthest-point candidates in float64. The rows are not copied to float64 unless
+    second moments are asked for.
+
+    With ``bounds_key`` (a fit's passes: ``(fit, model, chunk)``), the labels come from
+    the chunk's Hamerly bounds in :data:`dkm.kernels.bounds.CACHE` where it has them
+    (only the rows they do not settle are searched), and the bounds are kept for the
+    next pass; the statistics are the same bits either way.
     """
     n, d = X.shape
     k = params.n_components
@@ -394,21 +409,61 @@ def _kmeans_estep(
     nk, s1, objective = np.zeros(k), np.zeros((k, d)), np.zeros(1)
     heap_d, heap_n = np.empty(n_farthest), np.zeros(1, np.int64)
     heap_r, heap_l = np.empty(n_farthest, np.int64), np.empty(n_farthest, np.int64)
-    kernel = _fused().kmeans_rows
+    fused = _fused()
+    if bounds_key is not None and not bounds.room_for(n, C):
+        bounds_key = None  # the bounds could not be kept: do not build them
+    state = None if bounds_key is None else bounds.CACHE.take(bounds_key, n, C)
+    search = _Search(X.ws, neg2C, c2, C.dtype)
+    kept = state is not None and not state.off  # labels from the bounds
+    if kept:
+        assert state is not None
+        drift = state.drift(C)
+        moves = (drift.other, drift.rest, drift.near, drift.near_movers)
+        state.searched, state.passes = 0, state.passes + 1
+    elif state is None and bounds_key is not None:  # a full search that builds them
+        state = bounds.Bounds.empty(n, C)
+    build = state is not None and not state.off
+    scale = bounds.margin_scale(d, cdtype)
+    c2max = float(c2.max())
     for rows in row_blocks(n, k, FUSED_BLOCK_ELEMENTS):
         Xb = X(rows)
         m = Xb.shape[0]
-        GT = np.matmul(neg2C, Xb.T, out=X.ws.get("GT", (k, m), cdtype))
-        kernel(
+        dists = X.ws.get("dists", (m,), np.float64)
+        found: tuple[NDArray[Any], NDArray[Any], NDArray[np.int64] | None] | None = None
+        index: NDArray[np.int32]
+        if not build:
+            index = X.ws.get("index", (m,), np.int32)
+            fused.nearest_cols(search.gemm(Xb), c2, X.ws.get("best", (m,), cdtype), index)
+        else:
+            assert state is not None
+            index, upper, lower = state.labels[rows], state.upper[rows], state.lower[rows]
+            todo, count = X.ws.get("todo", (m,), np.int64), m
+            if kept:  # move the bounds by the drift; exact distances where unsettled
+                count = fused.filter_bounds(
+                    index, upper, lower, drift.moved, *moves, scale, c2max, todo
+                )
+                if 0 < count <= PROMOTE * m:
+                    count = fused.tighten_bounds(
+                        Xb, todo, count, C, *moves, index, upper, lower, scale, c2max
+                    )
+                state.searched += count
+            if count > PROMOTE * m or not kept:  # the whole block, not gathered
+                todo, count = np.arange(m), m
+            if count:
+                picked = todo[:count]
+                if count == m:  # into the bounds' labels directly
+                    found = (*search.nearest2(Xb, index)[:2], None)
+                else:
+                    best, second, nearest = search.nearest2(Xb[picked])
+                    index[picked] = nearest
+                    found = (best, second, picked)
+        fused.accumulate_rows(
             Xb,
-            GT,
-            c2,
+            index,
             C,
             w[rows],
             row_offset + rows.start,
             labels[rows],
-            X.ws.get("index", (m,), np.int32),
-            X.ws.get("best", (m,), cdtype),
             nk,
             s1,
             objective,
@@ -416,7 +471,19 @@ def _kmeans_estep(
             heap_r,
             heap_l,
             heap_n,
+            dists,
         )
+        if found is not None:
+            best, second, rows_found = found
+            if rows_found is None:
+                fused.set_bounds_all(best, second, dists, upper, lower, scale, c2max)
+            else:
+                fused.set_bounds(best, second, dists, rows_found, upper, lower, scale, c2max)
+    if bounds_key is not None and state is not None:
+        if kept and state.passes > bounds.TRIAL_PASSES and state.searched > bounds.GIVE_UP * n:
+            state = state.give_up()
+        state.centres = C.copy()  # the bounds now refer to these centres
+        bounds.CACHE.put(bounds_key, state)
     c = np.zeros((k, d)) if shift is None else shift
     sx = s1 - nk[:, None] * c
     sxx = None
@@ -443,6 +510,30 @@ def _kmeans_estep(
             heap_l[:m][order],
         )
     return SuffStats(moments, nk, sx, sxx, float(objective[0]), float(w.sum()), n, farthest)
+
+
+class _Search:
+    """The full search of a block of rows: the GEMM ``Gᵀ = (−2C) @ Xᵀ`` into the
+    workspace, then the argmin (and runner-up) over the centres."""
+
+    def __init__(self, ws: Workspace, neg2C: NDArray[Any], c2: NDArray[Any], dtype: Any) -> None:
+        self.ws, self.neg2C, self.c2, self.dtype = ws, neg2C, c2, dtype
+
+    def gemm(self, Xb: NDArray[Any]) -> NDArray[Any]:
+        shape = (self.neg2C.shape[0], Xb.shape[0])
+        return np.matmul(self.neg2C, Xb.T, out=self.ws.get("GT", shape, self.dtype))
+
+    def nearest2(
+        self, Xb: NDArray[Any], index: NDArray[np.int32] | None = None
+    ) -> tuple[NDArray[Any], NDArray[Any], NDArray[np.int32]]:
+        """``(best, second, index)`` of :func:`dkm.kernels._fused.nearest2_cols`; the
+        labels go to ``index`` if given."""
+        m = Xb.shape[0]
+        best = self.ws.get("best", (m,), self.dtype)
+        second = self.ws.get("second", (m,), self.dtype)
+        index = self.ws.get("found", (m,), np.int32) if index is None else index
+        _fused().nearest2_cols(self.gemm(Xb), self.c2, best, second, index)
+        return best, second, index
 
 
 def _estep_block(

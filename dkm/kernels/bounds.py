@@ -1,0 +1,253 @@
+"""Hamerly's bounds for k-means, kept per chunk between the passes of one fit.
+
+Lloyd's E-step searches every centre for every row. After the first passes most rows
+keep their centre, and the triangle inequality says which: if a row's distance to its
+centre (at most ``u``) stays below its distance to every other centre (at least ``l``)
+after the centres moved by ``δ_j``, i.e. ``u + δ_a < l − max_{j≠a} δ_j``, its label
+cannot have changed (Hamerly, "Making k-means even faster", SDM 2010). Those rows skip
+the GEMM and the argmin; the others get the exact distance to their centre (a tighter
+``u``) and, if still unsettled, a full search. The statistics are then accumulated over
+every row by the same compiled pass as without bounds, so they are the same bits.
+
+Rounding: the labels the engine must reproduce are those of the float GEMM and argmin
+(:func:`dkm.kernels.expectation.nearest`), which may differ from the exact nearest centre
+when two centres are within rounding of each other. A row is therefore settled only when
+``u² + margin < l²``, where the margin, at least ``scale · (‖x‖² + max ‖c‖²)`` with
+``scale = 8 (d + 2) ε`` of the compute dtype, is four times the worst-case error of the
+GEMM's squared distances; the computed lower bounds are lowered by the same margin.
+
+State: per chunk and per model, the labels (int32), ``u`` and ``l`` (float64): 20 bytes
+a row, in the process that ran the chunk's task (a Dask worker, or the client
+under the threaded scheduler), in a cache bounded in bytes (:data:`CACHE_BYTES`, and a
+sixteenth of a Dask worker's memory limit). A chunk whose task runs elsewhere, or whose
+bounds were evicted, is searched in full and its bounds are built again: the bounds
+speed passes up, they are never needed for a result. Bounds refer to the centres they
+were computed against (kept with them), so any later centres can use them.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+F64 = NDArray[np.float64]
+
+#: The centres that moved most: a row's lower bound for them comes from how far they
+#: are from its own centre, and the others' drift, usually far smaller, moves its bound
+#: for the rest (Hamerly's single bound decays by the largest drift of all, and in the
+#: first passes a few centres move far).
+MOVERS = 8
+
+#: A chunk's bounds are dropped for the rest of the fit when a pass after the first
+#: TRIAL_PASSES that used them still searched more than this share of its rows: with
+#: k = 1000 overlapping blobs in 8 dimensions (KM-2), 0.91 and 0.86 in the first two, and
+#: keeping bounds costs a runner-up in every full search (the argmin scan ~2× longer).
+GIVE_UP = 0.8
+TRIAL_PASSES = 2
+
+#: Bytes of bounds one process keeps (``DKM_BOUNDS_BYTES`` overrides it): 256 MiB holds
+#: ~9.6M rows, e.g. every chunk of 2M rows for four models at once.
+CACHE_BYTES = int(os.environ.get("DKM_BOUNDS_BYTES", 256 << 20))
+
+
+def margin_scale(d: int, dtype: np.dtype[Any]) -> float:
+    """``scale`` of the rounding margin ``scale · (‖x‖² + max ‖c‖²)`` (squared units)."""
+    return float(8 * (d + 2) * np.finfo(dtype).eps)
+
+
+@dataclass(eq=False)
+class Bounds:
+    """One chunk's bounds for one model: valid for ``centres`` (the compute dtype).
+
+    ``off``: the bounds settled too few rows to pay for themselves (more than
+    :data:`GIVE_UP` of the rows searched in a pass after :data:`TRIAL_PASSES` passes);
+    the entry only remembers that, and the chunk's later passes of this fit search
+    every row without keeping bounds.
+    """
+
+    centres: NDArray[Any]
+    labels: NDArray[np.int32]
+    upper: F64
+    lower: F64
+    #: passes that used these bounds
+    passes: int = 0
+    #: rows searched in full in the last of those passes (diagnostics, tests)
+    searched: int = 0
+    off: bool = False
+
+    @classmethod
+    def empty(cls, n: int, centres: NDArray[Any]) -> Bounds:
+        return cls(centres.copy(), np.empty(n, np.int32), np.empty(n), np.empty(n))
+
+    def give_up(self) -> Bounds:
+        """The ``off`` marker that replaces these bounds."""
+        return Bounds(self.centres[:0], self.labels[:0], self.upper[:0], self.lower[:0],
+                      self.passes, self.searched, True)  # fmt: skip
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.centres, self.labels, self.upper, self.lower))
+
+    def fits(self, n: int, centres: NDArray[Any]) -> bool:
+        return self.off or (
+            self.labels.shape[0] == n
+            and self.centres.shape == centres.shape
+            and self.centres.dtype == centres.dtype
+        )
+
+    def drift(self, centres: NDArray[Any]) -> Drift:
+        """How the centres moved since these bounds, and how far apart they are now."""
+        return Drift.between(self.centres, centres)
+
+
+@dataclass(frozen=True)
+class Drift:
+    """What :func:`dkm.kernels._fused.filter_bounds` needs of the centres' move."""
+
+    #: (k,) how far each centre moved (float64)
+    moved: F64
+    #: (k,) for each label a, ``max_{j≠a}`` of ``moved``
+    other: F64
+    #: the largest move outside the :data:`MOVERS` centres that moved most
+    rest: float
+    #: (k,) for each label a, ``min_{j≠a} ‖c_j − c_a‖`` (inf for k = 1)
+    near: F64
+    #: (k,) the same over the :data:`MOVERS` only
+    near_movers: F64
+
+    @classmethod
+    def between(cls, old: NDArray[Any], new: NDArray[Any]) -> Drift:
+        C = new.astype(np.float64)
+        moved = np.sqrt(((C - old.astype(np.float64)) ** 2).sum(axis=1))
+        k = moved.shape[0]
+        order = np.argsort(-moved, kind="stable")
+        other = np.full_like(moved, moved[order[0]])
+        other[order[0]] = moved[order[1]] if k > 1 else 0.0
+        movers = order[: min(MOVERS, k - 1)]
+        rest = float(moved[order[movers.shape[0]]]) if k > 1 else 0.0
+        c2 = (C * C).sum(axis=1)
+        apart = np.sqrt(np.maximum(c2[:, None] + c2[None, :] - 2.0 * (C @ C.T), 0.0))
+        np.fill_diagonal(apart, np.inf)
+        # the expansion errs by ~eps·‖c‖²; less that (a lower bound stays one)
+        slack = np.sqrt(64 * k * np.finfo(np.float64).eps * (c2[:, None] + c2[None, :]))
+        apart = np.maximum(apart - slack, 0.0)
+        near = apart.min(axis=1)
+        near_movers = apart[:, movers].min(axis=1) if movers.size else np.full(k, np.inf)
+        return cls(moved, other, rest, near, near_movers)
+
+
+#: A fit starts keeping bounds after an M-step in which the centres beyond the
+#: :data:`MOVERS` moved at most this fraction of the typical distance between a centre
+#: and its nearest neighbour (``worth_keeping``). Building bounds costs a pass ~10 %
+#: more (the runner-up in the argmin scan) and they settle few rows while most centres
+#: still travel. KM-1 from k random rows: ratios 1.33 0.47 0.11 0.018 0.011 …, bounds
+#: from the fourth pass; KM-2 (k = 1000 overlapping blobs): 0.98 … 0.18 in ten passes,
+#: never (its rows stay unsettled: 66–93 %). A warm start qualifies after one pass.
+START_RATIO = 0.15
+
+#: Centres sampled for the typical nearest-neighbour distance when k is larger.
+NEAR_SAMPLE = 512
+
+
+def worth_keeping(old: NDArray[Any], new: NDArray[Any]) -> bool:
+    """Whether bounds would pay from the next pass on, judging by the last M-step's move
+    from the centres ``old`` to ``new`` (see :data:`START_RATIO`)."""
+    k = new.shape[0]
+    if k < 2:
+        return True
+    C = np.asarray(new, np.float64)
+    moved = np.sqrt(((C - np.asarray(old, np.float64)) ** 2).sum(axis=1))
+    rest = float(np.sort(moved)[::-1][MOVERS]) if k > MOVERS else 0.0
+    S = C[:NEAR_SAMPLE]
+    c2 = (C * C).sum(axis=1)
+    apart = c2[: len(S), None] + c2[None, :] - 2.0 * (S @ C.T)
+    apart[np.arange(len(S)), np.arange(len(S))] = np.inf
+    near = np.sqrt(np.maximum(apart.min(axis=1), 0.0))
+    return rest <= START_RATIO * float(np.median(near))
+
+
+def _capacity() -> int:
+    """:data:`CACHE_BYTES`, at most a sixteenth of a Dask worker's memory limit: bounds
+    are unmanaged memory that the worker's memory monitor counts against its spill and
+    pause thresholds."""
+    try:
+        from distributed import get_worker
+
+        limit = get_worker().memory_manager.memory_limit
+    except (ImportError, ValueError, AttributeError):
+        return CACHE_BYTES
+    return min(CACHE_BYTES, limit // 16) if limit else CACHE_BYTES
+
+
+def room_for(n: int, centres: NDArray[Any]) -> bool:
+    """Whether a chunk of ``n`` rows' bounds fit in this process's cache at all."""
+    return Bounds.empty(0, centres).nbytes + 20 * n <= _capacity()
+
+
+class BoundsCache:
+    """Bounds by key ``(fit, model, chunk)``, least recently used first out.
+
+    :meth:`take` removes the entry it returns, and :meth:`put` stores it again once the
+    pass has updated it: two tasks never share one entry, and a task that fails half-way
+    leaves nothing stale behind. A new entry evicts those of other fits, oldest first,
+    but never one of its own fit (a fit larger than the cache keeps bounds for the
+    chunks that fitted, rather than evicting them all in turn).
+    """
+
+    def __init__(self) -> None:
+        self._entries: OrderedDict[tuple[Hashable, ...], Bounds] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def take(self, key: tuple[Hashable, ...], n: int, centres: NDArray[Any]) -> Bounds | None:
+        with self._lock:
+            bounds = self._entries.pop(key, None)
+        return bounds if bounds is not None and bounds.fits(n, centres) else None
+
+    def put(self, key: tuple[Hashable, ...], bounds: Bounds, capacity: int | None = None) -> bool:
+        """Keep ``bounds``; False if they do not fit beside this fit's other entries."""
+        capacity = _capacity() if capacity is None else capacity
+        with self._lock:
+            used = sum(b.nbytes for b in self._entries.values())
+            for other in [k for k in self._entries if k[0] != key[0]]:
+                if used + bounds.nbytes <= capacity:
+                    break
+                used -= self._entries.pop(other).nbytes
+            if used + bounds.nbytes > capacity:
+                return False
+            self._entries[key] = bounds
+            return True
+
+    def peek(self, key: tuple[Hashable, ...]) -> Bounds | None:
+        """The entry under ``key``, left in place (diagnostics and tests)."""
+        with self._lock:
+            return self._entries.get(key)
+
+    def fits_held(self) -> set[Hashable]:
+        """The fits that have entries here."""
+        with self._lock:
+            return {key[0] for key in self._entries}
+
+    def release(self, fit: Hashable) -> None:
+        """Drop every entry of ``fit`` (the fit ended)."""
+        with self._lock:
+            for key in [k for k in self._entries if k[0] == fit]:
+                del self._entries[key]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def nbytes(self) -> int:
+        with self._lock:
+            return sum(b.nbytes for b in self._entries.values())
+
+
+#: The process's bounds (a Dask worker's, or the client's under the threaded scheduler).
+CACHE = BoundsCache()

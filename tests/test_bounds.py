@@ -1,0 +1,219 @@
+"""Hamerly bounds kept between k-means passes: the same bits as searching every row."""
+
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+import pytest
+from conftest import blobs
+
+import dkm
+import dkm.engine
+from dkm.kernels import MixtureParams, bounds, estep, kmeans_centres
+from dkm.stats import SuffStats
+
+
+def assert_same_stats(got: SuffStats, ref: SuffStats) -> None:
+    np.testing.assert_array_equal(got.nk, ref.nk)
+    np.testing.assert_array_equal(got.sx, ref.sx)
+    assert got.objective == ref.objective
+    if ref.sxx is not None:
+        np.testing.assert_array_equal(got.sxx, ref.sxx)
+    if ref.farthest is not None:
+        assert got.farthest is not None
+        np.testing.assert_array_equal(got.farthest.rows, ref.farthest.rows)
+        np.testing.assert_array_equal(got.farthest.distances, ref.farthest.distances)
+        np.testing.assert_array_equal(got.farthest.labels, ref.farthest.labels)
+
+
+def lloyd_both_ways(X, C0, passes, key, *, w=None, n_farthest=0, moments="none", jump=None):
+    """Lloyd from ``C0``: each pass searching every row and with the bounds under
+    ``key``; asserts the statistics are the same bits; returns the bounds' history of
+    (passes used, rows searched)."""
+    C, history = np.asarray(C0, np.float64), []
+    for p in range(passes):
+        params = MixtureParams.identity(C)
+        kw = {"assignment": "hard", "moments": moments, "n_farthest": n_farthest}
+        ref = estep(X, params, sample_weight=w, shift=None, **kw)
+        got = estep(X, params, sample_weight=w, bounds_key=key, **kw)
+        assert_same_stats(got, ref)
+        held = bounds.CACHE.peek(key)
+        assert held is not None
+        history.append((held.passes, held.searched))
+        C, _ = kmeans_centres(ref)
+        if jump is not None and p == jump:
+            C = C.copy()
+            C[0] += 40.0  # one centre leaps across the data (a re-seed does that)
+    return history
+
+
+@pytest.fixture(autouse=True)
+def empty_cache():
+    yield
+    for fit in bounds.CACHE.fits_held():
+        bounds.CACHE.release(fit)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("d", [3, 32])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_bounds_give_the_bits_of_a_full_search(dtype, d, weighted):
+    X = blobs(6000, d, 12, seed=1, dtype=dtype)
+    X = X - X.mean(axis=0)  # the engine's kernels see centred rows
+    w = np.random.default_rng(2).uniform(0.0, 2.0, len(X)) if weighted else None
+    C0 = X[np.random.default_rng(3).choice(len(X), 12, replace=False)]
+    history = lloyd_both_ways(X, C0, 12, ("fit", 0, 0), w=w, n_farthest=12)
+    assert [p for p, _ in history] == list(range(12))  # kept, then used, every pass
+    # once the centres settle, the bounds settle most rows: far fewer searched
+    assert history[-1][1] < 0.2 * len(X)
+
+
+def test_a_centre_that_leaps_and_second_moments():
+    X = blobs(4000, 5, 8, seed=4)
+    X = X - X.mean(axis=0)
+    C0 = X[:8]
+    history = lloyd_both_ways(X, C0, 8, ("fit", 0, 0), n_farthest=8, moments="diag", jump=3)
+    assert history[4][1] > history[3][1]  # the leap unsettled rows: they were searched
+
+
+def test_rows_on_the_bisectors_keep_the_lowest_index():
+    """Rows exactly between two centres (ties, lowest index wins) and rows within
+    rounding of a tie, under centres that creep by less than the rounding: the bounds
+    must leave every such row to the full search."""
+    rng = np.random.default_rng(5)
+    grid = np.stack(np.meshgrid(np.arange(-4, 5), np.arange(-4, 5)), -1).reshape(-1, 2)
+    X = np.repeat(grid, 20, axis=0).astype(np.float32)
+    X += rng.normal(scale=1e-6, size=X.shape).astype(np.float32) * (rng.random((len(X), 1)) < 0.5)
+    C = np.array([[-1.0, -1.0], [1.0, -1.0], [-1.0, 1.0], [1.0, 1.0]])
+    key = ("ties", 0, 0)
+    for p in range(8):
+        params = MixtureParams.identity(C)
+        ref = estep(X, params, assignment="hard", moments="none")
+        got = estep(X, params, assignment="hard", moments="none", bounds_key=key)
+        assert_same_stats(got, ref)
+        C = C + rng.normal(scale=1e-7, size=C.shape) * (p % 2)
+
+
+def test_bounds_are_given_up_where_they_settle_too_few_rows(monkeypatch):
+    X = blobs(3000, 4, 6, seed=6)
+    X = X - X.mean(axis=0)
+    monkeypatch.setattr(bounds, "GIVE_UP", -1.0)  # any share searched is too many
+    key = ("fit", 0, 0)
+    lloyd_both_ways(X, X[:6], 6, key)
+    held = bounds.CACHE.peek(key)
+    assert held is not None and held.off and held.labels.size == 0
+    assert held.passes == bounds.TRIAL_PASSES + 1  # stopped counting when it gave up
+
+
+def test_no_room_no_bounds(monkeypatch):
+    monkeypatch.setattr(bounds, "CACHE_BYTES", 0)
+    X = blobs(1000, 3, 4)
+    params = MixtureParams.identity(X[:4])
+    estep(X, params, assignment="hard", moments="none", bounds_key=("fit", 0, 0))
+    assert not bounds.CACHE.fits_held()
+
+
+def test_cache_evicts_other_fits_first_and_never_its_own():
+    cache = bounds.BoundsCache()
+    C = np.zeros((2, 3))
+
+    def entry(n):
+        return bounds.Bounds.empty(n, C)
+
+    size = entry(100).nbytes
+    assert cache.put(("a", 0, 0), entry(100), capacity=3 * size)
+    assert cache.put(("a", 0, 1), entry(100), capacity=3 * size)
+    assert cache.put(("b", 0, 0), entry(100), capacity=3 * size)
+    assert cache.put(("b", 0, 1), entry(100), capacity=3 * size)  # evicts a's oldest
+    assert cache.fits_held() == {"a", "b"} and cache.peek(("a", 0, 0)) is None
+    assert cache.put(("b", 0, 2), entry(100), capacity=3 * size)  # evicts a's last
+    assert cache.fits_held() == {"b"}
+    assert not cache.put(("b", 0, 3), entry(100), capacity=3 * size)  # not its own
+    assert len(cache) == 3
+    taken = cache.take(("b", 0, 0), 100, C)  # taking removes: no two tasks share one
+    assert taken is not None and cache.peek(("b", 0, 0)) is None
+    assert cache.take(("b", 0, 1), 99, C) is None  # another chunk's shape: dropped
+    assert cache.peek(("b", 0, 1)) is None
+    cache.release("b")
+    assert len(cache) == 0 and cache.nbytes == 0
+
+
+def test_worth_keeping_after_a_warm_start_not_while_centres_travel():
+    rng = np.random.default_rng(7)
+    C = rng.normal(scale=10.0, size=(64, 8))
+    assert bounds.worth_keeping(C, C + rng.normal(scale=1e-3, size=C.shape))
+    assert not bounds.worth_keeping(C, C + rng.normal(scale=3.0, size=C.shape))
+    assert bounds.worth_keeping(C[:1], C[:1] + 5.0)  # one centre: nothing to confuse
+
+
+def fit(Xd, use_bounds, monkeypatch, callback=None, **kw):
+    monkeypatch.setattr(dkm.engine, "KMEANS_BOUNDS", use_bounds)
+    km = dkm.KMeans(16, init="random", n_init=2, random_state=0, tol=0.0, callback=callback, **kw)
+    return km.fit(Xd)
+
+
+def test_fit_with_bounds_is_the_fit_without(monkeypatch):
+    X = blobs(8000, 6, 16, seed=8, dtype=np.float32)
+    Xd = da.from_array(X, chunks=(1000, -1))
+    held = []
+    with_bounds = fit(Xd, True, monkeypatch, lambda info: held.append(bounds.CACHE.nbytes))
+    without = fit(Xd, False, monkeypatch)
+    assert max(held) > 0  # the bounds were kept during the fit ...
+    assert not bounds.CACHE.fits_held()  # ... and released at its end
+    np.testing.assert_array_equal(with_bounds.cluster_centers_, without.cluster_centers_)
+    assert with_bounds.inertia_ == without.inertia_
+    assert with_bounds.n_iter_ == without.n_iter_
+    objectives = [[i.objective for i in m.history_] for m in (with_bounds, without)]
+    assert objectives[0] == objectives[1]
+    np.testing.assert_array_equal(with_bounds.labels_.compute(), without.labels_.compute())
+
+
+@pytest.mark.distributed
+def test_bounds_live_in_the_workers_and_leave_with_the_fit(dask_processes, monkeypatch):
+    from distributed import Client
+
+    X = blobs(8000, 6, 16, seed=9, dtype=np.float32)
+    Xd = da.from_array(X, chunks=(1000, -1))
+    reference = fit(Xd, False, monkeypatch)
+    with Client(dask_processes) as client:
+        held = []
+
+        def callback(info):
+            held.append(sum(client.run(lambda: bounds.CACHE.nbytes).values()))
+
+        Xp = client.persist(Xd)
+        km = fit(Xp, True, monkeypatch, callback)
+        left = client.run(lambda: len(bounds.CACHE.fits_held()))
+        for _ in range(50):  # the release does not wait for the workers
+            if not any(left.values()):
+                break
+            left = client.run(lambda: len(bounds.CACHE.fits_held()))
+    assert max(held) > 0
+    assert not any(left.values())
+    np.testing.assert_array_equal(km.cluster_centers_, reference.cluster_centers_)
+    assert km.inertia_ == reference.inertia_ and km.n_iter_ == reference.n_iter_
+
+
+def test_rows_within_rounding_of_a_tie_are_searched():
+    """Far from the origin, float32's GEMM orders two nearly equidistant centres by
+    its rounding, not by the exact distances; as the centres creep by less than that,
+    its order flips. The margin leaves such rows to the search, which flips with it."""
+    rng = np.random.default_rng(10)
+    d = 16
+    a, b = np.full(d, 1000.0), np.full(d, 1000.0)
+    a[0], b[0] = 990.0, 1010.0
+    X = np.repeat(((a + b) / 2)[None, :], 4000, axis=0)
+    X[:, 0] += rng.uniform(-0.05, 0.05, len(X))
+    X[:, 1:] += rng.normal(scale=3.0, size=(len(X), d - 1))
+    X = X.astype(np.float32)
+    C = np.stack([a, b, np.full(d, -1000.0)])
+    key, searched = ("near-ties", 0, 0), []
+    for _ in range(10):
+        params = MixtureParams.identity(C)
+        ref = estep(X, params, assignment="hard", moments="none")
+        got = estep(X, params, assignment="hard", moments="none", bounds_key=key)
+        assert_same_stats(got, ref)
+        held = bounds.CACHE.peek(key)
+        searched.append(held.searched)
+        C = C + rng.normal(scale=2e-3, size=C.shape)
+    assert max(searched[1:]) > 0
