@@ -257,6 +257,11 @@ def daskml_kmeans(
 # --------------------------------------------------------------------------- dkm
 
 
+#: Iterations of dkm's k-means warm-up fit (KM-1's centres settle enough for the bounds
+#: after three; see dkm.kernels.bounds.START_RATIO).
+WARM_ITERS = 8
+
+
 def dkm_kmeans(
     workload: str,
     label: str,
@@ -268,13 +273,15 @@ def dkm_kmeans(
     bounds: bool = True,
 ) -> Run:
     """dkm on a persisted Dask array, on the current scheduler (threads or a Client);
-    first a one-iteration fit on ``warm`` (None: no warm-up). ``X``: the same points
-    in memory, to evaluate the final centres. ``bounds=False``: without the Hamerly
+    first a :data:`WARM_ITERS`-iteration fit on ``warm`` (None: no warm-up). ``X``: the
+    same points in memory, to evaluate the final centres. ``bounds=False``: without the Hamerly
     bounds kept between passes (every row searched in every pass, as Lloyd)."""
     k = C0.shape[0]
     with quiet(), _kmeans_bounds(bounds):
         if warm is not None:
-            dkm.KMeans(k, init=C0, n_init=1, max_iter=1, tol=0.0).fit(warm)
+            # long enough for the bounds to start: their kernels compile (or load from
+            # numba's cache) here, not inside the timed fit
+            dkm.KMeans(k, init=C0, n_init=1, max_iter=WARM_ITERS, tol=0.0).fit(warm)
         seconds, est = timed(dkm.KMeans(k, init=C0, n_init=1, max_iter=iters, tol=0.0).fit, data)
     return Run(
         workload,

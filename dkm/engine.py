@@ -688,60 +688,62 @@ def fit_em_many(
         moments = moments_for(options.covariance_type)
         return run.params, run.params.means, PassOptions(options.assignment, moments, n_far)
 
-    while active := [r for r in runs if not r.converged and r.n_iter < options.max_iter]:
-        t0 = time.perf_counter()
-        all_stats = stats_pass_many(data, [job(r) for r in active], split_every=options.split_every)
-        seconds = time.perf_counter() - t0
-        for run, stats in zip(active, all_stats, strict=True):
-            run.n_iter += 1
-            if kmeans:
-                centres, _ = kmeans_centres(stats)
-                change = float(((centres - run.params.means) ** 2).sum())
-                objective = stats.objective
-                run.bounds = run.bounds or (
-                    KMEANS_BOUNDS and bounds.worth_keeping(run.params.means, centres)
+    try:
+        while active := [r for r in runs if not r.converged and r.n_iter < options.max_iter]:
+            t0 = time.perf_counter()
+            jobs = [job(r) for r in active]
+            all_stats = stats_pass_many(data, jobs, split_every=options.split_every)
+            seconds = time.perf_counter() - t0
+            for run, stats in zip(active, all_stats, strict=True):
+                run.n_iter += 1
+                if kmeans:
+                    centres, _ = kmeans_centres(stats)
+                    change = float(((centres - run.params.means) ** 2).sum())
+                    objective = stats.objective
+                    run.bounds = run.bounds or (
+                        KMEANS_BOUNDS and bounds.worth_keeping(run.params.means, centres)
+                    )
+                    run.params = MixtureParams.identity(centres)
+                    run.converged = change <= tol
+                else:
+                    run.params, run.covariances, repaired = gaussian_mstep(
+                        stats,
+                        run.params.means,
+                        options.covariance_type,
+                        options.reg_covar,
+                        options.on_degenerate,
+                    )
+                    if repaired:
+                        _warn_repaired(repaired, options.on_degenerate, run.n_iter)
+                    previous, run.lower_bound = run.lower_bound, stats.objective / stats.n
+                    objective, change = run.lower_bound, run.lower_bound - previous
+                    run.converged = abs(change) < tol
+                _notify(
+                    callback,
+                    run.history,
+                    IterationInfo(
+                        run.n_iter,
+                        objective,
+                        change,
+                        seconds,
+                        run.params.translated(data.origin),
+                        run.converged,
+                        run.params,
+                        data.origin,
+                        run.index,
+                    ),
                 )
-                run.params = MixtureParams.identity(centres)
-                run.converged = change <= tol
-            else:
-                run.params, run.covariances, repaired = gaussian_mstep(
-                    stats,
-                    run.params.means,
-                    options.covariance_type,
-                    options.reg_covar,
-                    options.on_degenerate,
-                )
-                if repaired:
-                    _warn_repaired(repaired, options.on_degenerate, run.n_iter)
-                previous, run.lower_bound = run.lower_bound, stats.objective / stats.n
-                objective, change = run.lower_bound, run.lower_bound - previous
-                run.converged = abs(change) < tol
-            _notify(
-                callback,
-                run.history,
-                IterationInfo(
-                    run.n_iter,
-                    objective,
-                    change,
-                    seconds,
-                    run.params.translated(data.origin),
-                    run.converged,
-                    run.params,
-                    data.origin,
-                    run.index,
-                ),
-            )
-    if kmeans:  # the inertia of the final centres, for every model in one more pass
-        try:
+        if kmeans:  # the inertia of the final centres, for every model in one more pass
             finals = stats_pass_many(
                 data,
                 [(r.params, None, PassOptions("hard", "none", 0, _bounds(fit, r))) for r in runs],
                 split_every=options.split_every,
             )
-        finally:
+            for run, final in zip(runs, finals, strict=True):
+                run.final = final
+    finally:
+        if any(r.bounds for r in runs):  # else no bounds were kept: nothing to drop
             _release_bounds(fit)
-        for run, final in zip(runs, finals, strict=True):
-            run.final = final
     return [
         EMResult(
             r.params.translated(data.origin),
@@ -773,7 +775,15 @@ def _release_bounds(fit: str) -> None:
     bounds.CACHE.release(fit)
     client: Any = getattr(get_scheduler(), "__self__", None)
     if _is_client(client) and client.status == "running":
-        client.run(_release_worker_bounds, fit, wait=False, on_error="ignore")
+        try:
+            client.run(_release_worker_bounds, fit, wait=False, on_error="ignore")
+        except Exception as exc:  # clean-up only: never in place of the fit's own outcome
+            warnings.warn(
+                f"could not drop this fit's k-means bounds on the workers ({exc!r}); "
+                "they give way to later fits' bounds",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
 
 async def _release_worker_bounds(fit: str) -> None:

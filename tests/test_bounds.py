@@ -26,14 +26,16 @@ def assert_same_stats(got: SuffStats, ref: SuffStats) -> None:
         np.testing.assert_array_equal(got.farthest.labels, ref.farthest.labels)
 
 
-def lloyd_both_ways(X, C0, passes, key, *, w=None, n_farthest=0, moments="none", jump=None):
+def lloyd_both_ways(
+    X, C0, passes, key, *, w=None, n_farthest=0, moments="none", jump=None, origin=None
+):
     """Lloyd from ``C0``: each pass searching every row and with the bounds under
     ``key``; asserts the statistics are the same bits; returns the bounds' history of
     (passes used, rows searched)."""
     C, history = np.asarray(C0, np.float64), []
     for p in range(passes):
         params = MixtureParams.identity(C)
-        kw = {"assignment": "hard", "moments": moments, "n_farthest": n_farthest}
+        kw = {"assignment": "hard", "moments": moments, "n_farthest": n_farthest, "origin": origin}
         ref = estep(X, params, sample_weight=w, shift=None, **kw)
         got = estep(X, params, sample_weight=w, bounds_key=key, **kw)
         assert_same_stats(got, ref)
@@ -68,11 +70,14 @@ def test_bounds_give_the_bits_of_a_full_search(dtype, d, weighted):
     assert history[-1][1] < 0.2 * len(X)
 
 
-def test_a_centre_that_leaps_and_second_moments():
-    X = blobs(4000, 5, 8, seed=4)
-    X = X - X.mean(axis=0)
-    C0 = X[:8]
-    history = lloyd_both_ways(X, C0, 8, ("fit", 0, 0), n_farthest=8, moments="diag", jump=3)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_centre_that_leaps_second_moments_and_rows_centred_as_read(dtype):
+    X = blobs(4000, 5, 8, seed=4, dtype=dtype) + 100.0  # the kernels centre the rows
+    origin = X.mean(axis=0, dtype=np.float64)
+    C0 = X[:8] - origin
+    history = lloyd_both_ways(
+        X, C0, 8, ("fit", 0, 0), n_farthest=8, moments="diag", jump=3, origin=origin
+    )
     assert history[4][1] > history[3][1]  # the leap unsettled rows: they were searched
 
 
@@ -134,8 +139,41 @@ def test_cache_evicts_other_fits_first_and_never_its_own():
     assert taken is not None and cache.peek(("b", 0, 0)) is None
     assert cache.take(("b", 0, 1), 99, C) is None  # another chunk's shape: dropped
     assert cache.peek(("b", 0, 1)) is None
+    assert len(cache) == 1  # b's third
+    assert cache.has_room(("c", 0, 0), 100, C, capacity=size + size // 2)  # b's gives way
+    assert not cache.has_room(("b", 0, 9), 100, C, capacity=size + size // 2)  # b's own: no
     cache.release("b")
     assert len(cache) == 0 and cache.nbytes == 0
+
+
+def test_a_fit_larger_than_the_cache_builds_bounds_only_where_they_are_kept(monkeypatch):
+    X = blobs(4000, 3, 4, seed=11)
+    C = X[:4]
+    one_chunk = bounds.Bounds.empty(1000, C).nbytes
+    monkeypatch.setattr(bounds, "CACHE_BYTES", 2 * one_chunk)
+    built = []
+    real_set_bounds = bounds_kernels().set_bounds_all
+    monkeypatch.setattr(
+        bounds_kernels(), "set_bounds_all", lambda *a: built.append(1) or real_set_bounds(*a)
+    )
+    calls = []
+    for _ in range(2):
+        for chunk in range(4):
+            rows = slice(1000 * chunk, 1000 * (chunk + 1))
+            before = len(built)
+            estep(X[rows], MixtureParams.identity(C), assignment="hard", moments="none",
+                  row_offset=rows.start, bounds_key=("big", 0, chunk))  # fmt: skip
+            calls.append(len(built) - before)
+    assert len(bounds.CACHE) == 2  # the first two chunks' bounds, kept and used again
+    # built in the first pass for the two chunks that fit, never for the others, and
+    # the same centres again settle every row: nothing rebuilt
+    assert calls[0] > 0 and calls[1] > 0 and calls[2:] == [0] * 6
+
+
+def bounds_kernels():
+    from dkm.kernels import _fused
+
+    return _fused
 
 
 def test_worth_keeping_after_a_warm_start_not_while_centres_travel():

@@ -145,6 +145,7 @@ _REASSOC = {"reassoc", "nsz"}
 @_jit(fastmath=_REASSOC)
 def accumulate_rows(
     X: Any,
+    origin: Any,
     index: Any,
     C: Any,
     w: Any,
@@ -168,6 +169,8 @@ def accumulate_rows(
     Parameters
     ----------
     X : (n, d) rows, float32 or float64, C-contiguous.
+    origin : (d,) in X's dtype: the rows are ``X − origin``, subtracted here in X's dtype
+        (the bits of :func:`centre_rows`); zeros for rows already centred.
     index : (n,) int32, the nearest centre of each row.
     C : (k, d) the centres in X's dtype.
     w : (n,) float64 sample weights (≥ 0).
@@ -190,7 +193,7 @@ def accumulate_rows(
         wi = w[i]
         dist = 0.0
         for f in range(d):
-            xf = np.float64(X[i, f])
+            xf = np.float64(X[i, f] - origin[f])
             diff = xf - np.float64(C[lab, f])
             dist += diff * diff
             s1[lab, f] += wi * xf
@@ -324,6 +327,7 @@ def filter_bounds(
 @_jit(fastmath=_REASSOC)
 def tighten_bounds(
     X: Any,
+    origin: Any,
     rows: Any,
     count: int,
     C: Any,
@@ -337,8 +341,9 @@ def tighten_bounds(
     scale: float,
     c2max: float,
 ) -> int:
-    """For the rows ``rows[:count]`` of the block ``X`` (the bounds arrays are the
-    block's too) that :func:`filter_bounds` listed: the upper bound becomes the exact
+    """For the rows ``rows[:count]`` of the block ``X − origin`` (as in
+    :func:`accumulate_rows`; the bounds arrays are the block's too) that
+    :func:`filter_bounds` listed: the upper bound becomes the exact
     distance to the labelled centre, and the lower bound :func:`_lower_bound` with it.
     The rows still unsettled, which need a full search, move to the front of ``rows``;
     returns how many."""
@@ -349,7 +354,7 @@ def tighten_bounds(
         a = labels[i]
         dist = 0.0
         for f in range(d):
-            diff = np.float64(X[i, f]) - np.float64(C[a, f])
+            diff = np.float64(X[i, f] - origin[f]) - np.float64(C[a, f])
             dist += diff * diff
         u = np.sqrt(dist)
         upper[i] = u

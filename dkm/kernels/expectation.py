@@ -343,6 +343,8 @@ class _Rows:
     ) -> None:
         self.X, self.dtype, self.shape, self.ws = X, dtype, X.shape, ws
         self.origin = None if origin is None else origin.astype(dtype)
+        self.zeros = np.zeros(X.shape[1], dtype)
+        self.offset = self.zeros if self.origin is None else self.origin
 
     def __call__(self, rows: Any) -> NDArray[Any]:
         """C-contiguous ``X[rows] (− origin)``: the bits :func:`centred` would give.
@@ -364,6 +366,16 @@ class _Rows:
         else:
             np.subtract(src, self.origin, out=out, dtype=self.dtype)
         return out
+
+    def raw(self, rows: slice) -> tuple[NDArray[Any], NDArray[Any]]:
+        """``(block, origin)`` whose difference, taken in the compute dtype, is the bits of
+        ``self(rows)``: the chunk's own rows where they are in the compute dtype and
+        C-contiguous (no copy; the compiled passes subtract as they read), else the
+        centred copy and zeros."""
+        src = self.X[rows]
+        if src.dtype == self.dtype and src.flags.c_contiguous:
+            return src, self.offset
+        return self(rows), self.zeros
 
 
 def _fused() -> ModuleType:
@@ -410,9 +422,9 @@ def _kmeans_estep(
     heap_d, heap_n = np.empty(n_farthest), np.zeros(1, np.int64)
     heap_r, heap_l = np.empty(n_farthest, np.int64), np.empty(n_farthest, np.int64)
     fused = _fused()
-    if bounds_key is not None and not bounds.room_for(n, C):
-        bounds_key = None  # the bounds could not be kept: do not build them
     state = None if bounds_key is None else bounds.CACHE.take(bounds_key, n, C)
+    if state is None and bounds_key is not None and not bounds.CACHE.has_room(bounds_key, n, C):
+        bounds_key = None  # they would not be kept: do not build them
     search = _Search(X.ws, neg2C, c2, C.dtype)
     kept = state is not None and not state.off  # labels from the bounds
     if kept:
@@ -425,8 +437,10 @@ def _kmeans_estep(
     build = state is not None and not state.off
     scale = bounds.margin_scale(d, cdtype)
     c2max = float(c2.max())
+    zeros = X.zeros
     for rows in row_blocks(n, k, FUSED_BLOCK_ELEMENTS):
-        Xb = X(rows)
+        # a block whose every row the bounds settle is read once, uncentred
+        Xb, origin = X.raw(rows) if kept else (X(rows), zeros)
         m = Xb.shape[0]
         dists = X.ws.get("dists", (m,), np.float64)
         found: tuple[NDArray[Any], NDArray[Any], NDArray[np.int64] | None] | None = None
@@ -444,7 +458,7 @@ def _kmeans_estep(
                 )
                 if 0 < count <= PROMOTE * m:
                     count = fused.tighten_bounds(
-                        Xb, todo, count, C, *moves, index, upper, lower, scale, c2max
+                        Xb, origin, todo, count, C, *moves, index, upper, lower, scale, c2max
                     )
                 state.searched += count
             if count > PROMOTE * m or not kept:  # the whole block, not gathered
@@ -452,13 +466,17 @@ def _kmeans_estep(
             if count:
                 picked = todo[:count]
                 if count == m:  # into the bounds' labels directly
+                    if origin is not zeros:
+                        Xb, origin = X(rows), zeros
                     found = (*search.nearest2(Xb, index)[:2], None)
                 else:
-                    best, second, nearest = search.nearest2(Xb[picked])
+                    Xs = np.subtract(Xb[picked], origin, dtype=cdtype)  # centre_rows' bits
+                    best, second, nearest = search.nearest2(Xs)
                     index[picked] = nearest
                     found = (best, second, picked)
         fused.accumulate_rows(
             Xb,
+            origin,
             index,
             C,
             w[rows],
