@@ -263,19 +263,25 @@ class EstepTaskTimer(Callback):
 
 
 def _overhead(kernel_by_pass: dict[str, float], n_threads: int, run: Run) -> tuple[float, str]:
-    """1 − (kernel time of a pass / threads) / iteration wall time, medians of both.
+    """Median over the fit's iterations of ``1 − (kernel time / threads) / wall time``.
 
-    Every E-step pass (the iterations and the final inertia pass) carries its own token
-    in its task names; the median over passes is that of an iteration.
+    Every E-step pass (the iterations, then the final inertia pass) carries its own token
+    in its task names; ``kernel_by_pass`` holds them in the order the passes ran, so its
+    first ``n_iter`` entries pair with the iterations' wall times. Pass by pass, not a
+    median of each: passes differ in cost (k-means bounds make the later ones cheaper),
+    and the median kernel time and the median wall time would then be different passes'.
     """
-    if not kernel_by_pass:
+    kernels = list(kernel_by_pass.values())[: len(run.iter_seconds)]
+    if not kernels:
         return math.nan, "no dkm-estep tasks seen (task names changed?)"
-    kernel = statistics.median(kernel_by_pass.values())
-    wall = run.iter_ms / 1e3
-    fraction = 1.0 - kernel / n_threads / wall
+    pairs = list(zip(kernels, run.iter_seconds, strict=False))
+    fraction = statistics.median(1.0 - kernel / n_threads / wall for kernel, wall in pairs)
     detail = (
-        f"iteration {1e3 * wall:.1f} ms, E-step tasks {1e3 * kernel:.1f} ms summed over "
-        f"{n_threads} threads ({len(kernel_by_pass)} passes)"
+        f"iteration {1e3 * statistics.median(w for _, w in pairs):.1f} ms, E-step tasks "
+        f"{1e3 * statistics.median(k for k, _ in pairs):.1f} ms summed over {n_threads} "
+        f"threads (medians; per-iteration fractions "
+        + " ".join(f"{100 * (1 - k / n_threads / w):.0f}%" for k, w in pairs)
+        + ")"
     )
     return fraction, detail
 
