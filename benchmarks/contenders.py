@@ -270,14 +270,16 @@ def dkm_kmeans(
     iters: int,
     warm: da.Array | None,
     X: NDArray[Any],
-    bounds: bool = True,
+    bounds: bool | None = None,
 ) -> Run:
     """dkm on a persisted Dask array, on the current scheduler (threads or a Client);
     first a :data:`WARM_ITERS`-iteration fit on ``warm`` (None: no warm-up). ``X``: the
-    same points in memory, to evaluate the final centres. ``bounds=False``: without the Hamerly
-    bounds kept between passes (every row searched in every pass, as Lloyd)."""
+    same points in memory, to evaluate the final centres. ``bounds``: with (True) or
+    without (False) the Hamerly bounds kept between passes; None: the library's default
+    (``dkm.engine.KMEANS_BOUNDS``)."""
     k = C0.shape[0]
-    with quiet(), _kmeans_bounds(bounds):
+    on = dkm.engine.KMEANS_BOUNDS if bounds is None else bounds
+    with quiet(), _kmeans_bounds(on):
         if warm is not None:
             # long enough for the bounds to start: their kernels compile (or load from
             # numba's cache) here, not inside the timed fit
@@ -285,7 +287,7 @@ def dkm_kmeans(
         seconds, est = timed(dkm.KMeans(k, init=C0, n_init=1, max_iter=iters, tol=0.0).fit, data)
     return Run(
         workload,
-        label if bounds else f"{label}, no bounds",
+        label if bounds is None else f"{label}, {'bounds' if bounds else 'no bounds'}",
         seconds,
         int(est.n_iter_),
         tuple(info.seconds for info in est.history_),

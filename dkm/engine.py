@@ -759,9 +759,13 @@ def fit_em_many(
 
 
 #: k-means fits keep Hamerly bounds between passes once the centres settle
-#: (:func:`dkm.kernels.bounds.worth_keeping`); False: every pass searches every row, as
-#: scikit-learn's Lloyd. The results are the same, bit for bit.
-KMEANS_BOUNDS = True
+#: (:func:`dkm.kernels.bounds.worth_keeping`); the results are the same, bit for bit, as
+#: searching every row (False, as scikit-learn's Lloyd). Off by default: keeping the
+#: bits means a block whose gathered search meets a row within rounding of a tie is
+#: searched whole (BLAS's bits for a few gathered rows are not the block GEMM's), and on
+#: KM-1 that happens in most blocks, which makes a bounded pass slower than a full one.
+#: Deciding such rows by their exact distances in every bounded pass is the way on.
+KMEANS_BOUNDS = False
 
 
 def _bounds(fit: str, run: _Run) -> tuple[str, int] | None:

@@ -233,6 +233,11 @@ def nearest2_cols(GT: Any, c2: Any, best: Any, second: Any, labels: Any) -> None
                 labels[i] = j
 
 
+#: Relative widening of every moved bound (two float64 roundings): the bounds then
+#: stay bounds however many passes move them.
+_ROUNDING = 4.5e-16
+
+
 @_jit
 def _margin(u2: float, scale: float, c2max: float) -> float:
     """A row's rounding allowance in squared units, ``scale · (‖x‖² + max ‖c‖²)``,
@@ -263,6 +268,21 @@ def set_bounds(
         lower[i] = np.sqrt(max(d2, 0.0))
 
 
+@_jit(fastmath=_REASSOC)
+def near_tie(X: Any, best: Any, second: Any, scale: float, c2max: float) -> bool:
+    """Whether some row's runner-up is within the rounding allowance of its best
+    (``second − best ≤ scale · (‖x‖² + max ‖c‖²)``, ``‖x‖²`` in float64)."""
+    n, d = X.shape
+    for i in range(n):
+        s = 0.0
+        for f in range(d):
+            x = np.float64(X[i, f])
+            s += x * x
+        if np.float64(second[i]) - np.float64(best[i]) <= scale * (s + c2max):
+            return True
+    return False
+
+
 @_jit
 def set_bounds_all(
     best: Any, second: Any, dists: Any, upper: Any, lower: Any, scale: float, c2max: float
@@ -289,7 +309,8 @@ def _lower_bound(
     """
     hamerly = lower - drift_other[a]
     movers = min(lower - drift_rest, near_movers[a] - u)
-    return max(hamerly, movers, near[a] - u)
+    lo = max(hamerly, movers, near[a] - u)
+    return lo - abs(lo) * _ROUNDING
 
 
 @_jit
@@ -314,6 +335,7 @@ def filter_bounds(
     for i in range(labels.shape[0]):
         a = labels[i]
         u = upper[i] + drift[a]
+        u += abs(u) * _ROUNDING  # pass after pass, rounding never tightens a bound
         upper[i] = u
         lo = _lower_bound(lower[i], u, a, drift_other, drift_rest, near, near_movers)
         if lo > 0.0 and u * u + _margin(u * u, scale, c2max) < lo * lo:

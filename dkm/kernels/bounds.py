@@ -27,9 +27,10 @@ were computed against (kept with them), so any later centres can use them.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
@@ -60,6 +61,15 @@ CACHE_BYTES = int(os.environ.get("DKM_BOUNDS_BYTES", 256 << 20))
 def margin_scale(d: int, dtype: np.dtype[Any]) -> float:
     """``scale`` of the rounding margin ``scale · (‖x‖² + max ‖c‖²)`` (squared units)."""
     return float(8 * (d + 2) * np.finfo(dtype).eps)
+
+
+def margin_c2(c2max: float, dtype: np.dtype[Any]) -> float:
+    """``max ‖c‖²`` as the margin uses it: at least ``tiny / (3 ε)``, so that the margin
+    is at least ``8 (d + 2) · tiny`` (the smallest normal number). Among subnormal
+    numbers a rounding error is absolute (up to their spacing), not relative: data
+    around 1e-22 in float32 would otherwise leave ties to the bounds."""
+    info = np.finfo(dtype)
+    return max(c2max, float(info.tiny) / (3.0 * float(info.eps)))
 
 
 @dataclass(eq=False)
@@ -124,23 +134,62 @@ class Drift:
 
     @classmethod
     def between(cls, old: NDArray[Any], new: NDArray[Any]) -> Drift:
+        """Memoised per process: every chunk of a pass asks with the same centres."""
+        digest = hashlib.blake2b(digest_size=16)
+        for a in (old, new):
+            digest.update(repr((a.shape, a.dtype.str)).encode())
+            digest.update(np.ascontiguousarray(a).data)
+        key = digest.digest()
+        with _DRIFTS_LOCK:
+            found = _DRIFTS.get(key)
+        if found is None:
+            found = cls._between(old, new)
+            with _DRIFTS_LOCK:
+                _DRIFTS[key] = found
+                while len(_DRIFTS) > 8:
+                    _DRIFTS.popitem(last=False)
+        return found
+
+    @classmethod
+    def _between(cls, old: NDArray[Any], new: NDArray[Any]) -> Drift:
         C = new.astype(np.float64)
         moved = np.sqrt(((C - old.astype(np.float64)) ** 2).sum(axis=1))
-        k = moved.shape[0]
+        k, d = C.shape
         order = np.argsort(-moved, kind="stable")
         other = np.full_like(moved, moved[order[0]])
         other[order[0]] = moved[order[1]] if k > 1 else 0.0
         movers = order[: min(MOVERS, k - 1)]
         rest = float(moved[order[movers.shape[0]]]) if k > 1 else 0.0
         c2 = (C * C).sum(axis=1)
-        apart = np.sqrt(np.maximum(c2[:, None] + c2[None, :] - 2.0 * (C @ C.T), 0.0))
-        np.fill_diagonal(apart, np.inf)
-        # the expansion errs by ~eps·‖c‖²; less that (a lower bound stays one)
-        slack = np.sqrt(64 * k * np.finfo(np.float64).eps * (c2[:, None] + c2[None, :]))
-        apart = np.maximum(apart - slack, 0.0)
-        near = apart.min(axis=1)
-        near_movers = apart[:, movers].min(axis=1) if movers.size else np.full(k, np.inf)
+
+        def apart(rows: NDArray[Any], cols: NDArray[Any]) -> F64:
+            """``‖c_i − c_j‖`` less its rounding (a lower bound), inf where i = j."""
+            sums = c2[rows, None] + c2[None, cols]
+            sq = sums - 2.0 * (C[rows] @ C[cols].T)
+            dist = np.sqrt(np.maximum(sq, 0.0)) - np.sqrt(64 * (d + 2) * _EPS64 * sums)
+            dist = np.maximum(dist, 0.0)
+            dist[rows[:, None] == cols[None, :]] = np.inf
+            return dist
+
+        everyone = np.arange(k)
+        near_movers = apart(everyone, movers).min(axis=1) if movers.size else np.full(k, np.inf)
+        if k <= NEAR_LIMIT:  # k × k distances, in blocks of bounded size
+            step = max(1, (1 << 20) // k)
+            near = np.concatenate(
+                [apart(everyone[i : i + step], everyone).min(axis=1) for i in range(0, k, step)]
+            )
+        else:  # k² d flops in every pass would cost more than the bound saves
+            near = np.full(k, -np.inf)
         return cls(moved, other, rest, near, near_movers)
+
+
+_EPS64 = float(np.finfo(np.float64).eps)
+
+#: Above this many centres the bound through the nearest other centre is left out.
+NEAR_LIMIT = 4096
+
+_DRIFTS: OrderedDict[bytes, Drift] = OrderedDict()
+_DRIFTS_LOCK = threading.Lock()
 
 
 #: A fit starts keeping bounds after an M-step in which the centres beyond the
@@ -199,6 +248,9 @@ class BoundsCache:
     def __init__(self) -> None:
         self._entries: OrderedDict[tuple[Hashable, ...], Bounds] = OrderedDict()
         self._lock = threading.Lock()
+        #: fits released lately: a task still running when its fit failed must not
+        #: store bounds after the release
+        self._released: deque[Hashable] = deque(maxlen=256)
 
     def take(self, key: tuple[Hashable, ...], n: int, centres: NDArray[Any]) -> Bounds | None:
         with self._lock:
@@ -209,6 +261,8 @@ class BoundsCache:
         """Keep ``bounds``; False if they do not fit beside this fit's other entries."""
         capacity = _capacity() if capacity is None else capacity
         with self._lock:
+            if key[0] in self._released:
+                return False
             used = sum(b.nbytes for b in self._entries.values())
             for other in [k for k in self._entries if k[0] != key[0]]:
                 if used + bounds.nbytes <= capacity:
@@ -242,8 +296,9 @@ class BoundsCache:
             return {key[0] for key in self._entries}
 
     def release(self, fit: Hashable) -> None:
-        """Drop every entry of ``fit`` (the fit ended)."""
+        """Drop every entry of ``fit`` (the fit ended), and refuse its later ones."""
         with self._lock:
+            self._released.append(fit)
             for key in [k for k in self._entries if k[0] == fit]:
                 del self._entries[key]
 

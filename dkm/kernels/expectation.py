@@ -436,7 +436,7 @@ def _kmeans_estep(
         state = bounds.Bounds.empty(n, C)
     build = state is not None and not state.off
     scale = bounds.margin_scale(d, cdtype)
-    c2max = float(c2.max())
+    c2max = bounds.margin_c2(float(c2.max()) if k else 0.0, cdtype)
     zeros = X.zeros
     for rows in row_blocks(n, k, FUSED_BLOCK_ELEMENTS):
         # a block whose every row the bounds settle is read once, uncentred
@@ -472,8 +472,16 @@ def _kmeans_estep(
                 else:
                     Xs = np.subtract(Xb[picked], origin, dtype=cdtype)  # centre_rows' bits
                     best, second, nearest = search.nearest2(Xs)
-                    index[picked] = nearest
-                    found = (best, second, picked)
+                    if fused.near_tie(Xs, best, second, scale, c2max):
+                        # BLAS's bits for a few gathered rows are not the block's (other
+                        # kernels, GEMV for one row): a row within rounding of a tie could
+                        # get another label; the block's own GEMM decides, as without bounds
+                        if origin is not zeros:
+                            Xb, origin = X(rows), zeros
+                        found = (*search.nearest2(Xb, index)[:2], None)
+                    else:  # clear winners: any GEMM within rounding picks the same
+                        index[picked] = nearest
+                        found = (best, second, picked)
         fused.accumulate_rows(
             Xb,
             origin,
