@@ -769,7 +769,7 @@ KMEANS_BOUNDS = False
 
 
 def _bounds(fit: str, run: _Run) -> tuple[str, int] | None:
-    return (fit, run.index) if KMEANS_BOUNDS and run.bounds else None
+    return (fit, run.index) if run.bounds else None  # run.bounds only with KMEANS_BOUNDS
 
 
 def _release_bounds(fit: str) -> None:

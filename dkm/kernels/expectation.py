@@ -461,27 +461,23 @@ def _kmeans_estep(
                         Xb, origin, todo, count, C, *moves, index, upper, lower, scale, c2max
                     )
                 state.searched += count
-            if count > PROMOTE * m or not kept:  # the whole block, not gathered
-                todo, count = np.arange(m), m
-            if count:
+            whole = count > PROMOTE * m or not kept  # one GEMM on the block as it is
+            if count and not whole:
                 picked = todo[:count]
-                if count == m:  # into the bounds' labels directly
-                    if origin is not zeros:
-                        Xb, origin = X(rows), zeros
-                    found = (*search.nearest2(Xb, index)[:2], None)
-                else:
-                    Xs = np.subtract(Xb[picked], origin, dtype=cdtype)  # centre_rows' bits
-                    best, second, nearest = search.nearest2(Xs)
-                    if fused.near_tie(Xs, best, second, scale, c2max):
-                        # BLAS's bits for a few gathered rows are not the block's (other
-                        # kernels, GEMV for one row): a row within rounding of a tie could
-                        # get another label; the block's own GEMM decides, as without bounds
-                        if origin is not zeros:
-                            Xb, origin = X(rows), zeros
-                        found = (*search.nearest2(Xb, index)[:2], None)
-                    else:  # clear winners: any GEMM within rounding picks the same
-                        index[picked] = nearest
-                        found = (best, second, picked)
+                Xs = np.subtract(Xb[picked], origin, dtype=cdtype)  # centre_rows' bits
+                best, second, nearest = search.nearest2(Xs)
+                # BLAS's bits for a few gathered rows are not the block's (other kernels,
+                # GEMV for one row): a row within rounding of a tie could get another
+                # label, so the block's own GEMM decides, as without bounds; clear
+                # winners are the same whichever GEMM
+                whole = fused.near_tie(Xs, best, second, scale, c2max)
+                if not whole:
+                    index[picked] = nearest
+                    found = (best, second, picked)
+            if whole:  # into the bounds' labels directly
+                if origin is not zeros:
+                    Xb, origin = X(rows), zeros
+                found = (*search.nearest2(Xb, index)[:2], None)
         fused.accumulate_rows(
             Xb,
             origin,
