@@ -9,7 +9,7 @@ from conftest import blobs
 
 import dkm
 import dkm.engine
-from dkm.kernels import MixtureParams, bounds, estep, kmeans_centres
+from dkm.kernels import MixtureParams, _fused, bounds, estep, kmeans_centres
 from dkm.stats import SuffStats
 
 
@@ -258,8 +258,10 @@ def test_rows_within_rounding_of_a_tie_are_searched():
 def test_a_near_tie_among_gathered_rows_is_left_to_the_block():
     """A row on a bisector among settled rows is searched alone, gathered: BLAS's bits
     for one row (GEMV) are not the block GEMM's, and on a near-tie the label can differ
-    (found by review). The block's own GEMM then decides."""
-    dtype, d, k = np.float32, 8, 3
+    (found by review). The block's own GEMM then decides. (Rows of more than SMALL_D
+    features: narrower ones are searched by a pass whose bits do not depend on the rows
+    beside them, test_fused's test_small_d_row_bits_do_not_depend_on_the_rows_beside_it.)"""
+    dtype, d, k = np.float32, _fused.SMALL_D + 8, 3
     rng = np.random.default_rng(3)
     C = (rng.normal(size=(k, d)) * 10).astype(dtype).astype(np.float64)
     settled = C[rng.integers(0, k, 3000)] + rng.normal(scale=0.1, size=(3000, d))

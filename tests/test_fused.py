@@ -115,15 +115,18 @@ def test_kmeans_estep_matches_naive(
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_labels_equal_numpy_kernel_and_exact_argmin(dtype, block_elements: None) -> None:
-    """Bit-equal to the NumPy formula :func:`nearest`; equal to the exact float64 argmin
-    except where the two closest centres are within the dtype's rounding of each other."""
+@pytest.mark.parametrize("d", [_fused.SMALL_D, _fused.SMALL_D + 24])
+def test_labels_equal_numpy_kernel_and_exact_argmin(dtype, d, block_elements: None) -> None:
+    """Equal to the exact float64 argmin except where the two closest centres are within
+    the dtype's rounding of each other; above SMALL_D features (the GEMM) bit-equal to
+    the NumPy formula :func:`nearest`."""
     rng = np.random.default_rng(7)
-    X = rng.normal(size=(5000, 16)).astype(dtype)
-    C = rng.normal(size=(37, 16))
+    X = rng.normal(size=(5000, d)).astype(dtype)
+    C = rng.normal(size=(37, d))
     params = MixtureParams.identity(C)
     labels = predict_labels(X, params)
-    np.testing.assert_array_equal(labels, E.nearest(X, C))
+    if d > _fused.SMALL_D:
+        np.testing.assert_array_equal(labels, E.nearest(X, C))
     exact = ((X.astype(np.float64)[:, None, :] - C.astype(dtype)[None]) ** 2).sum(axis=2)
     order = np.sort(exact, axis=1)
     clear = (order[:, 1] - order[:, 0]) > 1e-3 * order[:, 0] * (dtype == np.float32) + 1e-9
@@ -132,6 +135,91 @@ def test_labels_equal_numpy_kernel_and_exact_argmin(dtype, block_elements: None)
     # the statistics of the fused E-step use those same labels
     got = estep(X, params, assignment="hard", moments="none")
     np.testing.assert_array_equal(got.nk, np.bincount(labels, minlength=37).astype(float))
+
+
+def exact_scores(X: np.ndarray, C: np.ndarray) -> np.ndarray:
+    """``‖c‖² − 2 c·x`` in float64 for the centres as the kernels see them (X's dtype)."""
+    Cd = C.astype(X.dtype).astype(np.float64)
+    return (Cd * Cd).sum(axis=1)[None, :] - 2.0 * X.astype(np.float64) @ Cd.T
+
+
+def small_search(X: np.ndarray, C: np.ndarray, second: bool = True):
+    """:func:`_fused.nearest_rows` on X: (labels, best, second or None)."""
+    Cd = np.ascontiguousarray(C, dtype=X.dtype)
+    n, d = X.shape
+    labels, best = np.full(n, -1, np.int32), np.empty(n, X.dtype)
+    runner_up = np.empty(n, X.dtype) if second else None
+    c2 = (Cd * Cd).sum(axis=1)
+    _fused.nearest_rows(X, -2.0 * Cd, c2, best, runner_up, labels, (0,) * d)
+    return labels, best, runner_up
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [1, 5, _fused.SMALL_D])
+def test_small_d_search_is_the_exact_argmin_and_runner_up(dtype, d) -> None:
+    """The fused small-d search (rows in SIMD tiles, 1003 rows: a partial last tile)
+    against float64: the label wherever the two closest centres are clear of rounding,
+    ``best`` and ``second`` within rounding of the two smallest scores; a duplicated
+    centre is its own runner-up and loses to its lower-indexed twin."""
+    rng = np.random.default_rng(d)
+    k = 23
+    C = rng.normal(size=(k, d))
+    C[7] = C[3]  # twins
+    X = np.concatenate([rng.normal(size=(1000, d)), C[[3, 7, 0]]]).astype(dtype)
+    labels, best, second = small_search(X, C)
+    exact = exact_scores(X, C)
+    order = np.sort(exact, axis=1)
+    scale = np.abs(exact).max(axis=1) + (X.astype(np.float64) ** 2).sum(axis=1)
+    eps = 8 * (d + 2) * np.finfo(dtype).eps * scale  # the kernels' rounding, generously
+    clear = order[:, 1] - order[:, 0] > 2 * eps
+    assert clear.mean() > 0.5  # (d = 1 in float32: many rows within that margin)
+    np.testing.assert_array_equal(labels[clear], exact.argmin(axis=1)[clear])
+    assert np.all(np.abs(best - order[:, 0]) <= eps)
+    assert np.all(np.abs(second - order[:, 1]) <= eps)
+    assert np.all(second >= best)
+    twins = labels == 3
+    assert twins[-3:-1].all() and not (labels == 7).any()
+    np.testing.assert_array_equal(second[twins], best[twins])  # the twin is as close
+    # without the runner-up: the same labels and best, bit for bit
+    labels1, best1, _ = small_search(X, C, second=False)
+    np.testing.assert_array_equal(labels1, labels)
+    np.testing.assert_array_equal(best1, best)
+    # one centre: no runner-up
+    _, _, alone = small_search(X, C[:1])
+    assert np.all(np.isinf(alone))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_small_d_row_bits_do_not_depend_on_the_rows_beside_it(dtype) -> None:
+    """What the bounds rely on: a row searched alone, gathered among others, in another
+    order, or as a strided view gets the bits it gets within its block (a GEMM's bits
+    depend on which kernel BLAS picks for the block's shape)."""
+    rng = np.random.default_rng(5)
+    d, k = 6, 40
+    C = rng.normal(size=(k, d)) * 3
+    X = (rng.normal(size=(203, d)) * 3 + 1000.0).astype(dtype)  # rounding-sized gaps
+    C = C + 1000.0
+    whole = small_search(X, C)
+    for rows in (np.arange(203)[::-1], rng.permutation(203)[:37], np.array([5]), np.arange(17)):
+        part = small_search(np.ascontiguousarray(X[rows]), C)
+        for got, ref in zip(part, whole, strict=True):
+            np.testing.assert_array_equal(got, ref[rows])
+    for i in range(0, 203, 29):
+        alone = small_search(X[i : i + 1], C)
+        for got, ref in zip(alone, whole, strict=True):
+            np.testing.assert_array_equal(got, ref[i : i + 1])
+    wide = np.zeros((203, 2 * d), dtype)
+    wide[:, ::2] = X
+    strided = small_search(wide[:, ::2], C)
+    for got, ref in zip(strided, whole, strict=True):
+        np.testing.assert_array_equal(got, ref)
+
+
+def test_the_search_is_fused_up_to_small_d_and_a_gemm_above() -> None:
+    ws = E.Workspace()
+    for d, fused in ((1, True), (_fused.SMALL_D, True), (_fused.SMALL_D + 1, False)):
+        C = np.ones((3, d), np.float32)
+        assert E._Search(ws, -2.0 * C, (C * C).sum(axis=1), C.dtype).row_exact is fused
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -84,7 +84,10 @@ def sq_distances(X: NDArray[Any], means: NDArray[Any]) -> NDArray[Any]:
 def nearest(X: NDArray[Any], means: NDArray[Any]) -> NDArray[np.int64]:
     """Index of the closest centre: argmin of ``‖μ‖² − 2 μ·x`` (one GEMM, X's dtype).
 
-    The product is centre-major, ``(−2C) @ Xᵀ``, as the compiled kernels compute it.
+    The product is centre-major, ``(−2C) @ Xᵀ``, as the compiled kernels compute it for
+    rows of more than :data:`dkm.kernels._fused.SMALL_D` features (their labels are
+    these bit for bit); narrower rows are searched by a compiled pass whose rounding
+    differs, so the two can disagree only where two centres are within rounding.
     """
     C = means.astype(X.dtype, copy=False)
     D = (-2.0 * C) @ X.T  # the factor folded into the small operand: one pass fewer
@@ -395,11 +398,13 @@ def _kmeans_estep(
     row_offset: int,
     bounds_key: tuple[Hashable, ...] | None = None,
 ) -> SuffStats:
-    """The hard E-step of identity covariances (k-means): GEMM, then one fused pass.
+    """The hard E-step of identity covariances (k-means): the search, then one fused pass.
 
-    Per block of rows: ``Gᵀ = (−2C) @ Xᵀ`` by BLAS in the compute dtype (float32 stays
-    float32), then :func:`dkm.kernels._fused.nearest_cols` takes the argmin of
-    ``G + ‖c‖²`` (the labels of :func:`nearest`, lowest index on ties), and
+    Per block of rows, in the compute dtype (float32 stays float32), the argmin of
+    ``‖c‖² − 2 c·x`` (lowest index on ties; :class:`_Search`: for more than
+    :data:`dkm.kernels._fused.SMALL_D` features ``Gᵀ = (−2C) @ Xᵀ`` by BLAS and
+    :func:`dkm.kernels._fused.nearest_cols`, the labels of :func:`nearest`; for fewer,
+    :func:`dkm.kernels._fused.nearest_rows`), then
     :func:`dkm.kernels._fused.accumulate_rows` the squared distance to the chosen
     centre from the exact differences (summed in float64), ``nk``, ``Σ w x`` and the
     farthest-point candidates in float64. The rows are not copied to float64 unless
@@ -415,7 +420,7 @@ def _kmeans_estep(
     cdtype = X.dtype
     w = np.ascontiguousarray(w, np.float64)
     C = np.ascontiguousarray(params.means, dtype=cdtype)
-    neg2C = -2.0 * C  # as in nearest(): the same GEMM, so the same labels
+    neg2C = -2.0 * C  # as in nearest(): wide rows, the same GEMM and the same labels
     c2 = (C * C).sum(axis=1)
     labels = np.empty(n, np.int64)
     nk, s1, objective = np.zeros(k), np.zeros((k, d)), np.zeros(1)
@@ -438,7 +443,7 @@ def _kmeans_estep(
     scale = bounds.margin_scale(d, cdtype)
     c2max = bounds.margin_c2(float(c2.max()) if k else 0.0, cdtype)
     zeros = X.zeros
-    for rows in row_blocks(n, k, FUSED_BLOCK_ELEMENTS):
+    for rows in row_blocks(n, search.per_row, FUSED_BLOCK_ELEMENTS):
         # a block whose every row the bounds settle is read once, uncentred
         Xb, origin = X.raw(rows) if kept else (X(rows), zeros)
         m = Xb.shape[0]
@@ -447,7 +452,7 @@ def _kmeans_estep(
         index: NDArray[np.int32]
         if not build:
             index = X.ws.get("index", (m,), np.int32)
-            fused.nearest_cols(search.gemm(Xb), c2, X.ws.get("best", (m,), cdtype), index)
+            search.nearest(Xb, index)
         else:
             assert state is not None
             index, upper, lower = state.labels[rows], state.upper[rows], state.lower[rows]
@@ -470,7 +475,7 @@ def _kmeans_estep(
                 # GEMV for one row): a row within rounding of a tie could get another
                 # label, so the block's own GEMM decides, as without bounds; clear
                 # winners are the same whichever GEMM
-                whole = fused.near_tie(Xs, best, second, scale, c2max)
+                whole = not search.row_exact and fused.near_tie(Xs, best, second, scale, c2max)
                 if not whole:
                     index[picked] = nearest
                     found = (best, second, picked)
@@ -535,26 +540,54 @@ def _kmeans_estep(
 
 
 class _Search:
-    """The full search of a block of rows: the GEMM ``Gᵀ = (−2C) @ Xᵀ`` into the
-    workspace, then the argmin (and runner-up) over the centres."""
+    """The full search of a block of rows: the argmin over the centres of
+    ``‖c‖² − 2 c·x`` (and the runner-up, for the bounds). Up to
+    :data:`dkm.kernels._fused.SMALL_D` features, one compiled pass with the distances in
+    registers (:func:`dkm.kernels._fused.nearest_rows`); wider rows, the GEMM
+    ``Gᵀ = (−2C) @ Xᵀ`` into the workspace, then a compiled scan of it."""
 
     def __init__(self, ws: Workspace, neg2C: NDArray[Any], c2: NDArray[Any], dtype: Any) -> None:
         self.ws, self.neg2C, self.c2, self.dtype = ws, neg2C, c2, dtype
+        d = neg2C.shape[1]
+        #: d as a tuple's length (the fused pass is compiled for each d); None: the GEMM
+        self.shape = (0,) * d if d <= _fused().SMALL_D else None
+        #: elements of the temporaries per row of a block: the GEMM's k distances, or
+        #: the fused pass's centred row and its few per-row results (blocks of ~950 rows
+        #: against 32k for d = 8, k = 1000: 15 ms less per 250k rows of Python per block)
+        self.per_row = neg2C.shape[0] if self.shape is None else d + 4
+
+    @property
+    def row_exact(self) -> bool:
+        """Whether a row's results are the same bits whichever rows are searched with it
+        (the fused pass); a GEMM's bits for a few gathered rows can differ from the
+        block's (BLAS picks other kernels)."""
+        return self.shape is not None
 
     def gemm(self, Xb: NDArray[Any]) -> NDArray[Any]:
         shape = (self.neg2C.shape[0], Xb.shape[0])
         return np.matmul(self.neg2C, Xb.T, out=self.ws.get("GT", shape, self.dtype))
 
+    def nearest(self, Xb: NDArray[Any], index: NDArray[np.int32]) -> None:
+        """The labels of the rows of ``Xb`` into ``index`` (lowest index on ties)."""
+        best = self.ws.get("best", (Xb.shape[0],), self.dtype)
+        if self.shape is not None:
+            _fused().nearest_rows(Xb, self.neg2C, self.c2, best, None, index, self.shape)
+        else:
+            _fused().nearest_cols(self.gemm(Xb), self.c2, best, index)
+
     def nearest2(
         self, Xb: NDArray[Any], index: NDArray[np.int32] | None = None
     ) -> tuple[NDArray[Any], NDArray[Any], NDArray[np.int32]]:
-        """``(best, second, index)`` of :func:`dkm.kernels._fused.nearest2_cols`; the
-        labels go to ``index`` if given."""
+        """``(best, second, index)``: the labels' ``‖c‖² − 2 c·x`` and the runner-up's
+        (:func:`dkm.kernels._fused.nearest2_cols`); the labels go to ``index`` if given."""
         m = Xb.shape[0]
         best = self.ws.get("best", (m,), self.dtype)
         second = self.ws.get("second", (m,), self.dtype)
         index = self.ws.get("found", (m,), np.int32) if index is None else index
-        _fused().nearest2_cols(self.gemm(Xb), self.c2, best, second, index)
+        if self.shape is not None:
+            _fused().nearest_rows(Xb, self.neg2C, self.c2, best, second, index, self.shape)
+        else:
+            _fused().nearest2_cols(self.gemm(Xb), self.c2, best, second, index)
         return best, second, index
 
 
@@ -739,14 +772,12 @@ def predict_labels(X: NDArray[Any], params: MixtureParams) -> NDArray[np.int64]:
     out = np.empty(n, np.int64)
     if params.covariance_type == "identity":  # nearest(), with the argmin compiled
         C = np.ascontiguousarray(params.means, dtype=cdtype)
-        neg2C, c2 = -2.0 * C, (C * C).sum(axis=1)
-        kernel, ws = _fused().nearest_cols, Workspace()
-        for rows in row_blocks(n, C.shape[0], FUSED_BLOCK_ELEMENTS):
+        ws = Workspace()
+        search = _Search(ws, -2.0 * C, (C * C).sum(axis=1), cdtype)
+        for rows in row_blocks(n, search.per_row, FUSED_BLOCK_ELEMENTS):
             Xb = np.asarray(X[rows], dtype=cdtype)
-            m = Xb.shape[0]
-            GT = np.matmul(neg2C, Xb.T, out=ws.get("GT", (C.shape[0], m), cdtype))
-            index = ws.get("index", (m,), np.int32)
-            kernel(GT, c2, ws.get("best", (m,), cdtype), index)
+            index = ws.get("index", (Xb.shape[0],), np.int32)
+            search.nearest(Xb, index)
             out[rows] = index
         return out
     for rows in row_blocks(n, _per_row(params, "none")):
