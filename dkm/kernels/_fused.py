@@ -134,7 +134,10 @@ def nearest_cols(GT: Any, c2: Any, best: Any, labels: Any) -> None:
 # argmin reads it back (d = 8, k = 1000: ~90 ms of GEMM and ~50 of argmin per 250k
 # rows). For d <= SMALL_D the search is one compiled pass instead, with the distances
 # kept in SIMD registers: a tile of TILE rows (one vector per feature) against every
-# centre, ``acc = ‖c‖² + Σ_f (−2c_f)·x_f`` by fused multiply-adds in feature order, then
+# centre, ``Σ_f (−2c_f)·x_f`` by fused multiply-adds in feature order, then ``+ ‖c‖²``
+# (the order of OpenBLAS's small-K GEMM kernels and the scan after them, so the bits
+# are mostly the GEMM's, and scikit-learn's, whose Lloyd step adds ‖c‖² by the GEMM's
+# beta: iris's k-means++ fit took another label on a tie with ‖c‖² added first), then
 # the running minimum, its index and (for the bounds) the runner-up, as vectors. numba's
 # own loops do not keep a tile in registers (the row loop vectorises, but every centre
 # then loads and stores the running minimum), so the tile is written as LLVM vector code
@@ -198,11 +201,14 @@ def _tile_search_typer(
         k = builder.extract_value(nc.shape, 0)
         with cgutils.for_range(builder, k) as loop:
             j = loop.index
-            acc = splat(builder.load(builder.gep(c2v.data, [j])), vf)
             row = builder.mul(j, ir.Constant(j.type, d))
+            acc = None
             for f in range(d):
                 a = builder.load(builder.gep(nc.data, [builder.add(row, ir.Constant(j.type, f))]))
-                acc = builder.call(fma, [splat(a, vf), xs[f], acc])
+                a = splat(a, vf)
+                acc = builder.fmul(a, xs[f]) if acc is None else builder.call(fma, [a, xs[f], acc])
+            # ‖c‖² last: the GEMM's order (its dot product, then the scan's addition)
+            acc = builder.fadd(acc, splat(builder.load(builder.gep(c2v.data, [j])), vf))
             b = builder.load(slots[0])
             lt = builder.fcmp_ordered("<", acc, b)
             if want_second:  # second = min(second, max(b, acc)), as nearest2_cols
