@@ -55,7 +55,7 @@ def empty_cache(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("d", [3, 32])
+@pytest.mark.parametrize("d", [3, 32, _fused.SMALL_D + 8])  # the fused search; the GEMM
 @pytest.mark.parametrize("weighted", [False, True])
 def test_bounds_give_the_bits_of_a_full_search(dtype, d, weighted):
     X = blobs(6000, d, 12, seed=1, dtype=dtype)

@@ -115,7 +115,7 @@ def test_kmeans_estep_matches_naive(
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("d", [_fused.SMALL_D, _fused.SMALL_D + 24])
+@pytest.mark.parametrize("d", [16, _fused.SMALL_D, _fused.SMALL_D + 24])
 def test_labels_equal_numpy_kernel_and_exact_argmin(dtype, d, block_elements: None) -> None:
     """Equal to the exact float64 argmin except where the two closest centres are within
     the dtype's rounding of each other; above SMALL_D features (the GEMM) bit-equal to
@@ -131,7 +131,7 @@ def test_labels_equal_numpy_kernel_and_exact_argmin(dtype, d, block_elements: No
     order = np.sort(exact, axis=1)
     clear = (order[:, 1] - order[:, 0]) > 1e-3 * order[:, 0] * (dtype == np.float32) + 1e-9
     np.testing.assert_array_equal(labels[clear], exact.argmin(axis=1)[clear])
-    assert clear.mean() > 0.99
+    assert clear.mean() > 0.95  # (float32, 64 or more features: 1-1.2 % within the margin)
     # the statistics of the fused E-step use those same labels
     got = estep(X, params, assignment="hard", moments="none")
     np.testing.assert_array_equal(got.nk, np.bincount(labels, minlength=37).astype(float))
