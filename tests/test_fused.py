@@ -143,14 +143,15 @@ def exact_scores(X: np.ndarray, C: np.ndarray) -> np.ndarray:
     return (Cd * Cd).sum(axis=1)[None, :] - 2.0 * X.astype(np.float64) @ Cd.T
 
 
-def small_search(X: np.ndarray, C: np.ndarray, second: bool = True):
-    """:func:`_fused.nearest_rows` on X: (labels, best, second or None)."""
+def small_search(X: np.ndarray, C: np.ndarray, second: bool = True, origin=None):
+    """:func:`_fused.nearest_rows` on ``X − origin``: (labels, best, second or None)."""
     Cd = np.ascontiguousarray(C, dtype=X.dtype)
     n, d = X.shape
     labels, best = np.full(n, -1, np.int32), np.empty(n, X.dtype)
     runner_up = np.empty(n, X.dtype) if second else None
     c2 = (Cd * Cd).sum(axis=1)
-    _fused.nearest_rows(X, -2.0 * Cd, c2, best, runner_up, labels, (0,) * d)
+    at = np.zeros(d, X.dtype) if origin is None else origin
+    _fused.nearest_rows(X, at, -2.0 * Cd, c2, best, runner_up, labels, (0,) * d)
     return labels, best, runner_up
 
 
@@ -212,6 +213,13 @@ def test_small_d_row_bits_do_not_depend_on_the_rows_beside_it(dtype) -> None:
     wide[:, ::2] = X
     strided = small_search(wide[:, ::2], C)
     for got, ref in zip(strided, whole, strict=True):
+        np.testing.assert_array_equal(got, ref)
+    # rows centred as they are read: the bits of the centred copy (centre_rows)
+    origin = (rng.normal(size=d) * 50).astype(dtype)
+    centred = np.empty_like(X)
+    _fused.centre_rows(X, origin, centred)
+    shifted = small_search(X, C - origin, origin=origin)
+    for got, ref in zip(shifted, small_search(centred, C - origin), strict=True):
         np.testing.assert_array_equal(got, ref)
 
 

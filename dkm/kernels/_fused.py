@@ -270,12 +270,16 @@ _tile_search: Any = intrinsic(_tile_search_typer)
 
 
 @_jit
-def nearest_rows(X: Any, nC: Any, c2: Any, best: Any, second: Any, labels: Any, shape: Any) -> None:
-    """``labels[i] = argmin_j c2[j] + Σ_f nC[j, f]·X[i, f]`` (lowest index on ties) and
-    ``best[i]`` that minimum, in X's dtype, for rows of ``d = len(shape)`` <= SMALL_D
-    features; ``nC = −2C`` and ``c2 = ‖c‖²`` as for :func:`nearest_cols`. With
-    ``second`` (not None), also the runner-up of :func:`nearest2_cols`. Each row's
-    results are the same bits wherever it sits in X (see the section's comment)."""
+def nearest_rows(
+    X: Any, origin: Any, nC: Any, c2: Any, best: Any, second: Any, labels: Any, shape: Any
+) -> None:
+    """``labels[i] = argmin_j c2[j] + Σ_f nC[j, f]·x_f`` (lowest index on ties) and
+    ``best[i]`` that minimum, in X's dtype, for the rows ``x = X[i] − origin`` (the
+    difference taken in X's dtype as they are read: the bits of :func:`centre_rows`,
+    without the copy) of ``d = len(shape)`` <= SMALL_D features; ``nC = −2C`` and
+    ``c2 = ‖c‖²`` as for :func:`nearest_cols`. With ``second`` (not None), also the
+    runner-up of :func:`nearest2_cols`. Each row's results are the same bits wherever
+    it sits in X (see the section's comment)."""
     n, d = X.shape
     XT = np.zeros((d, TILE), X.dtype)
     b = np.empty(TILE, X.dtype)
@@ -285,7 +289,7 @@ def nearest_rows(X: Any, nC: Any, c2: Any, best: Any, second: Any, labels: Any, 
         r = min(TILE, n - start)
         for i in range(r):
             for f in range(d):
-                XT[f, i] = X[start + i, f]
+                XT[f, i] = X[start + i, f] - origin[f]
         for i in range(r, TILE):
             for f in range(d):
                 XT[f, i] = 0.0

@@ -444,15 +444,16 @@ def _kmeans_estep(
     c2max = bounds.margin_c2(float(c2.max()) if k else 0.0, cdtype)
     zeros = X.zeros
     for rows in row_blocks(n, search.per_row, FUSED_BLOCK_ELEMENTS):
-        # a block whose every row the bounds settle is read once, uncentred
-        Xb, origin = X.raw(rows) if kept else (X(rows), zeros)
+        # read once, uncentred, where the bounds may settle every row or the fused
+        # search centres the rows as it reads them (no centred copy)
+        Xb, origin = X.raw(rows) if kept or search.row_exact else (X(rows), zeros)
         m = Xb.shape[0]
         dists = X.ws.get("dists", (m,), np.float64)
         found: tuple[NDArray[Any], NDArray[Any], NDArray[np.int64] | None] | None = None
         index: NDArray[np.int32]
         if not build:
             index = X.ws.get("index", (m,), np.int32)
-            search.nearest(Xb, index)
+            search.nearest(Xb, index, origin if search.row_exact else None)
         else:
             assert state is not None
             index, upper, lower = state.labels[rows], state.upper[rows], state.lower[rows]
@@ -480,9 +481,12 @@ def _kmeans_estep(
                     index[picked] = nearest
                     found = (best, second, picked)
             if whole:  # into the bounds' labels directly
-                if origin is not zeros:
-                    Xb, origin = X(rows), zeros
-                found = (*search.nearest2(Xb, index)[:2], None)
+                if search.row_exact:
+                    found = (*search.nearest2(Xb, index, origin)[:2], None)
+                else:
+                    if origin is not zeros:
+                        Xb, origin = X(rows), zeros
+                    found = (*search.nearest2(Xb, index)[:2], None)
         fused.accumulate_rows(
             Xb,
             origin,
@@ -555,6 +559,7 @@ class _Search:
         #: the fused pass's centred row and its few per-row results (blocks of ~950 rows
         #: against 32k for d = 8, k = 1000: 15 ms less per 250k rows of Python per block)
         self.per_row = neg2C.shape[0] if self.shape is None else d + 4
+        self.zeros = np.zeros(d, dtype)
 
     @property
     def row_exact(self) -> bool:
@@ -567,25 +572,40 @@ class _Search:
         shape = (self.neg2C.shape[0], Xb.shape[0])
         return np.matmul(self.neg2C, Xb.T, out=self.ws.get("GT", shape, self.dtype))
 
-    def nearest(self, Xb: NDArray[Any], index: NDArray[np.int32]) -> None:
-        """The labels of the rows of ``Xb`` into ``index`` (lowest index on ties)."""
+    def _origin(self, origin: NDArray[Any] | None) -> NDArray[Any]:
+        """The fused pass's origin; the GEMM needs the rows centred already."""
+        if self.shape is None:
+            assert origin is None, "the GEMM search takes centred rows"
+        return self.zeros if origin is None else origin
+
+    def nearest(
+        self, Xb: NDArray[Any], index: NDArray[np.int32], origin: NDArray[Any] | None = None
+    ) -> None:
+        """The labels of the rows ``Xb − origin`` into ``index`` (lowest index on ties);
+        ``origin`` (in the compute dtype) only for the fused pass, None: ``Xb`` as is."""
         best = self.ws.get("best", (Xb.shape[0],), self.dtype)
+        at = self._origin(origin)
         if self.shape is not None:
-            _fused().nearest_rows(Xb, self.neg2C, self.c2, best, None, index, self.shape)
+            _fused().nearest_rows(Xb, at, self.neg2C, self.c2, best, None, index, self.shape)
         else:
             _fused().nearest_cols(self.gemm(Xb), self.c2, best, index)
 
     def nearest2(
-        self, Xb: NDArray[Any], index: NDArray[np.int32] | None = None
+        self,
+        Xb: NDArray[Any],
+        index: NDArray[np.int32] | None = None,
+        origin: NDArray[Any] | None = None,
     ) -> tuple[NDArray[Any], NDArray[Any], NDArray[np.int32]]:
         """``(best, second, index)``: the labels' ``‖c‖² − 2 c·x`` and the runner-up's
-        (:func:`dkm.kernels._fused.nearest2_cols`); the labels go to ``index`` if given."""
+        (:func:`dkm.kernels._fused.nearest2_cols`) for the rows ``Xb − origin`` (as for
+        :meth:`nearest`); the labels go to ``index`` if given."""
         m = Xb.shape[0]
         best = self.ws.get("best", (m,), self.dtype)
         second = self.ws.get("second", (m,), self.dtype)
         index = self.ws.get("found", (m,), np.int32) if index is None else index
+        at = self._origin(origin)
         if self.shape is not None:
-            _fused().nearest_rows(Xb, self.neg2C, self.c2, best, second, index, self.shape)
+            _fused().nearest_rows(Xb, at, self.neg2C, self.c2, best, second, index, self.shape)
         else:
             _fused().nearest2_cols(self.gemm(Xb), self.c2, best, second, index)
         return best, second, index
