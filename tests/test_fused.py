@@ -382,3 +382,18 @@ def test_softmax_rows_flush_negligible_terms_to_exact_zero() -> None:
     L[0, 1] = np.nan
     E._softmax_rows(L, w, norm, nk, total)
     assert np.isnan(L[0]).any() and np.isnan(norm[0])
+
+
+def test_softmax_rows_give_numpys_argmax_of_the_rows_as_they_came() -> None:
+    """The re-seeding candidates' labels: the first maximum, ties and −inf included."""
+    rng = np.random.default_rng(4)
+    L = rng.normal(size=(500, 7)) * 30
+    L[::7, 3] = L[::7, 5] = L[::7].max(axis=1) + 1.0  # tied maxima: the first wins
+    L[1] = -np.inf  # all −inf: 0, as NumPy
+    L[2, :6] = -np.inf
+    labels = np.full(500, -1, np.int64)
+    with np.errstate(invalid="ignore"):
+        expected = L.argmax(axis=1)
+        E._softmax_rows(L.copy(), np.ones(500), np.empty(500), np.zeros(7), np.zeros(1), labels)
+    np.testing.assert_array_equal(labels, expected)
+    assert expected[2] == 6 and expected[7] == 3

@@ -646,9 +646,9 @@ def _estep_block(
         else:
             FT = _full_features(X64, ws)
             resp = quadratic.log_density(X64, FT, ws)
-        worst_labels = resp.argmax(axis=1) if n_farthest else None
+        worst_labels = np.empty(n, np.int64) if n_farthest else None  # resp's argmax
         norm, nk, total = np.empty(n), np.zeros(k), np.zeros(1)
-        _softmax_rows(resp, w, norm, nk, total)  # resp ← w · responsibilities
+        _softmax_rows(resp, w, norm, nk, total, worst_labels)  # resp ← w · responsibilities
         objective = float(total[0])
         if worst_labels is not None:  # the points the model explains worst, for re-seeding
             farthest = FarthestPoints.from_chunk(
@@ -668,12 +668,20 @@ def _estep_block(
     return SuffStats(moments, nk, S1 - nk[:, None] * c, sxx, objective, float(w.sum()), n, farthest)
 
 
-def _softmax_rows(L: F64, w: F64, norm: F64, nk: F64, objective: F64) -> None:
+def _softmax_rows(
+    L: F64,
+    w: F64,
+    norm: F64,
+    nk: F64,
+    objective: F64,
+    labels: NDArray[np.int64] | None = None,
+) -> None:
     """In place ``L[i] ← w_i · softmax(L[i])``; ``norm[i] = logsumexp(L[i])``, and
     ``nk += Σ_i`` of the result, ``objective += Σ_i w_i norm[i]``: two compiled row
-    passes around NumPy's vectorised ``exp`` of the (rows, k) block."""
+    passes around NumPy's vectorised ``exp`` of the (rows, k) block. With ``labels``,
+    also each row's ``argmax`` of ``L`` as it came in."""
     fused = _fused()
-    fused.shift_rows(L, norm)
+    fused.shift_rows(L, norm, labels)
     np.exp(L, out=L)
     fused.normalise_rows(L, w, norm, nk, objective)
 
