@@ -137,7 +137,8 @@ def nearest_cols(GT: Any, c2: Any, best: Any, labels: Any) -> None:
 # (transposed, one vector per feature and ROW_VECTORS vectors of rows) against
 # CENTRES_PER_STEP centres at a time, ``Σ_f (−2c_f)·x_f`` by fused multiply-adds in
 # feature order, then ``+ ‖c‖²`` (the order of OpenBLAS's GEMM kernels and the scan
-# after them, so the bits are the GEMM's in every case measured, and scikit-learn's,
+# after them, so float32 distances are the GEMM's bits in every case measured and
+# float64 ones but for a few last bits at k = 1000; labels are scikit-learn's too,
 # whose Lloyd step adds ‖c‖² by the GEMM's beta: iris's k-means++ fit took another
 # label on a tie with ‖c‖² added first), then the running minimum, its index and (for
 # the bounds) the runner-up, centre by centre in order, as vectors. numba's own loops
