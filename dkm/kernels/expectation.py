@@ -453,7 +453,7 @@ def _kmeans_estep(
         index: NDArray[np.int32]
         if not build:
             index = X.ws.get("index", (m,), np.int32)
-            search.nearest(Xb, index, origin if search.row_exact else None)
+            search.nearest(Xb, index, origin)
         else:
             assert state is not None
             index, upper, lower = state.labels[rows], state.upper[rows], state.lower[rows]
@@ -481,12 +481,9 @@ def _kmeans_estep(
                     index[picked] = nearest
                     found = (best, second, picked)
             if whole:  # into the bounds' labels directly
-                if search.row_exact:
-                    found = (*search.nearest2(Xb, index, origin)[:2], None)
-                else:
-                    if origin is not zeros:
-                        Xb, origin = X(rows), zeros
-                    found = (*search.nearest2(Xb, index)[:2], None)
+                if not search.row_exact and origin is not zeros:  # the GEMM: centred rows
+                    Xb, origin = X(rows), zeros
+                found = (*search.nearest2(Xb, index, origin)[:2], None)
         fused.accumulate_rows(
             Xb,
             origin,
@@ -573,16 +570,17 @@ class _Search:
         return np.matmul(self.neg2C, Xb.T, out=self.ws.get("GT", shape, self.dtype))
 
     def _origin(self, origin: NDArray[Any] | None) -> NDArray[Any]:
-        """The fused pass's origin; the GEMM needs the rows centred already."""
+        """The fused pass's origin; the GEMM needs the rows centred already (zeros)."""
         if self.shape is None:
-            assert origin is None, "the GEMM search takes centred rows"
+            assert origin is None or not origin.any(), "the GEMM search takes centred rows"
         return self.zeros if origin is None else origin
 
     def nearest(
         self, Xb: NDArray[Any], index: NDArray[np.int32], origin: NDArray[Any] | None = None
     ) -> None:
         """The labels of the rows ``Xb − origin`` into ``index`` (lowest index on ties);
-        ``origin`` (in the compute dtype) only for the fused pass, None: ``Xb`` as is."""
+        ``origin`` in the compute dtype (zeros or None for the GEMM, which does not
+        subtract), None: ``Xb`` as is."""
         best = self.ws.get("best", (Xb.shape[0],), self.dtype)
         at = self._origin(origin)
         if self.shape is not None:
