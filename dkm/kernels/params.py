@@ -17,7 +17,7 @@ class DegenerateComponentError(ValueError):
     """A mixture component has no mass or a covariance that is not positive definite."""
 
     def __init__(self, components: list[int], what: str) -> None:
-        self.components = components
+        self.components, self.what = components, what
         names = ", ".join(str(c) for c in components)
         where = f"mixture component(s) {names}" if components else "the mixture"
         super().__init__(
@@ -26,6 +26,10 @@ class DegenerateComponentError(ValueError):
             "scales. Increase reg_covar, scale the data (e.g. standardise the features), "
             "or lower the number of components."
         )
+
+    def __reduce__(self) -> tuple[type, tuple[list[int], str]]:
+        # raised by an M-step task and re-raised on the client: rebuilt from its fields
+        return type(self), (self.components, self.what)
 
 
 class DegenerateComponentWarning(UserWarning):
