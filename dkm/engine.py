@@ -1,9 +1,7 @@
 """The EM loop over a Dask array: E-step per chunk, tree reduction, M-step on the client.
 
 Knows no YAML, no files and no CLI. Works on whatever Dask scheduler is current: the
-threaded scheduler by default, or a ``distributed.Client`` if one is active (where,
-with the points persisted on the cluster, :mod:`dkm.pipeline` runs the same loop with
-the M-step inside the next pass's tasks).
+threaded scheduler by default, or a ``distributed.Client`` if one is active.
 """
 
 from __future__ import annotations
@@ -376,7 +374,13 @@ def stats_pass_many(
             keys.append(key)
         with _blas_limit(len(blocks)):  # as the ungrouped pass: the same BLAS, the same bits
             grouped = schedule(graph, keys)
-        return merge_grouped(groups, grouped, split_every)
+        per_chunk: list[Any] = [None] * len(blocks)
+        for members, results in zip(groups, grouped, strict=True):
+            for i, result in zip(members, results, strict=True):
+                per_chunk[i] = result
+        # the tree of the ungrouped pass, merged here: the same order, the same bits
+        top = tree_top(per_chunk, split_every, "", lambda group, _key: merge_all(group))
+        return list(merge_all(top).parts)
     esteps = []
     for i, (xb, wb, off) in enumerate(blocks):
         key = (f"dkm-estep-{token}", i)
@@ -399,21 +403,6 @@ def stats_pass_many(
     with _blas_limit(len(esteps)):
         parts = schedule(graph, top)
     total: StackedStats = merge_all(parts)
-    return list(total.parts)
-
-
-def merge_grouped(
-    groups: Sequence[Sequence[int]], grouped: Sequence[Sequence[StackedStats]], split_every: int
-) -> list[SuffStats]:
-    """Each model's totals from a grouped pass's results (``grouped[g][j]``: the
-    statistics of block ``groups[g][j]``), merged in the tree of the ungrouped pass:
-    the same order, so the same bits, wherever the blocks were."""
-    per_chunk: list[Any] = [None] * sum(len(members) for members in groups)
-    for members, results in zip(groups, grouped, strict=True):
-        for i, result in zip(members, results, strict=True):
-            per_chunk[i] = result
-    top = tree_top(per_chunk, split_every, "", lambda group, _key: merge_all(group))
-    total: StackedStats = merge_all(top)
     return list(total.parts)
 
 
@@ -675,10 +664,6 @@ def fit_em_many(
     each model are merged in the same fixed order). The callback receives every
     model's iterations; ``IterationInfo.run`` says which model (its index in
     ``inits``). ``resume`` applies to a single init only.
-
-    On a distributed cluster holding every block of the points, the passes are
-    pipelined (:mod:`dkm.pipeline`, unless :data:`PIPELINE` is False), with the same
-    results.
     """
     if resume is not None and len(inits) != 1:
         raise ValueError("resume continues a single EM run; got several inits")
@@ -703,23 +688,59 @@ def fit_em_many(
         moments = moments_for(options.covariance_type)
         return run.params, run.params.means, PassOptions(options.assignment, moments, n_far)
 
-    def final_job(run: _Run) -> PassJob:
-        return run.params, None, PassOptions("hard", "none", 0, _bounds(fit, run))
-
     try:
-        client = _pipeline_client(data, runs, options, job)
-        if client is not None:
-            from dkm.pipeline import fit_pipelined  # needs distributed, as the client does
-
-            fit_pipelined(client, data, runs, options, tol, job, callback)
-        else:
-            _fit_serial(data, runs, options, tol, job, callback)
-            if kmeans:  # the inertia of the final centres, for every model in one more pass
-                finals = stats_pass_many(
-                    data, [final_job(r) for r in runs], split_every=options.split_every
+        while active := [r for r in runs if not r.converged and r.n_iter < options.max_iter]:
+            t0 = time.perf_counter()
+            jobs = [job(r) for r in active]
+            all_stats = stats_pass_many(data, jobs, split_every=options.split_every)
+            seconds = time.perf_counter() - t0
+            for run, stats in zip(active, all_stats, strict=True):
+                run.n_iter += 1
+                if kmeans:
+                    centres, _ = kmeans_centres(stats)
+                    change = float(((centres - run.params.means) ** 2).sum())
+                    objective = stats.objective
+                    run.bounds = run.bounds or (
+                        KMEANS_BOUNDS and bounds.worth_keeping(run.params.means, centres)
+                    )
+                    run.params = MixtureParams.identity(centres)
+                    run.converged = change <= tol
+                else:
+                    run.params, run.covariances, repaired = gaussian_mstep(
+                        stats,
+                        run.params.means,
+                        options.covariance_type,
+                        options.reg_covar,
+                        options.on_degenerate,
+                    )
+                    if repaired:
+                        _warn_repaired(repaired, options.on_degenerate, run.n_iter)
+                    previous, run.lower_bound = run.lower_bound, stats.objective / stats.n
+                    objective, change = run.lower_bound, run.lower_bound - previous
+                    run.converged = abs(change) < tol
+                _notify(
+                    callback,
+                    run.history,
+                    IterationInfo(
+                        run.n_iter,
+                        objective,
+                        change,
+                        seconds,
+                        run.params.translated(data.origin),
+                        run.converged,
+                        run.params,
+                        data.origin,
+                        run.index,
+                    ),
                 )
-                for run, final in zip(runs, finals, strict=True):
-                    run.final = final
+        if kmeans:  # the inertia of the final centres, for every model in one more pass
+            finals = stats_pass_many(
+                data,
+                [(r.params, None, PassOptions("hard", "none", 0, _bounds(fit, r))) for r in runs],
+                split_every=options.split_every,
+            )
+            for run, final in zip(runs, finals, strict=True):
+                run.final = final
     finally:
         if any(r.bounds for r in runs):  # else no bounds were kept: nothing to drop
             _release_bounds(fit)
@@ -735,124 +756,6 @@ def fit_em_many(
         )
         for r in runs
     ]
-
-
-#: Pipeline the EM passes on a distributed cluster (:mod:`dkm.pipeline`) where it can.
-PIPELINE = True
-
-
-def _pipeline_client(
-    data: ChunkedData, runs: list[_Run], options: EMOptions, job: Callable[[_Run], PassJob]
-) -> Any:
-    """The distributed ``Client`` to pipeline this fit's passes on, or None to run
-    them one at a time: pipelined where every pass is grouped (X persisted on the
-    cluster, in more than one block) and every model starts active (a resumed run that
-    had already finished only needs its final pass)."""
-    if not PIPELINE or len(data.block_tasks()) < 2:
-        return None
-    client = getattr(get_scheduler(), "__self__", None)
-    if not _is_client(client):
-        return None
-    if any(r.converged or r.n_iter >= options.max_iter for r in runs):
-        return None
-    stats_bytes = sum(_stats_nbytes(p, o) for p, _, o in map(job, runs))
-    if stats_bytes * len(data.block_tasks()) > GROUPED_STATS_BYTES:
-        return None
-    return client if data.worker_groups(client) is not None else None
-
-
-def _fit_serial(
-    data: ChunkedData,
-    runs: list[_Run],
-    options: EMOptions,
-    tol: float,
-    job: Callable[[_Run], PassJob],
-    callback: Callback | None,
-) -> None:
-    """The EM iterations one pass at a time: each pass's totals come back here, where
-    the M-step runs (any scheduler)."""
-    while active := [r for r in runs if not r.converged and r.n_iter < options.max_iter]:
-        t0 = time.perf_counter()
-        all_stats = stats_pass_many(data, [job(r) for r in active], split_every=options.split_every)
-        seconds = time.perf_counter() - t0
-        for run, stats in zip(active, all_stats, strict=True):
-            step = mstep(run.params, run.lower_bound, stats, options, tol)
-            apply_mstep(run, step, options, data.origin, seconds, callback)
-
-
-@dataclass(frozen=True, eq=False)
-class MStep:
-    """One model's M-step from one pass's totals: the new parameters, the iteration's
-    objective (k-means: the inertia under the centres the pass searched; else the mean
-    log-likelihood, the lower bound) and its change, and the convergence test."""
-
-    params: MixtureParams
-    covariances: F64 | None
-    objective: float
-    change: float
-    converged: bool
-    lower_bound: float
-    stats: SuffStats
-    repaired: tuple[int, ...] = ()
-
-
-def mstep(
-    params: MixtureParams, lower_bound: float, stats: SuffStats, options: EMOptions, tol: float
-) -> MStep:
-    """The M-step of a model that searched with ``params`` (centred) and whose previous
-    lower bound is ``lower_bound``, from its pass's totals ``stats``.
-
-    k-means converges like scikit-learn's Lloyd, on the summed squared centre shift
-    (``<= tol``); every other model when the lower bound changes by less than ``tol``.
-    """
-    if options.is_kmeans:
-        centres, _ = kmeans_centres(stats)
-        change = float(((centres - params.means) ** 2).sum())
-        new = MixtureParams.identity(centres)
-        return MStep(new, None, stats.objective, change, change <= tol, lower_bound, stats)
-    new, covariances, repaired = gaussian_mstep(
-        stats, params.means, options.covariance_type, options.reg_covar, options.on_degenerate
-    )
-    bound = stats.objective / stats.n
-    change = bound - lower_bound
-    return MStep(new, covariances, bound, change, abs(change) < tol, bound, stats, tuple(repaired))
-
-
-def apply_mstep(
-    run: _Run,
-    step: MStep,
-    options: EMOptions,
-    origin: F64,
-    seconds: float,
-    callback: Callback | None,
-) -> None:
-    """``step`` becomes ``run``'s next iteration: its state, a warning for repaired
-    components, and the callback."""
-    run.n_iter += 1
-    if options.is_kmeans:
-        run.bounds = run.bounds or (
-            KMEANS_BOUNDS and bounds.worth_keeping(run.params.means, step.params.means)
-        )
-    else:
-        run.covariances = step.covariances
-        if step.repaired:
-            _warn_repaired(list(step.repaired), options.on_degenerate, run.n_iter)
-    run.params, run.lower_bound, run.converged = step.params, step.lower_bound, step.converged
-    _notify(
-        callback,
-        run.history,
-        IterationInfo(
-            run.n_iter,
-            step.objective,
-            step.change,
-            seconds,
-            run.params.translated(origin),
-            run.converged,
-            run.params,
-            origin,
-            run.index,
-        ),
-    )
 
 
 #: k-means fits keep Hamerly bounds between passes once the centres settle

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -140,3 +142,11 @@ def test_kernels_never_produce_nan_models(problem, policy):
             return
     for arr in (new.weights, new.means, cov, new.precisions_cholesky):
         assert arr is None or np.all(np.isfinite(arr))
+
+
+def test_degenerate_component_error_survives_pickling():
+    """Raised in a worker process, it reaches the client whole (Dask pickles it)."""
+    error = DegenerateComponentError([2, 5], "empty component")
+    again = pickle.loads(pickle.dumps(error))
+    assert type(again) is DegenerateComponentError
+    assert again.components == [2, 5] and str(again) == str(error)
