@@ -97,8 +97,7 @@ def worker_killer(prefix: str, *, armed: bool) -> Any:
                 return
             ts = self.scheduler.tasks[key]
             (ws,) = ts.who_has
-            # the tasks of this one pass (their group: the key's name, token included);
-            # a pipelined fit's scheduler also knows the passes before and after it
+            # the tasks of this one pass (their group: the key's name, token included)
             group = [t for t in self.scheduler.tasks.values() if t.group is ts.group]
             self.lost = {t.key for t in ws.has_what if t.who_has == {ws}}
             os.kill(ws.pid, signal.SIGKILL)
@@ -150,7 +149,7 @@ def worker_pids(client: Client) -> dict[str, int]:
 # 240,000 x 8 float64 in 32 chunks, generated on the workers; a few seconds per fit
 FAULT_DATA = dict(n=240_000, d=8, k=8, seed=3, chunk_rows=7_500)
 N_CHUNKS = 32
-KILL_AFTER = 3  # armed after iteration 3: the kill lands in a later E-step pass
+KILL_AFTER = 3  # armed after iteration 3: the kill lands in the E-step of iteration 4
 
 
 def fault_points() -> da.Array:
@@ -266,12 +265,10 @@ def test_worker_sigkilled_mid_fit_and_mid_write(kind, three_workers, undisturbed
         in_write = kill_report(client, "dkm-write-labels")
         after_write = worker_pids(client)
 
-    # the first kill hit an E-step pass after iteration 3 as one of its tasks was done,
-    # before the last: the points are persisted, so the E-step is one task per worker
-    # thread (three single-threaded workers), each over the chunks its worker holds. (The
-    # passes are pipelined: the pass after iteration 3 is already running when the
-    # callback arms the killer, and may have finished a task by then.)
-    assert 1 <= in_fit["done"] < 3 and in_fit["tasks"] == 3
+    # the first kill hit iteration 4's E-step as its first task was done: the points are
+    # persisted, so the E-step is one task per worker thread (three single-threaded
+    # workers), each over the chunks its worker holds
+    assert in_fit["done"] == 1 and in_fit["tasks"] == 3
     assert_killed(cluster, in_fit, after_fit)
     assert len(after_fit) == 2
     # nothing lost: every iteration ran, the model is the undisturbed run's
