@@ -28,7 +28,7 @@ class DegenerateComponentError(ValueError):
         )
 
     def __reduce__(self) -> tuple[type, tuple[list[int], str]]:
-        # raised by an M-step task and re-raised on the client: rebuilt from its fields
+        # an error raised in a task reaches the client pickled: rebuilt from its fields
         return type(self), (self.components, self.what)
 
 
