@@ -417,21 +417,39 @@ def open_zarr(
 class _NpySource:
     """A .npy file as a sliceable array: each read memory-maps the file, copies the slice.
 
-    Pickles as its path, so tasks on other processes open the file themselves instead
-    of receiving its data.
+    Pickles as its path and layout, so tasks on other processes open the file
+    themselves instead of receiving its data. The header is parsed once, by
+    :meth:`open`: a read maps the data at its known offset. (``np.load`` in every read
+    parsed it again with ``ast.literal_eval``, which is not safe for threads on CPython
+    3.11.7, the version here: concurrent chunk reads failed, rarely, with "SystemError:
+    AST constructor recursion depth mismatch".)
     """
 
-    def __init__(self, path: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> None:
+    def __init__(
+        self,
+        path: str,
+        shape: tuple[int, ...],
+        dtype: np.dtype[Any],
+        offset: int | None = None,
+        order: Literal["C", "F"] = "C",
+    ) -> None:
         self.path = path
         self.shape = shape
         self.dtype = dtype
+        self.offset = offset  # of the data in the file; None: no data to map
+        self.order = order
 
     @property
     def ndim(self) -> int:
         return len(self.shape)
 
     def __getitem__(self, key: Any) -> NDArray[Any]:
-        return np.array(np.load(self.path, mmap_mode="r", allow_pickle=False)[key])
+        if self.offset is None:
+            return np.array(np.load(self.path, mmap_mode="r", allow_pickle=False)[key])
+        data = np.memmap(
+            self.path, self.dtype, "r", offset=self.offset, shape=self.shape, order=self.order
+        )
+        return np.array(data[key])
 
     @classmethod
     def open(cls, path: str, role: str) -> _NpySource:
@@ -460,8 +478,11 @@ class _NpySource:
                 "with numpy.save"
             )
         shape, dtype = tuple(int(s) for s in loaded.shape), np.dtype(loaded.dtype)
+        offset = getattr(loaded, "offset", None) if loaded.size else None
+        fortran = loaded.flags.f_contiguous and not loaded.flags.c_contiguous
+        order: Literal["C", "F"] = "F" if fortran else "C"
         del loaded
-        return cls(full, shape, dtype)
+        return cls(full, shape, dtype, offset, order)
 
 
 def open_npy(
