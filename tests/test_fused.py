@@ -223,6 +223,38 @@ def test_small_d_row_bits_do_not_depend_on_the_rows_beside_it(dtype) -> None:
         np.testing.assert_array_equal(got, ref)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_tile_plan_gives_the_same_bits(dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The register tile is chosen by the CPU (:func:`_fused.tile_plan`): each plan,
+    compiled afresh here, gives every row the bits of the plan this machine uses, with
+    and without the runner-up, for k not a multiple of the centres per step and a
+    partial last tile."""
+    rng = np.random.default_rng(11)
+    k, d = 23, 7
+    C = rng.normal(size=(k, d))
+    C[9] = C[2]  # twins: the tie goes to the lower index in every plan
+    X = np.concatenate([rng.normal(size=(1000, d)), C[[2, 9]]]).astype(dtype)
+    Cd = C.astype(dtype)
+    nC, c2, at = -2.0 * Cd, (Cd * Cd).sum(axis=1), np.zeros(d, dtype)
+    reference = small_search(X, C), small_search(X, C, second=False)
+    used: list[tuple[int, int, int]] = []
+    for plan in [(16, 2, 6), (16, 2, 2), (8, 2, 2), (8, 4, 1), (4, 1, 5), (8, 1, 23)]:
+        monkeypatch.setattr(
+            _fused, "tile_plan", lambda itemsize, plan=plan: used.append(plan) or plan
+        )
+        search = numba.njit(nogil=True)(_fused.nearest_rows.py_func)
+        for with_second, ref in zip((True, False), reference, strict=True):
+            labels, best = np.full(len(X), -1, np.int32), np.empty(len(X), dtype)
+            second = np.empty(len(X), dtype) if with_second else None
+            search(X, at, nC, c2, best, second, labels, (0,) * d)
+            np.testing.assert_array_equal(labels, ref[0])
+            np.testing.assert_array_equal(best, ref[1])
+            if with_second:
+                np.testing.assert_array_equal(second, ref[2])
+        assert used and used[-1] == plan  # compiled with this plan
+    assert reference[0][0][-1] == 2
+
+
 def test_the_search_is_fused_up_to_small_d_and_a_gemm_above() -> None:
     ws = E.Workspace()
     for d, fused in ((1, True), (_fused.SMALL_D, True), (_fused.SMALL_D + 1, False)):

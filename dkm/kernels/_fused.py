@@ -134,8 +134,8 @@ def nearest_cols(GT: Any, c2: Any, best: Any, labels: Any) -> None:
 # argmin reads it back (d = 8, k = 1000: ~90 ms of GEMM and ~50 of argmin per 250k
 # rows). For d <= SMALL_D the search is one compiled pass instead, with the distances
 # kept in SIMD registers, as a GEMM micro-kernel would keep them: a tile of TILE rows
-# (transposed, one vector per feature and ROW_VECTORS vectors of rows) against
-# CENTRES_PER_STEP centres at a time, ``Σ_f (−2c_f)·x_f`` by fused multiply-adds in
+# (transposed, a few vectors of rows per feature, :func:`tile_plan`) against a few
+# centres at a time, ``Σ_f (−2c_f)·x_f`` by fused multiply-adds in
 # feature order, then ``+ ‖c‖²`` (the order of OpenBLAS's GEMM kernels and the scan
 # after them, so float32 distances are the GEMM's bits in every case measured and
 # float64 ones but for a few last bits at k = 1000; labels are scikit-learn's too,
@@ -144,10 +144,11 @@ def nearest_cols(GT: Any, c2: Any, best: Any, labels: Any) -> None:
 # the bounds) the runner-up, centre by centre in order, as vectors. numba's own loops
 # do not keep a tile in registers (the row loop vectorises, but every centre then loads
 # and stores the running minimum), so the tile is written as LLVM vector code (an
-# ``intrinsic``); ``<16 x float>`` is one AVX-512 register, or two AVX2 ones.
+# ``intrinsic``); ``<16 x float>`` is one AVX-512 register, or two AVX2 ones, and how
+# many centres a step takes depends on how many registers the CPU has (:func:`tile_plan`).
 # Every row is computed by the same instructions wherever it sits (a tile's padding is
 # zeros), so a row's label and distance are the same bits in a block, alone, or gathered.
-# Measured, one thread, 100k rows, GEMM + scan against this pass (float32): d = 8,
+# Measured (AVX-512), one thread, 100k rows, GEMM + scan against this pass (float32): d = 8,
 # k = 1000 57 → 19 ms; d = 32, k = 64 11 → 6.7; d = 32, k = 1000 101 → 54; d = 64,
 # k = 1000 160 → 122; d = 64, k = 64 20 → 20 and d = 128 even (so SMALL_D = 64);
 # float64 d = 8, k = 1000 133 → 34.
@@ -155,16 +156,45 @@ def nearest_cols(GT: Any, c2: Any, best: Any, labels: Any) -> None:
 #: Widest rows searched by the fused small-d pass; wider rows use the GEMM.
 SMALL_D = 64
 
-#: SIMD lanes of one vector of the pass (16 float32: one AVX-512 register).
-LANES = 16
+#: Rows per tile of the small-d pass (the transposed copy :func:`nearest_rows` fills).
+TILE = 32
 
-#: Vectors of rows per tile, and centres per step: 2 × 6 running sums in registers
-#: (measured, one thread, against 1 × 4 and 2 × 4; d = 32, k = 64: 17 ms per 250k rows
-#: against 31 for GEMM + scan).
-ROW_VECTORS, CENTRES_PER_STEP = 2, 6
+#: The register tile where the CPU has AVX-512 (32 vector registers of 64 bytes):
+#: vectors of 16 lanes, 2 vectors of rows (the TILE) against 6 centres per step, 12
+#: running sums in registers (measured on an AVX-512 machine, one thread, against 1 × 4
+#: and 2 × 4; d = 32, k = 64: 17 ms per 250k rows against 31 for GEMM + scan).
+AVX512_PLAN = (16, 2, 6)
 
-#: Rows per tile of the small-d pass.
-TILE = LANES * ROW_VECTORS
+#: The register tile elsewhere (16 vector registers of 32 bytes, AVX2), by the rows'
+#: itemsize: 2 centres per step, as 6 spilled the running sums. Measured on an AMD EPYC
+#: (Zen 2, AVX2), one thread, 60k float32 rows against (16, 2, 6), same bits: d = 32,
+#: k = 64 0.72×; d = 16, k = 64 0.82×; d = 64, k = 64 0.64×; d = 8, k = 1000 0.99×;
+#: float64 (two tiles of 8 lanes × 2 vectors): d = 32, k = 64 0.64×; d = 8, k = 1000
+#: 0.95×; d = 16, k = 64 0.82×.
+AVX2_PLANS = {4: (16, 2, 2), 8: (8, 2, 2)}
+
+
+def _has_avx512() -> bool:
+    """Whether numba compiles for a CPU with AVX-512F: the host's, unless
+    ``NUMBA_CPU_NAME`` names another target (then its ``NUMBA_CPU_FEATURES`` tell)."""
+    if getattr(numba.config, "CPU_NAME", None):  # set from the environment at import
+        return "+avx512f" in (getattr(numba.config, "CPU_FEATURES", None) or "")
+    try:
+        import llvmlite.binding as ll
+
+        return bool(ll.get_host_cpu_features().get("avx512f"))
+    except RuntimeError:  # features unknown on this host: the narrower plan is safe
+        return False
+
+
+def tile_plan(itemsize: int) -> tuple[int, int, int]:
+    """``(lanes, row vectors, centres per step)`` of the small-d pass for rows of
+    ``itemsize`` bytes on the CPU numba compiles for. Any plan gives every row the same
+    bits (each row's sum runs over the features in order, its minimum over the centres
+    in order); the plan only decides how many of them stay in registers."""
+    lanes, vectors, step = AVX512_PLAN if _has_avx512() else AVX2_PLANS[itemsize]
+    assert TILE % (lanes * vectors) == 0
+    return lanes, vectors, step
 
 
 def _tile_search_typer(
@@ -183,8 +213,9 @@ def _tile_search_typer(
     def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
         xt_t, nc_t, c2_t, best_t, second_t, labels_t = signature.args[:6]
         fty = context.get_value_type(xt_t.dtype)
+        L, R, G = tile_plan(xt_t.dtype.bitwidth // 8)
         i32, i64 = ir.IntType(32), ir.IntType(64)
-        vf, vi = ir.VectorType(fty, LANES), ir.VectorType(i32, LANES)
+        vf, vi = ir.VectorType(fty, L), ir.VectorType(i32, L)
         xt = context.make_array(xt_t)(context, builder, args[0])
         nc = context.make_array(nc_t)(context, builder, args[1])
         c2v = context.make_array(c2_t)(context, builder, args[2])
@@ -192,7 +223,6 @@ def _tile_search_typer(
         if want_second:
             arrays.append(context.make_array(second_t)(context, builder, args[4]))
         lab = context.make_array(labels_t)(context, builder, args[5])
-        R = ROW_VECTORS
 
         def vptr(data: Any, offset: int, vty: Any) -> Any:
             return builder.bitcast(builder.gep(data, [ir.Constant(i64, offset)]), vty.as_pointer())
@@ -200,28 +230,25 @@ def _tile_search_typer(
         # running minimum (and runner-up) and label per vector of rows, in registers
         slots = [[cgutils.alloca_once(builder, vf) for _ in range(R)] for _ in arrays]
         lslots = [cgutils.alloca_once(builder, vi) for _ in range(R)]
-        for r in range(R):
-            for slot, arr in zip(slots, arrays, strict=True):
-                builder.store(builder.load(vptr(arr.data, r * LANES, vf), align=1), slot[r])
-            builder.store(builder.load(vptr(lab.data, r * LANES, vi), align=1), lslots[r])
         # llvm.fma, not fmuladd: always fused, so a row's bits do not depend on how the
         # backend schedules each call (without FMA hardware it is a slow library call)
-        name = f"llvm.fma.v{LANES}{fty.intrinsic_name}"
+        name = f"llvm.fma.v{L}{fty.intrinsic_name}"
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vf, [vf] * 3), name)
-        lanes0 = ir.Constant(vi, [0] * LANES)
+        lanes0 = ir.Constant(vi, [0] * L)
 
         def splat(value: Any, vty: Any) -> Any:
             undef = ir.Constant(vty, ir.Undefined)
             one = builder.insert_element(undef, value, ir.Constant(i32, 0))
             return builder.shuffle_vector(one, undef, lanes0)
 
-        def step(j0: Any, count: int) -> None:
-            """Centres j0 … j0 + count − 1 against the tile, then the minimum in order."""
+        def step(first: int, j0: Any, count: int) -> None:
+            """Centres j0 … j0 + count − 1 against the rows ``first`` … ``first + L·R −
+            1`` of the tile, then the minimum in order."""
             acc: list[list[Any]] = [[None] * R for _ in range(count)]
             base = builder.mul(j0, ir.Constant(j0.type, d))
             for f in range(d):
-                row_f = f * TILE
-                xs = [builder.load(vptr(xt.data, row_f + r * LANES, vf), align=1) for r in range(R)]
+                row_f = f * TILE + first
+                xs = [builder.load(vptr(xt.data, row_f + r * L, vf), align=1) for r in range(R)]
                 for g in range(count):
                     at = builder.add(base, ir.Constant(j0.type, g * d + f))
                     a = splat(builder.load(builder.gep(nc.data, [at])), vf)
@@ -250,17 +277,24 @@ def _tile_search_typer(
                     builder.store(builder.select(lt, index, builder.load(lslots[r])), lslots[r])
 
         k = builder.extract_value(nc.shape, 0)
-        G = ir.Constant(k.type, CENTRES_PER_STEP)
-        steps = builder.udiv(k, G)
-        with cgutils.for_range(builder, steps) as loop:
-            step(builder.mul(loop.index, G), CENTRES_PER_STEP)
+        step_g = ir.Constant(k.type, G)
+        steps = builder.udiv(k, step_g)
         one = ir.Constant(k.type, 1)
-        with cgutils.for_range_slice(builder, builder.mul(steps, G), k, one) as (j, _):
-            step(j, 1)
-        for r in range(R):
-            for slot, arr in zip(slots, arrays, strict=True):
-                builder.store(builder.load(slot[r]), vptr(arr.data, r * LANES, vf), align=1)
-            builder.store(builder.load(lslots[r]), vptr(lab.data, r * LANES, vi), align=1)
+        for first in range(0, TILE, L * R):  # the tile in parts of L·R rows, each in turn
+            for r in range(R):
+                at = first + r * L
+                for slot, arr in zip(slots, arrays, strict=True):
+                    builder.store(builder.load(vptr(arr.data, at, vf), align=1), slot[r])
+                builder.store(builder.load(vptr(lab.data, at, vi), align=1), lslots[r])
+            with cgutils.for_range(builder, steps) as loop:
+                step(first, builder.mul(loop.index, step_g), G)
+            with cgutils.for_range_slice(builder, builder.mul(steps, step_g), k, one) as (j, _):
+                step(first, j, 1)
+            for r in range(R):
+                at = first + r * L
+                for slot, arr in zip(slots, arrays, strict=True):
+                    builder.store(builder.load(slot[r]), vptr(arr.data, at, vf), align=1)
+                builder.store(builder.load(lslots[r]), vptr(lab.data, at, vi), align=1)
         return context.get_dummy_value()
 
     return sig, codegen
