@@ -676,11 +676,10 @@ def _softmax_rows(
 ) -> None:
     """In place ``L[i] ← w_i · softmax(L[i])``; ``norm[i] = logsumexp(L[i])``, and
     ``nk += Σ_i`` of the result, ``objective += Σ_i w_i norm[i]``: two compiled row
-    passes around NumPy's vectorised ``exp`` of the (rows, k) block. With ``labels``,
-    also each row's ``argmax`` of ``L`` as it came in."""
+    passes, the first with the exp (:func:`dkm.kernels._fused.exp_shifted_rows`). With
+    ``labels``, also each row's ``argmax`` of ``L`` as it came in."""
     fused = _fused()
-    fused.shift_rows(L, norm, labels)
-    np.exp(L, out=L)
+    fused.exp_shifted_rows(L, norm, labels)
     fused.normalise_rows(L, w, norm, nk, objective)
 
 
