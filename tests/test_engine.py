@@ -263,6 +263,44 @@ def test_persisted_blocks_run_as_one_task_per_worker_thread(dask_processes, monk
     assert km.inertia_ == threaded_km.inertia_
 
 
+@pytest.mark.distributed
+def test_worker_groups_are_kept_until_old_or_a_block_is_lost(dask_processes, monkeypatch):
+    """The scheduler is asked where the blocks are once per GROUPS_MAX_AGE, not once per
+    pass, and again at once when a block's future is no longer finished."""
+    from distributed import Client, futures_of, wait
+
+    import dkm.engine
+
+    with Client(dask_processes) as client:
+        Xp = client.persist(da.from_array(X, chunks=(500, -1), name="groups-kept"))
+        wait(Xp)
+        asked = []
+        who_has = client.who_has
+        monkeypatch.setattr(
+            client, "who_has", lambda *a, **kw: asked.append(1) or who_has(*a, **kw)
+        )
+        data = ChunkedData.from_dask(Xp)
+        monkeypatch.setattr(dkm.engine, "GROUPS_MAX_AGE", 3600.0)
+        groups = data.worker_groups(client)
+        assert groups is not None and len(asked) == 1
+        assert data.worker_groups(client) is groups and len(asked) == 1  # kept
+        monkeypatch.setattr(dkm.engine, "GROUPS_MAX_AGE", 0.0)
+        assert data.worker_groups(client) == groups and len(asked) == 2  # too old: asked
+        monkeypatch.setattr(dkm.engine, "GROUPS_MAX_AGE", 3600.0)
+        data.worker_groups(client)
+        assert len(asked) == 2
+        # a block's future lost (as when its worker dies; the scheduler tells the client
+        # unasked, here the client is told directly): asked again at once
+        (block, *_) = futures_of(Xp)
+        block._state.lose()
+        assert data.worker_groups(client) == groups and len(asked) == 3
+        data.worker_groups(client)
+        assert len(asked) == 4  # still not finished: asked every time
+        block._state.finish()
+        data.worker_groups(client)
+        assert len(asked) == 4
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_tiny_kmeans_worked_by_hand(dtype):
     """Four points, two clusters: centres (0, .5) and (4, .5), inertia 4 × 0.25 = 1.
