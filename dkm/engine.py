@@ -42,6 +42,12 @@ from dkm.kernels.params import DegenerateComponentWarning, MixtureParams
 from dkm.reduce import tree_top
 from dkm.stats import DataSummary, SuffStats, merge_all, sxx_shape
 
+_LLGExpr: Any
+try:  # a graph with its token already known (distributed's client takes expressions)
+    from dask._expr import LLGExpr as _LLGExpr
+except ImportError:  # pragma: no cover - older or newer dask: the dict, tokenised again
+    _LLGExpr = None
+
 F64 = NDArray[np.float64]
 
 
@@ -324,7 +330,11 @@ def _params_nbytes(params: MixtureParams, shift: F64 | None) -> int:
 
 
 def stats_pass_many(
-    data: ChunkedData, jobs: Sequence[PassJob], *, split_every: int = 8
+    data: ChunkedData,
+    jobs: Sequence[PassJob],
+    *,
+    split_every: int = 8,
+    held: list[Any] | None = None,
 ) -> list[SuffStats]:
     """One E-step pass over all chunks for several models at once, reduced to totals.
 
@@ -355,6 +365,11 @@ def stats_pass_many(
     statistics, which the client merges in the tree's order, so the totals are the
     same bits as the ungrouped pass's, wherever the blocks are; passes whose per-chunk
     statistics would exceed :data:`GROUPED_STATS_BYTES` in all stay ungrouped.
+
+    ``held``: a loop of passes on a distributed client (a fit) keeps each pass's result
+    futures in this list until the next pass has been submitted, and releases them with
+    :func:`release_held` when it ends (:func:`_run_on_client`); None releases them at
+    once.
     """
     if not jobs:
         return []
@@ -398,7 +413,7 @@ def stats_pass_many(
             )
             keys.append(key)
         with _blas_limit(len(blocks)):  # as the ungrouped pass: the same BLAS, the same bits
-            grouped = schedule(graph, keys)
+            grouped = _run_on_client(client, graph, keys, gtoken, held)
         per_chunk: list[Any] = [None] * len(blocks)
         for members, results in zip(groups, grouped, strict=True):
             for i, result in zip(members, results, strict=True):
@@ -426,7 +441,10 @@ def stats_pass_many(
 
     top = tree_top(esteps, split_every, f"dkm-merge-{token}", merge)
     with _blas_limit(len(esteps)):
-        parts = schedule(graph, top)
+        if _is_client(client):
+            parts = _run_on_client(client, graph, top, token, held)
+        else:
+            parts = schedule(graph, top)
     total: StackedStats = merge_all(parts)
     return list(total.parts)
 
@@ -450,6 +468,48 @@ def _is_client(obj: Any) -> bool:
     from distributed import Client  # imported when a pass runs, not with dkm.engine
 
     return isinstance(obj, Client)
+
+
+def _run_on_client(
+    client: Any, graph: dict[Any, Any], keys: list[Any], token: str, held: list[Any] | None
+) -> list[Any]:
+    """``client.get(graph, keys)``, with the messages of consecutive passes in order.
+
+    A client sends the scheduler its messages in batches at most one per 10 ms, and the
+    scheduler its workers theirs one per 5 ms (``BatchedSend``, intervals fixed in
+    distributed). ``client.get`` releases a pass's results as soon as it has them: that
+    message left alone and started the interval, so the next pass's graph, submitted a
+    few milliseconds later, waited for the rest of it, and the scheduler's release of
+    the results to the workers held up the next pass's tasks in the same way. With
+    ``held``, the previous pass's futures are dropped only after this pass is
+    submitted. The graph goes to the client as an expression named by ``token``
+    (``token`` must name the graph), which spares tokenising the whole graph again.
+    KM-1 in 16 chunks on a 2-worker LocalCluster: the client's call to the first task's
+    start 12–13.5 → 5.5–6.2 ms a pass.
+    """
+    expr: Any = graph
+    if _LLGExpr is not None:
+        expr = _LLGExpr(graph, _determ_token=token)
+    futures = client.get(expr, keys, sync=False)
+    if held is None:
+        try:
+            results: list[Any] = client.gather(futures)
+        finally:
+            release_held([futures])
+        return results
+    previous, held[:] = held[:], [futures]
+    release_held(previous)  # the previous pass's results, now that this one is submitted
+    results = client.gather(futures)
+    return results
+
+
+def release_held(held: list[Any]) -> None:
+    """Release the futures in ``held`` (lists of them) and empty it: explicitly, as
+    ``client.get`` does, not when the garbage collector gets to them."""
+    for futures in held:
+        for future in futures:
+            future.release()
+    held.clear()
 
 
 def _estep_chunks(
@@ -717,11 +777,12 @@ def fit_em_many(
         moments = moments_for(options.covariance_type)
         return run.params, run.params.means, PassOptions(options.assignment, moments, n_far)
 
+    held: list[Any] = []  # the last pass's futures on a client (see stats_pass_many)
     try:
         while active := [r for r in runs if not r.converged and r.n_iter < options.max_iter]:
             t0 = time.perf_counter()
             jobs = [job(r) for r in active]
-            all_stats = stats_pass_many(data, jobs, split_every=options.split_every)
+            all_stats = stats_pass_many(data, jobs, split_every=options.split_every, held=held)
             seconds = time.perf_counter() - t0
             for run, stats in zip(active, all_stats, strict=True):
                 run.n_iter += 1
@@ -767,10 +828,12 @@ def fit_em_many(
                 data,
                 [(r.params, None, PassOptions("hard", "none", 0, _bounds(fit, r))) for r in runs],
                 split_every=options.split_every,
+                held=held,
             )
             for run, final in zip(runs, finals, strict=True):
                 run.final = final
     finally:
+        release_held(held)
         if any(r.bounds for r in runs):  # else no bounds were kept: nothing to drop
             _release_bounds(fit)
     return [

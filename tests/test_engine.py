@@ -16,7 +16,9 @@ from dkm.engine import (
     PassOptions,
     _reduce_and_compute,
     fit_em,
+    release_held,
     stats_pass,
+    stats_pass_many,
 )
 from dkm.kernels import MixtureParams
 from dkm.reduce import tree_top
@@ -299,6 +301,43 @@ def test_worker_groups_are_kept_until_old_or_a_block_is_lost(dask_processes, mon
         block._state.finish()
         data.worker_groups(client)
         assert len(asked) == 4
+
+
+@pytest.mark.distributed
+def test_a_fits_passes_hold_their_results_until_the_next_is_submitted(dask_processes):
+    """On a client, each pass of a loop keeps its result futures until the next pass is
+    submitted (so that their release does not delay it), released then and when the
+    loop ends, without waiting for the garbage collector; the totals are those of a
+    pass that releases them at once."""
+    from distributed import Client, wait
+
+    with Client(dask_processes) as client:
+        Xp = client.persist(da.from_array(X, chunks=(500, -1), name="held-passes"))
+        wait(Xp)
+        data = ChunkedData.from_dask(Xp)
+        params = MixtureParams.identity(INIT_KM)
+        job = (params, None, PassOptions("hard", "none"))
+        once = stats_pass_many(data, [job], split_every=3)
+        held: list = []
+        first = stats_pass_many(data, [job], split_every=3, held=held)
+        keys = {f.key for f in held[0]}
+        assert keys and keys <= set(client.futures)  # kept after the pass
+        moved = (MixtureParams.identity(INIT_KM + 0.5), None, PassOptions("hard", "none"))
+        stats_pass_many(data, [moved], split_every=3, held=held)
+        assert len(held) == 1 and not keys & set(client.futures)  # let go
+        release_held(held)
+        assert held == []
+        left = [k for k in map(_key_tuple, client.futures) if str(k[0]).startswith("dkm-estep")]
+        assert not left, (
+            left,
+            [client.futures[k] for k in client.futures if _key_tuple(k) in left],
+        )
+    np.testing.assert_array_equal(first[0].sx, once[0].sx)
+    assert first[0].objective == once[0].objective
+
+
+def _key_tuple(key):
+    return key if isinstance(key, tuple) else (str(key),)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
