@@ -299,7 +299,7 @@ def dkm_kmeans(
 
 
 @contextlib.contextmanager
-def _kmeans_bounds(on: bool) -> Iterator[None]:
+def _kmeans_bounds(on: bool | None) -> Iterator[None]:
     previous, dkm.engine.KMEANS_BOUNDS = dkm.engine.KMEANS_BOUNDS, on
     try:
         yield

@@ -141,7 +141,7 @@ def kmeans_workload(bench: Bench, name: str, size: Size) -> None:
     warm = persisted(X[: min(size.n, 20 * size.k)], 2)
     with threads():
         bench.add(C.dkm_kmeans(workload, "dkm threads", Xd, C0, opts.iters, warm, X))
-        bench.add(C.dkm_kmeans(workload, "dkm threads", Xd, C0, opts.iters, warm, X, True))
+        bench.add(C.dkm_kmeans(workload, "dkm threads", Xd, C0, opts.iters, warm, X, False))
     if opts.local_cluster:
         bench.add(
             on_local_cluster(

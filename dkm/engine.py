@@ -790,7 +790,8 @@ def fit_em_many(
                     change = float(((centres - run.params.means) ** 2).sum())
                     objective = stats.objective
                     run.bounds = run.bounds or (
-                        KMEANS_BOUNDS and bounds.worth_keeping(run.params.means, centres)
+                        _bounds_on(centres.shape[1])
+                        and bounds.worth_keeping(run.params.means, centres)
                     )
                     run.params = MixtureParams.identity(centres)
                     run.converged = change <= tol
@@ -851,12 +852,22 @@ def fit_em_many(
 
 #: k-means fits keep Hamerly bounds between passes once the centres settle
 #: (:func:`dkm.kernels.bounds.worth_keeping`); the results are the same, bit for bit, as
-#: searching every row (False, as scikit-learn's Lloyd). Off by default: keeping the
-#: bits means a block whose gathered search meets a row within rounding of a tie is
-#: searched whole (BLAS's bits for a few gathered rows are not the block GEMM's), and on
-#: KM-1 that happens in most blocks, which makes a bounded pass slower than a full one.
-#: Deciding such rows by their exact distances in every bounded pass is the way on.
-KMEANS_BOUNDS = False
+#: searching every row. None (the default): where the search is the compiled row pass
+#: (at most :data:`dkm.kernels._fused.SMALL_D` features), whose bits for a row do not
+#: depend on the rows searched with it, so the rows the bounds leave unsettled are
+#: searched alone. True: for wider rows too, where BLAS's bits for a few gathered rows
+#: are not the block GEMM's, so a block with a gathered row within rounding of a tie is
+#: searched whole (when KM-1 was searched by BLAS, most of its blocks were, and a
+#: bounded pass took longer than a full one).
+#: False: every row is searched in every pass, as scikit-learn's Lloyd.
+KMEANS_BOUNDS: bool | None = None
+
+
+def _bounds_on(d: int) -> bool:
+    """Whether a k-means fit on rows of ``d`` features keeps bounds (:data:`KMEANS_BOUNDS`)."""
+    if KMEANS_BOUNDS is None:
+        return d <= K.row_search_max_d()
+    return KMEANS_BOUNDS
 
 
 def _bounds(fit: str, run: _Run) -> tuple[str, int] | None:

@@ -204,6 +204,21 @@ def test_fit_with_bounds_is_the_fit_without(monkeypatch):
     np.testing.assert_array_equal(with_bounds.labels_.compute(), without.labels_.compute())
 
 
+@pytest.mark.parametrize("d", [6, _fused.SMALL_D, _fused.SMALL_D + 1])
+def test_by_default_the_bounds_are_kept_where_rows_are_searched_alone(d, monkeypatch):
+    """KMEANS_BOUNDS None (the default): bounds where the compiled row pass searches
+    (each row's bits its own), not for wider rows that BLAS's GEMM searches."""
+    assert dkm.engine.KMEANS_BOUNDS is None
+    X = blobs(4000, d, 8, seed=11, dtype=np.float32)
+    Xd = da.from_array(X, chunks=(1000, -1))
+    held = []
+    by_default = fit(Xd, None, monkeypatch, lambda info: held.append(bounds.CACHE.nbytes))
+    assert (max(held) > 0) == (d <= _fused.SMALL_D)
+    without = fit(Xd, False, monkeypatch)
+    np.testing.assert_array_equal(by_default.cluster_centers_, without.cluster_centers_)
+    assert by_default.inertia_ == without.inertia_
+
+
 @pytest.mark.distributed
 def test_bounds_live_in_the_workers_and_leave_with_the_fit(dask_processes, monkeypatch):
     from distributed import Client

@@ -63,6 +63,12 @@ def row_blocks(n: int, per_row: int, elements: int = BLOCK_ELEMENTS) -> Iterator
         yield slice(start, min(n, start + step))
 
 
+def row_search_max_d() -> int:
+    """The most features whose rows the compiled row pass searches
+    (:data:`dkm.kernels._fused.SMALL_D`; wider rows: BLAS's GEMM, see :class:`_Search`)."""
+    return int(_fused().SMALL_D)
+
+
 def compute_dtype(dtype: np.dtype[Any], covariance_type: str) -> np.dtype[Any]:
     """float32 distances for float32 k-means (as scikit-learn); float64 otherwise."""
     if covariance_type == "identity" and dtype == np.float32:
