@@ -32,6 +32,13 @@ BLOCK_ELEMENTS = 1 << 22
 #: (1 MB in float32) that the compiled pass reads it back from cache, not from memory.
 FUSED_BLOCK_ELEMENTS = 1 << 18
 
+#: Blocks of the compiled row search (at most SMALL_D features) have this many times
+#: FUSED_BLOCK_ELEMENTS elements: with no (rows, k) block to keep in cache, a block's
+#: temporaries are a few numbers a row, and fewer blocks are fewer Python round trips
+#: (KM-1, one thread, a 125k-row chunk: 17 blocks → 5, a pass with bounds 6.2 → 5.8 ms,
+#: a full pass the same).
+ROW_SEARCH_BLOCKS = 4
+
 #: k-means with bounds: a row block where more than this share of the rows is unsettled
 #: is searched whole (one GEMM on the block as it is) rather than gathered.
 PROMOTE = 0.8
@@ -449,7 +456,7 @@ def _kmeans_estep(
     scale = bounds.margin_scale(d, cdtype)
     c2max = bounds.margin_c2(float(c2.max()) if k else 0.0, cdtype)
     zeros = X.zeros
-    for rows in row_blocks(n, search.per_row, FUSED_BLOCK_ELEMENTS):
+    for rows in row_blocks(n, search.per_row, search.block_elements):
         # read once, uncentred, where the bounds may settle every row or the fused
         # search centres the rows as it reads them (no centred copy)
         Xb, origin = X.raw(rows) if kept or search.row_exact else (X(rows), zeros)
@@ -562,6 +569,10 @@ class _Search:
         #: the fused pass's centred row and its few per-row results (blocks of ~950 rows
         #: against 32k for d = 8, k = 1000: 15 ms less per 250k rows of Python per block)
         self.per_row = neg2C.shape[0] if self.shape is None else d + 4
+        #: elements of a block's temporaries (see :data:`ROW_SEARCH_BLOCKS`)
+        self.block_elements = FUSED_BLOCK_ELEMENTS * (
+            1 if self.shape is None else ROW_SEARCH_BLOCKS
+        )
         self.zeros = np.zeros(d, dtype)
 
     @property
@@ -805,7 +816,7 @@ def predict_labels(X: NDArray[Any], params: MixtureParams) -> NDArray[np.int64]:
         C = np.ascontiguousarray(params.means, dtype=cdtype)
         ws = Workspace()
         search = _Search(ws, -2.0 * C, (C * C).sum(axis=1), cdtype)
-        for rows in row_blocks(n, search.per_row, FUSED_BLOCK_ELEMENTS):
+        for rows in row_blocks(n, search.per_row, search.block_elements):
             Xb = np.asarray(X[rows], dtype=cdtype)
             index = ws.get("index", (Xb.shape[0],), np.int32)
             search.nearest(Xb, index)
