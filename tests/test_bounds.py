@@ -219,6 +219,24 @@ def test_by_default_the_bounds_are_kept_where_rows_are_searched_alone(d, monkeyp
     assert by_default.inertia_ == without.inertia_
 
 
+def test_the_decision_to_keep_bounds_runs_on_one_blas_thread(monkeypatch):
+    """Between passes, a BLAS call on several threads leaves OpenBLAS's threads spinning
+    into the next pass; the client's check runs on one."""
+    from threadpoolctl import threadpool_info
+
+    threads = []
+    real = bounds.worth_keeping
+
+    def spy(old, new):
+        threads.append({i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"})
+        return real(old, new)
+
+    monkeypatch.setattr(bounds, "worth_keeping", spy)
+    X = blobs(4000, 6, 16, seed=12, dtype=np.float32)
+    fit(da.from_array(X, chunks=(1000, -1)), None, monkeypatch, max_iter=4)
+    assert threads and all(t == {1} for t in threads)
+
+
 @pytest.mark.distributed
 def test_bounds_live_in_the_workers_and_leave_with_the_fit(dask_processes, monkeypatch):
     from distributed import Client
