@@ -284,6 +284,11 @@ def _blas_limit(n_tasks: int) -> AbstractContextManager[Any]:
     """
     if n_tasks < 2:
         return nullcontext()
+    return _one_blas_thread()
+
+
+def _one_blas_thread() -> AbstractContextManager[Any]:
+    """BLAS on one thread in this process, within the ``with`` block."""
     return _blas_controller().limit(limits=1, user_api="blas")
 
 
@@ -865,7 +870,7 @@ KMEANS_BOUNDS: bool | None = None
 def _bounds_on(d: int) -> bool:
     """Whether a k-means fit on rows of ``d`` features keeps bounds (:data:`KMEANS_BOUNDS`)."""
     if KMEANS_BOUNDS is None:
-        return d <= K.row_search_max_d()
+        return K.searches_rows(d)
     return KMEANS_BOUNDS
 
 
@@ -875,7 +880,7 @@ def _worth_keeping(old: F64, new: F64) -> bool:
     OpenBLAS's threads spin-wait for more work into the next pass, taking a core from its
     tasks: KM-2 (k = 1000) on the threaded scheduler, passes before the bounds start
     345-374 ms against 299-307 without the call, 306-312 with it on one thread."""
-    with _blas_controller().limit(limits=1, user_api="blas"):
+    with _one_blas_thread():
         return bounds.worth_keeping(old, new)
 
 

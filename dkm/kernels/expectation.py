@@ -70,10 +70,11 @@ def row_blocks(n: int, per_row: int, elements: int = BLOCK_ELEMENTS) -> Iterator
         yield slice(start, min(n, start + step))
 
 
-def row_search_max_d() -> int:
-    """The most features whose rows the compiled row pass searches
-    (:data:`dkm.kernels._fused.SMALL_D`; wider rows: BLAS's GEMM, see :class:`_Search`)."""
-    return int(_fused().SMALL_D)
+def searches_rows(d: int) -> bool:
+    """Whether rows of ``d`` features are searched by the compiled row pass (at most
+    :data:`dkm.kernels._fused.SMALL_D`), each row's bits its own; wider rows: BLAS's
+    GEMM (see :class:`_Search`)."""
+    return bool(d <= _fused().SMALL_D)
 
 
 def compute_dtype(dtype: np.dtype[Any], covariance_type: str) -> np.dtype[Any]:
@@ -564,7 +565,7 @@ class _Search:
         self.ws, self.neg2C, self.c2, self.dtype = ws, neg2C, c2, dtype
         d = neg2C.shape[1]
         #: d as a tuple's length (the fused pass is compiled for each d); None: the GEMM
-        self.shape = (0,) * d if d <= _fused().SMALL_D else None
+        self.shape = (0,) * d if searches_rows(d) else None
         #: elements of the temporaries per row of a block: the GEMM's k distances, or
         #: the fused pass's centred row and its few per-row results (blocks of ~950 rows
         #: against 32k for d = 8, k = 1000: 15 ms less per 250k rows of Python per block)
