@@ -15,6 +15,7 @@ import math
 import os
 import statistics
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ from benchmarks.common import Run, Size, make_blobs, quiet, random_rows
 GMM_INIT_ROWS = 50_000
 COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
 ESTEP_PREFIX = "dkm-estep-"
+# the LocalCluster's round trip: rounds timed, after rounds left untimed (the first)
+ROUND_TRIPS, ROUND_TRIPS_WARM = 40, 5
 
 
 @dataclass(frozen=True)
@@ -335,9 +338,13 @@ def _overhead_on_cluster(
         return run, ts.data
 
     box: list[tuple[Run, list[dict[str, Any]]]] = []
+    floor: list[float] = []
 
     def runner(Xc: da.Array) -> Run:
+        from distributed import get_client
+
         box.append(run_with_stream(Xc))
+        floor.append(round_trip(get_client()))
         return box[-1][0]
 
     bench.add(on_local_cluster(bench, X, runner, chunks))
@@ -354,4 +361,39 @@ def _overhead_on_cluster(
     workers = bench.cluster().scheduler_info.get("workers", {})
     n_threads = sum(int(w.get("nthreads", 1)) for w in workers.values()) or 1
     fraction, detail = _overhead(by_pass, n_threads, run)
+    iteration = statistics.median(run.iter_seconds)
+    detail += (
+        f"; the cluster's round trip, one trivial task a worker: {1e3 * floor[0]:.1f} ms, "
+        f"{100 * floor[0] / iteration:.0f}% of the iteration (the floor of a pass at a time)"
+    )
     return Measurement("overhead: KM-1 16 chunks, dkm LocalCluster", fraction, detail)
+
+
+def _noop(i: int) -> int:
+    return i
+
+
+def round_trip(client: Any, repeats: int = ROUND_TRIPS) -> float:
+    """Median seconds from submitting one trivial task to each worker to having their
+    results, as a fit's passes do it: the previous round's futures are released only
+    after the next round is submitted (see ``dkm.engine._run_on_client``). What a pass
+    at a time cannot go below, however short its tasks: the client's, the scheduler's
+    and the workers' messages and their batching."""
+    workers = sorted(client.scheduler_info()["workers"])
+    token = uuid.uuid4().hex
+    held: list[Any] = []
+    seconds = []
+    for i in range(repeats + ROUND_TRIPS_WARM):
+        t0 = time.perf_counter()
+        futures = [
+            client.submit(_noop, j, key=f"dkm-bench-roundtrip-{token}-{i}-{j}", workers=[w])
+            for j, w in enumerate(workers)
+        ]
+        for future in held:
+            future.release()
+        held = futures
+        client.gather(futures)
+        seconds.append(time.perf_counter() - t0)
+    for future in held:
+        future.release()
+    return statistics.median(seconds[ROUND_TRIPS_WARM:])

@@ -52,6 +52,8 @@ def test_quick_suite_runs_every_contender_and_objectives_agree():
         assert any(f"| {contender} |" in line for line in table), contender
     assert "| scaling: 4x points" in out
     assert "| overhead: KM-1 16 chunks, dkm threads |" in out
+    (cluster,) = [line for line in table if "overhead: KM-1 16 chunks, dkm LocalCluster" in line]
+    assert "the cluster's round trip, one trivial task a worker:" in cluster
     assert "openblas" in out.lower() or "mkl" in out.lower()
     # the harness reads the OpenBLAS variables but never sets them
     assert "env         OPENBLAS_CORETYPE=" in out
