@@ -35,7 +35,7 @@ from benchmarks.common import Run, Size, make_blobs, quiet, random_rows
 GMM_INIT_ROWS = 50_000
 COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
 ESTEP_PREFIX = "dkm-estep-"
-# the LocalCluster's round trip: rounds timed, after rounds left untimed (the first)
+# the LocalCluster's round trip: ROUND_TRIPS rounds timed, after ROUND_TRIPS_WARM untimed
 ROUND_TRIPS, ROUND_TRIPS_WARM = 40, 5
 
 
@@ -326,29 +326,25 @@ def overhead_workload(bench: Bench, size: Size, chunks: int = 16) -> None:
 def _overhead_on_cluster(
     bench: Bench, X: NDArray[Any], C0: NDArray[Any], workload: str, chunks: int
 ) -> Measurement:
-    from distributed import get_task_stream
+    from distributed import get_client, get_task_stream
 
     k = C0.shape[0]
 
-    def run_with_stream(Xc: da.Array) -> tuple[Run, list[dict[str, Any]]]:
+    def run_with_stream(Xc: da.Array) -> tuple[Run, list[dict[str, Any]], float]:
         with quiet():
             dkm.KMeans(k, init=C0, n_init=1, max_iter=1).fit(Xc)
         with get_task_stream() as ts:
             run = C.dkm_kmeans(workload, "dkm LocalCluster", Xc, C0, bench.options.iters, None, X)
-        return run, ts.data
+        return run, ts.data, round_trip(get_client())
 
-    box: list[tuple[Run, list[dict[str, Any]]]] = []
-    floor: list[float] = []
+    box: list[tuple[Run, list[dict[str, Any]], float]] = []
 
     def runner(Xc: da.Array) -> Run:
-        from distributed import get_client
-
         box.append(run_with_stream(Xc))
-        floor.append(round_trip(get_client()))
         return box[-1][0]
 
     bench.add(on_local_cluster(bench, X, runner, chunks))
-    run, records = box[0]
+    run, records, floor = box[0]
     by_pass: dict[str, float] = defaultdict(float)
     for rec in records:
         key = rec.get("key")
@@ -363,8 +359,8 @@ def _overhead_on_cluster(
     fraction, detail = _overhead(by_pass, n_threads, run)
     iteration = statistics.median(run.iter_seconds)
     detail += (
-        f"; the cluster's round trip, one trivial task a worker: {1e3 * floor[0]:.1f} ms, "
-        f"{100 * floor[0] / iteration:.0f}% of the iteration (the floor of a pass at a time)"
+        f"; the cluster's round trip, one trivial task a worker: {1e3 * floor:.1f} ms, "
+        f"{100 * floor / iteration:.0f}% of the iteration (the floor of a pass at a time)"
     )
     return Measurement("overhead: KM-1 16 chunks, dkm LocalCluster", fraction, detail)
 
