@@ -31,6 +31,7 @@ from numpy.typing import NDArray
 import dkm
 from benchmarks import contenders as C
 from benchmarks.common import Run, Size, make_blobs, quiet, random_rows
+from dkm.engine import release_held
 
 GMM_INIT_ROWS = 50_000
 COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
@@ -379,17 +380,17 @@ def round_trip(client: Any, repeats: int = ROUND_TRIPS) -> float:
     token = uuid.uuid4().hex
     held: list[Any] = []
     seconds = []
-    for i in range(repeats + ROUND_TRIPS_WARM):
-        t0 = time.perf_counter()
-        futures = [
-            client.submit(_noop, j, key=f"dkm-bench-roundtrip-{token}-{i}-{j}", workers=[w])
-            for j, w in enumerate(workers)
-        ]
-        for future in held:
-            future.release()
-        held = futures
-        client.gather(futures)
-        seconds.append(time.perf_counter() - t0)
-    for future in held:
-        future.release()
+    try:
+        for i in range(repeats + ROUND_TRIPS_WARM):
+            t0 = time.perf_counter()
+            futures = [
+                client.submit(_noop, j, key=f"dkm-bench-roundtrip-{token}-{i}-{j}", workers=[w])
+                for j, w in enumerate(workers)
+            ]
+            previous, held[:] = held[:], [futures]
+            release_held(previous)
+            client.gather(futures)
+            seconds.append(time.perf_counter() - t0)
+    finally:
+        release_held(held)
     return statistics.median(seconds[ROUND_TRIPS_WARM:])
