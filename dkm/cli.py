@@ -87,6 +87,11 @@ _set_option = click.option(
     metavar="KEY=VALUE",
     help="Override a config value, e.g. --set model.n_clusters=32 (repeatable).",
 )
+_overwrite_option = click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace an earlier dkm output at the output path (never anything else).",
+)
 _quiet_option = click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
 _log_format_option = click.option(
     "--log-format",
@@ -96,9 +101,18 @@ _log_format_option = click.option(
 )
 
 
+def _load(config: str, overrides: tuple[str, ...], overwrite: bool) -> Any:
+    cfg = load_config(config, list(overrides))
+    if overwrite:
+        output = cfg.output.model_copy(update={"overwrite": True})
+        cfg = cfg.model_copy(update={"output": output})
+    return cfg
+
+
 @main.command()
 @click.argument("config", type=click.Path(dir_okay=False))
 @_set_option
+@_overwrite_option
 @_quiet_option
 @click.option(
     "--resume", is_flag=True, help="Continue from the checkpoint an interrupted run of CONFIG left."
@@ -106,13 +120,18 @@ _log_format_option = click.option(
 @_log_format_option
 @handle_errors
 def run(
-    config: str, overrides: tuple[str, ...], quiet: bool, resume: bool, log_format: str
+    config: str,
+    overrides: tuple[str, ...],
+    overwrite: bool,
+    quiet: bool,
+    resume: bool,
+    log_format: str,
 ) -> None:
     """Fit the model CONFIG describes and write its outputs."""
     from dkm.job import run_job
     from dkm.monitor import Progress
 
-    cfg = load_config(config, list(overrides))
+    cfg = _load(config, overrides, overwrite)
     logging.getLogger("distributed").setLevel(cfg.runtime.log_level)
     progress = Progress("pending", fmt=log_format, quiet=quiet)  # type: ignore[arg-type]
     result = run_job(cfg, progress=progress, config_source=config, resume=resume)
@@ -129,11 +148,17 @@ def run(
     help="Merge the new data's statistics into the current model's (decayed by "
     "registry.half_life) and take one M-step, instead of refitting.",
 )
+@_overwrite_option
 @_quiet_option
 @_log_format_option
 @handle_errors
 def recluster(
-    config: str, overrides: tuple[str, ...], update: bool, quiet: bool, log_format: str
+    config: str,
+    overrides: tuple[str, ...],
+    update: bool,
+    overwrite: bool,
+    quiet: bool,
+    log_format: str,
 ) -> None:
     """Refit the registry's current model on new data; promote it if the guards pass.
 
@@ -144,7 +169,7 @@ def recluster(
     from dkm.recluster import EXIT_REFUSED
     from dkm.recluster import recluster as run_recluster
 
-    cfg = load_config(config, list(overrides))
+    cfg = _load(config, overrides, overwrite)
     logging.getLogger("distributed").setLevel(cfg.runtime.log_level)
     progress = Progress("pending", fmt=log_format, quiet=quiet)  # type: ignore[arg-type]
     result = run_recluster(cfg, update=update, progress=progress, config_source=config)
@@ -152,11 +177,12 @@ def recluster(
         if not quiet and log_format == "text":
             click.echo(f"v{result.version} is current ({result.mode})")
         return
-    click.echo(
-        f"dkm: refused: v{result.version} kept as a candidate, v{result.current} stays "
-        f"current: {'; '.join(result.reasons)}",
-        err=True,
-    )
+    if quiet:  # otherwise the job's "refused" line has said it, with the reasons
+        click.echo(
+            f"dkm: refused: v{result.version} kept as a candidate, v{result.current} stays "
+            f"current: {'; '.join(result.reasons)}",
+            err=True,
+        )
     sys.exit(EXIT_REFUSED)
 
 
@@ -195,16 +221,42 @@ def models_list(config: str, overrides: tuple[str, ...], as_json: bool) -> None:
     if not versions:
         click.echo(f"no versions in {registry}")
         return
-    for v in versions:
-        i = v.info
-        mark = "*" if v.number == current else " "
-        objective = i.get("objective")
-        click.echo(
-            f"{mark} v{v.number}  {i.get('created', '-')}  {i.get('decision', '-'):<9} "
-            f"{i.get('mode', '-'):<6} {i.get('objective_name', 'objective')} "
-            f"{objective if objective is None else format(objective, '.8g')}  "
-            f"{i.get('data', '')}"
-        )
+    header = (" ", "version", "created", "decision", "fit", "model", "objective", "data")
+    table = [header, *(_version_row(v.info, v.number == current, v.number) for v in versions)]
+    widths = [max(len(r[c]) for r in table) for c in range(1, len(header) - 1)]
+    for mark, *cells, last in table:
+        padded = [cell.ljust(width) for cell, width in zip(cells, widths, strict=True)]
+        click.echo(f"{mark} " + "  ".join([*padded, last]).rstrip())
+
+
+#: How a version was made (its ``mode``), in the listing's words.
+_HOW = {"first": "first fit", "refit": "refit", "update": "update"}
+
+
+def _version_row(info: dict[str, Any], current: bool, number: int) -> tuple[str, ...]:
+    """One line of ``dkm models list``: the model's kind from its record (``model``, or
+    the objective's name for versions written before it was recorded)."""
+    described = info.get("model") or {}
+    if described:
+        ct = described.get("covariance_type")
+        kind = "kmeans" if ct == "identity" and described.get("assignment") == "hard" else "gmm"
+        kind += f" {ct}" if kind == "gmm" else ""
+        kind += f" k={described.get('k')}"
+    else:
+        kind = {"inertia": "kmeans"}.get(info.get("objective_name", ""), "gmm")
+    objective = info.get("objective")
+    value = "-" if objective is None else format(objective, ".8g")
+    return (
+        "*" if current else " ",
+        f"v{number}",
+        str(info.get("created", "-")),
+        # a first version becomes current with no guard to pass: "first" twice said nothing
+        "promoted" if info.get("decision") == "first" else str(info.get("decision", "-")),
+        _HOW.get(info.get("mode", ""), str(info.get("mode", "-"))),
+        kind,
+        f"{info.get('objective_name', 'objective')} {value}",
+        str(info.get("data", "")),
+    )
 
 
 @models.command("show")
@@ -279,14 +331,17 @@ def validate(config: str, overrides: tuple[str, ...]) -> None:
 @click.option("--array", default=None, help="Array path inside the zarr group.")
 @click.option("--out", required=True, help="Output zarr store for the labels.")
 @click.option("--scheduler", default=None, help="Dask scheduler address (default: in-process).")
+@_overwrite_option
 @handle_errors
-def predict(model_path: str, data: str, array: str | None, out: str, scheduler: str | None) -> None:
+def predict(
+    model_path: str, data: str, array: str | None, out: str, scheduler: str | None, overwrite: bool
+) -> None:
     """Label new data with a saved model."""
     from dkm import io
 
     model = io.load_model(model_path)
     points = io.open_npy(data) if data.endswith(".npy") else io.open_zarr(data, array)
-    io.check_writable(out)
+    io.claim_output(out, overwrite=overwrite)
     with contextlib.ExitStack() as stack:
         if scheduler:
             from dkm.cluster import connect
@@ -294,7 +349,7 @@ def predict(model_path: str, data: str, array: str | None, out: str, scheduler: 
 
             stack.enter_context(connect(AddressClusterConfig(kind="address", address=scheduler)))
         labels = model.predict(points.X)
-        with io.AtomicOutput(out) as tmp:
+        with io.AtomicOutput(out, command="predict", overwrite=overwrite) as tmp:
             io.write_array(labels, tmp, "labels")
     click.echo(f"wrote {out} ({points.X.shape[0]:,} labels)")
 
@@ -316,14 +371,33 @@ def predict(model_path: str, data: str, array: str | None, out: str, scheduler: 
     show_default=True,
     help="Scale of the cluster centres.",
 )
+@_overwrite_option
 @handle_errors
 def make_data(
-    n: int, d: int, k: int, out: str, seed: int, chunk_rows: int, dtype: str, spread: float
+    n: int,
+    d: int,
+    k: int,
+    out: str,
+    seed: int,
+    chunk_rows: int,
+    dtype: str,
+    spread: float,
+    overwrite: bool,
 ) -> None:
     """Write a synthetic dataset (Gaussian blobs) to zarr, in parallel and chunked."""
     from dkm import io
 
-    io.make_data(out, n, d, k, seed=seed, chunk_rows=chunk_rows, dtype=dtype, spread=spread)
+    io.make_data(
+        out,
+        n,
+        d,
+        k,
+        seed=seed,
+        chunk_rows=chunk_rows,
+        dtype=dtype,
+        spread=spread,
+        overwrite=overwrite,
+    )
     click.echo(f"wrote {out}: points ({n:,} x {d} {dtype}), labels_true")
 
 

@@ -368,6 +368,9 @@ class OutputConfig(_Strict):
     """Where the results go; written under a temporary name and moved into place."""
 
     path: str = Field(description="output directory: a local path or an fsspec URL")
+    overwrite: bool = Field(
+        False, description="replace an earlier dkm output at path (never anything else)"
+    )
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options")
     model: bool = Field(True, description="write the model (a zarr group)")
     labels: bool = Field(True, description="write labels.zarr (row-chunked like the input)")

@@ -157,7 +157,9 @@ def run_job(
     progress = progress or Progress(job_id, quiet=True)
     progress.job_id = job_id
     try:
-        return _run(config, progress, job_id, config_source, resume)
+        with progress.capture_warnings():
+            progress.hold()  # the dashboard link is the first line printed
+            return _run(config, progress, job_id, config_source, resume)
     except BaseException as e:
         # the command line reports the error itself; the scheduler's log gets it here
         progress.event("failed", f"job {job_id} failed: {type(e).__name__}: {e}", echo=False)
@@ -166,6 +168,24 @@ def run_job(
 
 def checkpoint_url(config: JobConfig) -> str:
     return config.output.path.rstrip("/") + ".checkpoint"
+
+
+#: How a job's user asks to replace its earlier output.
+OVERWRITE_HINT = "pass --overwrite (or set output.overwrite: true)"
+
+
+def claim_outputs(config: JobConfig) -> None:
+    """Before any work: refuse what the job may not replace, and probe that it can write.
+
+    The output path may hold nothing, an empty directory, or (with ``output.overwrite``)
+    an earlier dkm output; the checkpoint path nothing or a dkm checkpoint. Anything else
+    is :class:`dkm.io.OutputExistsError` (exit 2), and stays as it is.
+    """
+    out = config.output
+    io.claim_output(
+        out.path, overwrite=out.overwrite, storage_options=out.storage_options, hint=OVERWRITE_HINT
+    )
+    io.claim_output(checkpoint_url(config), overwrite=True, storage_options=out.storage_options)
 
 
 def _identity(config: JobConfig, points: io.Points) -> dict[str, Any]:
@@ -246,7 +266,7 @@ def _run(
     t_start = time.perf_counter()
     out = config.output
     points = open_data(config)
-    io.check_writable(out.path, storage_options=out.storage_options, create_parents=True)
+    claim_outputs(config)
     progress.event("data", f"data: {points.description}")
     state = _resume_state(config, points, progress) if resume else None
     # the checkpoint is saved before the iteration is reported: what was printed is durable
@@ -269,13 +289,7 @@ def _run(
             fn(info)
 
     with connect(config.cluster) as client:
-        progress.publish = progress.publish or scheduler_publisher(client)
-        progress.event(
-            "start",
-            f"job {job_id} on {client.scheduler_info()['address']}; "
-            f"dashboard {client.dashboard_link}",
-            dashboard=client.dashboard_link,
-        )
+        announce(progress, client, job_id)
         X, weights = points.X, points.weights
         persisted = should_persist(config.runtime.persist, X, cluster_memory(client))
         if persisted:
@@ -307,7 +321,13 @@ def _run(
         # shifted by one so that rows dropped for NaN (label -1) fall out of the count
         sizes_lazy = da.bincount(labels + 1, weights=weights, minlength=k + 1)[1:]
         sample_lazy = sample_rows(X, REPORT_SAMPLE, seed=config.model.seed or 0)
-        with io.AtomicOutput(out.path, storage_options=out.storage_options) as tmp:
+        with io.AtomicOutput(
+            out.path,
+            storage_options=out.storage_options,
+            command="run",
+            overwrite=out.overwrite,
+            hint=OVERWRITE_HINT,
+        ) as tmp:
             writes = []
             if out.labels:
                 writes.append(
@@ -340,6 +360,7 @@ def _run(
                 persisted,
                 sizes,
                 selection,
+                tuple(progress.warnings),
             )
             if out.model:
                 io.save_model(
@@ -366,6 +387,19 @@ def _run(
     return JobResult(summary, out.path)
 
 
+def announce(progress: Progress, client: Any, job_id: str) -> None:
+    """On a new client: publish to its scheduler; the dashboard link, then what was held."""
+    progress.publish = progress.publish or scheduler_publisher(client)
+    progress.release(
+        lambda: progress.event(
+            "start",
+            f"dashboard {client.dashboard_link} (job {job_id} on "
+            f"{client.scheduler_info()['address']})",
+            dashboard=client.dashboard_link,
+        )
+    )
+
+
 def model_metadata(
     config: JobConfig, config_source: str | None, points: io.Points, job_id: str, **extra: Any
 ) -> dict[str, Any]:
@@ -390,6 +424,7 @@ def _summary(
     persisted: bool,
     sizes: NDArray[Any],
     selection: SweepResult | None = None,
+    warnings: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     kmeans = isinstance(est, KMeans)
     chosen = {}
@@ -421,6 +456,7 @@ def _summary(
         "persisted": persisted,
         "fit_seconds": fit_seconds,
         "total_seconds": total_seconds,
+        "warnings": list(warnings),
         **chosen,
     }
 

@@ -6,7 +6,9 @@ import datetime
 import json
 import math
 import sys
-from collections.abc import Callable, Iterable
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any, Literal, TextIO
 
 from dkm.engine import IterationInfo
@@ -44,6 +46,9 @@ class Progress:
         self.stream = stream if stream is not None else sys.stderr
         self.publish = publish
         self.records: list[dict[str, Any]] = []
+        #: warnings seen during the job, in order, each once (``summary.json`` lists them)
+        self.warnings: list[str] = []
+        self._held: list[tuple[str, str, bool, dict[str, Any]]] | None = None
         self._header_done = False
         #: the last objective of each model (restarts and sweeps iterate several at once)
         self._previous: dict[int, float] = {}
@@ -95,8 +100,57 @@ class Progress:
             "seconds": info.seconds,
         }
 
+    def hold(self) -> None:
+        """Keep job-level events until :meth:`release` (the dashboard link goes first)."""
+        if self._held is None:
+            self._held = []
+
+    def release(self, first: Callable[[], None] | None = None) -> None:
+        """Stop holding: call ``first`` (e.g. the start event), then replay what was held."""
+        held, self._held = self._held or [], None
+        if first is not None:
+            first()
+        for event, message, echo, fields in held:
+            self.event(event, message, echo=echo, **fields)
+
+    def warning(self, message: str) -> None:
+        """A warning, in the job's own words, once: a log line (hidden by --quiet)."""
+        if message in self.warnings:
+            return
+        self.warnings.append(message)
+        self.event("warning", f"warning: {message}")
+
+    @contextmanager
+    def capture_warnings(self) -> Iterator[None]:
+        """Route Python warnings raised inside the block to :meth:`warning`.
+
+        Library warnings (a ``ConvergenceWarning``, a dashboard port already in use) would
+        otherwise print as ``file:line`` with a code line, past ``--quiet`` and outside
+        the JSON log.
+        """
+
+        def show(
+            message: Warning | str,
+            category: type[Warning],
+            filename: str,
+            lineno: int,
+            file: TextIO | None = None,
+            line: str | None = None,
+        ) -> None:
+            self.warning(f"{message} ({category.__name__})")
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            warnings.showwarning = show
+            yield
+
     def event(self, event: str, message: str, *, echo: bool = True, **fields: Any) -> None:
         """A job-level event (start, data, done, failed); ``echo=False`` only publishes."""
+        if self._held is not None:
+            if event != "failed":
+                self._held.append((event, message, echo, fields))
+                return
+            self.release()  # what happened before the failure is told first
         record = {"event": event, "job": self.job_id, "time": _now(), "message": message, **fields}
         self._publish(record)
         if not echo or (self.quiet and event != "failed"):

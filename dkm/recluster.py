@@ -29,14 +29,22 @@ from dkm.cluster import cluster_memory, connect
 from dkm.config import ConfigError, JobConfig, RegistryConfig
 from dkm.engine import ChunkedData, IterationInfo, PassOptions, stats_pass_many, summarize
 from dkm.estimators import GaussianMixture, KMeans
-from dkm.job import build_estimator, model_metadata, open_data, sample_rows, should_persist
+from dkm.job import (
+    OVERWRITE_HINT,
+    announce,
+    build_estimator,
+    model_metadata,
+    open_data,
+    sample_rows,
+    should_persist,
+)
 from dkm.kernels.mstep import gaussian_mstep, kmeans_centres
 from dkm.kernels.params import (
     MixtureParams,
     covariances_from_cholesky,
     precisions_from_cholesky,
 )
-from dkm.monitor import Progress, scheduler_publisher
+from dkm.monitor import Progress
 from dkm.registry import Registry
 from dkm.stats import FarthestPoints, SuffStats
 
@@ -390,10 +398,26 @@ def recluster(
     config_source: str | None = None,
 ) -> ReclusterResult:
     """One reclustering run (see the module docstring); nothing changes on failure."""
-    t_start = time.perf_counter()
     job_id = uuid.uuid4().hex[:12]
     progress = progress or Progress(job_id, quiet=True)
     progress.job_id = job_id
+    try:
+        with progress.capture_warnings():
+            progress.hold()  # the dashboard link is the first line printed
+            return _recluster(config, update, progress, config_source, job_id)
+    except BaseException as e:
+        progress.event("failed", f"job {job_id} failed: {type(e).__name__}: {e}", echo=False)
+        raise
+
+
+def _recluster(
+    config: JobConfig,
+    update: bool,
+    progress: Progress,
+    config_source: str | None,
+    job_id: str,
+) -> ReclusterResult:
+    t_start = time.perf_counter()
     registry, rcfg = _registry(config)
     if not isinstance(config.model.n_clusters, int):
         raise ConfigError(
@@ -401,8 +425,10 @@ def recluster(
             f"candidates ({config.model.n_clusters}); choose k with dkm run first"
         )
     out = config.output
+    io.claim_output(
+        out.path, overwrite=out.overwrite, storage_options=out.storage_options, hint=OVERWRITE_HINT
+    )
     registry.check_writable()
-    io.check_writable(out.path, storage_options=out.storage_options, create_parents=True)
     current = registry.current()
     old: Model | None = None
     old_saved: io.ModelStatistics | None = None
@@ -423,7 +449,7 @@ def recluster(
     split_every = config.runtime.split_every
     m = config.model
     with connect(config.cluster) as client:
-        progress.publish = progress.publish or scheduler_publisher(client)
+        announce(progress, client, job_id)
         X, weights = points.X, points.weights
         if should_persist(config.runtime.persist, X, cluster_memory(client)):
             X, weights = dask.persist(X, weights)
@@ -558,11 +584,18 @@ def recluster(
         "dkm_version": dkm.__version__,
         "config_source": config_source,
         "moved": None if drift is None else drift["moved"],
+        "model": _describe(est),
     }
     version = registry.add_version(write_version, info)
     summary["version"] = version.number
     try:
-        with io.AtomicOutput(out.path, storage_options=out.storage_options) as tmp:
+        with io.AtomicOutput(
+            out.path,
+            storage_options=out.storage_options,
+            command="recluster",
+            overwrite=out.overwrite,
+            hint=OVERWRITE_HINT,
+        ) as tmp:
             write_outputs(tmp, out.storage_options)
     except BaseException:
         registry.remove_version(version.number)  # a failed run adds no version

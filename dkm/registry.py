@@ -5,6 +5,8 @@ Layout under ``<location>/<name>/`` (a local path or an fsspec URL)::
     v1/  v2/  v3/ …      one directory per version: model/ (a dkm model, zarr), drift.json,
                          drift.png, summary.json, metrics.jsonl and version.json
     current              JSON: {"version": N, "previous": [...], "updated": ISO time}
+    .dkm-registry.json   the marker: dkm writes only into a directory that has it (or a
+                         pointer or a version, as registries of earlier dkm versions do)
 
 A directory is a version only once its ``version.json`` exists. ``current`` names the
 version that serves; ``previous`` lists the versions that were current before it, most
@@ -38,7 +40,14 @@ from dkm import io
 
 VERSION_FILE = "version.json"
 POINTER_FILE = "current"
+#: Written at the root of every registry dkm creates: only such a directory is used.
+MARKER = ".dkm-registry.json"
 _VERSION_DIR = re.compile(r"^v([1-9][0-9]*)$")
+#: What a registry of an earlier dkm (before the marker) holds: versions, the pointer,
+#: and the temporary names of versions and pointers being written or deleted.
+_OWN_ENTRY = re.compile(
+    r"^(v[1-9][0-9]*|current|\.v-new\.tmp-.*|\.current\.tmp-.*|\.v[0-9]+\.deleted-.*)$"
+)
 
 
 class RegistryError(ValueError):
@@ -165,12 +174,49 @@ class Registry:
 
     # ------------------------------------------------------------------ writing
 
+    def _foreign(self) -> str | None:
+        """What is at the root if it is not a registry (None: a registry, empty or missing).
+
+        A registry is a directory holding :data:`MARKER`, the pointer or a complete
+        version; dkm adds versions only there, so nothing of anybody else's is mixed in.
+        """
+        if self._local:
+            if os.path.islink(self.root) and not os.path.isdir(self.root):
+                return f"a symbolic link to {os.readlink(self.root)}"
+            if os.path.lexists(self.root) and not os.path.isdir(self.root):
+                return "a file"
+            if os.path.isdir(self.root) and not os.stat(self.root).st_mode & 0o222:
+                return "a read-only directory"
+        else:
+            fs, root = self._fs()
+            if fs.exists(root) and fs.isfile(root):
+                return "an object"
+        children = self._children()
+        if MARKER in children or all(_OWN_ENTRY.match(c) for c in children):
+            return None
+        return f"a directory dkm did not write ({io._listing(sorted(children))})"
+
     def check_writable(self) -> None:
+        """Refuse a root that is not a registry; create it (with its marker) if missing."""
+        foreign = self._foreign()
+        if foreign is not None:
+            raise RegistryError(
+                f"cannot use {self.root} as a model registry: it is {foreign}; dkm never "
+                "writes into what it did not create: choose another registry.path or name"
+            )
         if self._local:
             io.check_writable(self.root, create_parents=True)
             os.makedirs(self.root, exist_ok=True)
+            marker = os.path.join(self.root, MARKER)
+            if not os.path.exists(marker):
+                with open(marker, "w", encoding="utf-8") as f:
+                    f.write(json.dumps({"dkm_registry": 1, "name": self.name}) + "\n")
         else:
             io.check_writable(self.root, storage_options=self.storage_options)
+            fs, root = self._fs()
+            if not fs.exists(f"{root}/{MARKER}"):
+                text = json.dumps({"dkm_registry": 1, "name": self.name}) + "\n"
+                fs.pipe_file(f"{root}/{MARKER}", text.encode("utf-8"))
 
     def add_version(self, write: Callable[[str], None], info: dict[str, Any]) -> Version:
         """A new version: ``write(url)`` fills a temporary directory, which becomes vN.

@@ -427,7 +427,7 @@ def test_make_data_replaces_and_fails_atomically(tmp_path, monkeypatch, mem):
 
     monkeypatch.setattr(io, "_write_blobs_block", failing)
     with pytest.raises(OSError, match="disk full"):
-        io.make_data(url, 100, 2, 2, seed=9, chunk_rows=30)
+        io.make_data(url, 100, 2, 2, seed=9, chunk_rows=30, overwrite=True)
     assert 2 in calls
     np.testing.assert_array_equal(io.open_zarr(url, "points").X.compute(), before)
     assert leftovers(tmp_path) == []
@@ -575,7 +575,9 @@ def test_model_params_metadata_and_info(tmp_path):
 def test_model_on_fsspec_url(mem):
     est = dkm.GaussianMixture(2, covariance_type="diag", random_state=0).fit(X)
     io.save_model(est, f"{mem}/models/g")
-    io.save_model(est, f"{mem}/models/g", metadata={"second": True})  # replaces
+    with pytest.raises(io.OutputExistsError, match=r"models/g holds the output of an earlier"):
+        io.save_model(est, f"{mem}/models/g", metadata={"second": True})
+    io.save_model(est, f"{mem}/models/g", metadata={"second": True}, overwrite=True)
     loaded = io.load_model(f"{mem}/models/g")
     assert_same_predictions(est, loaded, X)
     assert io.read_model_metadata(f"{mem}/models/g")["metadata"] == {"second": True}
@@ -624,24 +626,32 @@ def test_atomic_output_success_and_replace(tmp_path):
         assert Path(tmp).is_dir() and not target.exists()
         (Path(tmp) / "a.txt").write_text("one")
     assert (target / "a.txt").read_text() == "one"
-    with AtomicOutput(str(target)) as tmp:
+    manifest = json.loads((target / io.OUTPUT_MARKER).read_text())
+    assert manifest["command"] == "save" and manifest["entries"] == ["a.txt"]
+    with pytest.raises(io.OutputExistsError, match="pass --overwrite"), AtomicOutput(str(target)):
+        pass
+    with AtomicOutput(str(target), overwrite=True) as tmp:
         (Path(tmp) / "b.txt").write_text("two")
         assert (target / "a.txt").exists()  # the old output stays until success
-    assert sorted(os.listdir(target)) == ["b.txt"]
+    assert sorted(os.listdir(target)) == [io.OUTPUT_MARKER, "b.txt"]
     assert leftovers(tmp_path) == []
-    with AtomicOutput(str(target)):
+    with AtomicOutput(str(target), overwrite=True):
         pass  # nothing written: the target stays
-    assert sorted(os.listdir(target)) == ["b.txt"] and leftovers(tmp_path) == []
+    assert sorted(os.listdir(target)) == [io.OUTPUT_MARKER, "b.txt"]
+    assert leftovers(tmp_path) == []
 
 
 def test_atomic_output_failure_keeps_target(tmp_path):
     target = tmp_path / "out"
-    target.mkdir()
-    (target / "keep.txt").write_text("previous")
-    with pytest.raises(RuntimeError, match="boom"), AtomicOutput(str(target)) as tmp:
+    with AtomicOutput(str(target)) as tmp:
+        (Path(tmp) / "keep.txt").write_text("previous")
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        AtomicOutput(str(target), overwrite=True) as tmp,
+    ):
         (Path(tmp) / "half.txt").write_text("partial")
         raise RuntimeError("boom")
-    assert sorted(os.listdir(target)) == ["keep.txt"]
+    assert sorted(os.listdir(target)) == [io.OUTPUT_MARKER, "keep.txt"]
     assert leftovers(tmp_path) == []
     with pytest.raises(KeyboardInterrupt), AtomicOutput(str(tmp_path / "new")):
         raise KeyboardInterrupt
@@ -654,13 +664,13 @@ def test_atomic_output_fsspec(mem):
     with AtomicOutput(f"{mem}/out") as tmp:
         assert tmp.startswith(f"{mem}/.out.tmp-")
         fs.pipe_file(tmp.removeprefix("memory://") + "/a", b"1")
-    with pytest.raises(ValueError, match="bad"), AtomicOutput(f"{mem}/out") as tmp:
+    with pytest.raises(ValueError, match="bad"), AtomicOutput(f"{mem}/out", overwrite=True) as tmp:
         fs.pipe_file(tmp.removeprefix("memory://") + "/b", b"2")
         raise ValueError("bad")
-    assert fs.find(root) == [f"{root}/out/a"]
-    with AtomicOutput(f"{mem}/out") as tmp:
+    assert fs.find(root) == [f"{root}/out/{io.OUTPUT_MARKER}", f"{root}/out/a"]
+    with AtomicOutput(f"{mem}/out", overwrite=True) as tmp:
         fs.pipe_file(tmp.removeprefix("memory://") + "/c", b"3")
-    assert fs.find(root) == [f"{root}/out/c"]
+    assert fs.find(root) == [f"{root}/out/{io.OUTPUT_MARKER}", f"{root}/out/c"]
 
 
 def test_check_writable(tmp_path, mem):
@@ -670,15 +680,19 @@ def test_check_writable(tmp_path, mem):
     missing = tmp_path / "no" / "such"
     with pytest.raises(InputError, match=rf"{missing}/out: the directory {missing} does not exist"):
         io.check_writable(str(missing / "out"))
+    (tmp_path / "file").write_text("")
     ran = False
-    with pytest.raises(InputError, match="does not exist"), AtomicOutput(str(missing / "out")):
+    with (
+        pytest.raises(InputError, match=r"cannot create the directory .*file"),
+        AtomicOutput(str(tmp_path / "file" / "sub" / "out")),
+    ):
         ran = True  # never: the check comes before any work
     assert not ran
-    (tmp_path / "file").write_text("")
     with pytest.raises(InputError, match=r"is not a directory"):
         io.check_writable(str(tmp_path / "file" / "out"))
-    with pytest.raises(InputError, match=r"does not exist"):
-        io.make_data(str(missing / "d.zarr"), 10, 2, 2)
+    # missing parents are created, as `dkm run` does for its output
+    io.make_data(str(missing / "d.zarr"), 10, 2, 2)
+    assert io.open_zarr(str(missing / "d.zarr"), "points").X.shape == (10, 2)
 
 
 def test_check_writable_read_only_directory(tmp_path, monkeypatch):

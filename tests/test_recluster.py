@@ -25,7 +25,7 @@ from dkm.recluster import (
     recluster,
     statistics_pass,
 )
-from dkm.registry import Registry
+from dkm.registry import MARKER, Registry
 
 D, K = 3, 4
 CENTRES = np.random.default_rng(123).normal(scale=10.0, size=(K, D))
@@ -150,7 +150,7 @@ def _config(tmp_path: Path, scheduler: str, data: str, **registry) -> dict:
         "data": {"kind": "npy", "path": str(tmp_path / data), "chunk_rows": 1000},
         "model": {"mode": "kmeans", "n_clusters": K, "seed": 0},
         "cluster": {"kind": "address", "address": scheduler},
-        "output": {"path": str(tmp_path / "out")},
+        "output": {"path": str(tmp_path / "out"), "overwrite": True},
         "registry": {"location": str(tmp_path / "reg"), "name": "demo", **registry},
     }
 
@@ -325,7 +325,7 @@ def test_a_crash_while_writing_adds_no_version(tmp_path, scheduler, monkeypatch)
     np.save(tmp_path / "b.npy", generation(2, n=1500))
     raw = _config(tmp_path, scheduler, "a.npy")
     recluster(validate_config(raw))
-    (tmp_path / "out" / "keep.txt").write_text("the previous run's output")
+    previous = (tmp_path / "out" / "summary.json").read_bytes()
     calls = []
 
     def crash_on_second_call(*args, **kwargs):
@@ -342,8 +342,8 @@ def test_a_crash_while_writing_adds_no_version(tmp_path, scheduler, monkeypatch)
         recluster(validate_config(raw))
     registry = Registry(str(tmp_path / "reg"), "demo")
     assert [v.number for v in registry.versions()] == [1] and registry.current() == 1
-    assert sorted(p.name for p in Path(registry.root).iterdir()) == ["current", "v1"]
-    assert (tmp_path / "out" / "keep.txt").read_text() == "the previous run's output"
+    assert sorted(p.name for p in Path(registry.root).iterdir()) == [MARKER, "current", "v1"]
+    assert (tmp_path / "out" / "summary.json").read_bytes() == previous
 
 
 def test_recluster_needs_a_registry_and_one_k(tmp_path, scheduler):

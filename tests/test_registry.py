@@ -13,7 +13,7 @@ import pytest
 
 from dkm import io
 from dkm.estimators import KMeans
-from dkm.registry import Registry, RegistryError
+from dkm.registry import MARKER, Registry, RegistryError
 
 
 def _writer(payload: str):
@@ -75,7 +75,8 @@ def test_a_failed_write_leaves_no_version(registry):
     assert [v.number for v in registry.versions()] == [1] and registry.current() == 1
     fs, root = io._url_to_fs(registry.root, None)
     leftovers = [p for p in fs.ls(root, detail=False) if p.rstrip("/").rsplit("/", 1)[-1] != "v1"]
-    assert [p.rsplit("/", 1)[-1] for p in leftovers] == ["current"]  # no temporary left
+    # no temporary left
+    assert sorted(p.rsplit("/", 1)[-1] for p in leftovers) == [MARKER, "current"]
 
 
 def test_incomplete_version_is_not_listed_and_not_reused(tmp_path):
@@ -103,7 +104,7 @@ def test_prune_drops_pruned_versions_from_the_rollback_history(tmp_path):
     assert registry.pointer()["previous"] == [1, 2, 3]
     assert registry.prune(2) == [1, 2]
     assert registry.pointer() == {**registry.pointer(), "version": 4, "previous": [3]}
-    assert sorted(os.listdir(registry.root)) == ["current", "v3", "v4"]
+    assert sorted(os.listdir(registry.root)) == [MARKER, "current", "v3", "v4"]
 
 
 def test_the_current_version_survives_pruning_however_old(tmp_path):
@@ -129,7 +130,8 @@ def test_pointer_is_replaced_atomically(tmp_path, monkeypatch):
         registry.promote(2)
     monkeypatch.undo()
     assert registry.current() == 1  # the old pointer, whole
-    assert sorted(os.listdir(registry.root)) == ["current", "v1", "v2"]  # no temporary left
+    # no temporary left
+    assert sorted(os.listdir(registry.root)) == [MARKER, "current", "v1", "v2"]
 
 
 def test_corrupt_pointer_is_a_clear_error(tmp_path):
