@@ -19,7 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Ellipse
-from matplotlib.ticker import FuncFormatter, MaxNLocator, ScalarFormatter
+from matplotlib.ticker import Formatter, FuncFormatter, MaxNLocator
 from numpy.typing import NDArray
 
 from dkm._typing import COVARIANCE_TYPES, check_choice
@@ -441,6 +441,25 @@ def _amount(value: float) -> str:
     return f"{value:,.0f}" if abs(value) >= 1e4 else f"{value:,.6g}"
 
 
+class _InFull(Formatter):
+    """Tick labels in full with thousands separators and as many decimals as the ticks
+    need: 22,368,200 where the default writes 2.23682 and an offset 1e7."""
+
+    decimals = 0
+
+    def set_locs(self, locs: list[float]) -> None:
+        super().set_locs(locs)
+        values = np.asarray(locs, dtype=np.float64)
+        values = values[np.isfinite(values)]
+        step = float(np.min(np.diff(values))) if values.size > 1 else 0.0
+        for self.decimals in range(13):
+            if step <= 0 or np.all(np.abs(np.round(values, self.decimals) - values) < 1e-6 * step):
+                break
+
+    def __call__(self, x: float, pos: int | None = None) -> str:
+        return f"{x:,.{self.decimals}f}"
+
+
 def _objective_name(mode: str) -> str:
     return "inertia" if mode == "kmeans" else "mean log-likelihood"
 
@@ -519,6 +538,16 @@ def _convergence_figure(r: _Inputs) -> Figure:
         )
     if down.any() or flat.any():
         top.legend(loc="upper right", fontsize=8)
+    if r.mode == "gmm":
+        # the improvements fall, so the lower left corner is empty
+        top.text(
+            0.02,
+            0.04,
+            f"iteration {r.iteration[-1]}: its rise is not known (one more E-step would tell)",
+            transform=top.transAxes,
+            fontsize=8,
+            color="0.4",
+        )
 
     secs = np.where(np.isfinite(r.seconds), r.seconds, 0.0)
     it_all = r.iteration
@@ -552,9 +581,7 @@ def _criterion_figure(
         ax.plot(ks, values, marker="o", color=colour, linewidth=1.8 if main else 1.2)
         ax.set_ylabel(f"{name.upper()}\n(lower is better)")
         # in full: an offset ("1e7 + ...") over a range small next to the values is unreadable
-        plain = ScalarFormatter(useOffset=False)
-        plain.set_scientific(False)
-        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_major_formatter(_InFull())
         ax.grid(True, alpha=0.3)
         ok = np.isfinite(values)
         if ok.any():

@@ -410,6 +410,9 @@ def test_convergence_of_a_mixture_has_no_offset_label() -> None:
     x, y = top.lines[0].get_data()
     np.testing.assert_array_equal(x, np.arange(1, 10))
     np.testing.assert_allclose(y, np.diff(obj), rtol=1e-6)
+    assert [t.get_text() for t in top.texts] == [
+        "iteration 10: its rise is not known (one more E-step would tell)"
+    ]
 
 
 def test_convergence_shows_the_fitted_models_final_inertia() -> None:
@@ -482,6 +485,8 @@ def test_criteria_do_not_hide_each_other() -> None:
     curves = {}
     for ax in fig.axes:
         assert ax.yaxis.get_offset_text().get_text() == ""
+        ticks = tick_texts(ax.yaxis)
+        assert len(set(ticks)) == len(ticks) and all(t.startswith("22,") for t in ticks)
         name = ax.get_ylabel().split("\n")[0]
         line = ax.lines[0]
         xy = ax.transData.transform(np.column_stack(line.get_data()))
@@ -522,3 +527,18 @@ def test_soft_kmeans_report_names_its_objective_the_log_likelihood(tmp_path: Pat
     text = (tmp_path / "report" / "index.html").read_text(encoding="utf-8")
     assert "improved the mean log-likelihood" in text
     assert "inertia" not in text
+
+
+@pytest.mark.parametrize(
+    ("locs", "texts"),
+    [
+        ([0.0, 2.5, 5.0], ["0.0", "2.5", "5.0"]),
+        ([22_365_000.0, 22_370_000.0], ["22,365,000", "22,370,000"]),
+        ([-7.5, -7.0], ["-7.5", "-7.0"]),
+        ([3.0], ["3"]),
+    ],
+)
+def test_tick_labels_in_full(locs: list[float], texts: list[str]) -> None:
+    fmt = report._InFull()
+    fmt.set_locs(locs)
+    assert [fmt(v) for v in locs] == texts
