@@ -360,11 +360,14 @@ def drift_figure(drift: dict[str, Any], title: str) -> Figure:
     moved = ", ".join(str(m) for m in drift["moved"]) or "none"
     ax1.set_title(f"centre shift; moved: {moved}")
     width = 0.4
-    ax2.bar(x - width / 2, [c["weight_old"] for c in comps], width, label="old")
-    ax2.bar(x + width / 2, [c["weight_new"] for c in comps], width, label="new")
+    w_old, w_new = [c["weight_old"] for c in comps], [c["weight_new"] for c in comps]
+    ax2.bar(x - width / 2, w_old, width, label="old")
+    ax2.bar(x + width / 2, w_new, width, label="new")
     ax2.set_xlabel("component (old → new)")
     ax2.set_ylabel("weight")
-    ax2.legend()
+    # room above the tallest bar for the legend, which would hide bars of equal weights
+    ax2.set_ylim(0, 1.25 * max([*w_old, *w_new, 1e-12]))
+    ax2.legend(loc="upper right", ncols=2)
     ax2.set_title(f"weights; label churn {100 * drift['label_churn']:.2f}%")
     fig.suptitle(
         f"{title}\n{drift['objective_name']} on the new data: old {drift['objective_old']:.6g}, "

@@ -361,7 +361,7 @@ def test_recluster_needs_a_registry_and_one_k(tmp_path, scheduler):
 
 
 @pytest.mark.parametrize("k", [3, 12, 40, 150])
-def test_drift_figure_tick_labels_do_not_overlap(k):
+def test_drift_figure_labels_and_legend_do_not_overlap(k):
     from dkm.recluster import drift_figure
 
     order = np.random.default_rng(k).permutation(k)  # old → new labels of every width
@@ -397,5 +397,8 @@ def test_drift_figure_tick_labels_do_not_overlap(k):
             assert shown == {f"{c['old']}→{c['new']}" for c in comps}
         else:
             assert len(shown) >= 10
+    weights = fig.axes[1]
+    legend = weights.get_legend().get_window_extent()
+    assert not any(legend.overlaps(bar.get_window_extent()) for bar in weights.patches)
     if k == 3:  # few labels stay upright
         assert all(t.get_rotation() == 0 for t in fig.axes[0].get_xticklabels())
