@@ -498,9 +498,11 @@ def _write_report(
         report.write_report(
             target,
             title=title,
-            mode=m.mode,
+            # the estimator's objective: a soft k-means is a mixture, with a log-likelihood
+            mode="kmeans" if isinstance(est, KMeans) else "gmm",
             covariance_type=m.resolved("covariance_type"),
             history=history,
+            objective=summary["objective"],
             sample=sample,
             sample_labels=sample_labels,
             means=means,

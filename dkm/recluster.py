@@ -10,11 +10,13 @@ yet, the run is a first fit from the config's ``init`` and is promoted.
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import time
 import uuid
 from dataclasses import dataclass, replace
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import dask
 import numpy as np
@@ -47,6 +49,10 @@ from dkm.kernels.params import (
 from dkm.monitor import Progress
 from dkm.registry import Registry
 from dkm.stats import FarthestPoints, SuffStats
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 F64 = NDArray[np.float64]
 Model = KMeans | GaussianMixture
@@ -309,7 +315,40 @@ def check_guards(drift: dict[str, Any], guards: Any, old_k: int) -> list[str]:
     return reasons
 
 
-def write_drift_png(path: str, drift: dict[str, Any], title: str) -> None:
+def _fit_tick_labels(fig: Figure, ax: Axes, positions: NDArray[Any], names: list[str]) -> None:
+    """Label the x ticks of ``ax`` readably: upright if the labels fit, else turned,
+    then smaller (down to 6 points), then only every n-th one."""
+
+    def crowding() -> float:
+        """The widest label over the room between two ticks (> 1: they overlap)."""
+        fig.draw_without_rendering()
+        boxes = sorted(
+            (t.get_window_extent() for t in ax.get_xticklabels() if t.get_text()),
+            key=lambda b: b.x0,
+        )
+        if len(boxes) < 2:
+            return 0.0
+        room = min(b.x0 - a.x0 for a, b in itertools.pairwise(boxes))
+        return (max(b.width for b in boxes) + 1.0) / max(room, 1e-9)
+
+    ax.set_xticks(positions, names)
+    if crowding() <= 1.0:
+        return
+    ax.tick_params(axis="x", labelrotation=90)
+    need = crowding()
+    size = float(ax.get_xticklabels()[0].get_fontsize())
+    if need > 1.0:
+        size = max(6.0, math.floor(size / need))
+        ax.tick_params(axis="x", labelsize=size)
+        need = crowding()
+    step = 1
+    while need > 1.0 and step < len(names):
+        step = max(step + 1, math.ceil(step * need))
+        ax.set_xticks(positions[::step], names[::step])
+        need = crowding()
+
+
+def drift_figure(drift: dict[str, Any], title: str) -> Figure:
     """Two panels: centre shift per component (in standard deviations) and weights."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -324,24 +363,32 @@ def write_drift_png(path: str, drift: dict[str, Any], title: str) -> None:
     colours = ["tab:red" if c["moved"] else "tab:blue" for c in comps]
     ax1.bar(x, shifts, color=colours)
     ax1.axhline(drift["drift_threshold_sd"], color="0.4", linestyle="--", linewidth=1)
-    ax1.set_xticks(x, names, rotation=90 if len(comps) > 12 else 0)
     ax1.set_xlabel("component (old → new)")
     ax1.set_ylabel("centre shift (standard deviations)")
     moved = ", ".join(str(m) for m in drift["moved"]) or "none"
     ax1.set_title(f"centre shift; moved: {moved}")
     width = 0.4
-    ax2.bar(x - width / 2, [c["weight_old"] for c in comps], width, label="old")
-    ax2.bar(x + width / 2, [c["weight_new"] for c in comps], width, label="new")
-    ax2.set_xticks(x, names, rotation=90 if len(comps) > 12 else 0)
+    w_old, w_new = [c["weight_old"] for c in comps], [c["weight_new"] for c in comps]
+    ax2.bar(x - width / 2, w_old, width, label="old")
+    ax2.bar(x + width / 2, w_new, width, label="new")
     ax2.set_xlabel("component (old → new)")
     ax2.set_ylabel("weight")
-    ax2.legend()
+    # room above the tallest bar for the legend, which would hide bars of equal weights
+    ax2.set_ylim(0, 1.25 * max([*w_old, *w_new, 1e-12]))
+    ax2.legend(loc="upper right", ncols=2)
     ax2.set_title(f"weights; label churn {100 * drift['label_churn']:.2f}%")
     fig.suptitle(
         f"{title}\n{drift['objective_name']} on the new data: old {drift['objective_old']:.6g}, "
         f"new {drift['objective_new']:.6g}"
     )
-    fig.savefig(path)
+    for ax in (ax1, ax2):
+        _fit_tick_labels(fig, ax, x, names)
+    return fig
+
+
+def write_drift_png(path: str, drift: dict[str, Any], title: str) -> None:
+    """:func:`drift_figure` as a PNG at ``path``."""
+    drift_figure(drift, title).savefig(path)
 
 
 # --------------------------------------------------------------------------- the run

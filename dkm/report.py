@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import math
+import numbers
 import os
 import pathlib
 import threading
@@ -18,7 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Ellipse
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import Formatter, FuncFormatter, MaxNLocator
 from numpy.typing import NDArray
 
 from dkm._typing import COVARIANCE_TYPES, check_choice
@@ -58,6 +59,7 @@ def write_report(
     mode: str,
     covariance_type: str,
     history: list[dict[str, float]],
+    objective: float,
     sample: NDArray[Any],
     sample_labels: NDArray[Any],
     means: NDArray[Any],
@@ -79,7 +81,11 @@ def write_report(
     covariance_type : ``"identity"`` for k-means; for a mixture one of full, tied, diag,
         spherical, identity.
     history : one dict per iteration with keys iteration, objective, change, seconds.
-        The objective is the inertia (k-means) or the mean log-likelihood (gmm).
+        The objective is the inertia (k-means) or the mean log-likelihood (gmm), under
+        the parameters the iteration started from.
+    objective : the fitted model's final objective, as in ``summary.json``: k-means the
+        inertia under the final centres (``inertia_``), gmm the last lower bound
+        (``lower_bound_``, the history's last objective).
     sample : (m, d) a uniform sample of the data, m may be 0.
     sample_labels : (m,) integer cluster of each sample point, in ``[0, k)``.
     means : (k, d) cluster centres / component means.
@@ -106,6 +112,7 @@ def write_report(
         mode=mode,
         covariance_type=covariance_type,
         history=history,
+        objective=objective,
         sample=sample,
         sample_labels=sample_labels,
         means=means,
@@ -156,6 +163,7 @@ class _Inputs:
     objective: F64  # (t,)
     change: F64  # (t,)
     seconds: F64  # (t,)
+    final: float  # the fitted model's objective
     sample: F64  # (m, d)
     sample_labels: NDArray[np.int64]  # (m,)
     means: F64  # (k, d)
@@ -206,6 +214,7 @@ def _validate(
     mode: str,
     covariance_type: str,
     history: Sequence[Mapping[str, float]],
+    objective: float,
     sample: NDArray[Any],
     sample_labels: NDArray[Any],
     means: NDArray[Any],
@@ -283,6 +292,9 @@ def _validate(
             except (TypeError, ValueError) as e:
                 raise ValueError(f"history[{i}][{key!r}]: expected a number") from e
 
+    if isinstance(objective, bool) or not isinstance(objective, numbers.Real):
+        raise ValueError(f"objective: expected a number, got {type(objective).__name__}")
+
     return _Inputs(
         title=title,
         mode=mode,
@@ -291,6 +303,7 @@ def _validate(
         objective=np.asarray(columns["objective"], dtype=np.float64),
         change=np.asarray(columns["change"], dtype=np.float64),
         seconds=np.asarray(columns["seconds"], dtype=np.float64),
+        final=float(objective),
         sample=x,
         sample_labels=labels,
         means=mu,
@@ -421,6 +434,32 @@ def _note(ax: Axes, text: str, y: float = 0.5) -> None:
     )
 
 
+def _amount(value: float) -> str:
+    """A count or total weight in full with thousands separators: 2,000,000; 1,234.5."""
+    if float(value).is_integer():
+        return f"{int(value):,}"
+    return f"{value:,.0f}" if abs(value) >= 1e4 else f"{value:,.6g}"
+
+
+class _InFull(Formatter):
+    """Tick labels in full with thousands separators and as many decimals as the ticks
+    need: 22,368,200 where the default writes 2.23682 and an offset 1e7."""
+
+    decimals = 0
+
+    def set_locs(self, locs: list[float]) -> None:
+        super().set_locs(locs)
+        values = np.asarray(locs, dtype=np.float64)
+        values = values[np.isfinite(values)]
+        step = float(np.min(np.diff(values))) if values.size > 1 else 0.0
+        for self.decimals in range(13):
+            if step <= 0 or np.all(np.abs(np.round(values, self.decimals) - values) < 1e-6 * step):
+                break
+
+    def __call__(self, x: float, pos: int | None = None) -> str:
+        return f"{x:,.{self.decimals}f}"
+
+
 def _objective_name(mode: str) -> str:
     return "inertia" if mode == "kmeans" else "mean log-likelihood"
 
@@ -428,13 +467,34 @@ def _objective_name(mode: str) -> str:
 # ---------------------------------------------------------------------- convergence
 
 
+def _improvements(r: _Inputs) -> tuple[NDArray[np.int64], F64]:
+    """The iterations whose improvement of the objective is known, and that improvement.
+
+    A history entry holds the objective under the parameters its iteration started
+    from, so an iteration's improvement is the next entry's change (a fall of the
+    inertia, a rise of the likelihood). The final inertia is under the final centres, so
+    it gives the last iteration's improvement too; a mixture's final objective is its last
+    entry, which leaves the last iteration's improvement unknown.
+    """
+    if r.mode == "kmeans":
+        values, known = np.append(r.objective, r.final), r.iteration
+    else:
+        values, known = r.objective, r.iteration[:-1]
+    with np.errstate(invalid="ignore"):  # inf - inf from a non-finite objective
+        step = np.diff(values)
+    gain = -step if r.mode == "kmeans" else step
+    ok = np.isfinite(gain)
+    return known[ok], gain[ok]
+
+
 def _convergence_figure(r: _Inputs) -> Figure:
     fig = _figure()
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(2.2, 1.0))
     name = _objective_name(r.mode)
-    better = "lower is better" if r.mode == "kmeans" else "higher is better"
-    fig.suptitle(f"Convergence: {name} per iteration", fontsize=12)
-    top.set_ylabel(f"{name}\n({better})")
+    change = "fall" if r.mode == "kmeans" else "rise"
+    fig.suptitle(f"Convergence: how much each iteration improved the {name}", fontsize=12)
+    top.set_ylabel(f"{change} of the {name}\n(log scale)")
+    top.set_title(f"final {name}: {r.final:.8g}", fontsize=9, loc="right", color="C0")
     bottom.set_ylabel("seconds")
     bottom.set_xlabel("iteration")
     for ax in (top, bottom):
@@ -445,37 +505,56 @@ def _convergence_figure(r: _Inputs) -> Figure:
         bottom.set_yticks([])
         return fig
 
-    it, obj = r.iteration, r.objective
-    ok = np.isfinite(obj)
-    style: dict[str, Any] = {"marker": "o", "markersize": 3.5} if it.size <= 60 else {}
-    top.plot(it[ok], obj[ok], color="C0", linewidth=1.6, **style)
-    if ok.any():
-        last = int(np.flatnonzero(ok)[-1])
-        # The curve falls (inertia) or rises (likelihood) to a plateau, so the upper or
-        # lower right corner of the panel is empty.
-        top.plot(it[last], obj[last], "o", color="C0", markersize=6)
-        kmeans = r.mode == "kmeans"
-        top.text(
-            0.98,
-            0.95 if kmeans else 0.05,
-            f"final {name}: {obj[last]:.8g}",
-            transform=top.transAxes,
-            ha="right",
-            va="top" if kmeans else "bottom",
-            fontsize=9,
+    it, gain = _improvements(r)
+    dot = 3.5 if it.size <= 60 else 2.0
+    up, down, flat = gain > 0, gain < 0, gain == 0
+    if up.any() or down.any():
+        top.set_yscale("log")
+        # the size of every change on one line; the markers say which way it went
+        top.plot(it[~flat], np.abs(gain[~flat]), color="C0", linewidth=1.2, alpha=0.5)
+        top.plot(it[up], gain[up], "o", color="C0", markersize=dot, label="improved by")
+        if down.any():
+            top.plot(it[down], -gain[down], "v", color="C3", markersize=6, label="got worse by")
+    if flat.any():
+        # zero has no place on a log scale: on the bottom edge
+        top.plot(
+            it[flat],
+            np.zeros(int(flat.sum())),
+            "o",
+            markerfacecolor="white",
             color="C0",
+            markersize=5,
+            transform=top.get_xaxis_transform(),
+            clip_on=False,
+            label="no change",
         )
-        good = obj[ok]
-        # Inertia often falls by decades in the first iterations: a log axis shows the tail.
-        if r.mode == "kmeans" and np.all(good > 0) and good.max() / good.min() >= 10.0:
-            top.set_yscale("log")
-    else:
-        _note(top, "the objective is not finite in any iteration")
+    if not (up.any() or down.any()):
+        top.set_yticks([])
+        _note(
+            top,
+            f"the {name} did not change"
+            if flat.any()
+            else "no change between iterations to show (one iteration, or non-finite values)",
+        )
+    if down.any() or flat.any():
+        top.legend(loc="upper right", fontsize=8)
+    if r.mode == "gmm":
+        # the improvements fall, so the lower left corner is empty
+        top.text(
+            0.02,
+            0.04,
+            f"iteration {r.iteration[-1]}: its rise is not known (one more E-step would tell)",
+            transform=top.transAxes,
+            fontsize=8,
+            color="0.4",
+        )
 
     secs = np.where(np.isfinite(r.seconds), r.seconds, 0.0)
-    bottom.bar(it, secs, width=0.8 if it.size > 1 else 0.5, color="C1", alpha=0.85)
+    it_all = r.iteration
+    bottom.bar(it_all, secs, width=0.8 if it_all.size > 1 else 0.5, color="C1", alpha=0.85)
+    bottom.set_xlim(it_all.min() - 0.6, it_all.max() + 0.6)
     bottom.set_title(
-        f"{secs.sum():.3g} s in {it.size} iteration{'s' if it.size != 1 else ''}, "
+        f"{secs.sum():.3g} s in {it_all.size} iteration{'s' if it_all.size != 1 else ''}, "
         f"median {np.median(secs):.3g} s",
         fontsize=9,
         loc="right",
@@ -489,38 +568,43 @@ def _convergence_figure(r: _Inputs) -> Figure:
 def _criterion_figure(
     selection: Sequence[Mapping[str, Any]], criterion: str, chosen: int
 ) -> Figure:
+    """BIC and AIC against k, one panel each: they differ by a penalty far smaller than
+    either's range, so on one scale the curves hide each other."""
     fig = _figure()
-    ax = fig.subplots()
     rows = sorted(selection, key=lambda c: c["n_clusters"])
     ks = np.array([c["n_clusters"] for c in rows])
-    for name, colour in (("bic", "C0"), ("aic", "C2")):
+    order = (criterion, "aic" if criterion == "bic" else "bic")  # the one that chose k on top
+    axes = fig.subplots(2, 1, sharex=True)
+    for ax, name, colour in zip(axes, order, ("C0", "C2"), strict=True):
         values = np.array([c[name] for c in rows], dtype=np.float64)
         main = name == criterion
-        ax.plot(
-            ks,
-            values,
-            marker="o",
-            color=colour,
-            linewidth=1.8 if main else 1.0,
-            alpha=1.0 if main else 0.6,
-            label=name.upper() + (" (chose k)" if main else ""),
-        )
-    best = [c[criterion] for c in rows if c["n_clusters"] == chosen]
-    if best:
-        ax.plot([chosen], best, "o", markersize=11, markerfacecolor="none", color="C3")
-        ax.annotate(
-            f"k = {chosen}",
-            (chosen, best[0]),
-            textcoords="offset points",
-            xytext=(0, 12),
-            ha="center",
-            color="C3",
-        )
-    ax.set_xlabel("number of clusters k")
-    ax.set_ylabel("criterion (lower is better)")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="upper right", fontsize=9)
+        ax.plot(ks, values, marker="o", color=colour, linewidth=1.8 if main else 1.2)
+        ax.set_ylabel(f"{name.upper()}\n(lower is better)")
+        # in full: an offset ("1e7 + ...") over a range small next to the values is unreadable
+        ax.yaxis.set_major_formatter(_InFull())
+        ax.grid(True, alpha=0.3)
+        ok = np.isfinite(values)
+        if ok.any():
+            low = int(np.flatnonzero(ok)[np.argmin(values[ok])])
+            ax.set_title(
+                f"{name.upper()}" + (" (chose k)" if main else "") + f": lowest at k = {ks[low]}",
+                fontsize=9,
+                loc="right",
+            )
+        if main and chosen in ks:
+            best = values[int(np.flatnonzero(ks == chosen)[0])]
+            ax.plot([chosen], [best], "o", markersize=11, markerfacecolor="none", color="C3")
+            ax.annotate(
+                f"k = {chosen}",
+                (chosen, best),
+                textcoords="offset points",
+                xytext=(0, 12),
+                ha="center",
+                color="C3",
+            )
+            ax.margins(y=0.2)  # room for the label above the lowest point
+    axes[-1].set_xlabel("number of clusters k")
+    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(f"Choosing k: {criterion.upper()} of each candidate", fontsize=12)
     return fig
 
@@ -539,7 +623,8 @@ def _sizes_figure(r: _Inputs) -> Figure:
     ax.axhline(total / k, color="0.4", linestyle="--", linewidth=0.9, label="equal split")
     ax.set_xlabel("cluster" if r.mode == "kmeans" else "component")
     ax.set_ylabel("points (or total weight)")
-    ax.set_title(f"Cluster sizes over the whole data ({total:,.6g} in all)", fontsize=12)
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: _amount(v)))
+    ax.set_title(f"Cluster sizes over the whole data ({_amount(total)} in all)", fontsize=12)
     ax.grid(True, axis="y", alpha=0.3)
     ax.set_xlim(-0.6, k - 0.4)
     if k <= 32:
@@ -822,9 +907,20 @@ def _fmt(value: object) -> str:
 
 def _captions(r: _Inputs) -> dict[str, str]:
     name = _objective_name(r.mode)
-    conv = f"The {name} at each iteration (top) and the wall-clock seconds it took (bottom)."
+    conv = (
+        f"How much each iteration improved the {name} (top, log scale) and the wall-clock "
+        f"seconds it took (bottom). The final {name} is the fitted model's, as in the summary."
+    )
     if r.mode == "kmeans":
-        conv += " The inertia is computed under the centres each iteration started from."
+        conv += (
+            " The history's inertia is under the centres each iteration started from; the "
+            "last iteration's improvement is measured against the final inertia."
+        )
+    else:
+        conv += (
+            " The final value is the lower bound of the last iteration, so that iteration's "
+            "improvement is not known."
+        )
     sizes = "Points (or total sample weight) per cluster over the whole data; dashed: equal split."
     if r.mode == "gmm":
         sizes += " The number above each bar is the component's mixing weight."
@@ -848,8 +944,8 @@ def _captions(r: _Inputs) -> dict[str, str]:
             f"({', '.join(_MARKER_NAMES)}) tells the cycles apart."
         )
     crit = (
-        "BIC and AIC of every candidate number of clusters, all fitted in shared passes; "
-        "the circled point is the chosen k."
+        "BIC and AIC of every candidate number of clusters, all fitted in shared passes, "
+        "each on its own scale; the circled point is the chosen k."
     )
     return {
         "convergence.png": conv,

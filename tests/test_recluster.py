@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -357,3 +358,47 @@ def test_recluster_needs_a_registry_and_one_k(tmp_path, scheduler):
     raw["model"]["n_clusters"] = [3, 4]
     with pytest.raises(ConfigError, match="must be one number"):
         recluster(validate_config(raw))
+
+
+@pytest.mark.parametrize("k", [3, 12, 40, 150])
+def test_drift_figure_labels_and_legend_do_not_overlap(k):
+    from dkm.recluster import drift_figure
+
+    order = np.random.default_rng(k).permutation(k)  # old → new labels of every width
+    comps = [
+        {
+            "old": i,
+            "new": int(order[i]),
+            "centre_shift_sd": 0.1 * i,
+            "weight_old": 1 / k,
+            "weight_new": 1 / k,
+            "moved": False,
+        }
+        for i in range(k)
+    ]
+    drift = {
+        "components": comps,
+        "drift_threshold_sd": 1.0,
+        "moved": [],
+        "label_churn": 0.0,
+        "objective_name": "inertia",
+        "objective_old": 1.0,
+        "objective_new": 1.0,
+    }
+    fig = drift_figure(drift, "blobs: current v1 → new model (refit)")
+    fig.canvas.draw()
+    for ax in fig.axes:
+        labels = [t for t in ax.get_xticklabels() if t.get_visible() and t.get_text()]
+        boxes = sorted((t.get_window_extent() for t in labels), key=lambda b: b.x0)
+        assert all(a.x1 <= b.x0 for a, b in itertools.pairwise(boxes))
+        assert all(t.get_fontsize() >= 6 for t in labels)
+        shown = {t.get_text() for t in labels}
+        if k <= 40:  # every pair is named while it fits
+            assert shown == {f"{c['old']}→{c['new']}" for c in comps}
+        else:
+            assert len(shown) >= 10
+    weights = fig.axes[1]
+    legend = weights.get_legend().get_window_extent()
+    assert not any(legend.overlaps(bar.get_window_extent()) for bar in weights.patches)
+    if k == 3:  # few labels stay upright
+        assert all(t.get_rotation() == 0 for t in fig.axes[0].get_xticklabels())

@@ -63,11 +63,14 @@ def args(
     labels = rng.integers(k, size=m)
     sample = means[labels] + rng.normal(size=(m, d))
     sizes = np.bincount(labels, minlength=k).astype(float) * 100
+    hist = history(iters, mode)
+    final = hist[-1]["objective"] - 0.25 if mode == "kmeans" and hist else -4.0
     return {
         "title": f"{mode}, k={k}, {m * 100:,} x {d} (synthetic)",
         "mode": mode,
         "covariance_type": ct,
-        "history": history(iters, mode),
+        "history": hist,
+        "objective": hist[-1]["objective"] if mode == "gmm" and hist else final,
         "sample": sample,
         "sample_labels": labels,
         "means": means,
@@ -375,3 +378,167 @@ def test_report_of_a_sweep_plots_the_criteria(tmp_path: Path) -> None:
     for bad, message in [({"criterion": "hqc"}, "criterion"), ({"selection": []}, "at least one")]:
         with pytest.raises(ValueError, match=message):
             report.write_report(tmp_path, **kw, **{"selection": selection, **bad})
+
+
+# ------------------------------------------------------------------ what figures show
+
+
+def drawn(fig: Any) -> Any:
+    fig.canvas.draw()
+    return fig
+
+
+def tick_texts(axis: Any) -> list[str]:
+    return [t.get_text() for t in axis.get_ticklabels() if t.get_visible() and t.get_text()]
+
+
+def test_convergence_of_a_mixture_has_no_offset_label() -> None:
+    # a mean log-likelihood that moves in its 8th digit: a linear axis needs an offset
+    # label ("1e−8−7.4671769") that nobody can read
+    obj = -7.4671769 - 3e-8 * 0.5 ** np.arange(10)
+    hist = [
+        {"iteration": i + 1, "objective": float(o), "change": 0.0, "seconds": 0.1}
+        for i, o in enumerate(obj)
+    ]
+    kw = {**args("gmm", "full"), "history": hist, "objective": float(obj[-1])}
+    top = drawn(report._convergence_figure(report._validate(**kw))).axes[0]
+    assert top.get_yscale() == "log"
+    assert top.yaxis.get_offset_text().get_text() == ""
+    assert "mean log-likelihood" in top.get_ylabel()
+    assert top.get_title(loc="right") == f"final mean log-likelihood: {obj[-1]:.8g}"
+    # the improvements of iterations 1..9; the 10th's needs an 11th lower bound
+    x, y = top.lines[0].get_data()
+    np.testing.assert_array_equal(x, np.arange(1, 10))
+    np.testing.assert_allclose(y, np.diff(obj), rtol=1e-6)
+    assert [t.get_text() for t in top.texts] == [
+        "iteration 10: its rise is not known (one more E-step would tell)"
+    ]
+
+
+def test_convergence_shows_the_fitted_models_final_inertia() -> None:
+    kw = args(iters=5)
+    last = kw["history"][-1]["objective"]
+    kw["objective"] = last - 0.125  # the final centres' inertia, one step past the history
+    fig = drawn(report._convergence_figure(report._validate(**kw)))
+    top = fig.axes[0]
+    assert top.get_title(loc="right") == f"final inertia: {last - 0.125:.8g}"
+    assert f"{last:.8g}" not in top.get_title(loc="right")
+    x, y = top.lines[0].get_data()
+    np.testing.assert_array_equal(x, np.arange(1, 6))
+    assert y[-1] == pytest.approx(0.125)  # the last iteration's fall, to the final inertia
+    assert "inertia" in top.get_ylabel() and "inertia" in fig.get_suptitle()
+
+
+def test_convergence_marks_iterations_that_did_not_improve() -> None:
+    kw = args(iters=4)
+    objs = [100.0, 50.0, 60.0, 60.0]  # iteration 2 made it worse, 3 and 4 changed nothing
+    for row, o in zip(kw["history"], objs, strict=True):
+        row["objective"] = o
+    kw["objective"] = 60.0
+    top = drawn(report._convergence_figure(report._validate(**kw))).axes[0]
+    labels = [t.get_text() for t in top.get_legend().get_texts()]
+    assert labels == ["improved by", "got worse by", "no change"]
+    worse = top.lines[2].get_data()
+    np.testing.assert_array_equal(worse[0], [2])
+    np.testing.assert_array_equal(worse[1], [10.0])
+    np.testing.assert_array_equal(top.lines[3].get_data()[0], [3, 4])
+
+
+def test_objective_must_be_a_number(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="objective: expected a number"):
+        report.write_report(tmp_path, **{**args(), "objective": "12.5"})
+
+
+def test_sizes_title_writes_a_million_in_full() -> None:
+    kw = args(k=3)
+    kw["cluster_sizes"] = np.array([1_000_000.0, 600_000.0, 400_000.0])
+    kw["weights"] = kw["cluster_sizes"] / 2e6
+    ax = drawn(report._sizes_figure(report._validate(**kw))).axes[0]
+    assert "(2,000,000 in all)" in ax.get_title()
+    assert ax.yaxis.get_offset_text().get_text() == ""
+    assert "1,000,000" in tick_texts(ax.yaxis)
+
+
+@pytest.mark.parametrize(
+    ("total", "text"), [(2e6, "2,000,000"), (1234.5, "1,234.5"), (12.25, "12.25"), (0, "0")]
+)
+def test_amount(total: float, text: str) -> None:
+    assert report._amount(total) == text
+
+
+def test_criteria_do_not_hide_each_other() -> None:
+    # BIC − AIC = p (ln n − 2) is small next to the fall of either over k
+    ks = range(2, 9)
+    sel = [
+        {
+            "n_clusters": k,
+            "bic": 2.2368e7 - 5e4 * min(k, 4) + 900 * k,
+            "aic": 2.2368e7 - 5e4 * min(k, 4) + 300 * k - 600,
+            "log_likelihood": -1.1e7,
+            "n_parameters": 9 * k,
+            "n_iter": 5,
+            "converged": True,
+        }
+        for k in ks
+    ]
+    fig = drawn(report._criterion_figure(sel, "bic", 4))
+    curves = {}
+    for ax in fig.axes:
+        assert ax.yaxis.get_offset_text().get_text() == ""
+        ticks = tick_texts(ax.yaxis)
+        assert len(set(ticks)) == len(ticks) and all(t.startswith("22,") for t in ticks)
+        name = ax.get_ylabel().split("\n")[0]
+        line = ax.lines[0]
+        xy = ax.transData.transform(np.column_stack(line.get_data()))
+        curves[name] = xy
+        # the curve fills most of its panel's height: its shape can be read
+        frame = ax.get_window_extent()
+        assert np.ptp(xy[:, 1]) > 0.5 * frame.height
+    assert set(curves) == {"BIC", "AIC"}
+    # no point of one curve is drawn near the other's point at the same k
+    gap = np.hypot(*(curves["BIC"] - curves["AIC"]).T)
+    assert gap.min() > 20.0
+    assert fig.axes[0].get_ylabel().startswith("BIC")  # the criterion that chose k on top
+    assert [t.get_text() for t in fig.axes[0].texts] == ["k = 4"]
+
+
+def test_soft_kmeans_report_names_its_objective_the_log_likelihood(tmp_path: Path) -> None:
+    import dask.array as da
+
+    from dkm import job
+    from dkm.config import JobConfig
+    from dkm.estimators import KMeans
+
+    config = JobConfig.model_validate(
+        {
+            "data": {"kind": "synthetic"},
+            "model": {"mode": "kmeans", "n_clusters": 3, "assignment": "soft", "seed": 0},
+            "output": {"path": str(tmp_path / "out")},
+        }
+    )
+    kw = args(k=3, m=600)
+    x = kw["sample"]
+    est = job.build_estimator(config.model, 8, None)
+    assert not isinstance(est, KMeans)  # a mixture: its objective is a likelihood
+    est.fit(da.from_array(x, chunks=200))
+    sizes = np.bincount(est.predict(x), minlength=3).astype(float)
+    summary = {"n_samples": 600, "n_features": 3, "objective": float(est.lower_bound_)}
+    job._write_report(str(tmp_path), config, est, None, summary, x, sizes)
+    text = (tmp_path / "report" / "index.html").read_text(encoding="utf-8")
+    assert "improved the mean log-likelihood" in text
+    assert "inertia" not in text
+
+
+@pytest.mark.parametrize(
+    ("locs", "texts"),
+    [
+        ([0.0, 2.5, 5.0], ["0.0", "2.5", "5.0"]),
+        ([22_365_000.0, 22_370_000.0], ["22,365,000", "22,370,000"]),
+        ([-7.5, -7.0], ["-7.5", "-7.0"]),
+        ([3.0], ["3"]),
+    ],
+)
+def test_tick_labels_in_full(locs: list[float], texts: list[str]) -> None:
+    fmt = report._InFull()
+    fmt.set_locs(locs)
+    assert [fmt(v) for v in locs] == texts
