@@ -471,6 +471,15 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
         for i, k in enumerate(ks):
             runs = results[i * n_init : (i + 1) * n_init]
             best = min(runs, key=lambda r: r.objective)  # the first of equals, as before
+            # the final pass's counts: a centre nearest to no point is a duplicate
+            distinct = k if best.final is None else int(np.count_nonzero(best.final.nk > 0))
+            if distinct < k:
+                warnings.warn(
+                    f"Number of distinct clusters ({distinct}) found smaller than "
+                    f"n_clusters ({k}). Possibly due to duplicate points in X.",
+                    ConvergenceWarning,
+                    stacklevel=3,
+                )
             est = self._candidate(len(ks), n_clusters=k)
             est._adopt(best, data, Xn, summary)
             fitted.append(est)
