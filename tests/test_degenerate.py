@@ -180,7 +180,7 @@ def _sklearn_n_iter(init):
 
 
 @pytest.mark.parametrize("dask_input", [False, True])
-@pytest.mark.parametrize("init", ["k-means++", "random", "array"])
+@pytest.mark.parametrize("init", ["k-means++", "random", "k-means||", "array"])
 def test_fewer_distinct_points_than_clusters_warns_and_stops(init, dask_input):
     """Empty clusters re-seeded on copies of points cannot lower the inertia: the fit
     stops (scikit-learn's 2 iterations with k-means++; it takes all 300 with random
@@ -193,6 +193,8 @@ def test_fewer_distinct_points_than_clusters_warns_and_stops(init, dask_input):
     assert km.converged_
     if init == "random":
         assert km.n_iter_ <= 10 < _sklearn_n_iter(init)
+    elif init == "k-means||":  # k-means|| used to give up after 100 extra rounds
+        assert km.n_iter_ <= _sklearn_n_iter("k-means++")
     else:  # k-means++ on data this small is scikit-learn's, from the same seed
         assert km.n_iter_ == _sklearn_n_iter(start) == 2
     assert _distinct(km.cluster_centers_) == _distinct(POINTS20)
