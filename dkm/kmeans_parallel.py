@@ -288,8 +288,10 @@ def kmeans_parallel(
             )
         chosen = total.points[total.chosen()]
         found.append(chosen)
+        if distinct >= k:
+            continue  # the count only grows: no need to count again
         before, distinct = distinct, _n_distinct(found)
-        if distinct == before and distinct < k and (r > rounds or chosen.shape[0] > 0):
+        if distinct == before and (r > rounds or chosen.shape[0] > 0):
             # Points chosen again on candidates (within rounding) and no new one: every
             # point is a candidate already; the data has fewer than k distinct points.
             break
