@@ -701,7 +701,10 @@ def fit_em(
     squared centre shift is ``<= tol_abs`` (which the caller derives from the data
     variance). Its moments are taken around the fixed origin, so an iteration whose
     labels did not change reproduces the centres bit for bit and stops at shift 0,
-    as scikit-learn's strict convergence does. Every other pair stops when the mean
+    as scikit-learn's strict convergence does. It also stops, converged, at an iteration
+    that re-seeds an empty cluster when the inertia has not fallen since the previous
+    iteration: every point then lies on a centre (fewer distinct points than clusters),
+    and re-seeding would only move copies of points. Every other pair stops when the mean
     log-likelihood changes by less than ``options.tol``, and takes its moments
     around the previous means.
 
@@ -735,6 +738,8 @@ class _Run:
     final: SuffStats | None = None
     #: k-means: the passes keep Hamerly bounds (from when the centres settle)
     bounds: bool = False
+    #: k-means: the previous iteration's objective (inertia)
+    previous: float = math.inf
 
 
 def fit_em_many(
@@ -767,7 +772,7 @@ def fit_em_many(
         run.params = resume.params_for(data.origin)
         run.history = list(resume.history)
         run.converged, run.n_iter = resume.converged, resume.iteration
-        run.lower_bound = resume.objective
+        run.lower_bound = run.previous = resume.objective
     kmeans = options.is_kmeans
     tol = (0.0 if tol_abs is None else tol_abs) if kmeans else options.tol
     fit = uuid.uuid4().hex  # names this fit's Hamerly bounds (k-means) in the caches
@@ -791,14 +796,20 @@ def fit_em_many(
             for run, stats in zip(active, all_stats, strict=True):
                 run.n_iter += 1
                 if kmeans:
-                    centres, _ = kmeans_centres(stats)
+                    centres, reseeded = kmeans_centres(stats)
                     change = float(((centres - run.params.means) ** 2).sum())
                     objective = stats.objective
+                    # Lloyd's steps and the re-seeding of an empty cluster on a point away
+                    # from its centre both lower the objective: when it has not fallen and
+                    # a cluster is empty again, every point sits on a centre (fewer distinct
+                    # points than clusters) and re-seeding can only move duplicates around.
+                    stalled = bool(reseeded) and objective >= run.previous
+                    run.previous = objective
                     run.bounds = run.bounds or (
                         _bounds_on(centres.shape[1]) and _worth_keeping(run.params.means, centres)
                     )
                     run.params = MixtureParams.identity(centres)
-                    run.converged = change <= tol
+                    run.converged = change <= tol or stalled
                 else:
                     run.params, run.covariances, repaired = gaussian_mstep(
                         stats,

@@ -137,7 +137,7 @@ def _warm_params(
             f"init_params: the model has {p.n_components} components and {p.n_features} "
             f"features; expected {k} and {d}"
         )
-    return p.translated(-origin), np.asarray(model.covariances_)
+    return p.translated(-origin), np.asarray(model.covariances_, np.float64)
 
 
 class _DaskMixtureBase(BaseEstimator):
@@ -261,18 +261,27 @@ class _DaskMixtureBase(BaseEstimator):
 
         return report
 
-    def _per_point(self, X: Any, fn: Any, lazy: Any) -> Any:
-        """Run a per-row kernel on NumPy (eagerly) or Dask (lazily) input."""
+    def _per_point(self, X: Any, fn: Any, lazy: Any, model_dtype: str | None = None) -> Any:
+        """Run a per-row kernel on NumPy (eagerly) or Dask (lazily) input.
+
+        ``model_dtype``: an attribute of the fitted model; the result is cast to the
+        common float type of X and that attribute (the kernel computes in float64), as
+        scikit-learn's results are.
+        """
         check_is_fitted(self)
         params = self._model_params()
         if isinstance(X, da.Array):
             data, _ = self._as_data(X, None, reset=False)
-            return lazy(data.with_origin(self._origin), params)
-        drop = self._nan_policy() == "drop"
-        Xn = validate_data(
-            self, X, reset=False, dtype=[np.float64, np.float32], ensure_all_finite=not drop
-        )
-        return apply_in_memory(fn, Xn, params, self._origin, drop)
+            out, x_dtype = lazy(data.with_origin(self._origin), params), data.X.dtype
+        else:
+            drop = self._nan_policy() == "drop"
+            Xn = validate_data(
+                self, X, reset=False, dtype=[np.float64, np.float32], ensure_all_finite=not drop
+            )
+            out, x_dtype = apply_in_memory(fn, Xn, params, self._origin, drop), Xn.dtype
+        if model_dtype is not None:
+            out = out.astype(np.result_type(x_dtype, getattr(self, model_dtype)), copy=False)
+        return out
 
     def _model_params(self) -> MixtureParams:
         raise NotImplementedError
@@ -471,6 +480,15 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
         for i, k in enumerate(ks):
             runs = results[i * n_init : (i + 1) * n_init]
             best = min(runs, key=lambda r: r.objective)  # the first of equals, as before
+            # the final pass's counts: a centre nearest to no point is a duplicate
+            distinct = k if best.final is None else int(np.count_nonzero(best.final.nk > 0))
+            if distinct < k:
+                warnings.warn(
+                    f"Number of distinct clusters ({distinct}) found smaller than "
+                    f"n_clusters ({k}). Possibly due to duplicate points in X.",
+                    ConvergenceWarning,
+                    stacklevel=3,
+                )
             est = self._candidate(len(ks), n_clusters=k)
             est._adopt(best, data, Xn, summary)
             fitted.append(est)
@@ -595,7 +613,7 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
     Attributes
     ----------
     weights_ (k,), means_ (k, d), covariances_, precisions_, precisions_cholesky_
-    (shapes by covariance type as in scikit-learn), converged_, n_iter_,
+    (shapes by covariance type as in scikit-learn, in X's float dtype), converged_, n_iter_,
     lower_bound_ (mean log-likelihood at the last iteration), lower_bounds_,
     history_.
     """
@@ -890,25 +908,23 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
         return cast(OnDegenerate, self.on_degenerate)
 
     def _set_params(self, result: EMResult, data: ChunkedData) -> None:
+        """The fitted attributes in X's float dtype (as scikit-learn's); the float64
+        parameters stay in ``_params`` for the kernels."""
         p, ct = result.params, self._ct
+        dtype = data.X.dtype
         self._origin = data.origin
         self._params = p
-        self.weights_ = p.weights
-        self.means_ = p.means
-        if ct == "identity":
-            self.precisions_cholesky_ = np.ones(p.n_components)
-        else:
-            assert p.precisions_cholesky is not None
-            self.precisions_cholesky_ = p.precisions_cholesky
-        self.precisions_ = precisions_from_cholesky(
-            self.precisions_cholesky_, "spherical" if ct == "identity" else ct
-        )
+        prec_chol = np.ones(p.n_components) if ct == "identity" else p.precisions_cholesky
+        assert prec_chol is not None
         cov = result.covariances
         if cov is None:
-            cov = covariances_from_cholesky(
-                self.precisions_cholesky_, ct if ct != "identity" else "spherical"
-            )
-        self.covariances_ = cov
+            cov = covariances_from_cholesky(prec_chol, ct if ct != "identity" else "spherical")
+        precisions = precisions_from_cholesky(prec_chol, "spherical" if ct == "identity" else ct)
+        self.weights_ = p.weights.astype(dtype, copy=False)
+        self.means_ = p.means.astype(dtype, copy=False)
+        self.precisions_cholesky_ = prec_chol.astype(dtype, copy=False)
+        self.precisions_ = precisions.astype(dtype, copy=False)
+        self.covariances_ = cov.astype(dtype, copy=False)
         self.converged_ = result.converged
         self.n_iter_ = result.n_iter
         self.lower_bound_ = float(result.objective)
@@ -928,15 +944,17 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
         return self._per_point(X, K.predict_labels, lazy_labels)
 
     def predict_proba(self, X: Any) -> Any:
-        return self._per_point(X, K.predict_proba, lazy_proba)
+        """Responsibilities; (n_samples, n_components), float32 for float32 X and model."""
+        return self._per_point(X, K.predict_proba, lazy_proba, "means_")
 
     def score_samples(self, X: Any) -> Any:
-        """Log-density of each row under the mixture; (n_samples,)."""
-        return self._per_point(X, K.score_samples, lazy_score_samples)
+        """Log-density of each row under the mixture; (n_samples,), float32 for float32 X
+        and model."""
+        return self._per_point(X, K.score_samples, lazy_score_samples, "means_")
 
     def score(self, X: Any, y: Any = None) -> float:
         """Mean log-likelihood of X (of its kept rows, with nan_policy='drop')."""
-        density = self.score_samples(X)
+        density = self._per_point(X, K.score_samples, lazy_score_samples)  # float64
         mean = da.nanmean if isinstance(density, da.Array) else np.nanmean
         if self._nan_policy() == "raise":
             mean = da.mean if isinstance(density, da.Array) else np.mean

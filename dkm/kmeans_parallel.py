@@ -30,8 +30,9 @@ a given chunking).
 Passes over the data: ``n_rounds + 1`` when a :class:`~dkm.stats.DataSummary` is given
 (its weighted sample provides ``c₀``; the estimators have one already), ``n_rounds + 2``
 without (one pass draws ``c₀``). Fewer when a round finds the cost zero (every point of
-positive weight is a candidate): later rounds are skipped; more only in the fallback
-for fewer than k distinct candidates (see :func:`kmeans_parallel`). Client memory is the
+positive weight is a candidate) or, with fewer than k distinct candidates, a round finds
+no new distinct one: later rounds are skipped; more only in the fallback for fewer than
+k distinct candidates (see :func:`kmeans_parallel`). Client memory is the
 candidates, ``O(n_rounds · l · d)``.
 """
 
@@ -213,11 +214,15 @@ def kmeans_parallel(
     distinct points, or a small ``oversampling_factor``): more rounds of the same
     sampling, each one more pass, with ``l = max(oversampling_factor, 2)·k``, until
     there are k distinct candidates or the cost is zero (every point of positive weight
-    is a candidate). If fewer than k candidates then carry weight, they all become
-    centres (no reduction, no Lloyd step), completed by distinct candidates whose
-    points went to a nearby candidate within rounding; if there are still fewer than k,
-    the data has fewer than k distinct points of positive weight and a ValueError says
-    so. Never random points.
+    is a candidate). A round that finds no new distinct candidate while there are fewer
+    than k (in the extra rounds, or one that chose points: copies of candidates, whose
+    cost is rounding) ends the sampling: every point is a candidate within rounding. If
+    fewer than k candidates then carry weight, they all become centres (no reduction, no
+    Lloyd step), completed by distinct candidates whose points went to a nearby
+    candidate within rounding; if there are still fewer than k, the data has fewer than
+    k distinct points of positive weight and the rest are copies of those centres, as
+    k-means++ gives (:class:`~dkm.KMeans` then warns that it found fewer distinct
+    clusters than n_clusters). Never random points.
 
     Raises ValueError for fewer rows than n_clusters and for bad parameters.
     """
@@ -257,10 +262,11 @@ def kmeans_parallel(
     found: list[F64] = [c0[None, :]]
     exhausted = False  # every point of positive weight is a candidate
     r = 0
+    distinct = 1
     while not exhausted:
         r += 1
         if r > rounds:
-            if _n_distinct(found) >= k:
+            if distinct >= k:
                 break
             if r > rounds + MAX_EXTRA_ROUNDS:
                 raise RuntimeError(
@@ -280,7 +286,15 @@ def kmeans_parallel(
                 RuntimeWarning,
                 stacklevel=2,
             )
-        found.append(total.points[total.chosen()])
+        chosen = total.points[total.chosen()]
+        found.append(chosen)
+        if distinct >= k:
+            continue  # the count only grows: no need to count again
+        before, distinct = distinct, _n_distinct(found)
+        if distinct == before and (r > rounds or chosen.shape[0] > 0):
+            # Points chosen again on candidates (within rounding) and no new one: every
+            # point is a candidate already; the data has fewer than k distinct points.
+            break
     candidates = np.concatenate(found)
 
     # one more pass: the weight of the points nearest to each candidate
@@ -298,15 +312,12 @@ def kmeans_parallel(
     # Fewer than k candidates carry weight: all of them are centres. A distinct
     # candidate without weight (its own point went to a candidate within rounding)
     # still is a distinct data point and fills up the rest.
-    distinct = _distinct_rows(candidates[~positive], candidates[positive])
-    if np.count_nonzero(positive) + distinct.shape[0] < k:
-        raise ValueError(
-            f"k-means||: the data has only {np.count_nonzero(positive) + distinct.shape[0]} "
-            f"distinct points with positive sample_weight, fewer than n_clusters={k}. "
-            "Lower n_clusters or check the sample weights."
-        )
-    need = k - np.count_nonzero(positive)
-    return np.concatenate([candidates[positive], distinct[:need]])
+    centres = np.concatenate(
+        [candidates[positive], _distinct_rows(candidates[~positive], candidates[positive])]
+    )[:k]
+    # Fewer than k distinct points of positive weight: the rest are duplicates, as
+    # k-means++ gives; the k-means fit then warns and stops (its clusters stay empty).
+    return centres[np.arange(k) % centres.shape[0]]
 
 
 def _n_distinct(found: list[F64]) -> int:

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import pickle
+import re
+import warnings
 
+import dask.array as da
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from sklearn import cluster
+from sklearn.exceptions import ConvergenceWarning
 
 import dkm
 from dkm.kernels import DegenerateComponentError, MixtureParams, estep, gaussian_mstep
@@ -150,3 +155,57 @@ def test_degenerate_component_error_survives_pickling():
     again = pickle.loads(pickle.dumps(error))
     assert type(again) is DegenerateComponentError
     assert again.components == [2, 5] and str(again) == str(error)
+
+
+# --------------------------------------------------------------------------- k-means
+
+# 20 distinct points, 10 copies of each: fewer distinct points than 30 clusters
+POINTS20 = np.random.default_rng(0).normal(size=(20, 3))
+X20 = np.repeat(POINTS20, 10, axis=0)
+FEWER = re.escape(
+    "Number of distinct clusters (20) found smaller than n_clusters (30). "
+    "Possibly due to duplicate points in X."
+)
+
+
+def _distinct(points):
+    """The distinct rows, to 8 decimals (a cluster's mean of copies rounds the last bit)."""
+    return {tuple(p) for p in np.round(np.asarray(points, np.float64), 8)}
+
+
+def _sklearn_n_iter(init):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return cluster.KMeans(30, init=init, n_init=1, random_state=0).fit(X20).n_iter_
+
+
+@pytest.mark.parametrize("dask_input", [False, True])
+@pytest.mark.parametrize("init", ["k-means++", "random", "k-means||", "array"])
+def test_fewer_distinct_points_than_clusters_warns_and_stops(init, dask_input):
+    """Empty clusters re-seeded on copies of points cannot lower the inertia: the fit
+    stops (scikit-learn's 2 iterations with k-means++; it takes all 300 with random
+    init), is converged, warns as scikit-learn does, and the extra centres are copies."""
+    start = cluster.kmeans_plusplus(X20, 30, random_state=0)[0] if init == "array" else init
+    X = da.from_array(X20, chunks=37) if dask_input else X20
+    km = dkm.KMeans(30, init=start, n_init=1, random_state=0)
+    with pytest.warns(ConvergenceWarning, match=FEWER):
+        km.fit(X)
+    assert km.converged_
+    if init == "random":
+        assert km.n_iter_ <= 10 < _sklearn_n_iter(init)
+    elif init == "k-means||":  # k-means|| used to give up after 100 extra rounds
+        assert km.n_iter_ <= _sklearn_n_iter("k-means++")
+    else:  # k-means++ on data this small is scikit-learn's, from the same seed
+        assert km.n_iter_ == _sklearn_n_iter(start) == 2
+    assert _distinct(km.cluster_centers_) == _distinct(POINTS20)
+    assert km.inertia_ < 1e-20
+    labels = np.asarray(km.predict(X))
+    np.testing.assert_array_equal(labels, np.asarray(km.labels_))
+    assert len(np.unique(labels)) == 20
+    np.testing.assert_allclose(km.cluster_centers_[labels], X20, atol=1e-12)
+
+
+def test_as_many_distinct_points_as_clusters_do_not_warn():
+    km = dkm.KMeans(20, n_init=1, random_state=0).fit(X20)  # warnings are errors
+    assert km.converged_ and km.inertia_ < 1e-20
+    assert _distinct(km.cluster_centers_) == _distinct(POINTS20)

@@ -233,11 +233,37 @@ def test_fewer_rows_than_clusters_is_an_error() -> None:
         kmeans_parallel(data, 6, 0)
 
 
-def test_fewer_distinct_points_than_clusters_is_an_error() -> None:
-    X = np.repeat(np.array([[0.0, 0.0], [5.0, 5.0], [9.0, 1.0]]), 10, axis=0)
+def test_fewer_distinct_points_than_clusters_give_duplicate_centres() -> None:
+    """As k-means++ does; the k-means fit then warns (tests/test_degenerate.py)."""
+    points = np.array([[0.0, 0.0], [5.0, 5.0], [9.0, 1.0]])
+    X = np.repeat(points, 10, axis=0)
     data = ChunkedData.from_dask(da.from_array(X, chunks=8))
-    with pytest.raises(ValueError, match="only 3 distinct points"):
-        kmeans_parallel(data, 4, 0)
+    centres = kmeans_parallel(data, 4, 0)
+    assert centres.shape == (4, 2)
+    assert as_set(centres) == as_set(points)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fewer_distinct_points_stop_at_the_first_round_without_a_new_one(
+    monkeypatch: pytest.MonkeyPatch, seed: int
+) -> None:
+    """Distances to the candidates round to tiny non-zero costs, so rounds go on
+    choosing copies of candidates: the first round that finds no new distinct point
+    ends the sampling (it used to take 100 extra rounds and raise)."""
+    points = np.random.default_rng(seed).normal(size=(20, 3))
+    X = np.repeat(points, 10, axis=0)
+    rounds: list[int] = []
+    real = kmp._round_pass
+
+    def spy(*args: Any) -> Any:
+        rounds.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(kmp, "_round_pass", spy)
+    centres = init(X, 30, seed, chunks=37)
+    assert len(rounds) <= 5 + 1
+    assert centres.shape == (30, 3)
+    assert as_set(centres) == as_set(points)
 
 
 @pytest.mark.parametrize(

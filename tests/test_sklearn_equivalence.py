@@ -120,6 +120,46 @@ def test_gmm_equals_sklearn(name, ct):
     assert got.aic(X) == pytest.approx(ref.aic(X), rel=rtol)
 
 
+GMM_ARRAYS = ("weights_", "means_", "covariances_", "precisions_", "precisions_cholesky_")
+
+
+@pytest.mark.parametrize("ct", ["full", "tied", "diag", "spherical"])
+def test_gmm_float32_keeps_the_dtype_as_sklearn(ct):
+    """float32 X: float32 parameters and per-point results, attribute by attribute as
+    scikit-learn's; the values are the float64 fit's on the same points, rounded
+    (scikit-learn's own float32 fit is further off, computed in float32 throughout)."""
+    X = DATA["blobs"].astype(np.float32)
+    X64 = X.astype(np.float64)
+    init = _gmm_init(DATA["blobs"], 3, ct)
+    params = dict(covariance_type=ct, tol=0, max_iter=15, reg_covar=1e-4)
+    init32 = {name: np.asarray(value, np.float32) for name, value in init.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        ref32 = mixture.GaussianMixture(3, **params, **init32).fit(X)
+        ref = mixture.GaussianMixture(3, **params, **init).fit(X64)
+        got = dkm.GaussianMixture(3, chunk_size=211, **params, **init).fit(X)
+    for name in GMM_ARRAYS:
+        value, expected = getattr(got, name), getattr(ref, name)
+        assert value.dtype == getattr(ref32, name).dtype == np.float32, name
+        np.testing.assert_allclose(
+            value, expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max(), err_msg=name
+        )
+    for method in ("score_samples", "predict_proba"):
+        value = getattr(got, method)(X)
+        assert value.dtype == getattr(ref32, method)(X).dtype == np.float32, method
+        np.testing.assert_allclose(value, getattr(ref, method)(X64), rtol=1e-6, atol=1e-6)
+        lazy = getattr(got, method)(da.from_array(X, chunks=(700, -1)))
+        assert lazy.dtype == np.float32 and lazy.compute().dtype == np.float32
+        np.testing.assert_array_equal(lazy.compute(), value)
+        # float64 X on a float32 model: float64 results, as scikit-learn's
+        assert getattr(got, method)(X64).dtype == getattr(ref32, method)(X64).dtype
+    score = got.score(X)
+    assert type(score) is type(ref32.score(X)) is float
+    assert score == pytest.approx(ref.score(X64), rel=1e-7)
+    identity = dkm.GaussianMixture(3, covariance_type="identity", random_state=0).fit(X)
+    assert all(getattr(identity, name).dtype == np.float32 for name in GMM_ARRAYS)
+
+
 @pytest.mark.parametrize("ct", ["full", "diag"])
 def test_gmm_default_convergence_matches_sklearn(ct):
     X = DATA["iris"]
