@@ -279,15 +279,32 @@ def validate(config: str, overrides: tuple[str, ...]) -> None:
 @click.option("--array", default=None, help="Array path inside the zarr group.")
 @click.option("--out", required=True, help="Output zarr store for the labels.")
 @click.option("--scheduler", default=None, help="Dask scheduler address (default: in-process).")
+@click.option(
+    "--nan-policy",
+    type=click.Choice(["raise", "drop"]),
+    default=None,
+    help="Rows with NaN or infinity: raise (exit 2 naming the row) or drop (label -1). "
+    "Default: the model's, as fitted (data.nan_policy).",
+)
 @handle_errors
-def predict(model_path: str, data: str, array: str | None, out: str, scheduler: str | None) -> None:
+def predict(
+    model_path: str,
+    data: str,
+    array: str | None,
+    out: str,
+    scheduler: str | None,
+    nan_policy: str | None,
+) -> None:
     """Label new data with a saved model."""
     from dkm import io
 
     model = io.load_model(model_path)
+    if nan_policy is not None:
+        model.set_params(nan_policy=nan_policy)
     points = io.open_npy(data) if data.endswith(".npy") else io.open_zarr(data, array)
     io.check_writable(out)
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_nonfinite_remedy("label them -1 with --nan-policy drop"))
         if scheduler:
             from dkm.cluster import connect
             from dkm.config import AddressClusterConfig
@@ -297,6 +314,17 @@ def predict(model_path: str, data: str, array: str | None, out: str, scheduler: 
         with io.AtomicOutput(out) as tmp:
             io.write_array(labels, tmp, "labels")
     click.echo(f"wrote {out} ({points.X.shape[0]:,} labels)")
+
+
+@contextlib.contextmanager
+def _nonfinite_remedy(remedy: str) -> Any:
+    """NaN/inf errors say what to do on the command line, not in Python."""
+    from dkm.engine import NonFiniteInputError
+
+    try:
+        yield
+    except NonFiniteInputError as e:
+        raise e.with_remedy(remedy) from None
 
 
 @main.command("make-data")
