@@ -288,8 +288,8 @@ def test_per_point_methods_raise_on_nonfinite_rows(kind, method, container):
     result = getattr(est, method)(da.from_array(TO_PREDICT_BAD, chunks=(100, -1)))  # lazy
     assert np.isfinite(result.blocks[0].compute()).all()
     for chunk, row in [(1, 123), (4, 456)]:
-        with pytest.raises(dkm.NonFiniteInputError, match=rf"1 row\(s\) in chunk {chunk}, the "
-                           rf"first at row {row}\. .*nan_policy='drop'"):  # fmt: skip
+        message = rf"1 row\(s\) in chunk {chunk}, the first at row {row}\. .*nan_policy='drop'"
+        with pytest.raises(dkm.NonFiniteInputError, match=message):
             result.blocks[chunk].compute()
     with pytest.raises(ValueError, match="NaN or infinity"):
         result.compute()
