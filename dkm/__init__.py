@@ -1,5 +1,6 @@
 """dkm: k-means and Gaussian mixtures as one EM over Dask arrays."""
 
+from dkm.engine import NonFiniteInputError
 from dkm.estimators import GaussianMixture, KMeans
 from dkm.io import load_model, save_model
 from dkm.kernels.params import DegenerateComponentError, MixtureParams
@@ -11,6 +12,7 @@ __all__ = [
     "GaussianMixture",
     "KMeans",
     "MixtureParams",
+    "NonFiniteInputError",
     "SweepResult",
     "__version__",
     "load_model",

@@ -326,32 +326,70 @@ def validate(config: str, overrides: tuple[str, ...]) -> None:
 
 
 @main.command()
-@click.option("--model", "model_path", required=True, help="A model written by dkm run.")
+@click.option(
+    "--model",
+    "model_path",
+    required=True,
+    help="A saved model, or the output folder of dkm run (its model/).",
+)
 @click.option("--data", required=True, help="Points: a zarr store/URL or a .npy file.")
 @click.option("--array", default=None, help="Array path inside the zarr group.")
 @click.option("--out", required=True, help="Output zarr store for the labels.")
 @click.option("--scheduler", default=None, help="Dask scheduler address (default: in-process).")
+@click.option(
+    "--nan-policy",
+    type=click.Choice(["raise", "drop"]),
+    default=None,
+    help="Rows with NaN or infinity: raise (exit 2 naming the row) or drop (label -1). "
+    "Default: the model's, as fitted (data.nan_policy).",
+)
 @_overwrite_option
 @handle_errors
 def predict(
-    model_path: str, data: str, array: str | None, out: str, scheduler: str | None, overwrite: bool
+    model_path: str,
+    data: str,
+    array: str | None,
+    out: str,
+    scheduler: str | None,
+    nan_policy: str | None,
+    overwrite: bool,
 ) -> None:
     """Label new data with a saved model."""
     from dkm import io
 
-    model = io.load_model(model_path)
-    points = io.open_npy(data) if data.endswith(".npy") else io.open_zarr(data, array)
+    model = io.load_model(io.find_model(model_path))
+    if nan_policy is not None:
+        model.set_params(nan_policy=nan_policy)
+    points = (
+        io.open_npy(data)
+        if data.endswith(".npy")
+        else io.open_zarr(data, array, array_option="--array")
+    )
     io.claim_output(out, overwrite=overwrite)
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_nonfinite_remedy("label them -1 with --nan-policy drop"))
         if scheduler:
-            from dkm.cluster import connect
+            from dkm.cluster import Hints, connect
             from dkm.config import AddressClusterConfig
 
-            stack.enter_context(connect(AddressClusterConfig(kind="address", address=scheduler)))
+            hints = Hints.command_line("--scheduler", "leave out --scheduler to run in-process")
+            config = AddressClusterConfig(kind="address", address=scheduler)
+            stack.enter_context(connect(config, hints=hints))
         labels = model.predict(points.X)
         with io.AtomicOutput(out, command="predict", overwrite=overwrite) as tmp:
             io.write_array(labels, tmp, "labels")
     click.echo(f"wrote {out} ({points.X.shape[0]:,} labels)")
+
+
+@contextlib.contextmanager
+def _nonfinite_remedy(remedy: str) -> Any:
+    """NaN/inf errors say what to do on the command line, not in Python."""
+    from dkm.engine import NonFiniteInputError
+
+    try:
+        yield
+    except NonFiniteInputError as e:
+        raise e.with_remedy(remedy) from None
 
 
 @main.command("make-data")
@@ -406,9 +444,10 @@ def make_data(
 @click.option("--json", "as_json", is_flag=True, help="Print the metadata as JSON.")
 @handle_errors
 def info(model: str, as_json: bool) -> None:
-    """What a saved MODEL is."""
+    """What a saved MODEL is (a model, or the output folder of dkm run)."""
     from dkm import io
 
+    model = io.find_model(model)
     meta = io.read_model_metadata(model)
     if as_json:
         click.echo(json.dumps(meta, indent=2, default=str))
@@ -437,11 +476,12 @@ def info(model: str, as_json: bool) -> None:
 @handle_errors
 def status(scheduler: str) -> None:
     """Progress of the dkm jobs running (or run) on a scheduler."""
-    from dkm.cluster import connect
+    from dkm.cluster import Hints, connect
     from dkm.config import AddressClusterConfig
     from dkm.monitor import job_status
 
-    with connect(AddressClusterConfig(kind="address", address=scheduler)) as client:
+    config = AddressClusterConfig(kind="address", address=scheduler)
+    with connect(config, hints=Hints.command_line("--scheduler")) as client:
         jobs = job_status(client)
     if not jobs:
         click.echo(f"no dkm jobs have reported to {scheduler}")

@@ -9,6 +9,7 @@ import logging
 import re
 import ssl
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -36,11 +37,49 @@ class ClusterError(RuntimeError):
     """The cluster could not be started or reached."""
 
 
-def security(config: AddressClusterConfig) -> Security | None:
+_DASK_TLS_KEYS = (
+    "distributed.comm.tls.ca-file, distributed.comm.tls.client.cert and "
+    "distributed.comm.tls.client.key in Dask's configuration"
+)
+
+
+@dataclass(frozen=True)
+class Hints:
+    """What the errors of a scheduler address tell the user to change.
+
+    The defaults name the config's keys (an address from ``cluster.address``);
+    :meth:`command_line` names the option an address on the command line came from.
+    """
+
+    #: the address, as the user gave it
+    address: str = "the address"
+    #: how to use TLS certificates instead (completes "... use its tls:// address and")
+    certificates: str = "give the certificates in cluster.security"
+    #: how to configure missing certificates (completes "no certificates are configured: ")
+    configure: str = (
+        "add cluster.security (ca_file, cert and key: PEM files) to the config, or set "
+        + _DASK_TLS_KEYS
+    )
+    #: what to do instead of using a scheduler, if anything (completes "..., or ")
+    instead: str | None = "use cluster: {kind: local}"
+
+    @classmethod
+    def command_line(cls, option: str, instead: str | None = None) -> Hints:
+        """Hints for an address given by the command-line ``option`` (e.g. --scheduler)."""
+        return cls(
+            address=f"the address given to {option}",
+            certificates=f"set {_DASK_TLS_KEYS}",
+            configure=f"set {_DASK_TLS_KEYS}",
+            instead=instead,
+        )
+
+
+def security(config: AddressClusterConfig, hints: Hints | None = None) -> Security | None:
     """Dask's TLS settings for a scheduler address: from the config, else Dask's own config.
 
     None for an unencrypted address without ``cluster.security`` (Dask's defaults apply).
     """
+    hints = hints or Hints()
     tls = config.security
     if tls is not None:
         return Security(
@@ -55,9 +94,7 @@ def security(config: AddressClusterConfig) -> Security | None:
         if not (client_tls["ca_file"] and client_tls["cert"]):  # what Dask needs for TLS
             raise ClusterError(
                 f"the Dask scheduler at {config.address} uses TLS, but no certificates are "
-                "configured: add cluster.security (ca_file, cert and key: PEM files) to the "
-                "config, or set distributed.comm.tls.ca-file, distributed.comm.tls.client.cert "
-                "and distributed.comm.tls.client.key in Dask's configuration."
+                f"configured: {hints.configure}."
             )
         return from_dask
     return None
@@ -77,9 +114,9 @@ def _reason(e: BaseException) -> str:
     return text(e) or type(e).__name__
 
 
-def _connect_address(config: AddressClusterConfig) -> Client:
+def _connect_address(config: AddressClusterConfig, hints: Hints) -> Client:
     address = config.address
-    sec = security(config)
+    sec = security(config, hints)
     source = "cluster.security" if config.security else "Dask's distributed.comm.tls settings"
     try:
         return Client(address, timeout="15s", security=sec)
@@ -89,8 +126,8 @@ def _connect_address(config: AddressClusterConfig) -> Client:
         if sec is None:
             hint = (
                 "If the scheduler was started with TLS (dask scheduler --tls-cert ...), use "
-                "its tls:// address and give the certificates in cluster.security; "
-                "otherwise check that the address is a Dask scheduler."
+                f"its tls:// address and {hints.certificates}; otherwise check that "
+                f"{hints.address} is a Dask scheduler."
             )
         else:
             hint = (
@@ -109,10 +146,10 @@ def _connect_address(config: AddressClusterConfig) -> Client:
             "the cert (or is in the cert file)."
         ) from None
     except (OSError, TimeoutError) as e:
+        instead = "" if hints.instead is None else f", or {hints.instead}"
         raise ClusterError(
-            f"cannot reach the Dask scheduler at {address} ({_reason(e)}). Check the "
-            "address and that the scheduler is running (dask scheduler), or use "
-            "cluster: {kind: local}."
+            f"cannot reach the Dask scheduler at {address} ({_reason(e)}). Check "
+            f"{hints.address} and that the scheduler is running (dask scheduler){instead}."
         ) from None
 
 
@@ -353,11 +390,16 @@ def connect(
     | AddressClusterConfig
     | JobQueueClusterConfig
     | KubernetesClusterConfig,
+    *,
+    hints: Hints | None = None,
 ) -> Iterator[Client]:
-    """A client for the run; a cluster started for it is shut down afterwards."""
+    """A client for the run; a cluster started for it is shut down afterwards.
+
+    ``hints``: what the errors of a scheduler address suggest (default: config keys).
+    """
     quiet_closed_comm_tracebacks()
     if isinstance(config, AddressClusterConfig):
-        with _connect_address(config) as client:
+        with _connect_address(config, hints or Hints()) as client:
             yield client
         return
     if isinstance(config, JobQueueClusterConfig):

@@ -193,6 +193,65 @@ class PassOptions:
     bounds: tuple[str, int] | None = None
 
 
+#: What to do about NaN/inf rows, said by the errors of ``nan_policy="raise"``.
+DROP_REMEDY = "drop them with nan_policy='drop'"
+LABEL_REMEDY = "label them -1 with nan_policy='drop'"
+#: Rows a per-chunk error names at most.
+_NAMED_ROWS = 5
+
+
+class NonFiniteInputError(ValueError):
+    """NaN or infinity in the points under ``nan_policy="raise"``.
+
+    ``count`` rows hold them (in ``chunk`` alone when ``in_chunk``), the first of which
+    are ``rows`` (global row indices); ``chunk`` is the row chunk of the first, or None
+    for an in-memory array. ``remedy`` finishes the message ("Remove or impute them,
+    or …").
+    """
+
+    def __init__(
+        self,
+        count: int,
+        rows: tuple[int, ...],
+        chunk: int | None = None,
+        in_chunk: bool = False,
+        remedy: str = DROP_REMEDY,
+    ) -> None:
+        super().__init__(count, rows, chunk, in_chunk, remedy)  # what pickling rebuilds from
+        self.count, self.rows, self.chunk = count, rows, chunk
+        self.in_chunk, self.remedy = in_chunk, remedy
+
+    def __str__(self) -> str:
+        where = f" in chunk {self.chunk}" if self.in_chunk and self.chunk is not None else ""
+        first = f"row {self.rows[0]}"
+        if self.chunk is not None and not where:
+            first += f" (chunk {self.chunk})"
+        more = ", ".join(map(str, self.rows[1:]))
+        if more:
+            more += ", …" if self.count > len(self.rows) else ""
+            first += f" (then {'rows' if len(self.rows) > 2 else 'row'} {more})"
+        return (
+            f"Input X contains NaN or infinity: {self.count} row(s){where}, the first at "
+            f"{first}. Remove or impute them, or {self.remedy}."
+        )
+
+    def with_remedy(self, remedy: str) -> NonFiniteInputError:
+        """The same error with another way out (e.g. a command-line option)."""
+        return NonFiniteInputError(self.count, self.rows, self.chunk, self.in_chunk, remedy)
+
+
+def _nonfinite_rows(X: NDArray[Any]) -> NDArray[np.bool_] | None:
+    """Mask of the rows holding NaN or infinity; None when there are none.
+
+    A finite sum proves every value finite without a mask as large as ``X``; only a
+    chunk whose sum is not finite (bad values, or an overflow) is checked row by row.
+    """
+    if X.size == 0 or np.isfinite(X.sum()):
+        return None
+    bad = ~np.isfinite(X).all(axis=1)
+    return bad if bad.any() else None
+
+
 def _without_nonfinite(
     X: NDArray[Any], w: NDArray[Any] | None, origin: F64
 ) -> tuple[NDArray[Any], NDArray[Any] | None, NDArray[np.bool_] | None]:
@@ -201,8 +260,8 @@ def _without_nonfinite(
     Every statistic is weighted, so such a row contributes nothing, and the global row
     indices of all other rows are unchanged. Returns the rows' mask too (None: none).
     """
-    bad = ~np.isfinite(X).all(axis=1)
-    if not bad.any():
+    bad = _nonfinite_rows(X)
+    if bad is None:
         return X, w, None
     X = np.where(bad[:, None], origin.astype(X.dtype), X)
     w = np.where(bad, 0.0, np.ones(X.shape[0]) if w is None else w)
@@ -561,11 +620,7 @@ def summarize(
         chunk = int(
             np.searchsorted(np.cumsum(data.X.chunks[0]), summary.first_nonfinite_row, side="right")
         )
-        raise ValueError(
-            f"Input X contains NaN or infinity: {summary.n_nonfinite} row(s), the first at "
-            f"row {summary.first_nonfinite_row} (chunk {chunk}). Remove or impute them, or "
-            "drop them with nan_policy='drop'."
-        )
+        raise NonFiniteInputError(summary.n_nonfinite, (summary.first_nonfinite_row,), chunk)
     if summary.n_bad_weights:
         raise ValueError(
             f"sample_weight has {summary.n_bad_weights} negative or non-finite value(s), "
@@ -1031,7 +1086,11 @@ def _map_chunks(
     out_dtype: Any,
     n_columns: int | None = None,
 ) -> da.Array:
-    """Apply a per-row kernel lazily; the result keeps the input's row chunks."""
+    """Apply a per-row kernel lazily; the result keeps the input's row chunks.
+
+    Rows with NaN/inf follow ``data.nan_policy`` (see :func:`_apply_kernel`): under
+    "raise", computing a chunk that holds one raises :class:`NonFiniteInputError`.
+    """
     centred_params = params.translated(-data.origin)
     token = tokenize(
         data.X.name, params.means, params.precisions_cholesky, params.weights, data.nan_policy
@@ -1041,8 +1100,9 @@ def _map_chunks(
         kwargs["drop_axis"] = 1
     else:
         kwargs["chunks"] = (data.X.chunks[0], (n_columns,))
-    drop = data.nan_policy == "drop"
-    return da.map_blocks(_apply_kernel, data.X, fn, centred_params, data.origin, drop, **kwargs)
+    return da.map_blocks(
+        _apply_kernel, data.X, fn, centred_params, data.origin, data.nan_policy, **kwargs
+    )
 
 
 def _apply_kernel(
@@ -1050,11 +1110,24 @@ def _apply_kernel(
     fn: Callable[..., NDArray[Any]],
     params: MixtureParams,
     origin: F64,
-    drop_nonfinite: bool = False,
+    nan_policy: str = "raise",
+    block_info: Any = None,
 ) -> NDArray[Any]:
-    bad = None
-    if drop_nonfinite:
-        X, _, bad = _without_nonfinite(X, None, origin)
+    """``fn`` on one chunk. Rows with NaN/inf: under "drop" label -1 (NaN for floats);
+    under "raise" a :class:`NonFiniteInputError` naming them by global row index and the
+    chunk (from Dask's ``block_info``; an in-memory array is one chunk, from row 0)."""
+    bad = _nonfinite_rows(X)
+    if bad is not None:
+        if nan_policy != "drop":
+            offset, chunk = 0, None
+            if isinstance(block_info, dict) and 0 in block_info:
+                offset = int(block_info[0]["array-location"][0][0])
+                chunk = int(block_info[0]["chunk-location"][0])
+            rows = tuple(int(r) + offset for r in np.flatnonzero(bad)[:_NAMED_ROWS])
+            raise NonFiniteInputError(
+                int(np.count_nonzero(bad)), rows, chunk, in_chunk=True, remedy=LABEL_REMEDY
+            )
+        X = np.where(bad[:, None], origin.astype(X.dtype), X)
     out = fn(K.centred(X, origin, params.covariance_type), params)
     if bad is not None:  # dropped rows: label -1, no probabilities, distances or density
         out[bad] = -1 if out.dtype.kind == "i" else np.nan
@@ -1097,7 +1170,7 @@ def apply_in_memory(
     X: NDArray[Any],
     params: MixtureParams,
     origin: F64,
-    drop_nonfinite: bool = False,
+    nan_policy: str = "raise",
 ) -> NDArray[Any]:
     """The same kernel on an in-memory array (no Dask), for NumPy inputs."""
-    return _apply_kernel(X, fn, params.translated(-origin), origin, drop_nonfinite)
+    return _apply_kernel(X, fn, params.translated(-origin), origin, nan_policy)

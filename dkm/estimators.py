@@ -274,11 +274,12 @@ class _DaskMixtureBase(BaseEstimator):
             data, _ = self._as_data(X, None, reset=False)
             out, x_dtype = lazy(data.with_origin(self._origin), params), data.X.dtype
         else:
-            drop = self._nan_policy() == "drop"
+            # NaN/inf rows are the kernel's to find: it names them, and labels them under "drop"
             Xn = validate_data(
-                self, X, reset=False, dtype=[np.float64, np.float32], ensure_all_finite=not drop
+                self, X, reset=False, dtype=[np.float64, np.float32], ensure_all_finite=False
             )
-            out, x_dtype = apply_in_memory(fn, Xn, params, self._origin, drop), Xn.dtype
+            out = apply_in_memory(fn, Xn, params, self._origin, self._nan_policy())
+            x_dtype = Xn.dtype
         if model_dtype is not None:
             out = out.astype(np.result_type(x_dtype, getattr(self, model_dtype)), copy=False)
         return out
@@ -319,7 +320,10 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
         (iteration, objective, change, seconds, params): progress, metrics, checkpoints.
     nan_policy : "raise" (default): NaN or infinity in X is an error naming the first
         row; "drop": such rows are left out of the fit (counted in ``n_dropped_``) and
-        labelled -1 (NaN for probabilities, densities and distances).
+        labelled -1 (NaN for probabilities, densities and distances). ``predict``,
+        ``transform``, ``predict_proba`` and ``score_samples`` follow it too: under
+        "raise" they raise :class:`~dkm.NonFiniteInputError` naming the row and its
+        chunk (for Dask input when the result is computed).
     oversampling_factor : float, default 2.0, k-means‖ candidates per round / k.
     init_rounds : int, default 5, k-means‖ sampling rounds (passes over the data).
 
@@ -506,11 +510,10 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
         self.converged_ = best.converged
         self.history_ = best.history
         self.n_dropped_ = summary.n_nonfinite
-        drop = data.nan_policy == "drop"
         self.labels_: Any = (
             lazy_labels(data, best.params)
             if Xn is None
-            else apply_in_memory(K.predict_labels, Xn, best.params, data.origin, drop)
+            else apply_in_memory(K.predict_labels, Xn, best.params, data.origin, data.nan_policy)
         )
 
     def _log_likelihood(self) -> tuple[float, float]:
@@ -557,11 +560,14 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
         return self.fit(X, sample_weight=sample_weight).labels_
 
     def predict(self, X: Any) -> Any:
-        """Index of the closest centre per row."""
+        """Index of the closest centre per row; -1 for a NaN/inf row (nan_policy="drop")."""
         return self._per_point(X, K.predict_labels, lazy_labels)
 
     def transform(self, X: Any) -> Any:
-        """Euclidean distances to every centre; (n_samples, n_clusters)."""
+        """Euclidean distances to every centre; (n_samples, n_clusters).
+
+        A NaN/inf row gets a row of NaN (nan_policy="drop").
+        """
         return self._per_point(X, K.distances, lazy_distances)
 
     def fit_transform(self, X: Any, y: Any = None, sample_weight: Any = None) -> Any:
@@ -941,15 +947,17 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
         return self.fit(X, sample_weight=sample_weight).predict(X)
 
     def predict(self, X: Any) -> Any:
+        """Most likely component per row; -1 for a NaN/inf row (nan_policy="drop")."""
         return self._per_point(X, K.predict_labels, lazy_labels)
 
     def predict_proba(self, X: Any) -> Any:
-        """Responsibilities; (n_samples, n_components), float32 for float32 X and model."""
+        """Responsibilities; (n_samples, n_components), float32 for float32 X and model; a
+        row of NaN for a NaN/inf row (nan_policy="drop")."""
         return self._per_point(X, K.predict_proba, lazy_proba, "means_")
 
     def score_samples(self, X: Any) -> Any:
         """Log-density of each row under the mixture; (n_samples,), float32 for float32 X
-        and model."""
+        and model; NaN for a NaN/inf row (nan_policy="drop")."""
         return self._per_point(X, K.score_samples, lazy_score_samples, "means_")
 
     def score(self, X: Any, y: Any = None) -> float:

@@ -42,6 +42,7 @@ __all__ = [
     "Points",
     "check_writable",
     "claim_output",
+    "find_model",
     "inspect_output",
     "load_model",
     "load_model_statistics",
@@ -69,6 +70,8 @@ _FLOAT_DTYPES = ("float32", "float64")
 _GENERATOR_VERSION = 1
 _SYNTHETIC_CHUNK_ROWS = 100_000
 _MAX_LISTED = 20
+#: Where `dkm run` (and `dkm recluster`) write the model inside the output folder.
+OUTPUT_MODEL = "model"
 
 
 class InputError(ValueError):
@@ -353,6 +356,7 @@ def open_zarr(
     storage_options: dict[str, Any] | None = None,
     chunk_rows: int | None = None,
     dtype: str | None = None,
+    array_option: str | None = None,
 ) -> Points:
     """Points from a zarr array, read lazily by the workers.
 
@@ -367,6 +371,8 @@ def open_zarr(
         sharded), so that every task reads whole stored chunks.
     dtype : "float32" or "float64"; None keeps float32/float64 and reads other real
         types as float64.
+    array_option : the command-line option that gives ``array`` (e.g. "--array"), for
+        the errors to name instead of ``array=...``.
 
     Returns
     -------
@@ -375,11 +381,13 @@ def open_zarr(
     rows_override = _check_chunk_rows(chunk_rows)
     target = _check_dtype(dtype)
     node = _open_zarr_node(url, storage_options)
+    given = "array=" if array_option is None else f"{array_option} "
     if isinstance(node, zarr.Group):
         if array is None:
             raise InputError(
                 f"{url} is a zarr group, not an array: name the array to cluster "
-                f"(array=...); it holds the arrays {_listing(_array_names(node))}"
+                f"({given}{'...' if array_option is None else 'NAME'}); it holds the arrays "
+                f"{_listing(_array_names(node))}"
             )
         x = _group_member(node, array, url, "points")
         w = None if weights is None else _group_member(node, weights, url, "weights")
@@ -388,8 +396,8 @@ def open_zarr(
     else:
         if array is not None:
             raise InputError(
-                f"{url} is a zarr array, so array={array!r} (a name inside a group) does not "
-                "apply: drop it, or point the URL at the group"
+                f"{url} is a zarr array, so {given}{array!r} (a name inside a group) does "
+                "not apply: drop it, or point the URL at the group"
             )
         x = node
         w = None
@@ -1185,6 +1193,15 @@ def save_model(
             _save_statistics(group, statistics)
 
 
+def _is_model(url: str, storage_options: dict[str, Any] | None) -> bool:
+    store, options = _zarr_location(url, storage_options)
+    try:
+        attrs = zarr.open_group(store, mode="r", storage_options=options).attrs
+    except (OSError, ValueError, KeyError):
+        return False
+    return "dkm_format" in attrs and "kind" in attrs
+
+
 def _open_model(
     url: str, storage_options: dict[str, Any] | None
 ) -> tuple[zarr.Group, dict[str, Any]]:
@@ -1192,7 +1209,14 @@ def _open_model(
     try:
         group = zarr.open_group(store, mode="r", storage_options=options)
     except (OSError, ValueError, KeyError) as e:
-        raise InputError(f"no dkm model at {url} ({e}): check the path or URL") from e
+        inner = _join(url, OUTPUT_MODEL)
+        where = (
+            f"{url} is an output folder of `dkm run`: its model is {inner}"
+            if _is_model(inner, storage_options)
+            else f"check the path or URL (`dkm run` writes the model to {OUTPUT_MODEL}/ "
+            "in its output.path)"
+        )
+        raise InputError(f"no dkm model at {url} ({e}): {where}") from e
     attrs = dict(group.attrs)
     if "dkm_format" not in attrs or "kind" not in attrs:
         raise InputError(
@@ -1231,6 +1255,16 @@ def _float(value: Any, name: str, url: str) -> float:
         return float(value)
     except (TypeError, ValueError):
         raise InputError(f"dkm model {url}: attribute {name} = {value!r} is not a number") from None
+
+
+def find_model(url: str, *, storage_options: dict[str, Any] | None = None) -> str:
+    """``url`` if it is a saved model, else the model in it, if ``url`` is an output
+    folder of ``dkm run`` (its ``model/``); InputError if neither."""
+    inner = _join(url, OUTPUT_MODEL)
+    if not _is_model(url, storage_options) and _is_model(inner, storage_options):
+        return inner
+    _open_model(url, storage_options)  # the error naming what is wrong with url
+    return url
 
 
 def load_model(

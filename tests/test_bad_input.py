@@ -6,6 +6,7 @@ and no output left behind.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -127,8 +128,6 @@ def test_command_rejects(tmp_path, name, X, w, model, message):
     )
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
-    import re
-
     assert re.search(message, result.stderr), result.stderr
     after = sorted(p.name for p in tmp_path.iterdir())
     assert after == before, "a failed run left files behind"
@@ -257,3 +256,103 @@ def test_command_with_nan_policy_drop(tmp_path):
     assert summary["dropped_rows"] == 2 and sum(summary["cluster_sizes"]) == 398
     labels = zarr.open_group(str(tmp_path / "out" / "labels.zarr"), mode="r")["labels"][:]
     assert list(np.flatnonzero(labels == -1)) == [3, 250]
+
+
+# Points to predict on: NaN in row 123 (chunk 1 of 100 rows), infinity in row 456 (chunk 4).
+BAD_ROWS = [123, 456]
+FIT = np.vstack([GOOD, GOOD + 8])
+TO_PREDICT = np.vstack([FIT, FIT, GOOD[:100]])
+TO_PREDICT_BAD = TO_PREDICT.copy()
+TO_PREDICT_BAD[123, 1], TO_PREDICT_BAD[456, 0] = np.nan, np.inf
+PER_POINT = [
+    ("KMeans", "predict"),
+    ("KMeans", "transform"),
+    ("GaussianMixture", "predict"),
+    ("GaussianMixture", "predict_proba"),
+    ("GaussianMixture", "score_samples"),
+]
+
+
+@pytest.mark.parametrize("kind, method", PER_POINT, ids=[f"{k}.{m}" for k, m in PER_POINT])
+@pytest.mark.parametrize("container", ["numpy", "dask"])
+def test_per_point_methods_raise_on_nonfinite_rows(kind, method, container):
+    est = getattr(dkm, kind)(2, random_state=0).fit(FIT)
+    if container == "numpy":
+        with pytest.raises(dkm.NonFiniteInputError) as info:
+            getattr(est, method)(TO_PREDICT_BAD)
+        assert str(info.value).startswith(
+            "Input X contains NaN or infinity: 2 row(s), the first at row 123 (then row 456). "
+        )
+        assert "nan_policy='drop'" in str(info.value)
+        return
+    result = getattr(est, method)(da.from_array(TO_PREDICT_BAD, chunks=(100, -1)))  # lazy
+    assert np.isfinite(result.blocks[0].compute()).all()
+    for chunk, row in [(1, 123), (4, 456)]:
+        message = rf"1 row\(s\) in chunk {chunk}, the first at row {row}\. .*nan_policy='drop'"
+        with pytest.raises(dkm.NonFiniteInputError, match=message):
+            result.blocks[chunk].compute()
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        result.compute()
+
+
+@pytest.mark.parametrize("kind, method", PER_POINT, ids=[f"{k}.{m}" for k, m in PER_POINT])
+@pytest.mark.parametrize("container", ["numpy", "dask"])
+def test_per_point_methods_drop_nonfinite_rows(kind, method, container):
+    est = getattr(dkm, kind)(2, random_state=0, nan_policy="drop").fit(FIT)
+    data = (
+        TO_PREDICT_BAD if container == "numpy" else da.from_array(TO_PREDICT_BAD, chunks=(100, -1))
+    )
+    got = np.asarray(getattr(est, method)(data))
+    clean = np.asarray(getattr(est, method)(TO_PREDICT))
+    empty = -1 if method == "predict" else np.nan
+    np.testing.assert_array_equal(got[BAD_ROWS], np.full_like(clean[BAD_ROWS], empty))
+    np.testing.assert_array_equal(np.delete(got, BAD_ROWS, 0), np.delete(clean, BAD_ROWS, 0))
+
+
+def test_nonfinite_error_survives_pickling():
+    """Workers send task errors to the client pickled."""
+    import pickle
+
+    err = dkm.NonFiniteInputError(7, (40, 41, 45, 46, 50), 3, True, "skip them")
+    again = pickle.loads(pickle.dumps(err))
+    assert type(again) is dkm.NonFiniteInputError and str(again) == str(err)
+    assert str(err) == (
+        "Input X contains NaN or infinity: 7 row(s) in chunk 3, the first at row 40 "
+        "(then rows 41, 45, 46, 50, …). Remove or impute them, or skip them."
+    )
+
+
+def predict_cmd(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "dkm.cli", "predict", "--model", "model"]
+    return subprocess.run(
+        [*command, "--data", "bad.npy", "--out", "pred.zarr", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("fitted_with", ["raise", "drop"])
+def test_command_predict_follows_the_nan_policy(tmp_path, fitted_with):
+    import zarr
+
+    km = dkm.KMeans(2, random_state=0, nan_policy=fitted_with).fit(FIT)
+    dkm.save_model(km, str(tmp_path / "model"))
+    np.save(tmp_path / "bad.npy", TO_PREDICT_BAD)
+    refused = predict_cmd(tmp_path, *(["--nan-policy", "raise"] if fitted_with == "drop" else []))
+    assert refused.returncode == 2, refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert re.search(
+        r"2 row\(s\) in chunk 0, the first at row 123 \(then row 456\)\. .*--nan-policy drop",
+        refused.stderr,
+    ), refused.stderr
+    assert not (tmp_path / "pred.zarr").exists()
+    dropped = predict_cmd(tmp_path, *(["--nan-policy", "drop"] if fitted_with == "raise" else []))
+    assert dropped.returncode == 0, dropped.stderr
+    labels = zarr.open_group(str(tmp_path / "pred.zarr"), mode="r")["labels"][:]
+    assert list(np.flatnonzero(labels == -1)) == BAD_ROWS
+    np.testing.assert_array_equal(
+        np.delete(labels, BAD_ROWS), np.delete(km.predict(TO_PREDICT), BAD_ROWS)
+    )

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import _free_port
 
 import dkm
 from dkm import io
@@ -124,6 +125,43 @@ def test_run_predict_info_validate(workdir):
     np.testing.assert_array_equal(pred, model.predict(X))
     info = dkm_cmd("info", "out/model", cwd=workdir).stdout
     assert "KMeans" in info and summary["data_fingerprint"] in info and "km.yaml" in info
+    # the output folder stands for its model
+    assert dkm_cmd("info", "out", cwd=workdir).stdout == info
+    dkm_cmd(
+        "predict",
+        "--model",
+        "out",
+        "--data",
+        "data.zarr",
+        "--array",
+        "points",
+        "--out",
+        "pred-from-folder.zarr",
+        cwd=workdir,
+    )
+    pred = zarr.open_group(str(workdir / "pred-from-folder.zarr"), mode="r")["labels"][:]
+    np.testing.assert_array_equal(pred, model.predict(X))
+
+
+def test_predict_hints_name_its_options(tmp_path):
+    """dkm predict has no config: its errors name its options, not config keys."""
+    io.make_data(str(tmp_path / "data.zarr"), 100, 2, 2, chunk_rows=50)
+    km = dkm.KMeans(2, random_state=0).fit(io.open_zarr(str(tmp_path / "data.zarr"), "points").X)
+    io.save_model(km, str(tmp_path / "model"))
+    args = ["predict", "--model", "model", "--data", "data.zarr", "--out", "pred.zarr"]
+    no_array = dkm_cmd(*args, cwd=tmp_path, check=False)
+    assert no_array.returncode == 2, no_array.stderr
+    assert "(--array NAME); it holds the arrays 'labels_true', 'points'" in no_array.stderr
+    scheduler = f"tcp://127.0.0.1:{_free_port()}"
+    unreachable = dkm_cmd(
+        *args, "--array", "points", "--scheduler", scheduler, cwd=tmp_path, check=False
+    )
+    assert unreachable.returncode == 2, unreachable.stderr
+    assert f"cannot reach the Dask scheduler at {scheduler}" in unreachable.stderr
+    assert "Check the address given to --scheduler" in unreachable.stderr
+    assert "leave out --scheduler to run in-process" in unreachable.stderr
+    assert "cluster:" not in unreachable.stderr and "Traceback" not in unreachable.stderr
+    assert not (tmp_path / "pred.zarr").exists()
 
 
 def test_gmm_run_with_overrides_and_json_logs(workdir):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import uuid
 from collections.abc import Iterator
@@ -583,6 +584,21 @@ def test_model_on_fsspec_url(mem):
     assert io.read_model_metadata(f"{mem}/models/g")["metadata"] == {"second": True}
     names = fsspec.filesystem("memory").ls(mem.removeprefix("memory://") + "/models", detail=False)
     assert [n.rsplit("/", 1)[1] for n in names] == ["g"]
+
+
+def test_output_folder_of_dkm_run_leads_to_its_model(tmp_path, mem):
+    est = dkm.KMeans(2, random_state=0).fit(X)
+    (tmp_path / "out").mkdir()
+    for out in (str(tmp_path / "out"), f"{mem}/out"):
+        io.save_model(est, f"{out}/model")
+        assert io.find_model(out) == f"{out}/model"
+        assert io.find_model(f"{out}/model") == f"{out}/model"
+        message = f"{out} is an output folder of `dkm run`: its model is {out}/model"
+        with pytest.raises(InputError, match=re.escape(message)):
+            io.load_model(out)
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(InputError, match=r"no dkm model at .*plain.*writes the model to model/"):
+        io.find_model(str(tmp_path / "plain"))
 
 
 def test_load_non_models(tmp_path):

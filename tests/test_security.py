@@ -351,6 +351,21 @@ def test_tls_address_without_any_certificates_is_a_cluster_error():
     assert "cluster.security" in str(e.value)
 
 
+def test_tls_hints_for_an_address_from_the_command_line():
+    from dkm.cluster import Hints
+
+    config = _address_config(_free_port())
+    hints = Hints.command_line("--scheduler")
+    with (
+        dask.config.set(NO_DASK_TLS_CONFIG),
+        pytest.raises(ClusterError) as e,
+        connect(config, hints=hints),
+    ):
+        pass
+    assert "no certificates are configured: set distributed.comm.tls.ca-file" in str(e.value)
+    assert "cluster.security" not in str(e.value)
+
+
 # --------------------------------------------------------------------------- config
 
 MINIMAL = {"data": {"kind": "synthetic"}, "output": {"path": "out"}}
