@@ -574,16 +574,23 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
         return self.fit(X, sample_weight=sample_weight).transform(X)
 
     def score(self, X: Any, y: Any = None, sample_weight: Any = None) -> float:
-        """Opposite of the inertia of X under the fitted centres."""
+        """Opposite of the inertia of X under the fitted centres (of its kept rows, with
+        nan_policy='drop'; with 'raise' a NaN/inf row is an error naming it)."""
         check_is_fitted(self)
         if isinstance(X, da.Array):
-            labels = self.predict(X)
-            diff = X.astype(np.float64) - da.from_array(self._params.means)[labels]
-            dist = (diff**2).sum(axis=1)
+            labels = self.predict(X)  # -1 for a dropped row
+            kept = labels >= 0
+            centres = da.from_array(self._params.means)[da.maximum(labels, 0)]
+            dist = da.where(kept, ((X.astype(np.float64) - centres) ** 2).sum(axis=1), 0.0)
             w = 1.0 if sample_weight is None else sample_weight
             return -float((dist * w).sum().compute())
-        Xn = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
+        Xn = validate_data(
+            self, X, reset=False, dtype=[np.float64, np.float32], ensure_all_finite=False
+        )
         sw = None if sample_weight is None else _check_sample_weight(sample_weight, Xn)
+        if not np.isfinite(Xn).all():
+            kept = np.asarray(self.predict(Xn)) >= 0  # under "raise" this names the row
+            Xn, sw = Xn[kept], None if sw is None else sw[kept]
         Xc = Xn.astype(np.float64) - self._origin
         return -K.inertia(Xc, self._params.translated(-self._origin), sw)
 

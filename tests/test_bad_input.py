@@ -309,6 +309,24 @@ def test_per_point_methods_drop_nonfinite_rows(kind, method, container):
     np.testing.assert_array_equal(np.delete(got, BAD_ROWS, 0), np.delete(clean, BAD_ROWS, 0))
 
 
+@pytest.mark.parametrize("kind", ["KMeans", "GaussianMixture"])
+@pytest.mark.parametrize("container", ["numpy", "dask"])
+def test_score_follows_nan_policy(kind, container):
+    """score: the kept rows' objective under drop (a dropped row is no point of the last
+    centre's), an error naming the row under raise."""
+
+    def wrap(a):
+        return a if container == "numpy" else da.from_array(a, chunks=(100, -1))
+
+    dropping = getattr(dkm, kind)(2, random_state=0, nan_policy="drop").fit(FIT)
+    kept = np.delete(TO_PREDICT, BAD_ROWS, 0)
+    expected = dropping.score(kept)
+    assert dropping.score(wrap(TO_PREDICT_BAD)) == pytest.approx(expected, rel=1e-12)
+    raising = getattr(dkm, kind)(2, random_state=0).fit(FIT)
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        raising.score(wrap(TO_PREDICT_BAD))
+
+
 def test_nonfinite_error_survives_pickling():
     """Workers send task errors to the client pickled."""
     import pickle
