@@ -377,9 +377,12 @@ def drift_figure(drift: dict[str, Any], title: str) -> Figure:
     ax2.set_ylim(0, 1.25 * max([*w_old, *w_new, 1e-12]))
     ax2.legend(loc="upper right", ncols=2)
     ax2.set_title(f"weights; label churn {100 * drift['label_churn']:.2f}%")
+    old, new = drift["objective_old"], drift["objective_new"]
+    change = f" ({100 * (new - old) / abs(old):+.3g}%)" if old not in (0.0, -0.0) else ""
+    # nine digits: the two objectives usually agree in the first six
     fig.suptitle(
-        f"{title}\n{drift['objective_name']} on the new data: old {drift['objective_old']:.6g}, "
-        f"new {drift['objective_new']:.6g}"
+        f"{title}\n{drift['objective_name']} on the new data: old {old:,.9g}, "
+        f"new {new:,.9g}{change}"
     )
     for ax in (ax1, ax2):
         _fit_tick_labels(fig, ax, x, names)

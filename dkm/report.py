@@ -605,7 +605,11 @@ def _criterion_figure(
             ax.margins(y=0.2)  # room for the label above the lowest point
     axes[-1].set_xlabel("number of clusters k")
     axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.suptitle(f"Choosing k: {criterion.upper()} of each candidate", fontsize=12)
+    fig.suptitle(
+        f"Choosing k by {criterion.upper()}: {order[0].upper()} and {order[1].upper()} of "
+        "each candidate",
+        fontsize=12,
+    )
     return fig
 
 

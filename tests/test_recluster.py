@@ -402,3 +402,20 @@ def test_drift_figure_labels_and_legend_do_not_overlap(k):
     assert not any(legend.overlaps(bar.get_window_extent()) for bar in weights.patches)
     if k == 3:  # few labels stay upright
         assert all(t.get_rotation() == 0 for t in fig.axes[0].get_xticklabels())
+
+
+def test_drift_title_tells_close_objectives_apart():
+    """Two inertias that agree in six digits read alike at 6 significant digits."""
+    from dkm.recluster import drift_figure
+
+    drift = {
+        "components": [],
+        "drift_threshold_sd": 1.0,
+        "moved": [],
+        "label_churn": 0.0,
+        "objective_name": "inertia",
+        "objective_old": 1199880.4213,
+        "objective_new": 1199879.9107,
+    }
+    title = drift_figure(drift, "blobs").get_suptitle()
+    assert "old 1,199,880.42, new 1,199,879.91 (-4.26e-05%)" in title

@@ -500,6 +500,7 @@ def test_criteria_do_not_hide_each_other() -> None:
     assert gap.min() > 20.0
     assert fig.axes[0].get_ylabel().startswith("BIC")  # the criterion that chose k on top
     assert [t.get_text() for t in fig.axes[0].texts] == ["k = 4"]
+    assert fig.get_suptitle() == "Choosing k by BIC: BIC and AIC of each candidate"
 
 
 def test_soft_kmeans_report_names_its_objective_the_log_likelihood(tmp_path: Path) -> None:
