@@ -232,6 +232,18 @@ def test_malformed_yaml_exits_2(tmp_path):
     assert result.returncode == 2 and "not valid YAML at line" in result.stderr
 
 
+def test_a_bad_set_option_is_named_not_the_file(tmp_path):
+    write_config(tmp_path / "base.yaml")
+    result = dkm_cmd(
+        "validate", "base.yaml", "--set", "model.nclusters=3", cwd=tmp_path, check=False
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (
+        "dkm: error: invalid --set for base.yaml:\n"
+        "  --set model.nclusters=3: model has no key 'nclusters' (did you mean 'n_clusters'?)\n"
+    )
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
 def test_interrupted_run_leaves_previous_output_intact(workdir, tmp_path, sig):
     shutil.copytree(workdir / "data.zarr", tmp_path / "data.zarr")
