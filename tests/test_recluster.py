@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import dask.array as da
@@ -357,3 +358,42 @@ def test_recluster_needs_a_registry_and_one_k(tmp_path, scheduler):
     raw["model"]["n_clusters"] = [3, 4]
     with pytest.raises(ConfigError, match="must be one number"):
         recluster(validate_config(raw))
+
+
+def test_the_recipe_in_the_shipped_config_does_what_its_comments_say(
+    tmp_path, scheduler, monkeypatch
+):
+    """configs/recluster.yaml's commands, on less data and the test's scheduler."""
+    shipped = Path(__file__).resolve().parents[1] / "configs" / "recluster.yaml"
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "recluster.yaml").write_text(shipped.read_text())
+    monkeypatch.chdir(tmp_path)
+    recipe = [
+        line.lstrip("# ").partition("#")
+        for line in shipped.read_text().splitlines()
+        if line.startswith(("#   dkm ", "#   mkdir "))
+    ]
+    assert [cmd.split()[:2] for cmd, _, _ in recipe] == [
+        ["mkdir", "-p"],
+        ["dkm", "make-data"],
+        ["dkm", "recluster"],
+        ["dkm", "recluster"],
+        ["dkm", "models"],
+    ]
+    registry = Registry("registry", "blobs")
+    for cmd, _, comment in recipe:
+        args = cmd.split()[1:]
+        if cmd.startswith("mkdir -p "):
+            Path(args[1]).mkdir(parents=True, exist_ok=True)
+            continue
+        if args[0] == "make-data":
+            args[args.index("--n") + 1] = "20000"
+        if args[0] == "recluster":
+            args += ["--quiet", "--set", f"cluster={{kind: address, address: {scheduler}}}"]
+        result = CliRunner().invoke(main, args)
+        claimed = re.search(r"exit (\d+)", comment)
+        assert result.exit_code == (int(claimed.group(1)) if claimed else 0), (cmd, result.output)
+        version = re.search(r"\bv(\d+)\b.* is current", comment)
+        if version:
+            assert registry.current() == int(version.group(1)), cmd
+    assert "* v2" in result.output  # models list
