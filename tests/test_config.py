@@ -340,3 +340,22 @@ def test_set_errors_name_the_option_and_file_errors_the_file(tmp_path):
         load_config(base, ["model.covariance_type=full"])
     assert "model: covariance_type 'full' needs mode: gmm" in str(e.value)
     assert "(with --set model.covariance_type=full)" in str(e.value)
+
+
+def test_what_the_shipped_configs_write_is_ignored_by_git():
+    ignored = {
+        line.strip().strip("/")
+        for line in (ROOT / ".gitignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    written = set()
+    for path in CONFIGS:
+        cfg = load_config(path)
+        written.add(cfg.output.path)
+        if cfg.registry is not None:
+            written.add(cfg.registry.location)
+        for key in ("url", "path"):  # the data the configs' comments make
+            written.add(getattr(cfg.data, key, None) or "")
+    tops = {Path(p).parts[0] for p in written if p and "://" not in p}
+    assert tops == {"out", "registry", "data"}, tops
+    assert tops <= ignored, f".gitignore lacks {sorted(tops - ignored)}"
