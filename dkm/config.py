@@ -585,6 +585,7 @@ class _Where:
         self.union_allowed = ""  # what that key takes
         self.parent: type[BaseModel] | None = None  # the model of an unknown key
         self.owner: tuple[type[BaseModel], str] | None = None
+        key_type: Any = Any
         for part in loc:
             base, more = _unwrap(self.annotation)
             self.metadata += more
@@ -599,6 +600,9 @@ class _Where:
             elif members:
                 base, more = _unwrap(members[0])
                 self.metadata += more
+            if part == "[key]":  # the key just passed is wrong, not its value
+                self.annotation, self.metadata = key_type, []
+                continue
             self.path.append(part)
             self.parent = None
             if isinstance(base, type) and issubclass(base, BaseModel):
@@ -611,7 +615,8 @@ class _Where:
             elif get_origin(base) is list:
                 self.annotation, self.metadata = get_args(base)[0], []
             elif get_origin(base) is dict:
-                self.annotation, self.metadata = get_args(base)[1], []
+                key_type, self.annotation = get_args(base)
+                self.metadata = []
             else:
                 self.annotation, self.metadata = Any, []
 
@@ -673,6 +678,8 @@ def _problem(err: dict[str, Any], where: _Where) -> _Problem:
         tag = err["ctx"].get("tag")
         hint = _suggest(tag, expected.split(", "))
         return _Problem([*path, "kind"], f"expected one of {expected}, got {tag!r}{hint}")
+    if kind == "invalid_key":
+        return _Problem(path[:-1], f"keys are names, got {err.get('input')!r}")
     if kind == "union_tag_not_found":
         return _Problem(path, "needs a 'kind' key")
     if kind == "missing":

@@ -286,6 +286,12 @@ def test_errors_say_what_is_allowed(model, message):
         ({"cluster": {"kind": "slurmm"}}, "got 'slurmm' (did you mean 'slurm'?)"),
         ({"output": {"path": "o", "labels": "maybe"}}, "output.labels: expected true or false"),
         (
+            {"cluster": {"kind": "kubernetes", "resources": {"limit": {}}}},
+            "cluster.resources.limit: expected one of requests, limits, got 'limit' "
+            "(did you mean 'limits'?)",
+        ),
+        ({"model": {4: 1}}, "model: keys are names, got 4"),
+        (
             {"data": {"kind": "parquet", "url": "u", "columns": []}},
             "data.columns: expected a non-empty list of strings, got []",
         ),
