@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
+import logging
 import re
+import types
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, cast
+from typing import Annotated, Any, Literal, Union, cast, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -20,6 +24,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -453,49 +459,402 @@ class JobConfig(_Strict):
 # --------------------------------------------------------------------------- loading
 
 
-_UNION_TAGS = {
-    "data": {"synthetic", "zarr", "npy", "parquet"},
-    "cluster": {"local", "address", "kubernetes", *JOBQUEUE_KINDS},
+#: Sections whose ``kind`` chooses the keys they take, and the kind when they do not say.
+_KIND_SECTIONS: dict[str, str | None] = {"data": None, "cluster": "local"}
+
+#: Allowed values in words where the type alone does not say it.
+_ALLOWED_WORDS: dict[tuple[type[BaseModel], str], str] = {
+    (RegistryConfig, "name"): "a name of letters, digits, '.', '_' and '-' that starts with "
+    "a letter or digit",
 }
 
 
-def _describe_error(err: dict[str, Any]) -> str:
-    parts = [str(p) for p in err["loc"] if not str(p).startswith("function-")]
-    if len(parts) > 1 and parts[1] in _UNION_TAGS.get(parts[0], ()):
-        del parts[1]  # pydantic names the union member; the user wrote data.url, not data.zarr.url
-    loc = ".".join(parts)
+def _number(value: float) -> str:
+    return f"{value:g}"
+
+
+def _join(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + ", or " + words[-1]
+
+
+def _unwrap(annotation: Any) -> tuple[Any, list[Any]]:
+    """The annotation without ``Annotated``, and the constraints it carried."""
+    metadata: list[Any] = []
+    while get_origin(annotation) is Annotated:
+        annotation, *more = get_args(annotation)
+        metadata += more
+    return annotation, metadata
+
+
+def _members(annotation: Any) -> list[Any]:
+    """The members of a union (None included), or the annotation itself."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        return list(get_args(annotation))
+    return [annotation]
+
+
+def _allowed(annotation: Any, metadata: list[Any] | None = None) -> str:
+    """What a field takes, in words: ``an integer ≥ 1, a list of them, or {min, max, step}``."""
+    annotation, more = _unwrap(annotation)
+    metadata = [*(metadata or []), *more]
+    bounds = {
+        k: getattr(m, k)
+        for m in metadata
+        for k in ("gt", "ge", "lt", "le", "min_length")
+        if getattr(m, k, None) is not None
+    }
+    members = _members(annotation)
+    if len(members) > 1 and all(_tagged(m) for m in members if m is not type(None)):
+        return "a mapping with a 'kind' key" + (", or null" if type(None) in members else "")
+    if len(members) > 1:
+        words: list[str] = []
+        for member in members:
+            if member is type(None):
+                continue
+            member, inner = _unwrap(member)
+            if get_origin(member) is Literal:
+                words += [str(v) for v in get_args(member)]
+                continue
+            word = _allowed(member, [*metadata, *inner])
+            if words and word == f"a list, each {words[-1]}":
+                word = "a list of them"
+            words.append(word)
+        if type(None) in members:
+            words.append("null")
+        return _join(words)
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return "one of " + ", ".join(str(v) for v in get_args(annotation))
+    if origin is list:
+        (item,) = get_args(annotation)
+        each = _allowed(item)
+        if each == "a string":
+            return (
+                "a non-empty list of strings" if bounds.get("min_length") else "a list of strings"
+            )
+        return f"a list, each {each}"
+    if origin is dict or annotation is dict:
+        return "a mapping"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        fields = list(annotation.model_fields)
+        return "{" + ", ".join(fields) + "}" if len(fields) <= 3 else "a mapping"
+    if annotation is bool:
+        return "true or false"
+    if annotation is int:
+        low = bounds.get("ge", bounds["gt"] + 1 if "gt" in bounds else None)
+        return "an integer" if low is None else f"an integer ≥ {low}"
+    if annotation is float:
+        if "ge" in bounds and "le" in bounds:
+            return f"a number from {_number(bounds['ge'])} to {_number(bounds['le'])}"
+        if "gt" in bounds:
+            return f"a number > {_number(bounds['gt'])}"
+        if "ge" in bounds:
+            return f"a number ≥ {_number(bounds['ge'])}"
+        return "a number"
+    if annotation is str:
+        return "a string"
+    return "a value of the documented form"
+
+
+def _branch(members: list[Any], tag: Any) -> Any:
+    """The union member that pydantic's loc part ``tag`` names, or None."""
+    if not isinstance(tag, str):
+        return None
+    name = tag.rstrip("]").split(", ")[-1] if tag.startswith("function-") else tag
+    for member in members:
+        base, _ = _unwrap(member)
+        if isinstance(base, type) and issubclass(base, BaseModel):
+            kind = base.model_fields.get("kind")
+            if base.__name__ == name or (
+                kind is not None and name in get_args(_unwrap(kind.annotation)[0])
+            ):
+                return member
+        elif name.startswith(("list[", "literal[")) and get_origin(base) in (list, Literal):
+            if name.startswith("list[") == (get_origin(base) is list):
+                return member
+        elif getattr(base, "__name__", None) in (name, name.removeprefix("constrained-")):
+            return member
+    return None
+
+
+class _Where:
+    """Where a pydantic error is: the key path as the user wrote it, and that key's type."""
+
+    def __init__(self, loc: tuple[Any, ...]) -> None:
+        self.path: list[str | int] = []
+        self.annotation: Any = JobConfig
+        self.metadata: list[Any] = []
+        self.union_at: tuple[str | int, ...] | None = None  # key of a union the error is in
+        self.union_allowed = ""  # what that key takes
+        self.parent: type[BaseModel] | None = None  # the model of an unknown key
+        self.owner: tuple[type[BaseModel], str] | None = None
+        key_type: Any = Any
+        for part in loc:
+            base, more = _unwrap(self.annotation)
+            self.metadata += more
+            members = [m for m in _members(base) if m is not type(None)]
+            if len(members) > 1:
+                member = _branch(members, part)
+                if member is not None:
+                    if self.union_at is None and not all(_tagged(m) for m in members):
+                        self.union_at, self.union_allowed = tuple(self.path), self.allowed()
+                    self.annotation = member
+                    continue
+            elif members:
+                base, more = _unwrap(members[0])
+                self.metadata += more
+            if part == "[key]":  # the key just passed is wrong, not its value
+                self.annotation, self.metadata = key_type, []
+                continue
+            self.path.append(part)
+            self.parent = None
+            if isinstance(base, type) and issubclass(base, BaseModel):
+                field = base.model_fields.get(str(part))
+                if field is None:
+                    self.parent, self.annotation = base, Any
+                    continue
+                self.owner = (base, str(part))
+                self.annotation, self.metadata = field.annotation, list(field.metadata)
+            elif get_origin(base) is list:
+                self.annotation, self.metadata = get_args(base)[0], []
+            elif get_origin(base) is dict:
+                key_type, self.annotation = get_args(base)
+                self.metadata = []
+            else:
+                self.annotation, self.metadata = Any, []
+
+    def allowed(self) -> str:
+        if self.owner in _ALLOWED_WORDS and self.annotation is not Any:
+            return _ALLOWED_WORDS[self.owner]
+        return _allowed(self.annotation, self.metadata)
+
+
+def _tagged(member: Any) -> bool:
+    base, _ = _unwrap(member)
+    return isinstance(base, type) and issubclass(base, BaseModel) and "kind" in base.model_fields
+
+
+def _key(path: Sequence[str | int]) -> str:
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def _suggest(word: Any, choices: Any) -> str:
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+class _Problem:
+    """One problem of a config: its key path and what is wrong, in words."""
+
+    def __init__(
+        self, path: Sequence[str | int], text: str, unknown: str = "", missing: bool = False
+    ) -> None:
+        self.path = tuple(path)
+        self.text = text
+        self.unknown = unknown  # for an unknown key: "model has no key 'x' (did you mean …)"
+        self.missing = missing  # a required key is missing
+
+    def line(self, from_set: bool) -> str:
+        if self.unknown and from_set:
+            return self.unknown
+        return f"{_key(self.path)}: {self.text}" if self.path else self.text
+
+
+def _got(err: dict[str, Any]) -> str:
+    value = err.get("input")
+    return "" if isinstance(value, dict) else f", got {value!r}"
+
+
+def _problem(err: dict[str, Any], where: _Where) -> _Problem:
     kind, msg = err["type"], err["msg"]
-    if kind == "literal_error":
-        expected = str(err.get("ctx", {}).get("expected", "")).replace("'", "")
-        msg = "expected one of " + expected.replace(" or ", ", ")
-    elif kind == "extra_forbidden":
-        msg = "unknown key"
-    elif kind == "union_tag_invalid":
+    path = where.path
+    if kind == "extra_forbidden":
+        name = path[-1]
+        parent = _key(path[:-1]) or "the config"
+        hint = _suggest(name, where.parent.model_fields if where.parent else ())
+        return _Problem(path, f"unknown key{hint}", f"{parent} has no key {name!r}{hint}")
+    if kind == "union_tag_invalid":
         expected = str(err.get("ctx", {}).get("expected_tags", "")).replace("'", "")
-        return f"{loc}.kind: expected one of {expected}, got {err['ctx'].get('tag')!r}"
-    elif kind == "union_tag_not_found":
-        return f"{loc}: needs a 'kind' key"
-    elif kind == "value_error":
-        msg = msg.removeprefix("Value error, ")
-    if kind not in ("missing", "extra_forbidden") and not isinstance(err.get("input", {}), dict):
-        msg += f", got {err['input']!r}"
-    return f"{loc}: {msg}" if loc else msg
+        tag = err["ctx"].get("tag")
+        hint = _suggest(tag, expected.split(", "))
+        return _Problem([*path, "kind"], f"expected one of {expected}, got {tag!r}{hint}")
+    if kind == "invalid_key":
+        return _Problem(path[:-1], f"keys are names, got {err.get('input')!r}")
+    if kind == "union_tag_not_found":
+        return _Problem(path, "needs a 'kind' key")
+    if kind == "missing":
+        return _Problem(path, msg, missing=True)
+    if kind in ("value_error", "assertion_error"):
+        return _Problem(path, msg.removeprefix("Value error, ") + _got(err))
+    if kind == "literal_error":
+        values = [
+            v
+            for m in _members(_unwrap(where.annotation)[0])
+            if get_origin(_unwrap(m)[0]) is Literal
+            for v in get_args(_unwrap(m)[0])
+        ]
+        hint = _suggest(err.get("input"), values)
+        return _Problem(path, f"expected one of {', '.join(values)}{_got(err)}{hint}")
+    return _Problem(path, f"expected {where.allowed()}{_got(err)}")
 
 
-def validate_config(raw: Any, source: str = "config") -> JobConfig:
-    """A validated JobConfig from plain data; ConfigError lists every problem by key path."""
+def _problems(errors: list[dict[str, Any]]) -> list[_Problem]:
+    """Every problem once, in words; a union reports the member that fits the value's shape."""
+    out: list[_Problem] = []
+    unions: dict[tuple[str | int, ...], list[tuple[dict[str, Any], _Where]]] = {}
+    for err in errors:
+        where = _Where(err["loc"])
+        if where.union_at is None:
+            out.append(_problem(err, where))
+        else:
+            unions.setdefault(where.union_at, []).append((err, where))
+    for at, group in unions.items():
+        # errors inside the value (a list item, a key of a mapping, a check of the member
+        # that took the value) come from the member the value was meant for
+        specific = [
+            (err, where)
+            for err, where in group
+            if len(where.path) > len(at) or err["type"] in ("value_error", "assertion_error")
+        ]
+        if specific:
+            out += [_problem(err, where) for err, where in specific]
+            continue
+        err, where = group[0]
+        literals = [
+            v
+            for _, w in group
+            if get_origin(_unwrap(w.annotation)[0]) is Literal
+            for v in get_args(_unwrap(w.annotation)[0])
+        ]
+        hint = _suggest(err.get("input"), literals) if isinstance(err.get("input"), str) else ""
+        out.append(_Problem(at, f"expected {where.union_allowed}{_got(err)}{hint}"))
+    return out
+
+
+#: An override as applied: its key path and the ``--set`` argument as given.
+_Override = tuple[tuple[str, ...], str]
+
+
+def _starts(path: Sequence[Any], prefix: Sequence[Any]) -> bool:
+    return len(path) >= len(prefix) and all(
+        str(a) == str(b) for a, b in zip(path, prefix, strict=False)
+    )
+
+
+def _in_file(raw: Any, path: Sequence[Any]) -> bool:
+    for part in path:
+        found = (isinstance(raw, dict) and part in raw) or (
+            isinstance(raw, list) and isinstance(part, int) and part < len(raw)
+        )
+        if not found:
+            return False
+        raw = raw[part]
+    return True
+
+
+def _report(
+    problems: list[_Problem], source: str, file_raw: Any, overrides: list[_Override]
+) -> str:
+    """Problems of the file by key path, problems of an override by its ``--set``."""
+    lines: list[tuple[bool, str]] = []  # (from --set, line)
+    for p in problems:
+        owner = [
+            (path, item)
+            for path, item in overrides
+            if _starts(p.path, path) or (p.missing and path == (*p.path[:-1], "kind"))
+        ]
+        inside = [item for path, item in overrides if _starts(path, p.path) and path != p.path]
+        if owner:
+            path, item = owner[-1]
+            same = path == p.path and not p.unknown  # the option's own key
+            lines.append((True, f"--set {item}: {p.text if same else p.line(from_set=True)}"))
+        elif inside and not _in_file(file_raw, p.path):
+            lines.append((True, f"--set {inside[-1]}: {p.line(from_set=True)}"))
+        elif inside:
+            sets = ", ".join(f"--set {item}" for item in inside)
+            lines.append((False, f"{p.line(from_set=False)} (with {sets})"))
+        else:
+            lines.append((False, p.line(from_set=False)))
+    if all(from_set for from_set, _ in lines):
+        head = f"invalid --set for {source}:"
+    elif any(from_set for from_set, _ in lines):
+        head = f"{source} with its --set options is not a valid dkm config:"
+        lines = [(s, line if s else f"{source}: {line}") for s, line in lines]
+    else:
+        head = f"{source} is not a valid dkm config:"
+    return head + "".join(f"\n  {line}" for _, line in lines)
+
+
+def validate_config(
+    raw: Any,
+    source: str = "config",
+    *,
+    file_raw: Any = None,
+    overrides: list[_Override] | None = None,
+) -> JobConfig:
+    """A validated JobConfig from plain data; ConfigError lists every problem by key path.
+
+    With ``overrides`` (from :func:`apply_overrides`), a problem in a key an override set
+    is reported by its ``--set`` option instead of by the file.
+    """
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
     try:
         return JobConfig.model_validate(raw)
     except ValidationError as e:
-        problems = "\n".join("  " + _describe_error(dict(err)) for err in e.errors())
-        raise ConfigError(f"{source} is not a valid dkm config:\n{problems}") from None
+        problems = _problems([dict(err) for err in e.errors()])
+        raise ConfigError(_report(problems, source, file_raw, overrides or [])) from None
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``key.path=value`` overrides (values parsed as YAML: 32, 1e-3, null, [1, 2])."""
+def _kind_keys() -> dict[str, dict[str, set[str]]]:
+    """Per section with a ``kind``: the keys each kind takes."""
+    out: dict[str, dict[str, set[str]]] = {}
+    for section in _KIND_SECTIONS:
+        annotation = _unwrap(JobConfig.model_fields[section].annotation)[0]
+        for member in _members(annotation):
+            for tag in get_args(_unwrap(member.model_fields["kind"].annotation)[0]):
+                out.setdefault(section, {})[tag] = set(member.model_fields)
+    return out
+
+
+def _drop_other_kinds(raw: dict[str, Any], out: dict[str, Any], applied: list[_Override]) -> None:
+    """After ``--set SECTION.kind=…``: drop the file's keys that the new kind does not take.
+
+    Keys an override set stay, so that they are reported if the kind does not take them.
+    """
+    for section, kinds in _kind_keys().items():
+        before, after = raw.get(section), out.get(section)
+        if not isinstance(before, dict) or not isinstance(after, dict):
+            continue
+        old = before.get("kind", _KIND_SECTIONS[section])
+        new = after.get("kind", _KIND_SECTIONS[section])
+        if old == new or not isinstance(new, str) or new not in kinds:
+            continue
+        if any(path == (section,) for path, _ in applied):
+            continue  # the section was replaced: none of its keys is the file's
+        explicit = {path[1] for path, _ in applied if len(path) > 1 and path[0] == section}
+        dropped = sorted(k for k in after if k not in kinds[new] and k not in explicit)
+        for k in dropped:
+            del after[k]
+        if dropped:
+            item = next(item for path, item in reversed(applied) if path == (section, "kind"))
+            log.info(
+                "--set %s: dropped %s from the file (a %s %s does not take them)",
+                item,
+                ", ".join(f"{section}.{k}" for k in dropped),
+                new,
+                section,
+            )
+
+
+def _apply_overrides(
+    raw: dict[str, Any], overrides: list[str]
+) -> tuple[dict[str, Any], list[_Override]]:
     out: dict[str, Any] = yaml.safe_load(yaml.safe_dump(raw))  # deep copy of plain data
+    applied: list[_Override] = []
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
@@ -513,7 +872,19 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                 raise ConfigError(f"--set {item!r}: {section} is not a section")
             node = child
         node[parts[-1]] = value
-    return out
+        applied.append((tuple(parts), item))
+    _drop_other_kinds(raw, out, applied)
+    return out, applied
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.path=value`` overrides (values parsed as YAML: 32, 1e-3, null, [1, 2]).
+
+    Setting ``data.kind`` or ``cluster.kind`` to another kind drops the file's keys of that
+    section that the new kind does not take (``cluster.kind=address`` on a local cluster
+    drops ``n_workers``, …); keys set by overrides are kept.
+    """
+    return _apply_overrides(raw, overrides)[0]
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -543,5 +914,6 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
     """Read, override and validate a run config."""
-    raw = apply_overrides(read_yaml(path), overrides or [])
-    return validate_config(raw, str(path))
+    file_raw = read_yaml(path)
+    raw, applied = _apply_overrides(file_raw, overrides or [])
+    return validate_config(raw, str(path), file_raw=file_raw, overrides=applied)

@@ -270,6 +270,34 @@ def test_malformed_yaml_exits_2(tmp_path):
     assert result.returncode == 2 and "not valid YAML at line" in result.stderr
 
 
+def test_python_m_dkm_is_a_small_demo_beside_scikit_learn(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "dkm"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "50,000 points x 4 around 6 centres" in out
+    inertias = re.findall(r"inertia (\S+?)[,;]", out)
+    likelihoods = re.findall(r"mean log-likelihood (\S+?)[,;]", out)
+    assert len(inertias) == 2 and inertias[0] == inertias[1], out
+    assert len(likelihoods) == 2 and likelihoods[0] == likelihoods[1], out
+    differences = [float(x) for x in re.findall(r"differ by at most (\S+)", out)]
+    assert len(differences) == 2 and max(differences) < 1e-9, out
+    assert not any(tmp_path.iterdir())  # writes nothing
+
+
+def test_a_bad_set_option_is_named_not_the_file(tmp_path):
+    write_config(tmp_path / "base.yaml")
+    result = dkm_cmd(
+        "validate", "base.yaml", "--set", "model.nclusters=3", cwd=tmp_path, check=False
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (
+        "dkm: error: invalid --set for base.yaml:\n"
+        "  --set model.nclusters=3: model has no key 'nclusters' (did you mean 'n_clusters'?)\n"
+    )
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
 def test_interrupted_run_leaves_previous_output_intact(workdir, tmp_path, sig):
     shutil.copytree(workdir / "data.zarr", tmp_path / "data.zarr")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from pathlib import Path
 
 import dask.array as da
@@ -419,3 +420,39 @@ def test_drift_title_tells_close_objectives_apart():
     }
     title = drift_figure(drift, "blobs").get_suptitle()
     assert "old 1,199,880.42, new 1,199,879.91 (-4.26e-05%)" in title
+
+
+def test_the_recipe_in_the_shipped_config_does_what_its_comments_say(
+    tmp_path, scheduler, monkeypatch
+):
+    """configs/recluster.yaml's commands, on less data and the test's scheduler, in a
+    folder without data/ (make-data creates it, as a fresh clone needs)."""
+    shipped = Path(__file__).resolve().parents[1] / "configs" / "recluster.yaml"
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "recluster.yaml").write_text(shipped.read_text())
+    monkeypatch.chdir(tmp_path)
+    recipe = [
+        line.lstrip("# ").partition("#")
+        for line in shipped.read_text().splitlines()
+        if line.startswith("#   dkm ")
+    ]
+    assert [cmd.split()[:2] for cmd, _, _ in recipe] == [
+        ["dkm", "make-data"],
+        ["dkm", "recluster"],
+        ["dkm", "recluster"],
+        ["dkm", "models"],
+    ]
+    registry = Registry("registry", "blobs")
+    for cmd, _, comment in recipe:
+        args = cmd.split()[1:]
+        if args[0] == "make-data":
+            args[args.index("--n") + 1] = "20000"
+        if args[0] == "recluster":
+            args += ["--quiet", "--set", f"cluster={{kind: address, address: {scheduler}}}"]
+        result = CliRunner().invoke(main, args)
+        claimed = re.search(r"exit (\d+)", comment)
+        assert result.exit_code == (int(claimed.group(1)) if claimed else 0), (cmd, result.output)
+        version = re.search(r"\bv(\d+)\b.* is current", comment)
+        if version:
+            assert registry.current() == int(version.group(1)), cmd
+    assert "* v2" in result.output  # models list

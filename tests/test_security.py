@@ -411,7 +411,7 @@ def test_missing_certificate_file_names_the_key_and_the_path(certs, tmp_path):
     [
         ({"cert": "x"}, "cluster.security.ca_file: Field required"),
         ({"ca_file": "x", "cert": "x", "keyfile": "x"}, "cluster.security.keyfile: unknown key"),
-        ("ca.pem", "cluster.security: Input should be"),
+        ("ca.pem", "cluster.security: expected {ca_file, cert, key}, or null, got 'ca.pem'"),
     ],
 )
 def test_bad_security_section_names_the_key(security, message):

@@ -316,7 +316,7 @@ def test_config_candidates():
     for bad, message in [
         ({"n_clusters": []}, "at least one candidate"),
         ({"n_clusters": [4, 4]}, "candidates repeat"),
-        ({"n_clusters": [4, 0]}, "greater than 0"),
+        ({"n_clusters": [4, 0]}, r"n_clusters\[1\]: expected an integer ≥ 1, got 0"),
         ({"n_clusters": {"min": 9, "max": 3}}, "must not exceed max"),
         ({"n_clusters": {"min": 2}}, "max"),
         ({"criterion": "hqc"}, "criterion"),
