@@ -7,7 +7,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import dask
 import dask.array as da
@@ -153,17 +153,40 @@ def run_job(
     ``resume`` continues from it, after checking that it comes from the same data and
     the same data/model config. It is removed once the outputs are in place.
     """
+    return as_job(
+        progress, lambda progress, job_id: _run(config, progress, job_id, config_source, resume)
+    )
+
+
+T = TypeVar("T")
+
+
+def as_job(progress: Progress | None, body: Callable[[Progress, str], T]) -> T:
+    """Run ``body(progress, job_id)`` as a job: a new id; the job's events held until
+    :func:`announce` (the dashboard link is the first line); Python warnings as job
+    lines; a failure published to the scheduler (the command line reports it itself)."""
     job_id = uuid.uuid4().hex[:12]
     progress = progress or Progress(job_id, quiet=True)
     progress.job_id = job_id
     try:
         with progress.capture_warnings():
-            progress.hold()  # the dashboard link is the first line printed
-            return _run(config, progress, job_id, config_source, resume)
+            progress.hold()
+            return body(progress, job_id)
     except BaseException as e:
-        # the command line reports the error itself; the scheduler's log gets it here
         progress.event("failed", f"job {job_id} failed: {type(e).__name__}: {e}", echo=False)
         raise
+
+
+def output_writer(config: JobConfig, command: str) -> io.AtomicOutput:
+    """The atomic writer of a job's ``output.path`` (see :func:`claim_outputs`)."""
+    out = config.output
+    return io.AtomicOutput(
+        out.path,
+        storage_options=out.storage_options,
+        command=command,
+        overwrite=out.overwrite,
+        hint=OVERWRITE_HINT,
+    )
 
 
 def checkpoint_url(config: JobConfig) -> str:
@@ -321,13 +344,7 @@ def _run(
         # shifted by one so that rows dropped for NaN (label -1) fall out of the count
         sizes_lazy = da.bincount(labels + 1, weights=weights, minlength=k + 1)[1:]
         sample_lazy = sample_rows(X, REPORT_SAMPLE, seed=config.model.seed or 0)
-        with io.AtomicOutput(
-            out.path,
-            storage_options=out.storage_options,
-            command="run",
-            overwrite=out.overwrite,
-            hint=OVERWRITE_HINT,
-        ) as tmp:
+        with output_writer(config, "run") as tmp:
             writes = []
             if out.labels:
                 writes.append(

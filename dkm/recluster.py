@@ -14,7 +14,6 @@ import itertools
 import json
 import math
 import time
-import uuid
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, cast
 
@@ -34,9 +33,11 @@ from dkm.estimators import GaussianMixture, KMeans
 from dkm.job import (
     OVERWRITE_HINT,
     announce,
+    as_job,
     build_estimator,
     model_metadata,
     open_data,
+    output_writer,
     sample_rows,
     should_persist,
 )
@@ -448,16 +449,10 @@ def recluster(
     config_source: str | None = None,
 ) -> ReclusterResult:
     """One reclustering run (see the module docstring); nothing changes on failure."""
-    job_id = uuid.uuid4().hex[:12]
-    progress = progress or Progress(job_id, quiet=True)
-    progress.job_id = job_id
-    try:
-        with progress.capture_warnings():
-            progress.hold()  # the dashboard link is the first line printed
-            return _recluster(config, update, progress, config_source, job_id)
-    except BaseException as e:
-        progress.event("failed", f"job {job_id} failed: {type(e).__name__}: {e}", echo=False)
-        raise
+    return as_job(
+        progress,
+        lambda progress, job_id: _recluster(config, update, progress, config_source, job_id),
+    )
 
 
 def _recluster(
@@ -639,13 +634,7 @@ def _recluster(
     version = registry.add_version(write_version, info)
     summary["version"] = version.number
     try:
-        with io.AtomicOutput(
-            out.path,
-            storage_options=out.storage_options,
-            command="recluster",
-            overwrite=out.overwrite,
-            hint=OVERWRITE_HINT,
-        ) as tmp:
+        with output_writer(config, "recluster") as tmp:
             write_outputs(tmp, out.storage_options)
     except BaseException:
         registry.remove_version(version.number)  # a failed run adds no version

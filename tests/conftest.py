@@ -134,3 +134,19 @@ def dask_processes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A scheduler and two single-threaded workers as real processes; yields the address."""
     with process_cluster(tmp_path_factory.mktemp("dask"), 2) as cluster:
         yield cluster.address
+
+
+@pytest.fixture(scope="module")
+def scheduler() -> Iterator[str]:
+    """An in-process LocalCluster over TCP (one worker, two threads); yields its address,
+    for ``cluster: {kind: address}`` configs run in the test's process."""
+    from distributed import LocalCluster
+
+    with LocalCluster(
+        n_workers=1,
+        threads_per_worker=2,
+        processes=False,
+        protocol="tcp",
+        dashboard_address="127.0.0.1:0",
+    ) as cluster:
+        yield cluster.scheduler_address

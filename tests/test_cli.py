@@ -106,41 +106,17 @@ def test_run_predict_info_validate(workdir):
     np.testing.assert_allclose(model.cluster_centers_, ref.cluster_centers_, rtol=1e-6)
     np.testing.assert_array_equal(np.asarray(stored), model.predict(X))
     assert summary["objective"] == pytest.approx(ref.inertia_, rel=1e-6)
-    # predict and info
-    dkm_cmd(
-        "predict",
-        "--model",
-        "out/model",
-        "--data",
-        "data.zarr",
-        "--array",
-        "points",
-        "--out",
-        "pred.zarr",
-        cwd=workdir,
-    )
+    # predict and info; the output folder stands for its model
     import zarr
 
-    pred = zarr.open_group(str(workdir / "pred.zarr"), mode="r")["labels"][:]
-    np.testing.assert_array_equal(pred, model.predict(X))
+    for model_dir, out in [("out/model", "pred.zarr"), ("out", "pred-from-folder.zarr")]:
+        args = ["--model", model_dir, "--data", "data.zarr", "--array", "points", "--out", out]
+        dkm_cmd("predict", *args, cwd=workdir)
+        pred = zarr.open_group(str(workdir / out), mode="r")["labels"][:]
+        np.testing.assert_array_equal(pred, model.predict(X))
     info = dkm_cmd("info", "out/model", cwd=workdir).stdout
     assert "KMeans" in info and summary["data_fingerprint"] in info and "km.yaml" in info
-    # the output folder stands for its model
     assert dkm_cmd("info", "out", cwd=workdir).stdout == info
-    dkm_cmd(
-        "predict",
-        "--model",
-        "out",
-        "--data",
-        "data.zarr",
-        "--array",
-        "points",
-        "--out",
-        "pred-from-folder.zarr",
-        cwd=workdir,
-    )
-    pred = zarr.open_group(str(workdir / "pred-from-folder.zarr"), mode="r")["labels"][:]
-    np.testing.assert_array_equal(pred, model.predict(X))
 
 
 def test_predict_hints_name_its_options(tmp_path):

@@ -17,20 +17,6 @@ from dkm.cli import main
 from dkm.recluster import EXIT_REFUSED
 
 
-@pytest.fixture(scope="module")
-def scheduler():
-    from distributed import LocalCluster
-
-    with LocalCluster(
-        n_workers=1,
-        threads_per_worker=2,
-        processes=False,
-        protocol="tcp",
-        dashboard_address="127.0.0.1:0",
-    ) as cluster:
-        yield cluster.scheduler_address
-
-
 @pytest.fixture
 def config(tmp_path, scheduler) -> Path:
     np.save(tmp_path / "points.npy", blobs(n=900, d=3, k=3))

@@ -45,20 +45,6 @@ REGISTRY_EXPECTED = {"missing": 0, "empty dir": 0, "dkm output": 0, "dkm output 
 
 
 @pytest.fixture(scope="module")
-def scheduler():
-    from distributed import LocalCluster
-
-    with LocalCluster(
-        n_workers=1,
-        threads_per_worker=2,
-        processes=False,
-        protocol="tcp",
-        dashboard_address="127.0.0.1:0",
-    ) as cluster:
-        yield cluster.scheduler_address
-
-
-@pytest.fixture(scope="module")
 def inputs(tmp_path_factory, scheduler):
     """Points (.npy), a model fitted on them, and a config template, outside every sandbox."""
     root = tmp_path_factory.mktemp("inputs")

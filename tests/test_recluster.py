@@ -133,20 +133,6 @@ def test_saved_statistics_round_trip_and_old_models_are_refused(tmp_path):
 # --------------------------------------------------------------------------- runs
 
 
-@pytest.fixture(scope="module")
-def scheduler():
-    from distributed import LocalCluster
-
-    with LocalCluster(
-        n_workers=1,
-        threads_per_worker=2,
-        processes=False,
-        protocol="tcp",
-        dashboard_address="127.0.0.1:0",
-    ) as cluster:
-        yield cluster.scheduler_address
-
-
 def _config(tmp_path: Path, scheduler: str, data: str, **registry) -> dict:
     return {
         "data": {"kind": "npy", "path": str(tmp_path / data), "chunk_rows": 1000},
