@@ -233,3 +233,18 @@ def test_probe_fails_where_permissions_say_yes(tmp_path, monkeypatch, inputs):
     with pytest.raises(io.InputError, match=r"creating a file in .* failed \(Read-only file sys"):
         io.check_writable(str(tmp_path / "out"))
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("command", ["run", "recluster"])
+def test_config_key_overwrite_is_the_flag(command, tmp_path, inputs):
+    """``output.overwrite: true`` in the config replaces a dkm output as --overwrite does,
+    and still refuses anything else."""
+    target = tmp_path / "target"
+    args = command_args(command, target, tmp_path, inputs)
+    assert dkm(*args)[0] == 0
+    assert dkm(*args)[0] == 2
+    assert dkm(*args, "--set", "output.overwrite=true")[0] == 0
+    (target / "notes.txt").write_text("mine\n")
+    code, output = dkm(*args, "--set", "output.overwrite=true")
+    assert code == 2 and "notes.txt" in output
+    assert (target / "notes.txt").read_text() == "mine\n"
