@@ -15,9 +15,8 @@ from typing import Any, TypeVar
 import click
 
 import dkm
-from dkm.cluster import ClusterError
-from dkm.config import ConfigError, load_config
-from dkm.kernels.params import DegenerateComponentError
+from dkm.config import load_config
+from dkm.errors import UserError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -25,14 +24,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
-def _bad_input_errors() -> tuple[type[BaseException], ...]:
-    from dkm.io import InputError
-
-    return (ConfigError, InputError, ClusterError, DegenerateComponentError, ValueError)
-
-
 def handle_errors(fn: F) -> F:
-    """Exit 2 with one paragraph for bad config/input, 1 for a failure; traceback on --debug."""
+    """Exit 2 with one paragraph for a :class:`~dkm.errors.UserError` (bad config, input,
+    location or data), 1 for anything else, which is a failure of dkm's own or of what it
+    runs on; the traceback with --debug."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -48,7 +43,7 @@ def handle_errors(fn: F) -> F:
                 "dkm: interrupted; nothing was written in place of the previous output", err=True
             )
             sys.exit(130)
-        except _bad_input_errors() as e:
+        except UserError as e:  # bad config, input, location or data: the user's to fix
             if debug:
                 traceback.print_exc()
             click.echo(f"dkm: error: {e}", err=True)

@@ -26,6 +26,7 @@ from dkm.config import (
     KubernetesClusterConfig,
     LocalClusterConfig,
 )
+from dkm.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ logger = logging.getLogger(__name__)
 IMAGE_NAME = "dkm"
 
 
-class ClusterError(RuntimeError):
+class ClusterError(UserError, RuntimeError):
     """The cluster could not be started or reached."""
 
 

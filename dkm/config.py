@@ -25,10 +25,12 @@ from pydantic import (
     model_validator,
 )
 
+from dkm.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config that cannot be run: the message names the file and the key path."""
 
 

@@ -34,6 +34,7 @@ from dkm._typing import (
     check_choice,
     moments_for,
 )
+from dkm.errors import InvalidDataError, UserError
 from dkm.kernels import bounds
 from dkm.kernels import expectation as K
 from dkm.kernels.init import INIT_METHODS
@@ -73,16 +74,16 @@ class ChunkedData:
         cls, X: da.Array, weights: da.Array | None = None, nan_policy: str = "raise"
     ) -> ChunkedData:
         if X.ndim != 2:
-            raise ValueError(f"expected a 2-D array of points, got {X.ndim} dimension(s)")
+            raise InvalidDataError(f"expected a 2-D array of points, got {X.ndim} dimension(s)")
         if X.dtype.kind not in "fiub":
-            raise ValueError(f"expected a real numeric dtype, got {X.dtype}")
+            raise InvalidDataError(f"expected a real numeric dtype, got {X.dtype}")
         if X.dtype not in (np.float32, np.float64):
             X = X.astype(np.float64)
         if len(X.chunks[1]) != 1:
             X = X.rechunk({1: -1})
         if weights is not None:
             if weights.shape != (X.shape[0],):
-                raise ValueError(
+                raise InvalidDataError(
                     f"sample_weight has shape {weights.shape}, expected ({X.shape[0]},)"
                 )
             weights = weights.astype(np.float64).rechunk((X.chunks[0],))
@@ -200,7 +201,7 @@ LABEL_REMEDY = "label them -1 with nan_policy='drop'"
 _NAMED_ROWS = 5
 
 
-class NonFiniteInputError(ValueError):
+class NonFiniteInputError(UserError, ValueError):
     """NaN or infinity in the points under ``nan_policy="raise"``.
 
     ``count`` rows hold them (in ``chunk`` alone when ``in_chunk``), the first of which
@@ -622,17 +623,19 @@ def summarize(
         )
         raise NonFiniteInputError(summary.n_nonfinite, (summary.first_nonfinite_row,), chunk)
     if summary.n_bad_weights:
-        raise ValueError(
+        raise InvalidDataError(
             f"sample_weight has {summary.n_bad_weights} negative or non-finite value(s), "
             f"the first at row {summary.first_bad_weight_row}; weights must be finite and >= 0."
         )
     if summary.count and summary.weight <= 0:
-        raise ValueError("sample_weight sums to zero: at least one point needs positive weight")
+        raise InvalidDataError(
+            "sample_weight sums to zero: at least one point needs positive weight"
+        )
     if data.X.dtype == np.float32:
         # squared distances are summed over features in float32: keep them finite
         limit = float(np.sqrt(np.finfo(np.float32).max / (4 * data.n_features)))
         if summary.max_abs > limit:
-            raise ValueError(
+            raise InvalidDataError(
                 f"Input X holds values up to {summary.max_abs:.3g}: squared distances of "
                 f"float32 data that large overflow (the limit here is {limit:.3g}). Use "
                 "float64 data (data.dtype: float64 in a config) or scale the features."
@@ -1009,7 +1012,7 @@ def init_centres(
         ) from None
     points, weights = sample_points(summary, origin)
     if points.shape[0] < n_clusters:
-        raise ValueError(
+        raise InvalidDataError(
             f"n_samples={points.shape[0]} (with positive weight) should be >= "
             f"n_clusters={n_clusters}."
         )

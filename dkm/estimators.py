@@ -49,6 +49,7 @@ from dkm.engine import (
     sample_points,
     summarize,
 )
+from dkm.errors import InvalidDataError
 from dkm.kernels import expectation as K
 from dkm.kernels.mstep import ON_DEGENERATE
 from dkm.kernels.params import (
@@ -81,9 +82,9 @@ def _weights_array(sample_weight: Any, n: int) -> F64:
     try:
         w = np.asarray(sample_weight, dtype=np.float64)
     except (TypeError, ValueError):
-        raise ValueError("sample_weight must be numbers, one per sample") from None
+        raise InvalidDataError("sample_weight must be numbers, one per sample") from None
     if w.shape != (n,):
-        raise ValueError(f"sample_weight.shape == {w.shape}, expected ({n},)")
+        raise InvalidDataError(f"sample_weight.shape == {w.shape}, expected ({n},)")
     return w
 
 
@@ -133,7 +134,7 @@ def _warm_params(
     check_is_fitted(model)
     p = model._params
     if p.means.shape != (k, d):
-        raise ValueError(
+        raise InvalidDataError(
             f"init_params: the model has {p.n_components} components and {p.n_features} "
             f"features; expected {k} and {d}"
         )
@@ -157,14 +158,16 @@ class _DaskMixtureBase(BaseEstimator):
         """Validate X (and weights); returns the chunked data and, for NumPy, the array."""
         if isinstance(X, da.Array):
             if X.ndim != 2:
-                raise ValueError(
+                raise InvalidDataError(
                     f"Expected 2D array, got {X.ndim}D array instead: reshape your data."
                 )
             if X.dtype.kind not in "fiub":
-                raise ValueError(f"Dask array of dtype {X.dtype} is not supported (real numbers)")
+                raise InvalidDataError(
+                    f"Dask array of dtype {X.dtype} is not supported (real numbers)"
+                )
             self._check_n_features_dask(X, reset=reset)
             if X.shape[0] < min_samples:
-                raise ValueError(
+                raise InvalidDataError(
                     f"Found array with {X.shape[0]} sample(s) while a minimum of "
                     f"{min_samples} is required."
                 )
@@ -206,7 +209,7 @@ class _DaskMixtureBase(BaseEstimator):
             if hasattr(self, "feature_names_in_"):
                 del self.feature_names_in_
         elif X.shape[1] != self.n_features_in_:
-            raise ValueError(
+            raise InvalidDataError(
                 f"X has {X.shape[1]} features, but {type(self).__name__} is expecting "
                 f"{self.n_features_in_} features as input."
             )
@@ -228,7 +231,7 @@ class _DaskMixtureBase(BaseEstimator):
             data, sample_size=min(size, n), seed=seed, split_every=self._split_every()
         )
         if summary.n_positive < n_clusters:
-            raise ValueError(
+            raise InvalidDataError(
                 f"n_samples={summary.n_positive} should be >= {name}={n_clusters} "
                 "(counting only points with positive sample_weight)."
             )
@@ -742,7 +745,7 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
             elif isinstance(method, _DaskMixtureBase):  # a k-means model, or another type
                 c = _model_centres(method)
                 if c.shape != (k, d):
-                    raise ValueError(
+                    raise InvalidDataError(
                         f"init_params: the model has {c.shape[0]} components and "
                         f"{c.shape[1]} features; expected {k} and {d}"
                     )

@@ -29,6 +29,7 @@ from numpy.typing import NDArray
 from sklearn.utils.validation import check_is_fitted
 
 from dkm.engine import IterationInfo, ResumeState
+from dkm.errors import UserError
 from dkm.estimators import GaussianMixture, KMeans
 from dkm.kernels.params import MixtureParams
 from dkm.stats import SuffStats
@@ -74,7 +75,7 @@ _MAX_LISTED = 20
 OUTPUT_MODEL = "model"
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """Bad input data or location.
 
     The message names the file/URL, array or column, and says what to do.

@@ -56,6 +56,7 @@ from dkm.engine import (
     _without_nonfinite,
     stats_pass,
 )
+from dkm.errors import InvalidDataError
 from dkm.kernels.expectation import centred
 from dkm.kernels.init import (
     candidate_capacity,
@@ -125,7 +126,7 @@ def _first_centre_pass(data: ChunkedData, seed: int, split_every: int) -> F64:
         parts, split_every, f"dkm-kmpar-first-merge-{token}"
     )
     if sample.rows.size == 0:
-        raise ValueError("k-means||: no point has positive sample_weight")
+        raise InvalidDataError("k-means||: no point has positive sample_weight")
     return np.asarray(sample.points[0] - data.origin, np.float64)
 
 
@@ -240,9 +241,9 @@ def kmeans_parallel(
         )
     n = int(data.X.shape[0])
     if n < k:
-        raise ValueError(f"n_samples={n} should be >= n_clusters={k}.")
+        raise InvalidDataError(f"n_samples={n} should be >= n_clusters={k}.")
     if summary is not None and summary.n_positive < k:
-        raise ValueError(
+        raise InvalidDataError(
             f"n_samples={summary.n_positive} (with positive sample_weight) should be >= "
             f"n_clusters={k}."
         )

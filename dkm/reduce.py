@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 from dask.delayed import Delayed, delayed
 
+from dkm.errors import InvalidDataError
 from dkm.stats import merge_all
 
 T = TypeVar("T")
@@ -40,7 +41,7 @@ def tree_top(
     if split_every < 2:
         raise ValueError(f"split_every must be at least 2, got {split_every}")
     if not parts:
-        raise ValueError("nothing to reduce: the data has no chunks")
+        raise InvalidDataError("nothing to reduce: the data has no chunks")
     level = 0
     current: list[Any] = list(parts)
     while len(current) > split_every:

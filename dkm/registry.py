@@ -37,6 +37,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from dkm import io
+from dkm.errors import UserError
 
 VERSION_FILE = "version.json"
 POINTER_FILE = "current"
@@ -50,7 +51,7 @@ _OWN_ENTRY = re.compile(
 )
 
 
-class RegistryError(ValueError):
+class RegistryError(UserError, ValueError):
     """A registry operation that cannot be done; the message says what to do."""
 
 

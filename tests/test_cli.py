@@ -423,3 +423,43 @@ def test_warm_start_from_a_saved_model(workdir):
     warm = json.loads((workdir / "out-warm" / "summary.json").read_text())
     assert warm["n_iter"] <= 2 and warm["converged"]
     assert warm["objective"] == pytest.approx(cold["objective"], rel=1e-9)
+
+
+def test_an_internal_error_is_not_reported_as_bad_input(tmp_path, monkeypatch):
+    """A ValueError of dkm's own (a bug) is exit 1 with the --debug hint, not exit 2."""
+    from click.testing import CliRunner
+
+    from dkm import cli
+
+    def broken(*args, **kwargs):
+        raise ValueError("operands could not be broadcast together")
+
+    monkeypatch.setattr(cli, "load_config", broken)
+    result = CliRunner().invoke(cli.main, ["validate", str(tmp_path / "c.yaml")])
+    assert result.exit_code == 1, result.output
+    assert "dkm: failed: ValueError: operands could not be broadcast" in result.output
+    assert "--debug" in result.output and "dkm: error:" not in result.output
+    debug = CliRunner().invoke(cli.main, ["--debug", "validate", str(tmp_path / "c.yaml")])
+    assert debug.exit_code == 1 and "Traceback" in debug.output
+
+
+def test_every_error_the_user_can_fix_is_a_user_error():
+    """The classes dkm raises for bad config, input, location or data all map to exit 2."""
+    import dkm.cluster
+    import dkm.config
+    import dkm.engine
+    import dkm.errors
+    import dkm.kernels.params
+    import dkm.registry
+
+    for cls in [
+        dkm.config.ConfigError,
+        io.InputError,
+        io.OutputExistsError,
+        dkm.cluster.ClusterError,
+        dkm.registry.RegistryError,
+        dkm.kernels.params.DegenerateComponentError,
+        dkm.engine.NonFiniteInputError,
+        dkm.errors.InvalidDataError,
+    ]:
+        assert issubclass(cls, dkm.errors.UserError), cls

@@ -9,6 +9,7 @@ from numpy.typing import NDArray
 from scipy import linalg
 
 from dkm._typing import CovarianceType, OnDegenerate
+from dkm.errors import InvalidDataError
 from dkm.kernels.params import (
     DegenerateComponentError,
     MixtureParams,
@@ -51,7 +52,7 @@ def kmeans_centres(stats: SuffStats, shift: F64 | None = None) -> tuple[F64, lis
                     nk[j] = w
                     break
             else:
-                raise ValueError(
+                raise InvalidDataError(
                     f"k-means cluster {j} is empty and no point is left to re-seed it: "
                     "the data has fewer distinct points with positive weight than "
                     "n_clusters. Lower n_clusters or check the sample weights."

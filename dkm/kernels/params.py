@@ -9,11 +9,12 @@ from numpy.typing import NDArray
 from scipy import linalg
 
 from dkm._typing import COVARIANCE_TYPES, CovarianceType, check_choice
+from dkm.errors import UserError
 
 F64 = NDArray[np.float64]
 
 
-class DegenerateComponentError(ValueError):
+class DegenerateComponentError(UserError, ValueError):
     """A mixture component has no mass or a covariance that is not positive definite."""
 
     def __init__(self, components: list[int], what: str) -> None:
