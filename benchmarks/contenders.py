@@ -276,15 +276,18 @@ def dkm_kmeans(
     first a :data:`WARM_ITERS`-iteration fit on ``warm`` (None: no warm-up). ``X``: the
     same points in memory, to evaluate the final centres. ``bounds``: with (True) or
     without (False) the Hamerly bounds kept between passes; None: the library's default
-    (``dkm.engine.KMEANS_BOUNDS``)."""
+    (``algorithm="auto"``)."""
     k = C0.shape[0]
-    on = dkm.engine.KMEANS_BOUNDS if bounds is None else bounds
-    with quiet(), _kmeans_bounds(on):
+    algorithm = {None: "auto", True: "hamerly", False: "lloyd"}[bounds]
+    with quiet():
         if warm is not None:
             # long enough for the bounds to start: their kernels compile (or load from
             # numba's cache) here, not inside the timed fit
-            dkm.KMeans(k, init=C0, n_init=1, max_iter=WARM_ITERS, tol=0.0).fit(warm)
-        seconds, est = timed(dkm.KMeans(k, init=C0, n_init=1, max_iter=iters, tol=0.0).fit, data)
+            dkm.KMeans(k, init=C0, n_init=1, max_iter=WARM_ITERS, tol=0.0, algorithm=algorithm).fit(
+                warm
+            )
+        model = dkm.KMeans(k, init=C0, n_init=1, max_iter=iters, tol=0.0, algorithm=algorithm)
+        seconds, est = timed(model.fit, data)
     return Run(
         workload,
         label if bounds is None else f"{label}, {'bounds' if bounds else 'no bounds'}",
@@ -296,15 +299,6 @@ def dkm_kmeans(
         is_dkm=True,
         extra={"own objective": float(est.inertia_)},
     )
-
-
-@contextlib.contextmanager
-def _kmeans_bounds(on: bool | None) -> Iterator[None]:
-    previous, dkm.engine.KMEANS_BOUNDS = dkm.engine.KMEANS_BOUNDS, on
-    try:
-        yield
-    finally:
-        dkm.engine.KMEANS_BOUNDS = previous
 
 
 def dkm_gmm(

@@ -10,10 +10,15 @@ Assignment = Literal["hard", "soft"]
 Moments = Literal["none", "spherical", "diag", "tied", "full"]
 #: What the M-step does with an empty or non-positive-definite mixture component.
 OnDegenerate = Literal["error", "reseed", "drop"]
+#: How k-means searches rows: "lloyd" every row in every pass; "hamerly" keeps Hamerly's
+#: bounds between passes once the centres settle (the same results, bit for bit); "auto"
+#: keeps them where the compiled row pass searches (at most 64 features).
+KMeansAlgorithm = Literal["auto", "lloyd", "hamerly"]
 
 COVARIANCE_TYPES: tuple[str, ...] = get_args(CovarianceType)
 ASSIGNMENTS: tuple[str, ...] = get_args(Assignment)
 MOMENTS: tuple[str, ...] = get_args(Moments)
+KMEANS_ALGORITHMS: tuple[str, ...] = get_args(KMeansAlgorithm)
 
 
 def check_choice(name: str, value: object, allowed: tuple[str, ...]) -> str:

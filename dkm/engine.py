@@ -27,8 +27,10 @@ from numpy.typing import NDArray
 from threadpoolctl import ThreadpoolController
 
 from dkm._typing import (
+    KMEANS_ALGORITHMS,
     Assignment,
     CovarianceType,
+    KMeansAlgorithm,
     Moments,
     OnDegenerate,
     check_choice,
@@ -717,6 +719,8 @@ class EMOptions:
     max_iter: int = 100
     split_every: int = 8
     on_degenerate: OnDegenerate = "error"
+    #: k-means: whether passes keep Hamerly bounds (:class:`FitBounds`)
+    algorithm: KMeansAlgorithm = "auto"
 
     @property
     def is_kmeans(self) -> bool:
@@ -833,12 +837,12 @@ def fit_em_many(
         run.lower_bound = run.previous = resume.objective
     kmeans = options.is_kmeans
     tol = (0.0 if tol_abs is None else tol_abs) if kmeans else options.tol
-    fit = uuid.uuid4().hex  # names this fit's Hamerly bounds (k-means) in the caches
+    fit = FitBounds(options.algorithm if kmeans else "lloyd")
 
     def job(run: _Run) -> PassJob:
         k = run.params.n_components
         if kmeans:
-            return run.params, None, PassOptions("hard", "none", k, _bounds(fit, run))
+            return run.params, None, PassOptions("hard", "none", k, fit.key(run))
         # re-seeding needs the points the model explains worst: one per component
         n_far = k if options.on_degenerate == "reseed" else 0
         moments = moments_for(options.covariance_type)
@@ -864,7 +868,7 @@ def fit_em_many(
                     stalled = bool(reseeded) and objective >= run.previous
                     run.previous = objective
                     run.bounds = run.bounds or (
-                        _bounds_on(centres.shape[1]) and _worth_keeping(run.params.means, centres)
+                        fit.wanted(centres.shape[1]) and _worth_keeping(run.params.means, centres)
                     )
                     run.params = MixtureParams.identity(centres)
                     run.converged = change <= tol or stalled
@@ -899,7 +903,7 @@ def fit_em_many(
         if kmeans:  # the inertia of the final centres, for every model in one more pass
             finals = stats_pass_many(
                 data,
-                [(r.params, None, PassOptions("hard", "none", 0, _bounds(fit, r))) for r in runs],
+                [(r.params, None, PassOptions("hard", "none", 0, fit.key(r))) for r in runs],
                 split_every=options.split_every,
                 held=held,
             )
@@ -908,7 +912,7 @@ def fit_em_many(
     finally:
         release_held(held)
         if any(r.bounds for r in runs):  # else no bounds were kept: nothing to drop
-            _release_bounds(fit)
+            fit.release()
     return [
         EMResult(
             r.params.translated(data.origin),
@@ -923,24 +927,53 @@ def fit_em_many(
     ]
 
 
-#: k-means fits keep Hamerly bounds between passes once the centres settle
-#: (:func:`dkm.kernels.bounds.worth_keeping`); the results are the same, bit for bit, as
-#: searching every row. None (the default): where the search is the compiled row pass
-#: (at most :data:`dkm.kernels._fused.SMALL_D` features), whose bits for a row do not
-#: depend on the rows searched with it, so the rows the bounds leave unsettled are
-#: searched alone. True: for wider rows too, where BLAS's bits for a few gathered rows
-#: are not the block GEMM's, so a block with a gathered row within rounding of a tie is
-#: searched whole (when KM-1 was searched by BLAS, most of its blocks were, and a
-#: bounded pass took longer than a full one).
-#: False: every row is searched in every pass, as scikit-learn's Lloyd.
-KMEANS_BOUNDS: bool | None = None
+class FitBounds:
+    """The Hamerly bounds one k-means fit keeps between its passes.
 
+    They live in :data:`dkm.kernels.bounds.CACHE` of each process that searches the
+    fit's chunks (the client's under the threaded scheduler, every worker's on a
+    cluster), under keys ``(name, run)`` of a fresh ``name``, from the pass after the
+    centres settle (:func:`dkm.kernels.bounds.worth_keeping`) to :meth:`release` at the
+    end of the fit. The results are the same, bit for bit, as searching every row.
 
-def _bounds_on(d: int) -> bool:
-    """Whether a k-means fit on rows of ``d`` features keeps bounds (:data:`KMEANS_BOUNDS`)."""
-    if KMEANS_BOUNDS is None:
-        return K.searches_rows(d)
-    return KMEANS_BOUNDS
+    ``algorithm``: "lloyd", never (every row searched in every pass, as scikit-learn's
+    Lloyd); "hamerly", for rows of any width (wider rows are searched by BLAS, whose bits
+    for a few gathered rows are not the block GEMM's, so a block with a gathered row
+    within rounding of a tie is searched whole); "auto", where the compiled row pass
+    searches (each row's bits its own), i.e. for :func:`dkm.kernels.searches_rows` rows.
+    """
+
+    def __init__(self, algorithm: KMeansAlgorithm = "auto") -> None:
+        check_choice("algorithm", algorithm, KMEANS_ALGORITHMS)
+        self.algorithm = algorithm
+        self.name = uuid.uuid4().hex
+
+    def wanted(self, d: int) -> bool:
+        """Whether the fit keeps bounds for rows of ``d`` features once centres settle."""
+        if self.algorithm == "auto":
+            return K.searches_rows(d)
+        return self.algorithm == "hamerly"
+
+    def key(self, run: _Run) -> tuple[str, int] | None:
+        """The cache key of ``run``'s bounds; None while it keeps none."""
+        return (self.name, run.index) if run.bounds else None
+
+    def release(self) -> None:
+        """Drop the fit's bounds here and, without waiting, on a distributed cluster's
+        workers (bounds that a worker still holds would otherwise only give way to later
+        fits' bounds)."""
+        bounds.CACHE.release(self.name)
+        client: Any = getattr(get_scheduler(), "__self__", None)
+        if _is_client(client) and client.status == "running":
+            try:
+                client.run(_release_worker_bounds, self.name, wait=False, on_error="ignore")
+            except Exception as exc:  # clean-up only: never in place of the fit's outcome
+                warnings.warn(
+                    f"could not drop this fit's k-means bounds on the workers ({exc!r}); "
+                    "they give way to later fits' bounds",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
 
 
 def _worth_keeping(old: F64, new: F64) -> bool:
@@ -951,28 +984,6 @@ def _worth_keeping(old: F64, new: F64) -> bool:
     345-374 ms against 299-307 without the call, 306-312 with it on one thread."""
     with _one_blas_thread():
         return bounds.worth_keeping(old, new)
-
-
-def _bounds(fit: str, run: _Run) -> tuple[str, int] | None:
-    return (fit, run.index) if run.bounds else None  # run.bounds only with KMEANS_BOUNDS
-
-
-def _release_bounds(fit: str) -> None:
-    """Drop the fit's bounds here and, without waiting, on a distributed cluster's
-    workers (bounds that a worker still holds would otherwise only give way to later
-    fits' bounds)."""
-    bounds.CACHE.release(fit)
-    client: Any = getattr(get_scheduler(), "__self__", None)
-    if _is_client(client) and client.status == "running":
-        try:
-            client.run(_release_worker_bounds, fit, wait=False, on_error="ignore")
-        except Exception as exc:  # clean-up only: never in place of the fit's own outcome
-            warnings.warn(
-                f"could not drop this fit's k-means bounds on the workers ({exc!r}); "
-                "they give way to later fits' bounds",
-                RuntimeWarning,
-                stacklevel=2,
-            )
 
 
 async def _release_worker_bounds(fit: str) -> None:

@@ -31,7 +31,15 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
-from dkm._typing import ASSIGNMENTS, Assignment, CovarianceType, OnDegenerate, check_choice
+from dkm._typing import (
+    ASSIGNMENTS,
+    KMEANS_ALGORITHMS,
+    Assignment,
+    CovarianceType,
+    KMeansAlgorithm,
+    OnDegenerate,
+    check_choice,
+)
 from dkm.engine import (
     ChunkedData,
     EMOptions,
@@ -329,6 +337,11 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
         chunk (for Dask input when the result is computed).
     oversampling_factor : float, default 2.0, k-means‖ candidates per round / k.
     init_rounds : int, default 5, k-means‖ sampling rounds (passes over the data).
+    algorithm : {"auto", "lloyd", "hamerly"}, default "auto". "lloyd" searches every row
+        in every pass; "hamerly" keeps Hamerly's bounds between passes once the centres
+        settle, and searches only the rows they leave unsettled; "auto" is "hamerly"
+        where rows are searched by the compiled row pass (at most 64 features), else
+        "lloyd". The results are the same, bit for bit (see :class:`dkm.engine.FitBounds`).
 
     Attributes
     ----------
@@ -356,6 +369,7 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
         nan_policy: str = "raise",
         oversampling_factor: float = 2.0,
         init_rounds: int = 5,
+        algorithm: str = "auto",
     ) -> None:
         self.n_clusters = n_clusters
         self.init = init
@@ -371,6 +385,7 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
         self.nan_policy = nan_policy
         self.oversampling_factor = oversampling_factor
         self.init_rounds = init_rounds
+        self.algorithm = algorithm
 
     def __sklearn_tags__(self) -> Any:
         tags = super().__sklearn_tags__()
@@ -466,7 +481,14 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
         data = data.with_origin(summary.mean)
         tol_abs = float(np.mean(summary.variance)) * tol
         options = EMOptions(
-            "identity", "hard", tol=tol, max_iter=max_iter, split_every=self._split_every()
+            "identity",
+            "hard",
+            tol=tol,
+            max_iter=max_iter,
+            split_every=self._split_every(),
+            algorithm=cast(
+                KMeansAlgorithm, check_choice("algorithm", self.algorithm, KMEANS_ALGORITHMS)
+            ),
         )
         _check_resume(resume, n_init * len(ks), ks[0], data.n_features, "identity")
         # initial centres drawn in the order separate fits would draw them

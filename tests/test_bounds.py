@@ -182,18 +182,26 @@ def test_worth_keeping_after_a_warm_start_not_while_centres_travel():
     assert bounds.worth_keeping(C[:1], C[:1] + 5.0)  # one centre: nothing to confuse
 
 
-def fit(Xd, use_bounds, monkeypatch, callback=None, **kw):
-    monkeypatch.setattr(dkm.engine, "KMEANS_BOUNDS", use_bounds)
-    km = dkm.KMeans(16, init="random", n_init=2, random_state=0, tol=0.0, callback=callback, **kw)
+def fit(Xd, algorithm, callback=None, **kw):
+    km = dkm.KMeans(
+        16,
+        init="random",
+        n_init=2,
+        random_state=0,
+        tol=0.0,
+        callback=callback,
+        algorithm=algorithm,
+        **kw,
+    )
     return km.fit(Xd)
 
 
-def test_fit_with_bounds_is_the_fit_without(monkeypatch):
+def test_fit_with_bounds_is_the_fit_without():
     X = blobs(8000, 6, 16, seed=8, dtype=np.float32)
     Xd = da.from_array(X, chunks=(1000, -1))
     held = []
-    with_bounds = fit(Xd, True, monkeypatch, lambda info: held.append(bounds.CACHE.nbytes))
-    without = fit(Xd, False, monkeypatch)
+    with_bounds = fit(Xd, "hamerly", lambda info: held.append(bounds.CACHE.nbytes))
+    without = fit(Xd, "lloyd")
     assert max(held) > 0  # the bounds were kept during the fit ...
     assert not bounds.CACHE.fits_held()  # ... and released at its end
     np.testing.assert_array_equal(with_bounds.cluster_centers_, without.cluster_centers_)
@@ -205,16 +213,16 @@ def test_fit_with_bounds_is_the_fit_without(monkeypatch):
 
 
 @pytest.mark.parametrize("d", [6, _fused.SMALL_D, _fused.SMALL_D + 1])
-def test_by_default_the_bounds_are_kept_where_rows_are_searched_alone(d, monkeypatch):
-    """KMEANS_BOUNDS None (the default): bounds where the compiled row pass searches
+def test_by_default_the_bounds_are_kept_where_rows_are_searched_alone(d):
+    """algorithm="auto" (the default): bounds where the compiled row pass searches
     (each row's bits its own), not for wider rows that BLAS's GEMM searches."""
-    assert dkm.engine.KMEANS_BOUNDS is None
+    assert dkm.KMeans().algorithm == "auto"
     X = blobs(4000, d, 8, seed=11, dtype=np.float32)
     Xd = da.from_array(X, chunks=(1000, -1))
     held = []
-    by_default = fit(Xd, None, monkeypatch, lambda info: held.append(bounds.CACHE.nbytes))
+    by_default = fit(Xd, "auto", lambda info: held.append(bounds.CACHE.nbytes))
     assert (max(held) > 0) == (d <= _fused.SMALL_D)
-    without = fit(Xd, False, monkeypatch)
+    without = fit(Xd, "lloyd")
     np.testing.assert_array_equal(by_default.cluster_centers_, without.cluster_centers_)
     assert by_default.inertia_ == without.inertia_
 
@@ -233,17 +241,17 @@ def test_the_decision_to_keep_bounds_runs_on_one_blas_thread(monkeypatch):
 
     monkeypatch.setattr(bounds, "worth_keeping", spy)
     X = blobs(4000, 6, 16, seed=12, dtype=np.float32)
-    fit(da.from_array(X, chunks=(1000, -1)), None, monkeypatch, max_iter=4)
+    fit(da.from_array(X, chunks=(1000, -1)), "auto", max_iter=4)
     assert threads and all(t == {1} for t in threads)
 
 
 @pytest.mark.distributed
-def test_bounds_live_in_the_workers_and_leave_with_the_fit(dask_processes, monkeypatch):
+def test_bounds_live_in_the_workers_and_leave_with_the_fit(dask_processes):
     from distributed import Client
 
     X = blobs(8000, 6, 16, seed=9, dtype=np.float32)
     Xd = da.from_array(X, chunks=(1000, -1))
-    reference = fit(Xd, False, monkeypatch)
+    reference = fit(Xd, "lloyd")
     with Client(dask_processes) as client:
         held = []
 
@@ -251,7 +259,7 @@ def test_bounds_live_in_the_workers_and_leave_with_the_fit(dask_processes, monke
             held.append(sum(client.run(lambda: bounds.CACHE.nbytes).values()))
 
         Xp = client.persist(Xd)
-        km = fit(Xp, True, monkeypatch, callback)
+        km = fit(Xp, "hamerly", callback)
         left = client.run(lambda: len(bounds.CACHE.fits_held()))
         for _ in range(50):  # the release does not wait for the workers
             if not any(left.values()):
@@ -346,3 +354,23 @@ def test_bounds_of_a_released_fit_are_refused():
     cache.release("gone")
     assert not cache.put(("gone", 0, 0), bounds.Bounds.empty(10, np.zeros((2, 2))))
     assert len(cache) == 0
+
+
+def test_algorithm_is_a_parameter_checked_at_fit():
+    """The bounds are the estimator's ``algorithm``, not a module global; a bad value is
+    a ValueError naming the choices, and "lloyd" keeps no bounds at all."""
+    X = blobs(2000, 4, 4, seed=3)
+    with pytest.raises(ValueError, match=r"algorithm: expected one of auto, lloyd, hamerly"):
+        dkm.KMeans(4, algorithm="elkan").fit(X)
+    held = []
+    dkm.KMeans(
+        4,
+        init="random",
+        random_state=0,
+        tol=0.0,
+        max_iter=8,
+        algorithm="lloyd",
+        callback=lambda info: held.append(bounds.CACHE.nbytes),
+    ).fit(da.from_array(X, chunks=(500, -1)))
+    assert held and max(held) == 0
+    assert not hasattr(dkm.engine, "KMEANS_BOUNDS")
