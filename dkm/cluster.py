@@ -205,7 +205,7 @@ class _LocalCluster(LocalCluster):
 
 def default_image() -> str:
     """``dkm:VERSION``: the image deploy/Dockerfile builds for this version of dkm."""
-    from dkm import __version__
+    from dkm._version import __version__
 
     return f"{IMAGE_NAME}:{__version__}"
 

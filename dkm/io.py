@@ -105,7 +105,7 @@ class Points:
 
 
 def _version() -> str:
-    from dkm import __version__
+    from dkm._version import __version__
 
     return __version__
 

@@ -14,8 +14,8 @@ import dask.array as da
 import numpy as np
 from numpy.typing import NDArray
 
-import dkm
 from dkm import io
+from dkm._version import __version__
 from dkm.cluster import cluster_memory, connect
 from dkm.config import ConfigError, JobConfig, ModelConfig, ModelInit
 from dkm.engine import IterationInfo, ResumeState
@@ -454,7 +454,7 @@ def _summary(
             }
         }
     return {
-        "dkm_version": dkm.__version__,
+        "dkm_version": __version__,
         "job": job_id,
         "mode": config.model.mode,
         "covariance_type": config.model.resolved("covariance_type"),

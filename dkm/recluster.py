@@ -23,9 +23,9 @@ from numpy.typing import NDArray
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import cdist
 
-import dkm
 from dkm import io
 from dkm._typing import Assignment, CovarianceType, OnDegenerate, moments_for
+from dkm._version import __version__
 from dkm.cluster import cluster_memory, connect
 from dkm.config import ConfigError, JobConfig, RegistryConfig
 from dkm.engine import ChunkedData, IterationInfo, PassOptions, stats_pass_many, summarize
@@ -572,7 +572,7 @@ def _recluster(
     promote = not reasons
     decision = "first" if old is None else ("promoted" if promote else "refused")
     summary = {
-        "dkm_version": dkm.__version__,
+        "dkm_version": __version__,
         "job": job_id,
         "registry": str(registry),
         "mode": mode,
@@ -626,7 +626,7 @@ def _recluster(
         "objective": new_objective,
         "data": points.description,
         "data_fingerprint": points.fingerprint,
-        "dkm_version": dkm.__version__,
+        "dkm_version": __version__,
         "config_source": config_source,
         "moved": None if drift is None else drift["moved"],
         "model": _describe(est),

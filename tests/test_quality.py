@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,3 +34,12 @@ def test_kernels_do_not_import_dask():
     for path in [*(ROOT / "dkm" / "kernels").glob("*.py"), ROOT / "dkm" / "stats.py"]:
         text = path.read_text()
         assert "import dask" not in text and "from dask" not in text, path
+
+
+def test_import_contracts_are_kept():
+    """DESIGN.md's layers, as the import-linter contracts in pyproject.toml."""
+    exe = shutil.which("lint-imports", path=os.path.dirname(sys.executable))
+    assert exe is not None, "import-linter is not installed: pip install -e '.[test]'"
+    result = subprocess.run([exe], cwd=ROOT, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 broken" in result.stdout
