@@ -119,12 +119,12 @@ class ChunkedData:
         persisted blocks dealt round-robin over its threads; None unless every block of
         X is persisted on ``client``'s cluster and every worker holds some.
 
-        Asking the scheduler takes two round trips (4–11 ms of a ~300 ms KM-1 pass on a
-        busy 2-worker LocalCluster), so the answer is kept for :data:`GROUPS_MAX_AGE`
-        seconds, and asked again at once when a block's future is no longer finished
-        (its worker died: the scheduler tells the client without being asked). A worker
-        that joins is seen within that age. The groups only say where tasks should run:
-        a stale answer can cost a transfer, never a different result.
+        Asking the scheduler takes two round trips, so the answer is kept for
+        :data:`GROUPS_MAX_AGE` seconds, and asked again at once when a block's future is
+        no longer finished (its worker died: the scheduler tells the client without
+        being asked). A worker that joins is seen within that age. The groups only say
+        where tasks should run: a stale answer can cost a transfer, never a different
+        result.
         """
         from distributed import futures_of
 
@@ -339,8 +339,8 @@ def _blas_limit(n_tasks: int) -> AbstractContextManager[Any]:
     """One BLAS thread per task while several chunk tasks run at once in this process.
 
     Dask's threaded scheduler runs one task per core; each GEMM would otherwise start
-    its own pool of BLAS threads on the same cores (oversubscription: measured 2× slower
-    on two cores). A lone chunk keeps BLAS's own threads. Workers of a
+    its own pool of BLAS threads on the same cores (oversubscription). A lone chunk
+    keeps BLAS's own threads. Workers of a
     ``distributed`` cluster are separate processes that Dask already starts with one
     BLAS thread each; the limit set here does not reach them.
     """
@@ -357,8 +357,8 @@ def _one_blas_thread() -> AbstractContextManager[Any]:
 @cache
 def _blas_controller() -> ThreadpoolController:
     """The process's thread pools, found once: ``threadpool_limits`` searches the loaded
-    libraries on every call (~2 ms a pass); by the first pass NumPy's and SciPy's BLAS
-    are loaded (the kernels import both)."""
+    libraries on every call; by the first pass NumPy's and SciPy's BLAS are loaded (the
+    kernels import both)."""
     return ThreadpoolController()
 
 
@@ -412,23 +412,21 @@ def stats_pass_many(
 
     The graph is built by hand on top of the blocks' graph, materialised once per
     dataset, and handed to the scheduler's ``get``: ``dask.compute`` on ``Delayed``
-    objects re-tokenised the parameters for every task and re-optimised the graph,
-    ~25 ms of a pass whatever the data (16 tiny chunks: 34 → 10 ms per pass).
+    objects would re-tokenise the parameters for every task and re-optimise the graph
+    in every pass.
 
     The parameters (and the origin) travel inside every E-step task while all their
     copies together stay under :data:`EMBED_PARAMS_BYTES`: a worker then starts a task
     as soon as it receives it. Larger parameters enter the graph once, as one key every
     E-step task depends on, so each worker receives them once per pass; but that key is
     a task of its own, run on one worker and fetched by the others before their first
-    E-step (KM-1 in 16 chunks on a 2-worker LocalCluster: 349 → 314 ms per iteration
-    when embedded, medians of 32 iterations each, alternated in one cluster).
+    E-step, which is why small parameters are embedded.
 
     On a distributed cluster holding every block of X in memory, each worker thread
     gets one task for all the blocks it holds (:meth:`ChunkedData.worker_groups`)
     instead of one task per block and the merges: on a small machine the scheduler's
-    and the client's few milliseconds per task take CPU from the workers (KM-1 in 16
-    chunks on a 2-worker LocalCluster: overhead outside the kernels 20–21 % → 12–15 %
-    of an iteration, three runs each, alternated). The tasks return each chunk's
+    and the client's few milliseconds per task take CPU from the workers. The tasks
+    return each chunk's
     statistics, which the client merges in the tree's order, so the totals are the
     same bits as the ungrouped pass's, wherever the blocks are; passes whose per-chunk
     statistics would exceed :data:`GROUPED_STATS_BYTES` in all stay ungrouped.
@@ -551,8 +549,6 @@ def _run_on_client(
     ``held``, the previous pass's futures are dropped only after this pass is
     submitted. The graph goes to the client as an expression named by ``token``
     (``token`` must name the graph), which spares tokenising the whole graph again.
-    KM-1 in 16 chunks on a 2-worker LocalCluster: the client's call to the first task's
-    start 12–13.5 → 5.4–6.2 ms a pass.
     """
     expr: Any = graph
     if _LLGExpr is not None:
@@ -980,8 +976,7 @@ def _worth_keeping(old: F64, new: F64) -> bool:
     """:func:`dkm.kernels.bounds.worth_keeping` on one BLAS thread. Its (512, k)
     product of centres would otherwise wake BLAS's thread pool here, between passes, and
     OpenBLAS's threads spin-wait for more work into the next pass, taking a core from its
-    tasks: KM-2 (k = 1000) on the threaded scheduler, passes before the bounds start
-    345-374 ms against 299-307 without the call, 306-312 with it on one thread."""
+    tasks."""
     with _one_blas_thread():
         return bounds.worth_keeping(old, new)
 
