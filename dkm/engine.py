@@ -36,6 +36,7 @@ from dkm._typing import (
     check_choice,
     moments_for,
 )
+from dkm.codec import NonFinite, float_from_json, float_to_json
 from dkm.errors import InvalidDataError, UserError
 from dkm.kernels import bounds
 from dkm.kernels import expectation as K
@@ -667,6 +668,36 @@ class IterationInfo:
     origin: F64 | None = None
     #: Which model of a shared run (:func:`fit_em_many`): its index among the inits.
     run: int = 0
+
+    def to_dict(self, nonfinite: NonFinite = "string") -> dict[str, Any]:
+        """The iteration's numbers as JSON values: what the saved model, the checkpoint,
+        the metrics and the report keep of it (see :mod:`dkm.codec` for ``nonfinite``)."""
+        return {
+            "iteration": int(self.iteration),
+            "objective": float_to_json(self.objective, nonfinite),
+            "change": float_to_json(self.change, nonfinite),
+            "seconds": float_to_json(self.seconds, nonfinite),
+            "converged": bool(self.converged),
+        }
+
+    @classmethod
+    def from_dict(cls, record: dict[str, Any]) -> IterationInfo:
+        """The iteration :meth:`to_dict` wrote (``params`` None: they are not kept);
+        ValueError naming the key when it is not one. ``converged`` may be missing (models
+        saved before it was kept)."""
+        try:
+            return cls(
+                int(record["iteration"]),
+                float_from_json(record["objective"]),
+                float_from_json(record["change"]),
+                float_from_json(record["seconds"]),
+                None,
+                bool(record.get("converged", False)),
+            )
+        except KeyError as e:
+            raise ValueError(f"an iteration record without {e}") from None
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"an iteration record that is not one ({e}): {record!r}") from None
 
 
 @dataclass(frozen=True, eq=False)

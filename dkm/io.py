@@ -28,6 +28,7 @@ from dask.delayed import Delayed, delayed
 from numpy.typing import NDArray
 from sklearn.utils.validation import check_is_fitted
 
+from dkm.codec import float_to_json
 from dkm.engine import IterationInfo, ResumeState
 from dkm.errors import UserError
 from dkm.estimators import GaussianMixture, KMeans
@@ -995,13 +996,6 @@ def write_labels(
 # --------------------------------------------------------------------------- models
 
 
-def _json_float(value: float) -> float | str:
-    """Finite floats as numbers; NaN and ±inf as the strings ``float()`` reads back."""
-    if math.isfinite(value):
-        return value
-    return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
-
-
 def _to_json(value: Any, where: str) -> Any:
     """A JSON-safe copy: NumPy scalars and arrays to Python, non-finite floats to strings."""
     if value is None or isinstance(value, bool | str):
@@ -1011,7 +1005,7 @@ def _to_json(value: Any, where: str) -> Any:
     if isinstance(value, numbers.Integral):
         return int(value)
     if isinstance(value, numbers.Real):
-        return _json_float(float(value))
+        return float_to_json(float(value))
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     if isinstance(value, dict):
@@ -1060,15 +1054,7 @@ def _model_attributes(
             params[key] = encoded
         else:
             dropped.append(key)
-    history = [
-        {
-            "iteration": int(info.iteration),
-            "objective": _json_float(float(info.objective)),
-            "change": _json_float(float(info.change)),
-            "seconds": _json_float(float(info.seconds)),
-        }
-        for info in estimator.history_
-    ]
+    history = [info.to_dict() for info in estimator.history_]
     names = getattr(estimator, "feature_names_in_", None)
     attrs: dict[str, Any] = {
         "dkm_format": MODEL_FORMAT,
@@ -1086,10 +1072,10 @@ def _model_attributes(
         "metadata": _to_json(metadata or {}, "metadata"),
     }
     if isinstance(estimator, KMeans):
-        attrs["inertia_"] = _json_float(float(estimator.inertia_))
+        attrs["inertia_"] = float_to_json(float(estimator.inertia_))
     else:
-        attrs["lower_bound_"] = _json_float(float(estimator.lower_bound_))
-        attrs["lower_bounds_"] = [_json_float(float(v)) for v in estimator.lower_bounds_]
+        attrs["lower_bound_"] = float_to_json(float(estimator.lower_bound_))
+        attrs["lower_bounds_"] = [float_to_json(float(v)) for v in estimator.lower_bounds_]
     return attrs
 
 
@@ -1122,8 +1108,8 @@ def _save_statistics(group: zarr.Group, statistics: ModelStatistics) -> None:
         attributes={
             "format": STATISTICS_FORMAT,
             "moments": s.moments,
-            "objective": _json_float(float(s.objective)),
-            "n": _json_float(float(s.n)),
+            "objective": float_to_json(float(s.objective)),
+            "n": float_to_json(float(s.n)),
             "count": int(s.count),
             "updates": int(statistics.updates),
         },
@@ -1251,6 +1237,13 @@ def _read_model_array(group: zarr.Group, name: str, url: str) -> NDArray[Any]:
     return np.asarray(node[...])
 
 
+def _history(records: Any, name: str, url: str) -> list[IterationInfo]:
+    try:
+        return [IterationInfo.from_dict(record) for record in records]
+    except (TypeError, ValueError, AttributeError) as e:
+        raise InputError(f"{url}: attribute {name} is not readable ({e})") from None
+
+
 def _float(value: Any, name: str, url: str) -> float:
     try:
         return float(value)
@@ -1319,17 +1312,7 @@ def load_model(
         estimator.feature_names_in_ = np.asarray(names, dtype=object)
     estimator.n_iter_ = int(attrs["n_iter_"])
     estimator.converged_ = bool(attrs["converged_"])
-    estimator.history_ = [
-        IterationInfo(
-            int(h["iteration"]),
-            _float(h["objective"], "history_", url),
-            _float(h["change"], "history_", url),
-            _float(h["seconds"], "history_", url),
-            None,
-            bool(h.get("converged", False)),
-        )
-        for h in attrs.get("history_", [])
-    ]
+    estimator.history_ = _history(attrs.get("history_", []), "history_", url)
     if isinstance(estimator, KMeans):
         estimator.cluster_centers_ = _read_model_array(group, "cluster_centers_", url)
         estimator.inertia_ = _float(attrs["inertia_"], "inertia_", url)
@@ -1452,18 +1435,9 @@ def save_checkpoint(
         "dkm_version": _version(),
         "covariance_type": p.covariance_type,
         "iteration": state.iteration,
-        "objective": _json_float(state.objective),
+        "objective": float_to_json(state.objective),
         "converged": state.converged,
-        "history": [
-            {
-                "iteration": h.iteration,
-                "objective": _json_float(h.objective),
-                "change": _json_float(h.change),
-                "seconds": h.seconds,
-                "converged": h.converged,
-            }
-            for h in state.history
-        ],
+        "history": [info.to_dict() for info in state.history],
         "metadata": _to_json(metadata or {}, "metadata"),
     }
     # the running fit's own earlier checkpoint is replaced; anything else is refused
@@ -1503,17 +1477,7 @@ def load_checkpoint(
 
         prec = array("precisions_cholesky") if "precisions_cholesky" in group else None
         params = MixtureParams(ct, array("weights"), array("means"), prec)
-        history = tuple(
-            IterationInfo(
-                int(h["iteration"]),
-                _float(h["objective"], "history", url),
-                _float(h["change"], "history", url),
-                float(h["seconds"]),
-                None,
-                bool(h["converged"]),
-            )
-            for h in attrs["history"]
-        )
+        history = tuple(IterationInfo.from_dict(h) for h in attrs["history"])
         state = ResumeState(
             int(attrs["iteration"]),
             params,

@@ -499,15 +499,7 @@ def _write_report(
         weights = sizes / max(sizes.sum(), 1e-300)
     else:
         means, covariances, weights = est.means_, est.covariances_, est.weights_
-    history = [
-        {
-            "iteration": h.iteration,
-            "objective": h.objective,
-            "change": h.change,
-            "seconds": h.seconds,
-        }
-        for h in est.history_
-    ]
+    history = [info.to_dict() for info in est.history_]
     sample_labels = np.asarray(est.predict(sample)) if len(sample) else np.empty(0, np.int64)
     m = config.model
     title = f"{m.mode}, k={_n_clusters(est)}, {summary['n_samples']:,} x {summary['n_features']}"

@@ -92,12 +92,9 @@ class Progress:
             "event": "iteration",
             "job": self.job_id,
             "time": _now(),
-            "iteration": info.iteration,
+            **info.to_dict(nonfinite="null"),
             "model": info.run,
-            "objective": info.objective,
             "relative_change": relative,
-            "change": info.change if math.isfinite(info.change) else None,
-            "seconds": info.seconds,
         }
 
     def hold(self) -> None:
@@ -169,6 +166,7 @@ class Progress:
             for k, v in record.items()
             if k not in ("time", "event", "job", "iteration")
             and v is not None
+            and (k != "converged" or v)
             # which model: only when several iterate together (restarts, a sweep over k)
             and (k != "model" or len(self._previous) > 1)
         )

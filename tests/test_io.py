@@ -561,7 +561,14 @@ def test_model_params_metadata_and_info(tmp_path):
     assert info["metadata"] == {"config": {"k": 3, "paths": ["a", "b"]}, "bad": "Infinity"}
     assert sorted(info["dropped_params"]) == ["init", "random_state"]
     assert info["params"]["n_clusters"] == 3
-    assert info["history_"][0].keys() == {"iteration", "objective", "change", "seconds"}
+    # the same record as the checkpoint and the metrics keep (converged too, since issue 20)
+    assert info["history_"][0].keys() == {
+        "iteration",
+        "objective",
+        "change",
+        "seconds",
+        "converged",
+    }
     json.dumps(info, allow_nan=False)  # strict JSON
     loaded = io.load_model(str(tmp_path / "m"))
     assert loaded.get_params()["init"] == "k-means++"  # dropped: back to the default
@@ -773,3 +780,27 @@ def test_reads_and_writes_on_worker_processes(tmp_path, dask_processes):
     out = zarr.open_array(str(tmp_path / "out.zarr"), path="labels", mode="r")
     assert out.chunks == (250,)
     np.testing.assert_array_equal(out[:], (ref.X.compute()[:, 0] > 0).astype(np.int64))
+
+
+def test_history_has_one_codec_and_old_models_still_load(tmp_path):
+    """IterationInfo.to_dict/from_dict is the one serialiser of a fit's history: the model
+    keeps `converged` now (it dropped it), and a model whose history lacks it still loads."""
+    from dkm.engine import IterationInfo
+
+    est = dkm.GaussianMixture(2, random_state=0).fit(X)
+    url = str(tmp_path / "m")
+    io.save_model(est, url)
+    back = io.load_model(url)
+    assert [h.to_dict() for h in back.history_] == [h.to_dict() for h in est.history_]
+    info = IterationInfo(1, float("nan"), float("inf"), 0.5, None, True)
+    assert info.to_dict()["change"] == "Infinity" and info.to_dict("null")["change"] is None
+    again = IterationInfo.from_dict(info.to_dict())
+    assert again.change == float("inf") and again.converged
+    group = zarr.open_group(url, mode="a")
+    group.attrs["history_"] = [
+        {k: v for k, v in h.items() if k != "converged"} for h in group.attrs["history_"]
+    ]  # as dkm wrote it before issue 20
+    assert [h.objective for h in io.load_model(url).history_] == [h.objective for h in est.history_]
+    group.attrs["history_"] = [{"iteration": 1, "objective": "lots"}]
+    with pytest.raises(InputError, match=r"attribute history_ is not readable"):
+        io.load_model(url)
