@@ -31,7 +31,19 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
-from dkm._typing import ASSIGNMENTS, Assignment, CovarianceType, OnDegenerate, check_choice
+from dkm import covariance
+from dkm._typing import (
+    KMEANS_FIT_INIT,
+    PARALLEL_INIT,
+    Assignment,
+    CovarianceType,
+    OnDegenerate,
+    parse_assignment,
+    parse_kmeans_init,
+    parse_mixture_init,
+    parse_nan_policy,
+    parse_on_degenerate,
+)
 from dkm.engine import (
     ChunkedData,
     EMOptions,
@@ -50,19 +62,11 @@ from dkm.engine import (
     summarize,
 )
 from dkm.kernels import expectation as K
-from dkm.kernels.mstep import ON_DEGENERATE
-from dkm.kernels.params import (
-    MixtureParams,
-    covariances_from_cholesky,
-    n_parameters,
-    precision_cholesky_from_precisions,
-    precisions_from_cholesky,
-)
+from dkm.kernels.params import MixtureParams
 from dkm.kmeans_parallel import kmeans_parallel
 from dkm.stats import DataSummary
 
 F64 = NDArray[np.float64]
-GMM_COVARIANCE_TYPES = ("full", "tied", "diag", "spherical", "identity")
 #: Rows per chunk target for NumPy input: bounded bytes, enough chunks for every core.
 _CHUNK_BYTES = 32 * 2**20
 _MIN_CHUNK_ROWS = 4096
@@ -198,7 +202,7 @@ class _DaskMixtureBase(BaseEstimator):
         return ChunkedData.from_dask(Xd, wd, self._nan_policy()), Xn
 
     def _nan_policy(self) -> str:
-        return check_choice("nan_policy", self.nan_policy, ("raise", "drop"))
+        return parse_nan_policy(self.nan_policy)
 
     def _check_n_features_dask(self, X: da.Array, *, reset: bool) -> None:
         if reset:
@@ -392,7 +396,7 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
         self, summary: DataSummary, data: ChunkedData, k: int, rng: np.random.RandomState
     ) -> F64:
         d = data.n_features
-        if isinstance(self.init, str) and self.init == "k-means||":
+        if isinstance(self.init, str) and self.init == PARALLEL_INIT:
             return kmeans_parallel(
                 data,
                 k,
@@ -456,7 +460,7 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
         tol = _check_float("tol", self.tol, 0.0)
         n_init = self._n_init()
         if isinstance(self.init, str):
-            check_choice("init", self.init, ("k-means++", "k-means||", "random"))
+            parse_kmeans_init(self.init)
         data, Xn = self._as_data(X, sample_weight, reset=True)
         rng = check_random_state(self.random_state)
         summary = self._summarize(data, max(ks), rng, "n_clusters")
@@ -678,9 +682,10 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
 
     def _check_inits(self, k: int, d: int) -> tuple[F64 | None, F64 | None, F64 | None]:
         ct = self.covariance_type
+        kind = covariance.of(ct)
         weights = means = precisions = None
         if self.weights_init is not None:
-            if ct == "identity":
+            if kind.unit:
                 raise ValueError("weights_init: identity mixtures have equal, fixed weights")
             weights = np.asarray(self.weights_init, np.float64)
             if weights.shape != (k,):
@@ -692,10 +697,10 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
             if means.shape != (k, d):
                 raise ValueError(f"means_init should have shape ({k}, {d}), got {means.shape}")
         if self.precisions_init is not None:
-            if ct == "identity":
+            if kind.unit:
                 raise ValueError("precisions_init: identity mixtures have unit covariances")
             precisions = np.asarray(self.precisions_init, np.float64)
-            expected = {"full": (k, d, d), "tied": (d, d), "diag": (k, d), "spherical": (k,)}[ct]
+            expected = kind.precision_shape(k, d)
             if precisions.shape != expected:
                 raise ValueError(
                     f"precisions_init should have shape {expected} for covariance_type "
@@ -719,13 +724,14 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
         their passes over the data across all runs.
         """
         d, ct = data.n_features, self._ct
+        kind = covariance.of(ct)
         checked = {k: self._check_inits(k, d) for k in ks}
         method = self.init_params
 
         def all_given(k: int) -> bool:
             weights, means, precisions = checked[k]
             return means is not None and (
-                ct == "identity" or (weights is not None and precisions is not None)
+                kind.unit or (weights is not None and precisions is not None)
             )
 
         if (
@@ -748,12 +754,8 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
                     )
                 centres.append(c - data.origin)
             else:
-                check_choice(
-                    "init_params",
-                    method,
-                    ("kmeans", "k-means++", "k-means||", "random", "random_from_data"),
-                )
-                if method == "k-means||":
+                parse_mixture_init(method)
+                if method == PARALLEL_INIT:
                     centres.append(
                         kmeans_parallel(
                             data, k, rng, split_every=self._split_every(), summary=summary
@@ -762,7 +764,7 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
                     continue
                 name = "random" if method in ("random", "random_from_data") else "k-means++"
                 centres.append(init_centres(summary, data.origin, k, name, rng))
-        if method == "kmeans":
+        if method == KMEANS_FIT_INIT:
             todo = [i for i, c in enumerate(centres) if c is not None]
             km = fit_em_many(
                 data,
@@ -773,7 +775,7 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
             for i, result in zip(todo, km, strict=True):
                 centres[i] = result.params.means - data.origin
         partitioned: dict[int, tuple[MixtureParams, F64 | None]] = {}
-        if ct != "identity":
+        if not kind.unit:
             todo = [i for i, c in enumerate(centres) if c is not None]
             found = gaussian_from_partition_many(
                 data,
@@ -800,16 +802,17 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
     ) -> tuple[MixtureParams, F64 | None]:
         """One run's initial parameters: computed ones, overridden by any ``*_init`` given."""
         ct = self._ct
+        kind = covariance.of(ct)
         weights, means, precisions = checked[k]
         cov: F64 | None = None
         if centres is None:
             assert means is not None
             params = MixtureParams.identity(means - origin)
-        elif ct == "identity":
+        elif kind.unit:
             params = MixtureParams.identity(centres)
         else:
             params, cov = partitioned[slot]
-        if ct == "identity":
+        if kind.unit:
             if means is not None:
                 params = MixtureParams.identity(means - origin)
             return params, np.ones(k)
@@ -817,8 +820,8 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
         new_weights = params.weights if weights is None else weights
         prec_chol: F64 | None = params.precisions_cholesky
         if precisions is not None:
-            prec_chol = precision_cholesky_from_precisions(precisions, ct)
-            cov = covariances_from_cholesky(prec_chol, ct)
+            prec_chol = kind.cholesky_of_precisions(precisions)
+            cov = kind.covariances(prec_chol)
         assert prec_chol is not None
         return MixtureParams(ct, new_weights, new_means, prec_chol), cov
 
@@ -855,9 +858,9 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
         Returns ``self`` fitted when there is one candidate, else fitted clones of
         ``self`` (``n_components`` set), in the order of ``ks``.
         """
-        check_choice("covariance_type", self.covariance_type, GMM_COVARIANCE_TYPES)
-        check_choice("assignment", self.assignment, ASSIGNMENTS)
-        check_choice("on_degenerate", self.on_degenerate, ON_DEGENERATE)
+        covariance.of(self.covariance_type)
+        parse_assignment(self.assignment)
+        parse_on_degenerate(self.on_degenerate)
         max_iter = _check_int("max_iter", self.max_iter, 0)
         n_init = _check_int("n_init", self.n_init, 1)
         tol = _check_float("tol", self.tol, 0.0)
@@ -881,7 +884,7 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
         else:
             params = resume.params_for(data.origin)
             pc = params.precisions_cholesky
-            cov = np.ones(ks[0]) if pc is None else covariances_from_cholesky(pc, self._ct)
+            cov = np.ones(ks[0]) if pc is None else covariance.of(self._ct).covariances(pc)
             inits = [(params, cov)]
         results = fit_em_many(
             data,
@@ -923,16 +926,16 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
     def _set_params(self, result: EMResult, data: ChunkedData) -> None:
         """The fitted attributes in X's float dtype (as scikit-learn's); the float64
         parameters stay in ``_params`` for the kernels."""
-        p, ct = result.params, self._ct
+        p, kind = result.params, covariance.of(self._ct)
         dtype = data.X.dtype
         self._origin = data.origin
         self._params = p
-        prec_chol = np.ones(p.n_components) if ct == "identity" else p.precisions_cholesky
+        prec_chol = np.ones(p.n_components) if kind.unit else p.precisions_cholesky
         assert prec_chol is not None
         cov = result.covariances
         if cov is None:
-            cov = covariances_from_cholesky(prec_chol, ct if ct != "identity" else "spherical")
-        precisions = precisions_from_cholesky(prec_chol, "spherical" if ct == "identity" else ct)
+            cov = kind.covariances(prec_chol)
+        precisions = kind.precisions(prec_chol)
         self.weights_ = p.weights.astype(dtype, copy=False)
         self.means_ = p.means.astype(dtype, copy=False)
         self.precisions_cholesky_ = prec_chol.astype(dtype, copy=False)
@@ -976,7 +979,8 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
         return float(np.asarray(mean(density)))
 
     def _n_parameters(self) -> int:
-        return n_parameters(self.covariance_type, len(self.weights_), self.means_.shape[1])
+        k, d = len(self.weights_), self.means_.shape[1]
+        return covariance.of(self.covariance_type).n_parameters(k, d)
 
     def bic(self, X: Any) -> float:
         """Bayesian information criterion (lower is better)."""
@@ -1001,14 +1005,10 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
             )
         rng = check_random_state(self.random_state)
         counts = rng.multinomial(n_samples, self.weights_)
-        ct, d = self.covariance_type, self.means_.shape[1]
-        parts = []
-        for j, (mean, count) in enumerate(zip(self.means_, counts, strict=True)):
-            if ct in ("full", "tied"):
-                cov = self.covariances_[j] if ct == "full" else self.covariances_
-                parts.append(rng.multivariate_normal(mean, cov, int(count)))
-            else:
-                scale = np.sqrt(self.covariances_[j])
-                parts.append(mean + rng.standard_normal(size=(int(count), d)) * scale)
+        kind = covariance.of(self.covariance_type)
+        parts = [
+            kind.draw(rng, mean, self.covariances_, j, int(count))
+            for j, (mean, count) in enumerate(zip(self.means_, counts, strict=True))
+        ]
         labels = np.concatenate([np.full(c, j, dtype=np.int64) for j, c in enumerate(counts)])
         return np.vstack(parts), labels
