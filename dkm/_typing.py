@@ -24,8 +24,6 @@ Criterion = Literal["bic", "aic"]
 PersistPolicy = Literal["auto", "always", "never"]
 #: What a config's ``model.mode`` names: (identity, hard) or a mixture.
 Mode = Literal["kmeans", "gmm"]
-#: Initial centres drawn from a sample of the data (:data:`dkm.kernels.init.INIT_METHODS`).
-SampleInit = Literal["k-means++", "random"]
 #: k-means‖ (Bahmani et al., 2012): candidates sampled over the whole data.
 ParallelInit = Literal["k-means||"]
 #: A mixture's means from a k-means fit.
@@ -47,7 +45,6 @@ NAN_POLICIES: Final[tuple[NanPolicy, ...]] = get_args(NanPolicy)
 CRITERIA: Final[tuple[Criterion, ...]] = get_args(Criterion)
 PERSIST_POLICIES: Final[tuple[PersistPolicy, ...]] = get_args(PersistPolicy)
 MODES: Final[tuple[Mode, ...]] = get_args(Mode)
-SAMPLE_INITS: Final[tuple[SampleInit, ...]] = get_args(SampleInit)
 KMEANS_INITS: Final[tuple[KMeansInit, ...]] = get_args(KMeansInit)
 MIXTURE_INITS: Final[tuple[MixtureInit, ...]] = get_args(MixtureInit)
 #: The one name each of these initialisations has.

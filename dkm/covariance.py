@@ -132,6 +132,10 @@ class Covariance:
     def precisions(self, prec_chol: F64) -> F64:
         return prec_chol**2
 
+    def as_full(self, covariances: F64, k: int, d: int) -> F64:
+        """(k, d, d) matrices from covariances of this type's shape."""
+        return np.asarray(covariances[:, :, None] * np.eye(d))  # row j on matrix j's diagonal
+
     def covariances(self, prec_chol: F64) -> F64:
         return 1.0 / prec_chol**2
 
@@ -217,6 +221,9 @@ class _Identity(Covariance):
     def variances(self, covariances: F64, k: int, d: int) -> F64:
         return np.ones(k)
 
+    def as_full(self, covariances: F64, k: int, d: int) -> F64:
+        return SPHERICAL.as_full(covariances, k, d)  # given as scikit-learn's (k,) ones
+
     def precision_cholesky(self, covariances: F64) -> F64:
         raise ValueError("covariance_type 'identity' has no precision")
 
@@ -244,6 +251,9 @@ class _Spherical(Covariance):
 
     def variances(self, covariances: F64, k: int, d: int) -> F64:
         return covariances
+
+    def as_full(self, covariances: F64, k: int, d: int) -> F64:
+        return np.asarray(covariances[:, None, None] * np.eye(d))
 
     def diagonal_form(self, means: F64, prec_chol: F64) -> tuple[F64 | None, F64, F64]:
         d = means.shape[1]
@@ -323,6 +333,9 @@ class _Tied(Covariance):
     def variances(self, covariances: F64, k: int, d: int) -> F64:
         return np.full(k, np.trace(covariances) / d)
 
+    def as_full(self, covariances: F64, k: int, d: int) -> F64:
+        return np.broadcast_to(covariances, (k, d, d)).copy()
+
     def draw(
         self, rng: np.random.RandomState, mean: F64, covariances: F64, j: int, count: int
     ) -> F64:
@@ -391,6 +404,9 @@ class _Full(Covariance):
 
     def variances(self, covariances: F64, k: int, d: int) -> F64:
         return np.asarray(np.trace(covariances, axis1=1, axis2=2) / d)
+
+    def as_full(self, covariances: F64, k: int, d: int) -> F64:
+        return covariances.copy()
 
     def draw(
         self, rng: np.random.RandomState, mean: F64, covariances: F64, j: int, count: int
