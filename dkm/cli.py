@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 import click
 
 import dkm
+from dkm import covariance
+from dkm._typing import NAN_POLICIES
 from dkm.config import load_config
 from dkm.errors import UserError
 
@@ -234,7 +236,8 @@ def _version_row(info: dict[str, Any], current: bool, number: int) -> tuple[str,
     described = info.get("model") or {}
     if described:
         ct = described.get("covariance_type")
-        kind = "kmeans" if ct == "identity" and described.get("assignment") == "hard" else "gmm"
+        unit = ct in covariance.TYPES and covariance.TYPES[ct].unit
+        kind = "kmeans" if unit and described.get("assignment") == "hard" else "gmm"
         kind += f" {ct}" if kind == "gmm" else ""
         kind += f" k={described.get('k')}"
     else:
@@ -333,7 +336,7 @@ def validate(config: str, overrides: tuple[str, ...]) -> None:
 @click.option("--scheduler", default=None, help="Dask scheduler address (default: in-process).")
 @click.option(
     "--nan-policy",
-    type=click.Choice(["raise", "drop"]),
+    type=click.Choice(NAN_POLICIES),
     default=None,
     help="Rows with NaN or infinity: raise (exit 2 naming the row) or drop (label -1). "
     "Default: the model's, as fitted (data.nan_policy).",

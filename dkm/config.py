@@ -25,6 +25,18 @@ from pydantic import (
     model_validator,
 )
 
+from dkm import covariance
+from dkm._typing import (
+    KMEANS_FIT_INIT,
+    Assignment,
+    ConfigInit,
+    CovarianceType,
+    Criterion,
+    Mode,
+    NanPolicy,
+    OnDegenerate,
+    PersistPolicy,
+)
 from dkm.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -48,7 +60,7 @@ class _DataBase(_Strict):
     dtype: Literal["float32", "float64"] | None = Field(
         None, description="cast the points to this dtype; default: keep float32/float64"
     )
-    nan_policy: Literal["raise", "drop"] = Field(
+    nan_policy: NanPolicy = Field(
         "raise", description="rows with NaN/inf: an error, or dropped (counted, labelled -1)"
     )
 
@@ -140,22 +152,22 @@ class KRange(_Strict):
 class ModelConfig(_Strict):
     """What to fit. ``kmeans`` is (identity, hard); ``gmm`` defaults to (full, soft)."""
 
-    mode: Literal["kmeans", "gmm"] = Field("kmeans", description="kmeans or gmm")
+    mode: Mode = Field("kmeans", description="kmeans or gmm")
     n_clusters: PositiveInt | list[PositiveInt] | KRange = Field(
         8,
         description="number of clusters / components; or candidates to choose from by "
         "`criterion`: a list [8, 16, 32] or a range {min: 2, max: 20, step: 2}",
     )
-    criterion: Literal["bic", "aic"] = Field(
+    criterion: Criterion = Field(
         "bic", description="how a list or range of n_clusters is decided (lower wins)"
     )
-    covariance_type: Literal["identity", "full", "tied", "diag", "spherical"] | None = Field(
+    covariance_type: CovarianceType | None = Field(
         None, description="kmeans: identity; gmm: full (default), tied, diag or spherical"
     )
-    assignment: Literal["hard", "soft"] | None = Field(
+    assignment: Assignment | None = Field(
         None, description="hard (kmeans default) or soft (gmm default)"
     )
-    init: Literal["k-means++", "k-means||", "random", "kmeans"] | ModelInit | None = Field(
+    init: ConfigInit | ModelInit | None = Field(
         None,
         description="kmeans: k-means++ (default), k-means|| or random; gmm: kmeans "
         "(default), ...; or {model: PATH} to warm-start from a saved model",
@@ -168,7 +180,7 @@ class ModelConfig(_Strict):
     tol: NonNegativeFloat | None = Field(None, description="kmeans 1e-4 (relative), gmm 1e-3")
     max_iter: NonNegativeInt | None = Field(None, description="kmeans 300, gmm 100")
     reg_covar: NonNegativeFloat = Field(1e-6, description="added to covariance diagonals")
-    on_degenerate: Literal["error", "reseed", "drop"] = Field(
+    on_degenerate: OnDegenerate = Field(
         "error", description="gmm: a collapsed component is an error, re-seeded or dropped"
     )
     seed: int | None = Field(0, description="random seed of the initialisation")
@@ -202,14 +214,14 @@ class ModelConfig(_Strict):
     @model_validator(mode="after")
     def _check_mode(self) -> ModelConfig:
         if self.mode == "kmeans":
-            if self.covariance_type not in (None, "identity"):
+            if self.covariance_type is not None and not covariance.of(self.covariance_type).unit:
                 raise ValueError(
                     f"covariance_type {self.covariance_type!r} needs mode: gmm "
                     "(k-means has identity covariances)"
                 )
-            if self.init == "kmeans":
+            if self.init == KMEANS_FIT_INIT:
                 raise ValueError("init 'kmeans' is for mode: gmm; use k-means++ or random")
-        elif self.covariance_type == "identity":
+        elif self.covariance_type is not None and covariance.of(self.covariance_type).unit:
             raise ValueError("covariance_type identity is mode: kmeans (soft: assignment soft)")
         return self
 
@@ -389,7 +401,7 @@ class OutputConfig(_Strict):
 
 class RuntimeConfig(_Strict):
     split_every: int = Field(8, ge=2, description="fan-in of the reduction tree")
-    persist: Literal["auto", "always", "never"] = Field(
+    persist: PersistPolicy = Field(
         "auto", description="keep the points in cluster memory (auto: if under half of it)"
     )
     checkpoint_every: NonNegativeInt = Field(

@@ -26,15 +26,15 @@ from dask.delayed import Delayed, delayed
 from numpy.typing import NDArray
 from threadpoolctl import ThreadpoolController
 
+from dkm import covariance
 from dkm._typing import (
-    KMEANS_ALGORITHMS,
     Assignment,
     CovarianceType,
     KMeansAlgorithm,
     Moments,
     OnDegenerate,
-    check_choice,
-    moments_for,
+    parse_kmeans_algorithm,
+    parse_nan_policy,
 )
 from dkm.codec import NonFinite, float_from_json, float_to_json
 from dkm.errors import InvalidDataError, UserError
@@ -90,7 +90,7 @@ class ChunkedData:
                     f"sample_weight has shape {weights.shape}, expected ({X.shape[0]},)"
                 )
             weights = weights.astype(np.float64).rechunk((X.chunks[0],))
-        check_choice("nan_policy", nan_policy, ("raise", "drop"))
+        parse_nan_policy(nan_policy)
         return cls(X, weights, np.zeros(X.shape[1]), nan_policy)
 
     @property
@@ -751,7 +751,7 @@ class EMOptions:
 
     @property
     def is_kmeans(self) -> bool:
-        return self.covariance_type == "identity" and self.assignment == "hard"
+        return covariance.of(self.covariance_type).unit and self.assignment == "hard"
 
 
 @dataclass(eq=False)
@@ -872,7 +872,7 @@ def fit_em_many(
             return run.params, None, PassOptions("hard", "none", k, fit.key(run))
         # re-seeding needs the points the model explains worst: one per component
         n_far = k if options.on_degenerate == "reseed" else 0
-        moments = moments_for(options.covariance_type)
+        moments = covariance.of(options.covariance_type).moments
         return run.params, run.params.means, PassOptions(options.assignment, moments, n_far)
 
     held: list[Any] = []  # the last pass's futures on a client (see stats_pass_many)
@@ -971,8 +971,7 @@ class FitBounds:
     """
 
     def __init__(self, algorithm: KMeansAlgorithm = "auto") -> None:
-        check_choice("algorithm", algorithm, KMEANS_ALGORITHMS)
-        self.algorithm = algorithm
+        self.algorithm = parse_kmeans_algorithm(algorithm)
         self.name = uuid.uuid4().hex
 
     def wanted(self, d: int) -> bool:
@@ -1086,7 +1085,7 @@ def gaussian_from_partition_many(
     """:func:`gaussian_from_partition` for several sets of centres in one pass."""
     if not centres:
         return []
-    moments = moments_for(covariance_type)
+    moments = covariance.of(covariance_type).moments
     jobs: list[PassJob] = [
         (
             MixtureParams.identity(c),

@@ -31,14 +31,19 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
+from dkm import covariance
 from dkm._typing import (
-    ASSIGNMENTS,
-    KMEANS_ALGORITHMS,
+    KMEANS_FIT_INIT,
+    PARALLEL_INIT,
     Assignment,
     CovarianceType,
-    KMeansAlgorithm,
     OnDegenerate,
-    check_choice,
+    parse_assignment,
+    parse_kmeans_algorithm,
+    parse_kmeans_init,
+    parse_mixture_init,
+    parse_nan_policy,
+    parse_on_degenerate,
 )
 from dkm.engine import (
     ChunkedData,
@@ -59,19 +64,11 @@ from dkm.engine import (
 )
 from dkm.errors import InvalidDataError
 from dkm.kernels import expectation as K
-from dkm.kernels.mstep import ON_DEGENERATE
-from dkm.kernels.params import (
-    MixtureParams,
-    covariances_from_cholesky,
-    n_parameters,
-    precision_cholesky_from_precisions,
-    precisions_from_cholesky,
-)
+from dkm.kernels.params import MixtureParams
 from dkm.kmeans_parallel import kmeans_parallel
 from dkm.stats import DataSummary
 
 F64 = NDArray[np.float64]
-GMM_COVARIANCE_TYPES = ("full", "tied", "diag", "spherical", "identity")
 #: Rows per chunk target for NumPy input: bounded bytes, enough chunks for every core.
 _CHUNK_BYTES = 32 * 2**20
 _MIN_CHUNK_ROWS = 4096
@@ -209,7 +206,7 @@ class _DaskMixtureBase(BaseEstimator):
         return ChunkedData.from_dask(Xd, wd, self._nan_policy()), Xn
 
     def _nan_policy(self) -> str:
-        return check_choice("nan_policy", self.nan_policy, ("raise", "drop"))
+        return parse_nan_policy(self.nan_policy)
 
     def _check_n_features_dask(self, X: da.Array, *, reset: bool) -> None:
         if reset:
@@ -410,7 +407,7 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
         self, summary: DataSummary, data: ChunkedData, k: int, rng: np.random.RandomState
     ) -> F64:
         d = data.n_features
-        if isinstance(self.init, str) and self.init == "k-means||":
+        if isinstance(self.init, str) and self.init == PARALLEL_INIT:
             return kmeans_parallel(
                 data,
                 k,
@@ -474,7 +471,7 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
         tol = _check_float("tol", self.tol, 0.0)
         n_init = self._n_init()
         if isinstance(self.init, str):
-            check_choice("init", self.init, ("k-means++", "k-means||", "random"))
+            parse_kmeans_init(self.init)
         data, Xn = self._as_data(X, sample_weight, reset=True)
         rng = check_random_state(self.random_state)
         summary = self._summarize(data, max(ks), rng, "n_clusters")
@@ -486,9 +483,7 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
             tol=tol,
             max_iter=max_iter,
             split_every=self._split_every(),
-            algorithm=cast(
-                KMeansAlgorithm, check_choice("algorithm", self.algorithm, KMEANS_ALGORITHMS)
-            ),
+            algorithm=parse_kmeans_algorithm(self.algorithm),
         )
         _check_resume(resume, n_init * len(ks), ks[0], data.n_features, "identity")
         # initial centres drawn in the order separate fits would draw them
@@ -703,9 +698,10 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
 
     def _check_inits(self, k: int, d: int) -> tuple[F64 | None, F64 | None, F64 | None]:
         ct = self.covariance_type
+        kind = covariance.of(ct)
         weights = means = precisions = None
         if self.weights_init is not None:
-            if ct == "identity":
+            if kind.unit:
                 raise ValueError("weights_init: identity mixtures have equal, fixed weights")
             weights = np.asarray(self.weights_init, np.float64)
             if weights.shape != (k,):
@@ -717,10 +713,10 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
             if means.shape != (k, d):
                 raise ValueError(f"means_init should have shape ({k}, {d}), got {means.shape}")
         if self.precisions_init is not None:
-            if ct == "identity":
+            if kind.unit:
                 raise ValueError("precisions_init: identity mixtures have unit covariances")
             precisions = np.asarray(self.precisions_init, np.float64)
-            expected = {"full": (k, d, d), "tied": (d, d), "diag": (k, d), "spherical": (k,)}[ct]
+            expected = kind.precision_shape(k, d)
             if precisions.shape != expected:
                 raise ValueError(
                     f"precisions_init should have shape {expected} for covariance_type "
@@ -744,13 +740,14 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
         their passes over the data across all runs.
         """
         d, ct = data.n_features, self._ct
+        kind = covariance.of(ct)
         checked = {k: self._check_inits(k, d) for k in ks}
         method = self.init_params
 
         def all_given(k: int) -> bool:
             weights, means, precisions = checked[k]
             return means is not None and (
-                ct == "identity" or (weights is not None and precisions is not None)
+                kind.unit or (weights is not None and precisions is not None)
             )
 
         if (
@@ -773,12 +770,8 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
                     )
                 centres.append(c - data.origin)
             else:
-                check_choice(
-                    "init_params",
-                    method,
-                    ("kmeans", "k-means++", "k-means||", "random", "random_from_data"),
-                )
-                if method == "k-means||":
+                parse_mixture_init(method)
+                if method == PARALLEL_INIT:
                     centres.append(
                         kmeans_parallel(
                             data, k, rng, split_every=self._split_every(), summary=summary
@@ -787,7 +780,7 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
                     continue
                 name = "random" if method in ("random", "random_from_data") else "k-means++"
                 centres.append(init_centres(summary, data.origin, k, name, rng))
-        if method == "kmeans":
+        if method == KMEANS_FIT_INIT:
             todo = [i for i, c in enumerate(centres) if c is not None]
             km = fit_em_many(
                 data,
@@ -798,7 +791,7 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
             for i, result in zip(todo, km, strict=True):
                 centres[i] = result.params.means - data.origin
         partitioned: dict[int, tuple[MixtureParams, F64 | None]] = {}
-        if ct != "identity":
+        if not kind.unit:
             todo = [i for i, c in enumerate(centres) if c is not None]
             found = gaussian_from_partition_many(
                 data,
@@ -825,16 +818,17 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
     ) -> tuple[MixtureParams, F64 | None]:
         """One run's initial parameters: computed ones, overridden by any ``*_init`` given."""
         ct = self._ct
+        kind = covariance.of(ct)
         weights, means, precisions = checked[k]
         cov: F64 | None = None
         if centres is None:
             assert means is not None
             params = MixtureParams.identity(means - origin)
-        elif ct == "identity":
+        elif kind.unit:
             params = MixtureParams.identity(centres)
         else:
             params, cov = partitioned[slot]
-        if ct == "identity":
+        if kind.unit:
             if means is not None:
                 params = MixtureParams.identity(means - origin)
             return params, np.ones(k)
@@ -842,8 +836,8 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
         new_weights = params.weights if weights is None else weights
         prec_chol: F64 | None = params.precisions_cholesky
         if precisions is not None:
-            prec_chol = precision_cholesky_from_precisions(precisions, ct)
-            cov = covariances_from_cholesky(prec_chol, ct)
+            prec_chol = kind.cholesky_of_precisions(precisions)
+            cov = kind.covariances(prec_chol)
         assert prec_chol is not None
         return MixtureParams(ct, new_weights, new_means, prec_chol), cov
 
@@ -880,9 +874,9 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
         Returns ``self`` fitted when there is one candidate, else fitted clones of
         ``self`` (``n_components`` set), in the order of ``ks``.
         """
-        check_choice("covariance_type", self.covariance_type, GMM_COVARIANCE_TYPES)
-        check_choice("assignment", self.assignment, ASSIGNMENTS)
-        check_choice("on_degenerate", self.on_degenerate, ON_DEGENERATE)
+        covariance.of(self.covariance_type)
+        parse_assignment(self.assignment)
+        parse_on_degenerate(self.on_degenerate)
         max_iter = _check_int("max_iter", self.max_iter, 0)
         n_init = _check_int("n_init", self.n_init, 1)
         tol = _check_float("tol", self.tol, 0.0)
@@ -906,7 +900,7 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
         else:
             params = resume.params_for(data.origin)
             pc = params.precisions_cholesky
-            cov = np.ones(ks[0]) if pc is None else covariances_from_cholesky(pc, self._ct)
+            cov = np.ones(ks[0]) if pc is None else covariance.of(self._ct).covariances(pc)
             inits = [(params, cov)]
         results = fit_em_many(
             data,
@@ -948,16 +942,16 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
     def _set_params(self, result: EMResult, data: ChunkedData) -> None:
         """The fitted attributes in X's float dtype (as scikit-learn's); the float64
         parameters stay in ``_params`` for the kernels."""
-        p, ct = result.params, self._ct
+        p, kind = result.params, covariance.of(self._ct)
         dtype = data.X.dtype
         self._origin = data.origin
         self._params = p
-        prec_chol = np.ones(p.n_components) if ct == "identity" else p.precisions_cholesky
+        prec_chol = np.ones(p.n_components) if kind.unit else p.precisions_cholesky
         assert prec_chol is not None
         cov = result.covariances
         if cov is None:
-            cov = covariances_from_cholesky(prec_chol, ct if ct != "identity" else "spherical")
-        precisions = precisions_from_cholesky(prec_chol, "spherical" if ct == "identity" else ct)
+            cov = kind.covariances(prec_chol)
+        precisions = kind.precisions(prec_chol)
         self.weights_ = p.weights.astype(dtype, copy=False)
         self.means_ = p.means.astype(dtype, copy=False)
         self.precisions_cholesky_ = prec_chol.astype(dtype, copy=False)
@@ -1001,7 +995,8 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
         return float(np.asarray(mean(density)))
 
     def _n_parameters(self) -> int:
-        return n_parameters(self.covariance_type, len(self.weights_), self.means_.shape[1])
+        k, d = len(self.weights_), self.means_.shape[1]
+        return covariance.of(self.covariance_type).n_parameters(k, d)
 
     def bic(self, X: Any) -> float:
         """Bayesian information criterion (lower is better)."""
@@ -1026,14 +1021,10 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
             )
         rng = check_random_state(self.random_state)
         counts = rng.multinomial(n_samples, self.weights_)
-        ct, d = self.covariance_type, self.means_.shape[1]
-        parts = []
-        for j, (mean, count) in enumerate(zip(self.means_, counts, strict=True)):
-            if ct in ("full", "tied"):
-                cov = self.covariances_[j] if ct == "full" else self.covariances_
-                parts.append(rng.multivariate_normal(mean, cov, int(count)))
-            else:
-                scale = np.sqrt(self.covariances_[j])
-                parts.append(mean + rng.standard_normal(size=(int(count), d)) * scale)
+        kind = covariance.of(self.covariance_type)
+        parts = [
+            kind.draw(rng, mean, self.covariances_, j, int(count))
+            for j, (mean, count) in enumerate(zip(self.means_, counts, strict=True))
+        ]
         labels = np.concatenate([np.full(c, j, dtype=np.int64) for j, c in enumerate(counts)])
         return np.vstack(parts), labels

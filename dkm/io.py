@@ -28,6 +28,7 @@ from dask.delayed import Delayed, delayed
 from numpy.typing import NDArray
 from sklearn.utils.validation import check_is_fitted
 
+from dkm import covariance
 from dkm.codec import float_to_json
 from dkm.engine import IterationInfo, ResumeState
 from dkm.errors import UserError
@@ -1290,15 +1291,14 @@ def load_model(
         mixture = None
     if not isinstance(mixture, zarr.Group):
         raise InputError(f"dkm model {url} is incomplete: the group 'mixture' is missing")
-    covariance_type = mixture.attrs.get("covariance_type")
-    prec_chol = (
-        None
-        if covariance_type == "identity"
-        else _read_model_array(mixture, "precisions_cholesky", url)
-    )
+    try:
+        kind = covariance.of(mixture.attrs.get("covariance_type"))
+    except ValueError as e:
+        raise InputError(f"dkm model {url}: {e}") from e
+    prec_chol = None if kind.unit else _read_model_array(mixture, "precisions_cholesky", url)
     try:
         estimator._params = MixtureParams(
-            cast(Any, covariance_type),
+            kind.name,
             _read_model_array(mixture, "weights", url),
             _read_model_array(mixture, "means", url),
             prec_chol,
@@ -1361,7 +1361,11 @@ def load_model_statistics(
     nk = _read_model_array(sub, "nk", url).astype(np.float64)
     sx = _read_model_array(sub, "sx", url).astype(np.float64)
     shift = _read_model_array(sub, "shift", url).astype(np.float64)
-    sxx = None if moments == "none" else _read_model_array(sub, "sxx", url).astype(np.float64)
+    try:
+        has_sxx = not covariance.of_moments(moments).unit
+    except ValueError as e:
+        raise InputError(f"dkm model {url}: its statistics are not valid ({e})") from None
+    sxx = _read_model_array(sub, "sxx", url).astype(np.float64) if has_sxx else None
     try:
         stats = SuffStats(
             cast(Any, moments),

@@ -23,8 +23,8 @@ from numpy.typing import NDArray
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import cdist
 
-from dkm import io
-from dkm._typing import Assignment, CovarianceType, OnDegenerate, moments_for
+from dkm import covariance, io
+from dkm._typing import Assignment, CovarianceType, OnDegenerate
 from dkm._version import __version__
 from dkm.cluster import cluster_memory, connect
 from dkm.config import ConfigError, JobConfig, RegistryConfig
@@ -42,11 +42,7 @@ from dkm.job import (
     should_persist,
 )
 from dkm.kernels.mstep import gaussian_mstep, kmeans_centres
-from dkm.kernels.params import (
-    MixtureParams,
-    covariances_from_cholesky,
-    precisions_from_cholesky,
-)
+from dkm.kernels.params import MixtureParams
 from dkm.monitor import Progress
 from dkm.registry import Registry
 from dkm.stats import FarthestPoints, SuffStats
@@ -86,7 +82,9 @@ def statistics_pass(
     for model in models:
         ct, assignment = _kind(model)
         centred = model._params.translated(-origin)
-        jobs.append((centred, centred.means, PassOptions(assignment, moments_for(ct), n_farthest)))
+        jobs.append(
+            (centred, centred.means, PassOptions(assignment, covariance.of(ct).moments, n_farthest))
+        )
     totals = stats_pass_many(data, jobs, split_every=split_every)
     out = []
     for (centred, _, _), stats in zip(jobs, totals, strict=True):
@@ -98,29 +96,16 @@ def statistics_pass(
 
 
 def recentred(ms: io.ModelStatistics, shift: F64) -> io.ModelStatistics:
-    """The same statistics with moments taken around ``shift`` instead (exact algebra).
-
-    With δ = old shift − new shift: ``sx' = sx + nk δ`` and
-    ``sxx' = sxx + sx δᵀ + δ sxᵀ + nk δ δᵀ`` (its diagonal for diag, the trace for
-    spherical, the sum over components for tied).
-    """
+    """The same statistics with moments taken around ``shift`` instead: with
+    c = new shift − old shift, ``sx' = sx − nk c`` and the second moments by the moment
+    shift of their type (:meth:`dkm.covariance.Covariance.around`, the E-step's)."""
     s = ms.stats
     shift = np.asarray(shift, np.float64)
-    delta = ms.shift - shift
-    sx = s.sx + s.nk[:, None] * delta
+    c = shift - ms.shift
+    sx = s.sx - s.nk[:, None] * c
     sxx = s.sxx
     if sxx is not None:
-        if s.moments == "full":
-            cross = np.einsum("ki,kj->kij", s.sx, delta)
-            sxx = sxx + cross + cross.transpose(0, 2, 1)
-            sxx = sxx + s.nk[:, None, None] * np.einsum("ki,kj->kij", delta, delta)
-        elif s.moments == "tied":
-            cross = s.sx.T @ delta
-            sxx = sxx + cross + cross.T + (delta.T * s.nk) @ delta
-        elif s.moments == "diag":
-            sxx = sxx + 2.0 * s.sx * delta + s.nk[:, None] * delta**2
-        else:  # spherical: summed over features
-            sxx = sxx + (2.0 * s.sx * delta + s.nk[:, None] * delta**2).sum(axis=1)
+        sxx = covariance.of_moments(s.moments).around(sxx, s.sx, s.nk, c)
     return io.ModelStatistics(replace(s, sx=sx, sxx=sxx), shift.copy(), ms.updates)
 
 
@@ -184,14 +169,15 @@ def model_from_statistics(
         return template
     ct = cast(CovarianceType, template.covariance_type)
     params, cov, _ = gaussian_mstep(s, ms.shift, ct, reg_covar, on_degenerate)
+    kind = covariance.of(ct)
     template._params = params
     template.weights_ = params.weights
     template.means_ = params.means
-    pc = np.ones(params.n_components) if ct == "identity" else params.precisions_cholesky
+    pc = np.ones(params.n_components) if kind.unit else params.precisions_cholesky
     assert pc is not None
     template.precisions_cholesky_ = pc
-    template.precisions_ = precisions_from_cholesky(pc, "spherical" if ct == "identity" else ct)
-    template.covariances_ = cov if cov is not None else covariances_from_cholesky(pc, ct)
+    template.precisions_ = kind.precisions(pc)
+    template.covariances_ = cov if cov is not None else kind.covariances(pc)
     return template
 
 
@@ -216,17 +202,11 @@ def _centres(model: Model) -> F64:
 def component_scales(model: Model, stats: SuffStats | None) -> F64:
     """Each component's standard deviation (root of the mean per-feature variance)."""
     k, d = model._params.means.shape
-    if isinstance(model, GaussianMixture) and model.covariance_type != "identity":
-        cov = np.asarray(model.covariances_)
-        variances = {
-            "full": lambda: np.trace(cov, axis1=1, axis2=2) / d,
-            "tied": lambda: np.full(k, np.trace(cov) / d),
-            "diag": lambda: cov.mean(axis=1),
-            "spherical": lambda: cov,
-        }[model.covariance_type]()
+    if isinstance(model, GaussianMixture):  # identity mixtures: unit variance
+        variances = covariance.of(model.covariance_type).variances(model.covariances_, k, d)
         return np.sqrt(np.maximum(variances, 0.0))
-    if stats is None or stats.n <= 0 or not isinstance(model, KMeans):
-        return np.ones(k)  # identity mixtures: unit variance
+    if stats is None or stats.n <= 0:
+        return np.ones(k)
     return np.full(k, np.sqrt(max(stats.objective, 0.0) / (stats.n * d)))
 
 

@@ -8,7 +8,7 @@ import numbers
 import os
 import pathlib
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,13 +22,13 @@ from matplotlib.patches import Ellipse
 from matplotlib.ticker import Formatter, FuncFormatter, MaxNLocator
 from numpy.typing import NDArray
 
-from dkm._typing import COVARIANCE_TYPES, check_choice
+from dkm import covariance
+from dkm._typing import MODES, check_choice, parse_criterion
 
 __all__ = ["write_report"]
 
 F64 = NDArray[np.float64]
 
-MODES = ("kmeans", "gmm")
 HISTORY_KEYS = ("iteration", "objective", "change", "seconds")
 #: Size (inches) and resolution of every image.
 FIGSIZE = (7.0, 5.0)
@@ -125,7 +125,7 @@ def write_report(
     if not out.is_dir():
         raise ValueError(f"out_dir: {str(out)!r} is not an existing directory")
     if selection is not None:
-        check_choice("criterion", criterion, ("bic", "aic"))
+        parse_criterion(criterion)
         if not selection:
             raise ValueError("selection: expected at least one candidate")
     written = []
@@ -198,16 +198,6 @@ def _expect_shape(name: str, arr: NDArray[Any], shape: tuple[int, ...], what: st
         raise ValueError(f"{name}: expected shape {shape} ({what}), got {arr.shape}")
 
 
-#: Expected shape of ``covariances`` per covariance type, given (k, d).
-_COV_SHAPES: dict[str, Callable[[int, int], tuple[int, ...]]] = {
-    "full": lambda k, d: (k, d, d),
-    "tied": lambda k, d: (d, d),
-    "diag": lambda k, d: (k, d),
-    "spherical": lambda k, d: (k,),
-    "identity": lambda k, d: (k,),
-}
-
-
 def _validate(
     *,
     title: str,
@@ -226,8 +216,8 @@ def _validate(
     if not isinstance(title, str):
         raise ValueError(f"title: expected a str, got {type(title).__name__}")
     check_choice("mode", mode, MODES)
-    check_choice("covariance_type", covariance_type, COVARIANCE_TYPES)
-    if mode == "kmeans" and covariance_type != "identity":
+    kind = covariance.of(covariance_type)
+    if mode == "kmeans" and not kind.unit:
         raise ValueError(f"covariance_type: k-means has 'identity', got {covariance_type!r}")
     if not isinstance(summary, Mapping):
         raise ValueError(f"summary: expected a dict, got {type(summary).__name__}")
@@ -268,14 +258,14 @@ def _validate(
         if covariances is not None:
             raise ValueError("covariances: k-means has none, pass None")
     elif covariances is None:
-        if covariance_type != "identity":
+        if not kind.unit:
             raise ValueError(f"covariances: required for covariance_type {covariance_type!r}")
-        cov = _full_covariances("identity", None, k, d)
+        cov = np.broadcast_to(np.eye(d), (k, d, d)).copy()  # unit covariances
     else:
-        shape = _COV_SHAPES[covariance_type](k, d)
+        shape = kind.precision_shape(k, d)
         c = _as_float("covariances", covariances, np.ndim(covariances))
         _expect_shape("covariances", c, shape, f"covariance_type {covariance_type!r}")
-        cov = _full_covariances(covariance_type, c, k, d)
+        cov = kind.as_full(c, k, d)
 
     if isinstance(history, Mapping) or not isinstance(history, Sequence):
         raise ValueError(f"history: expected a list of dicts, got {type(history).__name__}")
@@ -315,30 +305,6 @@ def _validate(
 
 
 # ----------------------------------------------------------------------------- maths
-
-
-def _spherical_to_full(c: F64, k: int, d: int) -> F64:
-    return c[:, None, None] * np.eye(d)
-
-
-#: (k, d, d) covariances from scikit-learn's shape for each covariance type.
-_TO_FULL: dict[str, Callable[[F64, int, int], F64]] = {
-    "full": lambda c, k, d: c.copy(),
-    "tied": lambda c, k, d: np.broadcast_to(c, (k, d, d)).copy(),
-    "diag": lambda c, k, d: c[:, :, None] * np.eye(d),  # row j on the diagonal of matrix j
-    "spherical": _spherical_to_full,
-    "identity": _spherical_to_full,  # given as scikit-learn's (k,) ones
-}
-
-
-def _full_covariances(covariance_type: str, covariances: F64 | None, k: int, d: int) -> F64:
-    """(k, d, d) covariances from scikit-learn's per-type shapes (assumes validated input).
-
-    identity with ``covariances=None`` means unit covariances.
-    """
-    if covariances is None:
-        return np.broadcast_to(np.eye(d), (k, d, d)).copy()
-    return _TO_FULL[covariance_type](np.asarray(covariances, dtype=np.float64), k, d)
 
 
 @dataclass(frozen=True)

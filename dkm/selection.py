@@ -21,16 +21,16 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from sklearn.base import clone
 
+from dkm._typing import CRITERIA, Criterion, parse_criterion
 from dkm.engine import PassOptions, stats_pass_many
 from dkm.estimators import GaussianMixture, KMeans
 
-Criterion = Literal["bic", "aic"]
-CRITERIA = ("bic", "aic")
+__all__ = ["CRITERIA", "Candidate", "Criterion", "SweepResult", "check_candidates", "sweep"]
 
 
 @dataclass(frozen=True)
@@ -102,8 +102,7 @@ def sweep(
     ``estimator`` is left unfitted: the fitted models are clones with ``n_clusters`` /
     ``n_components`` set, in ``SweepResult.models``.
     """
-    if criterion not in CRITERIA:
-        raise ValueError(f"criterion: expected one of {', '.join(CRITERIA)}, got {criterion!r}")
+    parse_criterion(criterion)
     ks = check_candidates(n_clusters)
     proto = clone(estimator)
     if isinstance(proto, KMeans):

@@ -16,7 +16,8 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 from numpy.typing import NDArray
 
-from dkm._typing import MOMENTS, Moments, check_choice
+from dkm import covariance
+from dkm._typing import Moments
 
 F64 = NDArray[np.float64]
 I64 = NDArray[np.int64]
@@ -132,13 +133,7 @@ class FarthestPoints:
 
 def sxx_shape(moments: Moments, k: int, d: int) -> tuple[int, ...] | None:
     """Shape of the second-moment array for a moment kind (None for k-means)."""
-    return {
-        "none": None,
-        "spherical": (k,),
-        "diag": (k, d),
-        "tied": (d, d),
-        "full": (k, d, d),
-    }[moments]
+    return covariance.of_moments(moments).sxx_shape(k, d)
 
 
 @dataclass(frozen=True, eq=False)
@@ -174,7 +169,6 @@ class SuffStats:
         cls, n_components: int, n_features: int, moments: Moments = "none", n_farthest: int = 0
     ) -> SuffStats:
         """The identity of ``merge``."""
-        check_choice("moments", moments, MOMENTS)
         shape = sxx_shape(moments, n_components, n_features)
         return cls(
             moments,

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from scipy.stats import multivariate_normal
 
+from dkm import covariance
 from dkm.kernels import (
     DegenerateComponentError,
     MixtureParams,
@@ -15,7 +16,6 @@ from dkm.kernels import (
     log_gaussian,
     predict_labels,
 )
-from dkm.kernels.params import precision_cholesky_from_covariances
 from dkm.stats import SuffStats
 
 TYPES = ["full", "tied", "diag", "spherical"]
@@ -43,7 +43,7 @@ def random_params(
         "diag": np.array([np.diag(c) for c in cov]) if ct == "diag" else None,
         "spherical": np.array([c * np.eye(d) for c in cov]) if ct == "spherical" else None,
     }[ct]
-    pc = precision_cholesky_from_covariances(cov, ct)
+    pc = covariance.of(ct).precision_cholesky(cov)
     return MixtureParams(ct, weights, means, pc), dense
 
 
@@ -262,7 +262,7 @@ def test_soft_full_moments_of_a_tight_far_component_are_exact(limit, monkeypatch
     means = np.array([np.zeros(3), np.full(3, 1e3)])
     cov = np.array([np.eye(3), 1e-6 * np.eye(3)])
     params = MixtureParams(
-        "full", np.array([0.5, 0.5]), means, precision_cholesky_from_covariances(cov, "full")
+        "full", np.array([0.5, 0.5]), means, covariance.FULL.precision_cholesky(cov)
     )
     got = estep(X, params, assignment="soft", moments="full", shift=means)
     ref = np.cov((far - 1e3).T, bias=True) * 400 + 400 * np.outer(
@@ -320,7 +320,7 @@ def test_elongated_component_keeps_exact_log_densities(limit, monkeypatch):
     cov = np.array([R @ np.diag([1e-8, 1.0]) @ R.T, np.eye(2)])
     means = np.array([[30.0, -30.0], [0.0, 0.0]])
     params = MixtureParams(
-        "full", np.array([0.5, 0.5]), means, precision_cholesky_from_covariances(cov, "full")
+        "full", np.array([0.5, 0.5]), means, covariance.FULL.precision_cholesky(cov)
     )
     rng = np.random.default_rng(5)
     X = rng.multivariate_normal(means[0], cov[0], size=500)
@@ -350,7 +350,7 @@ def test_elongated_component_at_the_origin_keeps_exact_log_densities(limit, monk
     cov = np.array([Q @ np.diag([1e4, 1.0, 1.0, 1e-6]) @ Q.T, np.eye(4)])
     means = np.zeros((2, 4))
     params = MixtureParams(
-        "full", np.array([0.5, 0.5]), means, precision_cholesky_from_covariances(cov, "full")
+        "full", np.array([0.5, 0.5]), means, covariance.FULL.precision_cholesky(cov)
     )
     X = Q @ (np.sqrt([1e4, 1.0, 1.0, 1e-6])[:, None] * rng.normal(size=(4, 2000)))
     X = np.ascontiguousarray(X.T)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import shutil
 import subprocess
@@ -30,8 +31,10 @@ def test_tool_is_clean(command):
 
 
 def test_kernels_do_not_import_dask():
-    """Kernels and statistics are NumPy/SciPy only (DESIGN.md's layering)."""
-    for path in [*(ROOT / "dkm" / "kernels").glob("*.py"), ROOT / "dkm" / "stats.py"]:
+    """Kernels, statistics, the covariance types and the option names are NumPy/SciPy
+    only (DESIGN.md's layering)."""
+    below = ("stats.py", "covariance.py", "_typing.py")
+    for path in [*(ROOT / "dkm" / "kernels").glob("*.py"), *(ROOT / "dkm" / n for n in below)]:
         text = path.read_text()
         assert "import dask" not in text and "from dask" not in text, path
 
@@ -43,3 +46,33 @@ def test_import_contracts_are_kept():
     result = subprocess.run([exe], cwd=ROOT, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "0 broken" in result.stdout
+
+
+def _names_in(node: ast.AST, names: set[str]) -> set[str]:
+    """The string constants among ``names`` in ``node`` or, for a tuple, list or set, in
+    its elements."""
+    items = node.elts if isinstance(node, ast.Tuple | ast.List | ast.Set) else [node]
+    return {i.value for i in items if isinstance(i, ast.Constant) and i.value in names}
+
+
+def test_covariance_types_are_asked_not_compared():
+    """Per-type behaviour lives in dkm/covariance.py: no other module compares a value
+    with a covariance type's or moments' name, or keys a dict by them."""
+    from dkm._typing import COVARIANCE_TYPES, MOMENTS
+
+    names = set(COVARIANCE_TYPES) | set(MOMENTS)
+    found = []
+    for path in sorted((ROOT / "dkm").rglob("*.py")):
+        if path.name in ("covariance.py", "_typing.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare):
+                hits = set().union(*(_names_in(n, names) for n in [node.left, *node.comparators]))
+            elif isinstance(node, ast.Dict):
+                hits = set().union(*(_names_in(k, names) for k in node.keys if k is not None))
+                hits = hits if len(hits) > 1 else set()
+            else:
+                continue
+            if hits:
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno} {sorted(hits)}")
+    assert not found, "ask dkm.covariance instead:\n" + "\n".join(found)

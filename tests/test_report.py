@@ -13,7 +13,7 @@ import pytest
 from matplotlib.image import imread
 from matplotlib.patches import Ellipse
 
-from dkm import report
+from dkm import covariance, report
 
 IMAGES = ("convergence.png", "sizes.png", "projection.png")
 COV_TYPES = ("full", "tied", "diag", "spherical")
@@ -166,7 +166,8 @@ def test_full_covariances(ct: str) -> None:
     rng = np.random.default_rng(2)
     k, d = 3, 4
     cov = covariances_of(ct, rng, k, d)
-    full = report._full_covariances(ct, cov, k, d)
+    # what the report draws: the (k, d, d) covariances (identity as scikit-learn's ones)
+    full = covariance.of(ct).as_full(np.ones(k) if cov is None else cov, k, d)
     assert full.shape == (k, d, d)
     assert cov is not None or ct == "identity"
     expected = {

@@ -17,10 +17,12 @@ from numpy.typing import NDArray
 from scipy import sparse
 from scipy.special import logsumexp
 
+from dkm import covariance
 from dkm._typing import Assignment, Moments
+from dkm.covariance import Covariance
 from dkm.kernels import bounds
-from dkm.kernels.params import MixtureParams, log_det_cholesky
-from dkm.stats import FarthestPoints, SuffStats, sxx_shape
+from dkm.kernels.params import MixtureParams
+from dkm.stats import FarthestPoints, SuffStats
 
 F64 = NDArray[np.float64]
 LOG_2PI = float(np.log(2.0 * np.pi))
@@ -79,7 +81,7 @@ def searches_rows(d: int) -> bool:
 
 def compute_dtype(dtype: np.dtype[Any], covariance_type: str) -> np.dtype[Any]:
     """float32 distances for float32 k-means (as scikit-learn); float64 otherwise."""
-    if covariance_type == "identity" and dtype == np.float32:
+    if covariance.of(covariance_type).unit and dtype == np.float32:
         return np.dtype(np.float32)
     return np.dtype(np.float64)
 
@@ -127,19 +129,19 @@ def _log_density(
     workspace, the result and the temporaries are its buffers ``L`` and ``Y``.
     """
     n, d = X.shape
-    means, pc, ct = params.means, params.precisions_cholesky, params.covariance_type
+    means, pc, kind = params.means, params.precisions_cholesky, params.kind
     k = means.shape[0]
     const = np.ascontiguousarray(
-        -0.5 * d * LOG_2PI + log_det_cholesky(pc, ct, d) + offset, dtype=np.float64
+        -0.5 * d * LOG_2PI + kind.log_det(pc, d) + offset, dtype=np.float64
     ).reshape(k)
     out = np.empty((n, k)) if ws is None else ws.get("L", (n, k))
-    if ct == "identity":
+    if kind.unit:
         for rows in row_blocks(n, k):
             out[rows] = const - 0.5 * sq_distances(np.asarray(X[rows], np.float64), means)
         return out
     assert pc is not None
     fused = _fused()
-    if ct == "full":
+    if kind.dense:
         # columns feature-major: stacked[:, f·k + j] = P_j[:, f]
         stacked = np.ascontiguousarray(pc.transpose(1, 2, 0).reshape(d, d * k))
         shift = np.ascontiguousarray(np.einsum("kd,kde->ek", means, pc))
@@ -147,17 +149,16 @@ def _log_density(
             Xb = np.asarray(X[rows], np.float64)
             Y = _product(Xb, stacked, ws)
             fused.log_density_stacked(Y, shift, const, out[rows])
-    elif ct == "tied":
-        MT, unit = np.ascontiguousarray((means @ pc).T), np.ones((d, k))
-        for rows in row_blocks(n, d + k, SOFT_BLOCK_ELEMENTS):
-            Y = _product(np.asarray(X[rows], np.float64), pc, ws)
-            fused.log_density_diag(Y, MT, unit, const, out[rows])
-    else:  # diag, spherical: exact differences, one pass
-        prec = pc**2 if ct == "diag" else np.repeat((pc**2)[:, None], d, axis=1)
-        precT, meansT = np.ascontiguousarray(prec.T), np.ascontiguousarray(means.T)
-        for rows in row_blocks(n, d + k, SOFT_BLOCK_ELEMENTS):
-            Xb = np.ascontiguousarray(X[rows], np.float64)
-            fused.log_density_diag(Xb, meansT, precT, const, out[rows])
+        return out
+    # a weighted sum of squares of y = x T (tied) or of the exact differences (diag,
+    # spherical), one pass
+    T, meansT, precT = kind.diagonal_form(means, pc)
+    for rows in row_blocks(n, d + k, SOFT_BLOCK_ELEMENTS):
+        if T is None:
+            Y = np.ascontiguousarray(X[rows], np.float64)
+        else:
+            Y = _product(np.asarray(X[rows], np.float64), T, ws)
+        fused.log_density_diag(Y, meansT, precT, const, out[rows])
     return out
 
 
@@ -186,12 +187,13 @@ def _per_row(params: MixtureParams, moments: Moments, quadratic: bool = False) -
     113 ms against 97 ms, ~6200 rows 101 ms.)
     """
     k, d = params.n_components, params.n_features
+    dense_moments = covariance.of_moments(moments).dense
     if quadratic:
         return k + _n_features(d)
-    if params.covariance_type == "full":
-        return k * d + k + (_n_features(d) if moments == "full" else 0)
-    width = k * d if params.covariance_type == "tied" else k + d
-    return max(width, d * d + d if moments == "full" else 2 * d)
+    if params.kind.dense:
+        return k * d + k + (_n_features(d) if dense_moments else 0)
+    width = k * d if params.kind.shared else k + d
+    return max(width, d * d + d if dense_moments else 2 * d)
 
 
 def estep(
@@ -232,10 +234,11 @@ def estep(
     cdtype = compute_dtype(X.dtype, params.covariance_type)
     ws = Workspace()
     rows_of = _Rows(X, origin, cdtype, ws)
-    if params.covariance_type == "identity" and assignment == "hard":
+    hard = assignment == "hard"
+    if params.kind.unit and hard:
         return _kmeans_estep(rows_of, params, moments, shift, w, n_farthest, row_offset, bounds_key)
     quadratic = None
-    if params.covariance_type == "full" and assignment == "soft" and moments == "full":
+    if params.kind.dense and not hard and covariance.of_moments(moments).dense:
         quadratic = QuadraticForm(params, np.log(params.weights))
         quadratic = quadratic if quadratic.useful else None
     total = SuffStats.zero(k, d, moments, n_farthest)
@@ -285,7 +288,7 @@ class QuadraticForm:
 
     def __init__(self, params: MixtureParams, offset: F64) -> None:
         pc, means = params.precisions_cholesky, params.means
-        assert params.covariance_type == "full" and pc is not None
+        assert params.kind.dense and pc is not None
         d = params.n_features
         lam = pc @ pc.transpose(0, 2, 1)  # Λ_k = P_k P_kᵀ
         lam_mu = np.einsum("kab,kb->ka", lam, means)
@@ -299,10 +302,12 @@ class QuadraticForm:
         WT = np.concatenate([quad, lam_mu], axis=1)
         WT[exact] = 0.0
         self.WT = np.ascontiguousarray(WT)  # (k, features)
-        const = -0.5 * d * LOG_2PI + log_det_cholesky(pc, "full", d) + offset - 0.5 * q
+        const = -0.5 * d * LOG_2PI + covariance.FULL.log_det(pc, d) + offset - 0.5 * q
         self.const = np.where(exact, 0.0, const)
         self.exact = np.flatnonzero(exact)
-        self.exact_params = MixtureParams("full", params.weights[exact], means[exact], pc[exact])
+        self.exact_params = MixtureParams(
+            params.covariance_type, params.weights[exact], means[exact], pc[exact]
+        )
         self.exact_offset = np.asarray(offset, np.float64)[exact]
 
     @property
@@ -529,14 +534,15 @@ def _kmeans_estep(
     c = np.zeros((k, d)) if shift is None else shift
     sx = s1 - nk[:, None] * c
     sxx = None
-    if moments != "none":  # second moments around c: float64 rows, bounded blocks
-        raw = np.zeros(_raw_shape(moments, k, d))
+    mkind = covariance.of_moments(moments)
+    if not mkind.unit:  # second moments around c: float64 rows, bounded blocks
+        raw = np.zeros(mkind.raw_shape(k, d))
         for rows in row_blocks(n, _per_row(params, moments)):
             X64 = np.asarray(X(rows), np.float64)
             ids = np.arange(X64.shape[0])
             R = sparse.csr_array((w[rows], (labels[rows], ids)), shape=(k, X64.shape[0]))
-            raw += _raw_moments(X64, labels[rows], R, w[rows], c, moments)
-        sxx = _moments_around(raw, s1, nk, c, moments)
+            raw += mkind.raw_moments(X64, labels[rows], R, w[rows], c)
+        sxx = mkind.from_raw(raw, s1, nk, c)
     farthest = None
     if n_farthest:
         m = int(heap_n[0])
@@ -674,13 +680,14 @@ def _estep_block(
         labels = None
     c = np.zeros((k, d)) if shift is None else shift
     sxx = None
-    if labels is None and moments in ("full", "diag", "spherical"):
-        S1, sxx = _soft_moments(X64, R, nk, c, moments, ws, FT)
+    mkind = covariance.of_moments(moments)
+    if labels is None and not mkind.unit and not mkind.shared:  # full, diag, spherical
+        S1, sxx = _soft_moments(X64, R, nk, c, mkind, ws, FT)
     else:
         S1 = np.asarray(R @ X64)  # (k, d): Σ w r x
-        if moments != "none":
-            raw = _raw_moments(X64, labels, R, w, c, moments)
-            sxx = _moments_around(raw, S1, nk, c, moments)
+        if not mkind.unit:
+            raw = mkind.raw_moments(X64, labels, R, w, c)
+            sxx = mkind.from_raw(raw, S1, nk, c)
     return SuffStats(moments, nk, S1 - nk[:, None] * c, sxx, objective, float(w.sum()), n, farthest)
 
 
@@ -701,37 +708,6 @@ def _softmax_rows(
     fused.normalise_rows(L, w, norm, nk, objective)
 
 
-def _raw_shape(moments: Moments, k: int, d: int) -> tuple[int, ...]:
-    """Shape of :func:`_raw_moments` (diag and spherical are both per feature)."""
-    return (k, d) if moments in ("diag", "spherical") else sxx_shape(moments, k, d) or ()
-
-
-def _raw_moments(
-    X64: F64, labels: NDArray[np.int64] | None, R: Any, w: F64, c: F64, moments: Moments
-) -> F64:
-    """The additive part of the second moments over some rows.
-
-    full (hard ``labels`` only; soft responsibilities go through :func:`_soft_moments`):
-    ``Σ w (x − c_k)(x − c_k)ᵀ`` per component; tied: ``Σ w x xᵀ``; diag and spherical:
-    ``Σ w r x²`` per component and feature, ``R`` being the (k, n) matrix of weighted
-    responsibilities.
-    """
-    k, d = c.shape
-    if moments == "full":
-        assert labels is not None
-        sxx = np.empty((k, d, d))
-        order = np.argsort(labels, kind="stable")
-        bounds = np.searchsorted(labels[order], np.arange(k + 1))
-        for j in range(k):  # one (d × n_j) @ (n_j × d) GEMM per component
-            idx = order[bounds[j] : bounds[j + 1]]
-            diff = X64[idx] - c[j]
-            sxx[j] = (diff * w[idx, None]).T @ diff
-        return sxx
-    if moments == "tied":
-        return np.asarray(X64.T @ (X64 * w[:, None]))
-    return np.asarray(R @ (X64 * X64))  # diag, spherical
-
-
 def _full_features(X64: F64, ws: Workspace) -> F64:
     """``Fᵀ = [x_a x_b (a ≤ b) | x]ᵀ`` (d(d+1)/2 + d, n), feature-major, in the
     workspace's ``Z`` buffer."""
@@ -742,7 +718,7 @@ def _full_features(X64: F64, ws: Workspace) -> F64:
 
 
 def _soft_moments(
-    X64: F64, R: Any, nk: F64, c: F64, moments: Moments, ws: Workspace, FT: F64 | None = None
+    X64: F64, R: Any, nk: F64, c: F64, kind: Covariance, ws: Workspace, FT: F64 | None = None
 ) -> tuple[F64, F64]:
     """``Σ w r x`` and the second moments around ``c_k`` (full, diag, spherical) under
     soft responsibilities ``R`` (k, n), both from one GEMM ``R @ F`` against per-row
@@ -752,7 +728,7 @@ def _soft_moments(
     n, d = X64.shape
     k = c.shape[0]
     Xc = np.ascontiguousarray(X64)
-    if moments == "full":
+    if kind.dense:
         if FT is None:
             FT = _full_features(Xc, ws)
         # ``(FT @ Rᵀ)ᵀ``, not ``R @ FTᵀ``: both operands in their stored (row-major)
@@ -764,13 +740,13 @@ def _soft_moments(
         M = R @ F
     width = M.shape[1] - d
     S1 = np.ascontiguousarray(M[:, width:])
-    if moments == "full":
+    if kind.dense:
         a, b = np.triu_indices(d)
         raw = np.empty((k, d, d))
         raw[:, a, b] = M[:, :width]
         raw[:, b, a] = M[:, :width]
         return S1, _full_moments_from_raw(raw, S1, nk, X64, R, c)
-    return S1, _moments_around(np.asarray(M[:, :width]), S1, nk, c, moments)
+    return S1, kind.from_raw(np.asarray(M[:, :width]), S1, nk, c)
 
 
 def _full_moments_from_raw(raw: F64, S1: F64, nk: F64, X64: F64, R: Any, c: F64) -> F64:
@@ -786,8 +762,7 @@ def _full_moments_from_raw(raw: F64, S1: F64, nk: F64, X64: F64, R: Any, c: F64)
     component far from the origin), the component is summed again from the exact
     differences, as scikit-learn does.
     """
-    cs = c[:, :, None] * S1[:, None, :]
-    sxx = raw - cs - cs.transpose(0, 2, 1) + nk[:, None, None] * c[:, :, None] * c[:, None, :]
+    sxx = covariance.FULL.around(raw, S1, nk, c)
     raw_trace = np.trace(raw, axis1=1, axis2=2)
     centred_trace = np.trace(sxx, axis1=1, axis2=2)
     for j in np.flatnonzero(raw_trace > CANCELLATION_LIMIT * centred_trace):
@@ -796,24 +771,12 @@ def _full_moments_from_raw(raw: F64, S1: F64, nk: F64, X64: F64, R: Any, c: F64)
     return np.asarray(sxx)
 
 
-def _moments_around(raw: F64, S1: F64, nk: F64, c: F64, moments: Moments) -> F64:
-    """Second moments around ``c_k`` from the raw ones and the totals ``S1, nk``
-    (full: :func:`_raw_moments` already takes them around ``c_k``)."""
-    if moments == "full":
-        return raw
-    if moments == "tied":
-        # Σ_k Σ_i w r (x − c_k)(x − c_k)ᵀ, using Σ_k r_ik = 1 for every row.
-        return np.asarray(raw - c.T @ S1 - S1.T @ c + (c.T * nk) @ c)
-    sxx = raw - 2.0 * c * S1 + nk[:, None] * c**2
-    return np.asarray(sxx.sum(axis=1) if moments == "spherical" else sxx)
-
-
 def predict_labels(X: NDArray[Any], params: MixtureParams) -> NDArray[np.int64]:
     """Most likely component per row (nearest centre for identity)."""
     n = X.shape[0]
     cdtype = compute_dtype(X.dtype, params.covariance_type)
     out = np.empty(n, np.int64)
-    if params.covariance_type == "identity":  # nearest(), with the argmin compiled
+    if params.kind.unit:  # nearest(), with the argmin compiled
         C = np.ascontiguousarray(params.means, dtype=cdtype)
         ws = Workspace()
         search = _Search(ws, -2.0 * C, (C * C).sum(axis=1), cdtype)
@@ -842,7 +805,7 @@ def predict_proba(X: NDArray[Any], params: MixtureParams) -> F64:
 
 def distances(X: NDArray[Any], params: MixtureParams) -> NDArray[Any]:
     """Euclidean distance to every centre; (n, k) in the compute dtype."""
-    cdtype = compute_dtype(X.dtype, "identity")
+    cdtype = compute_dtype(X.dtype, covariance.IDENTITY.name)
     return np.sqrt(sq_distances(np.asarray(X, cdtype), params.means))
 
 

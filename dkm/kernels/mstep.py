@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 from numpy.typing import NDArray
-from scipy import linalg
 
+from dkm import covariance
 from dkm._typing import CovarianceType, OnDegenerate
+from dkm.covariance import Covariance
 from dkm.errors import InvalidDataError
-from dkm.kernels.params import (
-    DegenerateComponentError,
-    MixtureParams,
-    precision_cholesky_from_covariances,
-)
+from dkm.kernels.params import DegenerateComponentError, MixtureParams
 from dkm.stats import SuffStats
 
 F64 = NDArray[np.float64]
@@ -60,68 +55,12 @@ def kmeans_centres(stats: SuffStats, shift: F64 | None = None) -> tuple[F64, lis
     return sums / nk[:, None], empty
 
 
-def _cov_full(stats: SuffStats, nk: F64, delta: F64) -> F64:
-    assert stats.sxx is not None
-    return stats.sxx / nk[:, None, None] - np.einsum("ki,kj->kij", delta, delta)
-
-
-def _cov_tied(stats: SuffStats, nk: F64, delta: F64) -> F64:
-    assert stats.sxx is not None
-    return (stats.sxx - (delta.T * nk) @ delta) / nk.sum()
-
-
-def _cov_diag(stats: SuffStats, nk: F64, delta: F64) -> F64:
-    assert stats.sxx is not None
-    return stats.sxx / nk[:, None] - delta**2
-
-
-def _cov_spherical(stats: SuffStats, nk: F64, delta: F64) -> F64:
-    assert stats.sxx is not None
-    d = delta.shape[1]
-    return (stats.sxx / nk - (delta**2).sum(axis=1)) / d
-
-
-#: covariance type -> covariance estimate from (stats, nk, mean − shift), before reg_covar.
-COVARIANCE_ESTIMATORS: dict[str, Callable[[SuffStats, F64, F64], F64]] = {
-    "full": _cov_full,
-    "tied": _cov_tied,
-    "diag": _cov_diag,
-    "spherical": _cov_spherical,
-}
-
-
-def add_reg(cov: F64, covariance_type: str, reg_covar: float) -> F64:
-    cov = cov.copy()
-    if covariance_type == "full":
-        d = cov.shape[-1]
-        cov.reshape(cov.shape[0], -1)[:, :: d + 1] += reg_covar
-    elif covariance_type == "tied":
-        cov.flat[:: cov.shape[0] + 1] += reg_covar
-    else:
-        cov += reg_covar
-    return cov
-
-
-def _degenerate(nk: F64, cov: F64, covariance_type: str) -> tuple[list[int], str]:
+def _degenerate(nk: F64, cov: F64, kind: Covariance) -> tuple[list[int], str]:
     """Components that cannot be used, and why: empty, or covariance not positive definite."""
     empty = [int(j) for j in np.flatnonzero(nk <= NK_EPS)]
     if empty:
         return empty, "no points are assigned to it (empty component)"
-    if covariance_type == "full":
-        bad = []
-        for j, c in enumerate(cov):  # k small Cholesky factorisations
-            try:
-                if not np.all(np.isfinite(c)):
-                    raise linalg.LinAlgError
-                linalg.cholesky(c, lower=True)
-            except linalg.LinAlgError:
-                bad.append(j)
-        return bad, "covariance is not positive definite"
-    if covariance_type in ("diag", "spherical"):
-        mask = ~np.isfinite(cov) | (cov <= 0.0)
-        rows = mask.any(axis=1) if mask.ndim == 2 else mask
-        return [int(j) for j in np.flatnonzero(rows)], "variance is not positive"
-    return [], ""  # tied: checked as a whole when its factor is computed
+    return kind.degenerate(cov)
 
 
 def gaussian_mstep(
@@ -142,21 +81,17 @@ def gaussian_mstep(
     covariance and weight of the healthy components. Returns the parameters, the
     covariances and the indices of the dropped or re-seeded components.
     """
+    kind = covariance.of(covariance_type)
     nk = stats.nk + NK_EPS
     delta = stats.sx / nk[:, None]
     means = shift + delta
-    if covariance_type == "identity":
-        # Unit covariances, equal fixed weights: soft k-means. Reported as spherical 1.0.
-        cov = np.ones(nk.shape[0])
-    else:
-        estimate = COVARIANCE_ESTIMATORS[covariance_type](stats, nk, delta)
-        cov = add_reg(estimate, covariance_type, reg_covar)
-    bad, why = _degenerate(stats.nk, cov, covariance_type)
+    cov = kind.add_reg(kind.estimate(stats.sxx, nk, delta), reg_covar)
+    bad, why = _degenerate(stats.nk, cov, kind)
     if bad:
         means, cov, nk = _repair(bad, why, on_degenerate, means, cov, nk, stats)
-    if covariance_type == "identity":
+    if kind.unit:
         return MixtureParams.identity(means), cov, bad
-    prec_chol = precision_cholesky_from_covariances(cov, covariance_type)
+    prec_chol = kind.precision_cholesky(cov)
     weights = nk / nk.sum()
     return MixtureParams(covariance_type, weights, means, prec_chol), cov, bad
 
@@ -173,7 +108,7 @@ def _repair(
     good = np.setdiff1d(np.arange(nk.shape[0]), bad)
     if policy == "error" or good.size == 0:
         raise DegenerateComponentError(bad, why)
-    shared = stats.moments == "tied"  # one covariance for all: nothing per component to fix
+    shared = covariance.of_moments(stats.moments).shared  # nothing per component to fix
     if policy == "drop":
         return means[good], cov if shared else cov[good], nk[good]
     far = stats.farthest
@@ -186,6 +121,3 @@ def _repair(
             cov[j] = cov[good].mean(axis=0)
         nk[j] = nk[good].mean()
     return means, cov, nk
-
-
-ON_DEGENERATE = ("error", "reseed", "drop")
