@@ -312,7 +312,7 @@ def _run(
             fn(info)
 
     with connect(config.cluster) as client:
-        announce(progress, client, job_id)
+        announce(progress, client, job_id, **describe(config, points, config_source))
         X, weights = points.X, points.weights
         persisted = should_persist(config.runtime.persist, X, cluster_memory(client))
         if persisted:
@@ -400,12 +400,21 @@ def _run(
             f"done: {summary['n_iter']} iterations, objective "
             f"{summary['objective']:.8g}, wrote {out.path}",
             output=out.path,
+            converged=summary["converged"],
+            n_iter=summary["n_iter"],
+            objective=summary["objective"],
+            n_clusters=summary["n_clusters"],
+            sizes=summary["cluster_sizes"],
         )
     return JobResult(summary, out.path)
 
 
-def announce(progress: Progress, client: Any, job_id: str) -> None:
-    """On a new client: publish to its scheduler; the dashboard link, then what was held."""
+def announce(progress: Progress, client: Any, job_id: str, **job: Any) -> None:
+    """On a new client: publish to its scheduler; the dashboard link, then what was held.
+
+    ``job`` describes the job in the start event (:func:`describe`; the dkm page of the
+    dashboard shows it).
+    """
     progress.publish = progress.publish or scheduler_publisher(client)
     progress.release(
         lambda: progress.event(
@@ -413,8 +422,23 @@ def announce(progress: Progress, client: Any, job_id: str) -> None:
             f"dashboard {client.dashboard_link} (job {job_id} on "
             f"{client.scheduler_info()['address']})",
             dashboard=client.dashboard_link,
+            **job,
         )
     )
+
+
+def describe(config: JobConfig, points: io.Points, config_source: str | None) -> dict[str, Any]:
+    """What the start event tells of a job: its config, model, data shape and output."""
+    m = config.model
+    candidates = m.candidates()
+    return {
+        "config": config_source,
+        "mode": m.mode,
+        "n_clusters": m.k if candidates is None else list(candidates),
+        "n_samples": int(points.X.shape[0]),
+        "n_features": int(points.X.shape[1]),
+        "output": config.output.path,
+    }
 
 
 def model_metadata(

@@ -9,6 +9,7 @@ from conftest import blobs
 
 import dkm
 import dkm.engine
+from dkm.engine import IterationInfo
 from dkm.kernels import MixtureParams, _fused, bounds, estep, kmeans_centres
 from dkm.stats import SuffStats
 
@@ -346,3 +347,18 @@ def test_bounds_of_a_released_fit_are_refused():
     cache.release("gone")
     assert not cache.put(("gone", 0, 0), bounds.Bounds.empty(10, np.zeros((2, 2))))
     assert len(cache) == 0
+
+
+def test_each_iteration_tells_the_share_of_rows_the_bounds_skipped(monkeypatch):
+    """What the dkm page of the dashboard plots: 0 while every row is searched, above 0
+    once the bounds settle rows, and always 0 without bounds."""
+    X = blobs(8000, 6, 16, seed=8, dtype=np.float32)
+    Xd = da.from_array(X, chunks=(1000, -1))
+    seen: list[IterationInfo] = []
+    fit(Xd, True, monkeypatch, seen.append)
+    skipped = [i.skipped for i in seen]
+    assert all(s is not None and 0.0 <= s <= 1.0 for s in skipped)
+    assert skipped[0] == 0.0 and max(skipped) > 0.5  # type: ignore[type-var]
+    seen.clear()
+    fit(Xd, False, monkeypatch, seen.append)
+    assert {i.skipped for i in seen} == {0.0}
