@@ -337,6 +337,7 @@ def _run(
                 "selected",
                 f"k={selection.best_n_clusters} has the lowest {config.model.criterion}",
                 table=selection.table(),
+                n_clusters=selection.best_n_clusters,
             )
         fit_seconds = time.perf_counter() - t_fit
         labels = estimator.labels_ if isinstance(estimator, KMeans) else estimator.predict(X)
@@ -392,7 +393,9 @@ def _run(
             if out.metrics:
                 fs_write("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in progress.records))
             if out.report:
-                _write_report(tmp, config, estimator, points, summary, sample, sizes, selection)
+                _write_report(
+                    tmp, config, estimator, points, summary, sample, sizes, selection, config_source
+                )
             fs_write("summary.json", json.dumps(summary, indent=2) + "\n")
         io.remove(checkpoint_url(config), storage_options=out.storage_options)
         progress.event(
@@ -515,6 +518,7 @@ def _write_report(
     sample: NDArray[Any],
     sizes: NDArray[Any],
     selection: SweepResult | None = None,
+    config_source: str | None = None,
 ) -> None:
     from dkm import report
 
@@ -550,7 +554,11 @@ def _write_report(
             weights=weights,
             covariances=covariances,
             cluster_sizes=sizes,
-            summary={k: v for k, v in summary.items() if k not in ("cluster_sizes", "selection")},
+            summary={
+                **{k: v for k, v in summary.items() if k not in ("cluster_sizes", "selection")},
+                "config": config_source or "-",
+            },
             selection=None if selection is None else selection.table(),
             criterion=m.criterion,
+            config=config.to_dict(),
         )
