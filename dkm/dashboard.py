@@ -55,6 +55,8 @@ class ModelTrace:
     relative_change: list[float] = field(default_factory=list)
     shift: list[float] = field(default_factory=list)
     skipped: list[float] = field(default_factory=list)
+    #: the cluster sizes of its latest iteration
+    sizes: list[float] = field(default_factory=list)
     n_clusters: int | None = None
     converged: bool = False
 
@@ -75,6 +77,7 @@ class JobState:
     message: str = ""
     iteration: int = 0
     seconds: float | None = None
+    #: the fitted model's own sizes, under its final centres (once the job is done)
     sizes: list[float] = field(default_factory=list)
     models: dict[int, ModelTrace] = field(default_factory=dict)
     chosen_k: int | None = None
@@ -119,7 +122,7 @@ class JobState:
         sizes = record.get("sizes")
         if sizes:
             model.n_clusters = len(sizes)
-            self.sizes = [float(s) for s in sizes]
+            model.sizes = [float(s) for s in sizes]
         self.iteration = max(self.iteration, int(record["iteration"]))
         self.seconds = _number(record.get("seconds"))
         self.state = "running"
@@ -299,7 +302,7 @@ class JobPage:
         )
         f_skip.line("iteration", "skipped", source=self.movement, color="#2ca02c", line_width=2)
         f_skip.scatter("iteration", "skipped", source=self.movement, color="#2ca02c", size=5)
-        f_sizes = plot("sizes", "cluster sizes of the current iteration (sorted)")
+        f_sizes = plot("sizes", "cluster sizes (sorted): the current iteration's, then the model's")
         f_sizes.xaxis.axis_label = "clusters, largest first"
         bars = f_sizes.vbar(x="rank", top="size", width=0.8, source=self.sizes, color="#1f77b4")
         f_sizes.add_tools(
@@ -392,13 +395,14 @@ class JobPage:
             "width": cwidths,
             "label": clabels,
         }
-        order = sorted(range(len(job.sizes)), key=lambda c: -job.sizes[c])
+        shown = job.models.get(chosen) if chosen is not None else None
+        sizes = job.sizes or (shown.sizes if shown else [])
+        order = sorted(range(len(sizes)), key=lambda c: -sizes[c])
         self.sizes.data = {
             "rank": list(range(len(order))),
-            "size": [job.sizes[c] for c in order],
+            "size": [sizes[c] for c in order],
             "cluster": order,
         }
-        shown = job.models.get(chosen) if chosen is not None else None
         one = shown or ModelTrace()
         self.movement.data = {
             "iteration": list(one.iteration),

@@ -10,6 +10,7 @@ Every page is on 127.0.0.1 or the file system. Screenshots go to the test's tmp_
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -380,7 +381,8 @@ def test_the_board_keeps_each_jobs_state_from_its_events():
     for record in [start, *_events("a", (1, 10.0, False), (2, 8.0, True))]:
         board.log_event(EVENT_TOPIC, record)
     job = board.jobs["a"]
-    assert (job.state, job.iteration, job.sizes, job.config) == ("running", 2, [3.0, 1.0], "c.yaml")
+    assert (job.state, job.iteration, job.config) == ("running", 2, "c.yaml")
+    assert job.models[0].sizes == [3.0, 1.0] and job.sizes == []
     assert job.models[0].objective == [10.0, 8.0] and job.models[0].converged
     board.log_event(EVENT_TOPIC, {"event": "done", "job": "a", "converged": True, "sizes": [2, 2]})
     assert (job.state, job.sizes) == ("converged", [2.0, 2.0])
@@ -442,3 +444,29 @@ def test_dkms_local_cluster_lists_the_page_and_keeps_the_dashboard_on_localhost(
                 dask_scheduler.plugins.get(dashboard.JobBoard.name), dashboard.JobBoard
             )
         )
+
+
+def test_the_page_draws_one_line_per_model_and_the_chosen_models_figures():
+    """A sweep over k: a line (and points) per model, the chosen k's drawn thicker, its
+    movement shown; the sizes sorted; a mixture has no share of skipped rows."""
+    board = dashboard.JobBoard()
+    board.log_event(
+        EVENT_TOPIC, {"event": "start", "job": "s", "mode": "gmm", "n_clusters": [2, 3]}
+    )
+    for model in (0, 1, 2):
+        for record in _events("s", (1, -3.0, False), (2, -2.5, True), model=model):
+            record["sizes"] = [1.0, 5.0, 2.0][: 2 + (model == 1)]
+            board.log_event(EVENT_TOPIC, record)
+    board.log_event(EVENT_TOPIC, {"event": "selected", "job": "s", "n_clusters": 3})
+    page = dashboard.JobPage(board)
+    page.update()
+    lines = page.objective_lines.data
+    assert len(lines["xs"]) == 3 and lines["width"] == [1.5, 3, 1.5]  # model 1 has k=3
+    assert len(page.objective.data["iteration"]) == 6  # every iteration of every model
+    assert page.converged.data["label"] == ["converged"] * 3
+    assert page.sizes.data["size"] == [5.0, 2.0, 1.0]  # the chosen model's, largest first
+    assert page.sizes.data["cluster"] == [1, 2, 0]
+    movement = page.movement.data
+    assert movement["iteration"] == [1, 2] and all(math.isnan(s) for s in movement["skipped"])
+    assert "gmm" in page.facts.text and "2, 3 (chose 3)" in page.facts.text
+    assert page.select.value == "s"
