@@ -216,6 +216,7 @@ class JobPage:
         self.shown: tuple[str, int] | None = None
         #: the job the user chose; None follows the newest
         self.chosen: str | None = None
+        self._following = False
         self.select = Select(title="job", options=[], width=520, name="dkm-job")
         self.select.on_change("value", self._choose)
         self.facts = Div(text="<p>No dkm job has reported to this scheduler yet.</p>")
@@ -319,6 +320,8 @@ class JobPage:
         )
 
     def _choose(self, attr: str, old: Any, new: Any) -> None:
+        if self._following:  # the page's own change, not the user's choice
+            return
         self.chosen = new if new in self.board.jobs else None
         self.update()
 
@@ -332,7 +335,11 @@ class JobPage:
         job = jobs.get(self.chosen) if self.chosen else None
         job = job or next(reversed(jobs.values()))
         if self.select.value != job.job:
-            self.select.value = job.job
+            self._following = True
+            try:
+                self.select.value = job.job
+            finally:
+                self._following = False
         if self.shown == (job.job, job.version):
             return
         self.shown = (job.job, job.version)

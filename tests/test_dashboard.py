@@ -470,3 +470,22 @@ def test_the_page_draws_one_line_per_model_and_the_chosen_models_figures():
     assert movement["iteration"] == [1, 2] and all(math.isnan(s) for s in movement["skipped"])
     assert "gmm" in page.facts.text and "2, 3 (chose 3)" in page.facts.text
     assert page.select.value == "s"
+
+
+def test_the_page_follows_the_newest_job_until_one_is_chosen():
+    board = dashboard.JobBoard()
+    page = dashboard.JobPage(board)
+    page.update()  # no job yet: the page says so
+    assert "No dkm job" in page.facts.text
+    board.log_event(EVENT_TOPIC, {"event": "start", "job": "first"})
+    page.update()
+    board.log_event(EVENT_TOPIC, {"event": "start", "job": "second"})
+    page.update()
+    assert page.select.value == "second" and [k for k, _ in page.select.options] == [
+        "second",
+        "first",
+    ]
+    page.select.value = "first"  # the person's choice
+    board.log_event(EVENT_TOPIC, {"event": "start", "job": "third"})
+    page.update()
+    assert page.select.value == "first" and "first" in page.facts.text
