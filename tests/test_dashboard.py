@@ -44,10 +44,10 @@ def _chromium() -> tuple[str, str]:
     try:
         import selenium  # noqa: F401
     except ImportError:
-        missing.append("the selenium package (the test extra)")
+        missing.append("selenium (the test extra)")
     if missing:
         reason = (
-            f"no headless browser here (no {', '.join(missing)}): install Debian's {PACKAGES} "
+            f"no headless browser here (missing: {', '.join(missing)}): install Debian's {PACKAGES} "
             f"(apt-get install {PACKAGES}; .ci/run does this as root or with sudo) and "
             "python -m pip install -e '.[test]'"
         )
@@ -61,10 +61,10 @@ def _chromium() -> tuple[str, str]:
 @pytest.fixture
 def browser(tmp_path: Path) -> Iterator[Any]:
     """Headless Chromium that talks to nothing but this machine; yields the driver."""
+    binary, driver_path = _chromium()  # first: skips (or fails) without selenium too
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
-    binary, driver_path = _chromium()
     options = webdriver.ChromeOptions()
     options.binary_location = binary
     for arg in (
