@@ -47,8 +47,8 @@ def _chromium() -> tuple[str, str]:
         missing.append("selenium (the test extra)")
     if missing:
         reason = (
-            f"no headless browser here (missing: {', '.join(missing)}): install Debian's {PACKAGES} "
-            f"(apt-get install {PACKAGES}; .ci/run does this as root or with sudo) and "
+            f"no headless browser here (missing: {', '.join(missing)}): install Debian's "
+            f"{PACKAGES} (apt-get install {PACKAGES}; .ci/run does this as root or with sudo) and "
             "python -m pip install -e '.[test]'"
         )
         if os.environ.get("DKM_REQUIRE_BROWSER") == "1":
