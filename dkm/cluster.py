@@ -14,6 +14,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import dask
 from distributed import Client, LocalCluster
 from distributed.comm.core import CommClosedError
 from distributed.core import Status
@@ -203,6 +204,26 @@ class _LocalCluster(LocalCluster):
         return link
 
 
+#: The preload that puts dkm's page on a scheduler's dashboard (:mod:`dkm.dashboard`).
+DASHBOARD_PRELOAD = "dkm.dashboard"
+
+
+def scheduler_preloads() -> dict[str, Any]:
+    """Scheduler keyword arguments that add :data:`DASHBOARD_PRELOAD` to the preloads of
+    Dask's configuration (``distributed.scheduler.preload``), which they would replace."""
+    preload = dask.config.get("distributed.scheduler.preload") or []
+    preload = [preload] if isinstance(preload, str) else list(preload)
+    argv = dask.config.get("distributed.scheduler.preload-argv") or []
+    if DASHBOARD_PRELOAD in preload:
+        return {"preload": preload, "preload_argv": argv}
+    if argv and isinstance(argv[0], str):  # one argv for every preload: spell it out
+        argv = [argv] * len(preload)
+    return {
+        "preload": [*preload, DASHBOARD_PRELOAD],
+        "preload_argv": [*argv, []] if argv else [],
+    }
+
+
 def default_image() -> str:
     """``dkm:VERSION``: the image deploy/Dockerfile builds for this version of dkm."""
     from dkm._version import __version__
@@ -240,8 +261,11 @@ def jobqueue_kwargs(config: JobQueueClusterConfig) -> dict[str, Any]:
     kwargs: dict[str, Any] = {k: getattr(config, k) for k in keys if getattr(config, k) is not None}
     if config.account is not None:  # SLURM and PBS say account, SGE and LSF project
         kwargs["account" if config.kind in ("slurm", "pbs") else "project"] = config.account
+    # dask-jobqueue takes scheduler_options instead of its configuration's, not on top
+    options = dict(dask.config.get(f"jobqueue.{config.kind}.scheduler-options", None) or {})
     if config.dashboard_address is not None:
-        kwargs["scheduler_options"] = {"dashboard_address": config.dashboard_address}
+        options["dashboard_address"] = config.dashboard_address
+    kwargs["scheduler_options"] = {**options, **scheduler_preloads()}
     return kwargs
 
 
@@ -343,7 +367,8 @@ def kubernetes_kwargs(config: KubernetesClusterConfig) -> dict[str, Any]:
         "namespace": config.namespace,
         "image": config.image or default_image(),
         "n_workers": config.n_workers,
-        "env": dict(config.env),
+        # the scheduler pod's dashboard gets the dkm page (the workers ignore the key)
+        "env": {"DASK_DISTRIBUTED__SCHEDULER__PRELOAD": DASHBOARD_PRELOAD, **config.env},
         "shutdown_on_close": True,
     }
     if config.resources is not None:
@@ -418,6 +443,7 @@ def connect(
             memory_limit=config.memory_limit,
             dashboard_address=config.dashboard_address,
             processes=config.processes,
+            scheduler_kwargs=scheduler_preloads(),
         )
     except (OSError, ValueError) as e:
         raise ClusterError(f"cannot start the local Dask cluster: {e}") from None

@@ -668,6 +668,12 @@ class IterationInfo:
     origin: F64 | None = None
     #: Which model of a shared run (:func:`fit_em_many`): its index among the inits.
     run: int = 0
+    #: The cluster sizes ``nk`` (summed weights) of this iteration's E-step.
+    sizes: F64 | None = None
+    #: The summed squared movement of the centres (means) in this iteration.
+    shift: float | None = None
+    #: k-means: the share of rows whose search the Hamerly bounds skipped.
+    skipped: float | None = None
 
     def to_dict(self, nonfinite: NonFinite = "string") -> dict[str, Any]:
         """The iteration's numbers as JSON values: what the saved model, the checkpoint,
@@ -899,7 +905,9 @@ def fit_em_many(
                     )
                     run.params = MixtureParams.identity(centres)
                     run.converged = change <= tol or stalled
+                    shift = change
                 else:
+                    before = run.params.means
                     run.params, run.covariances, repaired = gaussian_mstep(
                         stats,
                         run.params.means,
@@ -912,6 +920,8 @@ def fit_em_many(
                     previous, run.lower_bound = run.lower_bound, stats.objective / stats.n
                     objective, change = run.lower_bound, run.lower_bound - previous
                     run.converged = abs(change) < tol
+                    shift = float(((run.params.means - before) ** 2).sum())
+                searched = stats.searched if kmeans else None
                 _notify(
                     callback,
                     run.history,
@@ -925,6 +935,9 @@ def fit_em_many(
                         run.params,
                         data.origin,
                         run.index,
+                        stats.nk,
+                        shift,
+                        None if searched is None else 1.0 - searched / max(stats.count, 1),
                     ),
                 )
         if kmeans:  # the inertia of the final centres, for every model in one more pass

@@ -312,7 +312,7 @@ def _run(
             fn(info)
 
     with connect(config.cluster) as client:
-        announce(progress, client, job_id)
+        announce(progress, client, job_id, **describe(config, points, config_source))
         X, weights = points.X, points.weights
         persisted = should_persist(config.runtime.persist, X, cluster_memory(client))
         if persisted:
@@ -337,6 +337,7 @@ def _run(
                 "selected",
                 f"k={selection.best_n_clusters} has the lowest {config.model.criterion}",
                 table=selection.table(),
+                n_clusters=selection.best_n_clusters,
             )
         fit_seconds = time.perf_counter() - t_fit
         labels = estimator.labels_ if isinstance(estimator, KMeans) else estimator.predict(X)
@@ -392,7 +393,9 @@ def _run(
             if out.metrics:
                 fs_write("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in progress.records))
             if out.report:
-                _write_report(tmp, config, estimator, points, summary, sample, sizes, selection)
+                _write_report(
+                    tmp, config, estimator, points, summary, sample, sizes, selection, config_source
+                )
             fs_write("summary.json", json.dumps(summary, indent=2) + "\n")
         io.remove(checkpoint_url(config), storage_options=out.storage_options)
         progress.event(
@@ -400,12 +403,21 @@ def _run(
             f"done: {summary['n_iter']} iterations, objective "
             f"{summary['objective']:.8g}, wrote {out.path}",
             output=out.path,
+            converged=summary["converged"],
+            n_iter=summary["n_iter"],
+            objective=summary["objective"],
+            n_clusters=summary["n_clusters"],
+            sizes=summary["cluster_sizes"],
         )
     return JobResult(summary, out.path)
 
 
-def announce(progress: Progress, client: Any, job_id: str) -> None:
-    """On a new client: publish to its scheduler; the dashboard link, then what was held."""
+def announce(progress: Progress, client: Any, job_id: str, **job: Any) -> None:
+    """On a new client: publish to its scheduler; the dashboard link, then what was held.
+
+    ``job`` describes the job in the start event (:func:`describe`; the dkm page of the
+    dashboard shows it).
+    """
     progress.publish = progress.publish or scheduler_publisher(client)
     progress.release(
         lambda: progress.event(
@@ -413,8 +425,23 @@ def announce(progress: Progress, client: Any, job_id: str) -> None:
             f"dashboard {client.dashboard_link} (job {job_id} on "
             f"{client.scheduler_info()['address']})",
             dashboard=client.dashboard_link,
+            **job,
         )
     )
+
+
+def describe(config: JobConfig, points: io.Points, config_source: str | None) -> dict[str, Any]:
+    """What the start event tells of a job: its config, model, data shape and output."""
+    m = config.model
+    candidates = m.candidates()
+    return {
+        "config": config_source,
+        "mode": m.mode,
+        "n_clusters": m.k if candidates is None else list(candidates),
+        "n_samples": int(points.X.shape[0]),
+        "n_features": int(points.X.shape[1]),
+        "output": config.output.path,
+    }
 
 
 def model_metadata(
@@ -491,6 +518,7 @@ def _write_report(
     sample: NDArray[Any],
     sizes: NDArray[Any],
     selection: SweepResult | None = None,
+    config_source: str | None = None,
 ) -> None:
     from dkm import report
 
@@ -518,7 +546,11 @@ def _write_report(
             weights=weights,
             covariances=covariances,
             cluster_sizes=sizes,
-            summary={k: v for k, v in summary.items() if k not in ("cluster_sizes", "selection")},
+            summary={
+                **{k: v for k, v in summary.items() if k not in ("cluster_sizes", "selection")},
+                "config": config_source or "-",
+            },
             selection=None if selection is None else selection.table(),
             criterion=m.criterion,
+            config=config.to_dict(),
         )

@@ -66,7 +66,7 @@ class Progress:
         record = self._record(info)
         relative = record["relative_change"]
         self.records.append(record)
-        self._publish(record)
+        self._publish({**record, **_published(info)})
         if self.quiet:
             return
         if self._tty:
@@ -181,6 +181,19 @@ class Progress:
 
     def _write(self, line: str) -> None:
         print(line, file=self.stream, flush=True)
+
+
+def _published(info: IterationInfo) -> dict[str, Any]:
+    """What the scheduler's events carry of an iteration beyond its record (the
+    dashboard's page, :mod:`dkm.dashboard`): O(k), not kept in ``metrics.jsonl``."""
+    extra: dict[str, Any] = {"converged": bool(info.converged)}
+    if info.sizes is not None:
+        extra["sizes"] = [float(s) for s in info.sizes]
+    if info.shift is not None and math.isfinite(info.shift):
+        extra["shift"] = float(info.shift)
+    if info.skipped is not None:
+        extra["skipped"] = float(info.skipped)
+    return extra
 
 
 def scheduler_publisher(client: Any) -> Callable[[dict[str, Any]], None]:

@@ -35,6 +35,7 @@ from dkm.job import (
     announce,
     as_job,
     build_estimator,
+    describe,
     model_metadata,
     open_data,
     output_writer,
@@ -474,7 +475,7 @@ def _recluster(
     split_every = config.runtime.split_every
     m = config.model
     with connect(config.cluster) as client:
-        announce(progress, client, job_id)
+        announce(progress, client, job_id, **describe(config, points, config_source))
         X, weights = points.X, points.weights
         if should_persist(config.runtime.persist, X, cluster_memory(client)):
             X, weights = dask.persist(X, weights)
@@ -627,12 +628,17 @@ def _recluster(
     if pruned:
         progress.event("prune", f"removed versions {', '.join(f'v{p}' for p in pruned)}")
     if promote:
-        progress.event("done", f"v{version.number} is current ({mode}); wrote {out.path}")
+        progress.event(
+            "done",
+            f"v{version.number} is current ({mode}); wrote {out.path}",
+            **_ended(summary, out.path),
+        )
     else:
         progress.event(
             "refused",
             f"v{version.number} kept as a candidate; v{current} stays current: "
             + "; ".join(reasons),
+            **_ended(summary, out.path),
         )
     return ReclusterResult(version.number, promote, reasons, mode, now_current, summary)
 
@@ -652,3 +658,8 @@ def _set_fitted(est: Model, new: SuffStats, old: SuffStats, dropped: int, second
     else:
         est.lower_bound_ = objective_new
         est.lower_bounds_ = [objective_new]
+
+
+def _ended(summary: dict[str, Any], output: str) -> dict[str, Any]:
+    """What the last event of a recluster job tells the dashboard's page."""
+    return {"output": output, "n_iter": summary["n_iter"], "objective": summary["objective"]}

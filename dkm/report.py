@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import yaml
 from matplotlib import colormaps, patheffects
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -69,6 +70,7 @@ def write_report(
     summary: dict[str, object],
     selection: Sequence[Mapping[str, Any]] | None = None,
     criterion: str = "bic",
+    config: Mapping[str, Any] | None = None,
 ) -> list[pathlib.Path]:
     """Write the report of a fitted clustering into ``out_dir`` (which must exist).
 
@@ -98,6 +100,7 @@ def write_report(
         n_clusters, bic, aic, log_likelihood, n_parameters, n_iter, converged: adds
         ``criterion.png`` (``criterion`` against k, the chosen k marked) and a table.
     criterion : ``"bic"`` or ``"aic"``, the one that chose k.
+    config : the job's config, shown as YAML at the end of the page.
 
     Returns
     -------
@@ -144,7 +147,7 @@ def write_report(
             FigureCanvasAgg(fig).print_png(path)
             written.append(path)
     index = out / "index.html"
-    index.write_text(_html(inputs, list(images), selection, criterion), encoding="utf-8")
+    index.write_text(_html(inputs, list(images), selection, criterion, config), encoding="utf-8")
     written.append(index)
     return written
 
@@ -862,6 +865,7 @@ th { background: #f3f3f3; }
 figure { margin: 1em 0 2em; }
 figure img { max-width: 100%; border: 1px solid #ddd; }
 figcaption { color: #444; font-size: 0.9em; margin-top: 0.3em; }
+pre { background: #f6f6f6; border: 1px solid #ddd; padding: 0.6em; font-size: 0.85em; }
 """
 
 
@@ -966,7 +970,9 @@ def _html(
     images: list[str],
     selection: Sequence[Mapping[str, Any]] | None = None,
     criterion: str = "bic",
+    config: Mapping[str, Any] | None = None,
 ) -> str:
+    """The page: everything inline or beside it (the images), so it opens offline."""
     e = html.escape
     captions = _captions(r)
     sub = f"mode {r.mode}, covariance type {r.covariance_type}, k = {r.k}, d = {r.d}"
@@ -988,6 +994,7 @@ def _html(
         f"<tr><th>{e(str(key))}</th><td>{e(_fmt(value))}</td></tr>"
         for key, value in r.summary.items()
     ]
+    out.append(f"<tr><th>cluster sizes</th><td>{e(_sizes_text(r.cluster_sizes))}</td></tr>")
     out.append("</table>")
     if selection is not None:
         out += [
@@ -1021,5 +1028,26 @@ def _html(
             *_history_rows(r),
             "</table>",
         ]
+    if config is not None:
+        text = yaml.safe_dump(dict(config), sort_keys=False, default_flow_style=False)
+        out += ["<h2>Config</h2>", f"<pre>{e(text)}</pre>"]
     out += ["</body>", "</html>", ""]
     return "\n".join(out)
+
+
+#: Cluster sizes the summary lists one by one; more are summarised (sizes.png has all).
+LISTED_SIZES = 32
+
+
+def _sizes_text(sizes: F64) -> str:
+    """The cluster sizes in cluster order, or their range when there are many."""
+
+    def fmt(x: float) -> str:  # counts as counts; weighted sizes in eight digits
+        return f"{x:,.0f}" if float(x).is_integer() else f"{x:.8g}"
+
+    if sizes.size <= LISTED_SIZES:
+        return ", ".join(fmt(x) for x in sizes)
+    return (
+        f"{sizes.size:,} clusters: smallest {fmt(sizes.min())}, median "
+        f"{fmt(float(np.median(sizes)))}, largest {fmt(sizes.max())} (see the figure)"
+    )

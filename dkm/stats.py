@@ -153,6 +153,8 @@ class SuffStats:
     n : ``Σ w``.
     count : number of rows seen (unweighted).
     farthest : candidates for re-seeding empty clusters, or None.
+    searched : rows whose nearest centre was searched for (k-means: those the Hamerly
+        bounds did not settle); None where the kernel does not count them.
     """
 
     moments: Moments
@@ -163,6 +165,7 @@ class SuffStats:
     n: float
     count: int
     farthest: FarthestPoints | None = field(default=None)
+    searched: int | None = None
 
     @classmethod
     def zero(
@@ -213,6 +216,10 @@ class SuffStats:
             self.n + other.n,
             self.count + other.count,
             far,
+            # a part that did not count them adds nothing (the engine's parts all count)
+            None
+            if self.searched is None and other.searched is None
+            else (self.searched or 0) + (other.searched or 0),
         )
 
     __add__ = merge

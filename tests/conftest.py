@@ -58,13 +58,15 @@ def process_cluster(
     protocol: str = "tcp",
     extra_args: Sequence[str] = (),
     security: Any = None,
+    scheduler_args: Sequence[str] = (),
 ) -> Iterator[ProcessCluster]:
     """A ``dask scheduler`` and ``n_workers`` single-threaded ``dask worker`` processes.
 
     All on 127.0.0.1, logging to ``workdir/dask.log``. Without a nanny the process
     started here *is* the worker: SIGKILL it and it stays dead; with a nanny the worker
     is the nanny's child and is restarted when it dies. ``extra_args`` go to both
-    commands (the TLS options, say) and ``security`` to the client that waits for them.
+    commands (the TLS options, say) and ``security`` to the client that waits for them;
+    ``scheduler_args`` to the scheduler alone (``--preload dkm.dashboard``, say).
     """
     from distributed import Client
 
@@ -91,6 +93,7 @@ def process_cluster(
         "scheduler",
         *("--protocol", protocol, "--host", "127.0.0.1", "--port", str(port)),
         *("--dashboard-address", "127.0.0.1:0", "--no-show"),
+        *scheduler_args,
     )
     workers = [
         start(

@@ -9,6 +9,7 @@ from conftest import blobs
 
 import dkm
 import dkm.engine
+from dkm.engine import IterationInfo
 from dkm.kernels import MixtureParams, _fused, bounds, estep, kmeans_centres
 from dkm.stats import SuffStats
 
@@ -374,3 +375,18 @@ def test_algorithm_is_a_parameter_checked_at_fit():
     ).fit(da.from_array(X, chunks=(500, -1)))
     assert held and max(held) == 0
     assert not hasattr(dkm.engine, "KMEANS_BOUNDS")
+
+
+def test_each_iteration_tells_the_share_of_rows_the_bounds_skipped():
+    """What the dkm page of the dashboard plots: 0 while every row is searched, above 0
+    once the bounds settle rows, and always 0 without bounds."""
+    X = blobs(8000, 6, 16, seed=8, dtype=np.float32)
+    Xd = da.from_array(X, chunks=(1000, -1))
+    seen: list[IterationInfo] = []
+    fit(Xd, "hamerly", seen.append)
+    skipped = [i.skipped for i in seen]
+    assert all(s is not None and 0.0 <= s <= 1.0 for s in skipped)
+    assert skipped[0] == 0.0 and max(skipped) > 0.5  # type: ignore[type-var]
+    seen.clear()
+    fit(Xd, "lloyd", seen.append)
+    assert {i.skipped for i in seen} == {0.0}

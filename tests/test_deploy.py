@@ -20,6 +20,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import dask
 import dask_kubernetes
 import jsonschema
 import kubernetes_validate
@@ -186,6 +187,21 @@ def test_the_cluster_dkm_would_create_validates_against_the_crd():
     assert _crd_errors(spec) == []
     assert spec["spec"]["worker"]["replicas"] == 3
     assert {c["image"] for c in _containers(spec)} == {"dkm:0.1.0"}
+    # the scheduler pod preloads the dkm page of the dashboard; the user's env is kept
+    assert kwargs["env"] == {"DASK_DISTRIBUTED__SCHEDULER__PRELOAD": "dkm.dashboard", **cfg.env}
+
+
+def test_the_manifests_schedulers_preload_the_dkm_page():
+    schedulers = [
+        [*c.get("command", []), *c.get("args", [])]
+        for _, doc in DOCS
+        for c in _containers(doc)
+        if c["name"] == "scheduler"
+    ]
+    assert len(schedulers) == 2, schedulers  # the standing DaskCluster and the DaskJob's
+    for argv in schedulers:
+        assert argv[:2] == ["dask", "scheduler"]
+        assert argv[argv.index("--preload") + 1] == "dkm.dashboard"
     existing = kubernetes_kwargs(KubernetesClusterConfig(kind="kubernetes", existing=True))
     assert existing == {"name": "dkm", "namespace": None}
 
@@ -403,8 +419,30 @@ def test_the_slurm_jobqueue_config_shapes_the_worker_jobs():
 def test_jobqueue_keys_reach_dask_jobqueue():
     cfg = JobQueueClusterConfig(kind="sge", cores=4, memory="8GiB", account="p", walltime="1:00:00")
     kwargs = jobqueue_kwargs(cfg)
+    scheduler = kwargs.pop("scheduler_options")
     assert kwargs == {"cores": 4, "memory": "8GiB", "walltime": "1:00:00", "project": "p"}
+    assert scheduler == {"preload": ["dkm.dashboard"], "preload_argv": []}
     assert jobqueue_kwargs(JobQueueClusterConfig(kind="pbs", account="p"))["account"] == "p"
+
+
+def test_the_dashboard_preload_joins_the_schedulers_own_options():
+    """dask-jobqueue takes scheduler_options instead of its configuration's, and a
+    scheduler's preload argument instead of Dask's: dkm's page is added to both."""
+    cfg = JobQueueClusterConfig(kind="slurm", dashboard_address="127.0.0.1:0")
+    with dask.config.set(
+        {
+            "jobqueue.slurm.scheduler-options": {"interface": "lo"},
+            "distributed.scheduler.preload": ["mine.py"],
+            "distributed.scheduler.preload-argv": ["--flag"],
+        }
+    ):
+        options = jobqueue_kwargs(cfg)["scheduler_options"]
+    assert options == {
+        "interface": "lo",
+        "dashboard_address": "127.0.0.1:0",
+        "preload": ["mine.py", "dkm.dashboard"],
+        "preload_argv": [["--flag"], []],
+    }
 
 
 def test_missing_cores_and_memory_are_a_clear_error(tmp_path):

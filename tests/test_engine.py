@@ -442,3 +442,28 @@ def test_blas_limit_one_thread_per_task_then_restored() -> None:
             assert blas_threads() == before
         with _blas_limit(1):
             assert blas_threads() == before
+
+
+@pytest.mark.parametrize("kind", ["kmeans", "gmm"])
+def test_each_iteration_tells_sizes_and_centre_movement(kind):
+    """The cluster sizes of the E-step (summing to the weight) and the centres' squared
+    movement (k-means: the change itself) ride along with every iteration."""
+    seen: list[IterationInfo] = []
+    Xd = da.from_array(X, chunks=(1000, -1))
+    if kind == "kmeans":
+        est = dkm.KMeans(4, init=INIT_KM, n_init=1, max_iter=6, tol=0, callback=seen.append)
+    else:
+        est = dkm.GaussianMixture(4, random_state=0, callback=seen.append)
+    est.fit(Xd)
+    assert seen and all(i.sizes is not None and i.shift is not None for i in seen)
+    for i in seen:
+        assert i.sizes.shape == (4,) and i.sizes.sum() == pytest.approx(len(X))
+        assert i.shift >= 0.0
+    if kind == "kmeans":
+        assert [i.shift for i in seen] == [i.change for i in seen]
+        assert all(i.skipped is not None for i in seen)
+    else:
+        assert all(i.skipped is None for i in seen)
+        assert len(seen) >= 2
+        means = [i.params.means for i in seen]
+        assert seen[-1].shift == pytest.approx(((means[-1] - means[-2]) ** 2).sum())

@@ -544,3 +544,16 @@ def test_tick_labels_in_full(locs: list[float], texts: list[str]) -> None:
     fmt = report._InFull()
     fmt.set_locs(locs)
     assert [fmt(v) for v in locs] == texts
+
+
+def test_the_summary_lists_cluster_sizes_and_the_page_shows_the_config(tmp_path: Path) -> None:
+    kw = args(k=3)
+    kw["cluster_sizes"] = np.array([100.0, 2500.0, 30.0])
+    text = check_report(tmp_path, report.write_report(tmp_path, config={"model": {"k": 3}}, **kw))
+    assert "<tr><th>cluster sizes</th><td>100, 2,500, 30</td></tr>" in text
+    assert "<h2>Config</h2>\n<pre>model:\n  k: 3\n</pre>" in text
+    many = args(k=40)
+    text = check_report(tmp_path, report.write_report(tmp_path, **many))
+    assert "40 clusters: smallest" in text and "<h2>Config</h2>" not in text
+    # everything it shows is in the page or beside it: nothing from the network
+    assert "http" not in text.replace("http-equiv", "") and "//" not in text

@@ -526,6 +526,7 @@ def _kmeans_estep(
                 fused.set_bounds_all(best, second, dists, upper, lower, scale, c2max)
             else:
                 fused.set_bounds(best, second, dists, rows_found, upper, lower, scale, c2max)
+    searched = state.searched if kept and state is not None else n
     if bounds_key is not None and state is not None:
         if kept and state.passes > bounds.TRIAL_PASSES and state.searched > bounds.GIVE_UP * n:
             state = state.give_up()
@@ -557,7 +558,9 @@ def _kmeans_estep(
             w[local],
             heap_l[:m][order],
         )
-    return SuffStats(moments, nk, sx, sxx, float(objective[0]), float(w.sum()), n, farthest)
+    return SuffStats(
+        moments, nk, sx, sxx, float(objective[0]), float(w.sum()), n, farthest, searched
+    )
 
 
 class _Search:
