@@ -920,7 +920,9 @@ def fit_em_many(
                     previous, run.lower_bound = run.lower_bound, stats.objective / stats.n
                     objective, change = run.lower_bound, run.lower_bound - previous
                     run.converged = abs(change) < tol
-                    shift = float(((run.params.means - before) ** 2).sum())
+                    # a dropped component (on_degenerate="drop") has no movement to tell
+                    moved = run.params.means.shape == before.shape
+                    shift = float(((run.params.means - before) ** 2).sum()) if moved else math.nan
                 searched = stats.searched if kmeans else None
                 _notify(
                     callback,
