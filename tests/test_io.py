@@ -840,3 +840,36 @@ def test_models_saved_by_an_earlier_dkm_load_and_predict_the_same(kind):
         for name in ("weights_", "means_", "covariances_", "precisions_", "precisions_cholesky_"):
             np.testing.assert_array_equal(getattr(loaded, name), getattr(fresh, name))
         assert loaded.lower_bounds_ == fresh.lower_bounds_
+
+
+@pytest.mark.parametrize("kind", ["kmeans", "tied", "identity"])
+def test_from_model_rebuilds_the_fitted_estimator(kind):
+    """``from_model`` with a fit's ``mixture_`` and scalars gives the fit's attributes and
+    predictions, in the fit's dtype."""
+    X = _fixture_data().astype(np.float32)
+    if kind == "kmeans":
+        est: dkm.KMeans | dkm.GaussianMixture = dkm.KMeans(3, random_state=0).fit(X)
+    else:
+        est = dkm.GaussianMixture(3, covariance_type=kind, random_state=0).fit(X)
+    m = est.mixture_
+    assert m.kmeans == (kind == "kmeans") and m.n_components == 3 and m.n_features == 3
+    assert m.assignment == ("hard" if kind == "kmeans" else "soft")
+    assert m.objective_name == ("inertia" if kind == "kmeans" else "mean log-likelihood")
+    back = type(est).from_model(
+        m.params,
+        m.origin,
+        params=est.get_params(),
+        objective=est.objective_,
+        n_iter=est.n_iter_,
+        converged=est.converged_,
+        history=est.history_,
+        covariances=getattr(est, "covariances_", None),
+        dtype=X.dtype,
+    )
+    assert back.objective_ == est.objective_ and back.n_features_in_ == 3
+    for name in est.fitted_arrays:
+        got, want = getattr(back, name), getattr(est, name)
+        assert got.dtype == want.dtype == np.float32, name
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(back.predict(X), est.predict(X))
+    np.testing.assert_array_equal(back.mixture_.centred().means, m.params.means - m.origin)
