@@ -461,6 +461,8 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
     inertia_ : float, ``Σ w ‖x − μ_label‖²`` under the final centres.
     n_iter_ : int.  converged_ : bool.
     history_ : list of IterationInfo, one per iteration of the best run.
+    mixture_ : :class:`Mixture`, the model as the kernels use it; ``objective_`` is
+        ``inertia_``. :meth:`from_model` builds a fitted estimator from one.
     """
 
     def __init__(
@@ -789,7 +791,8 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
     weights_ (k,), means_ (k, d), covariances_, precisions_, precisions_cholesky_
     (shapes by covariance type as in scikit-learn, in X's float dtype), converged_, n_iter_,
     lower_bound_ (mean log-likelihood at the last iteration), lower_bounds_,
-    history_.
+    history_, mixture_ (:class:`Mixture`, as for :class:`KMeans`; ``objective_`` is
+    ``lower_bound_``).
     """
 
     def __init__(
