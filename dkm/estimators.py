@@ -13,8 +13,9 @@ import math
 import numbers
 import os
 import warnings
-from collections.abc import Callable
-from typing import Any, cast
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar, cast
 
 import dask.array as da
 import numpy as np
@@ -50,6 +51,7 @@ from dkm.engine import (
     EMOptions,
     EMResult,
     IterationInfo,
+    PassOptions,
     ResumeState,
     apply_in_memory,
     fit_em_many,
@@ -60,6 +62,7 @@ from dkm.engine import (
     lazy_proba,
     lazy_score_samples,
     sample_points,
+    stats_pass_many,
     summarize,
 )
 from dkm.errors import InvalidDataError
@@ -125,6 +128,45 @@ def _check_resume(
         )
 
 
+@dataclass(frozen=True, eq=False)
+class Mixture:
+    """A fitted model as the kernels use it; both estimators keep theirs in ``mixture_``.
+
+    ``params`` are float64 and in the data's coordinates; ``origin`` is the point the
+    kernels centre the data on (the fitted data's mean), for accuracy. ``assignment``:
+    "hard" or "soft". ``kmeans``: a :class:`KMeans` model, whose objective is the inertia
+    (lower is better); else a mixture's, the mean log-likelihood (higher is better).
+    """
+
+    params: MixtureParams
+    origin: F64
+    assignment: Assignment
+    kmeans: bool
+
+    @property
+    def covariance_type(self) -> CovarianceType:
+        return self.params.covariance_type
+
+    @property
+    def n_components(self) -> int:
+        return self.params.n_components
+
+    @property
+    def n_features(self) -> int:
+        return self.params.n_features
+
+    @property
+    def objective_name(self) -> str:
+        return "inertia" if self.kmeans else "mean log-likelihood"
+
+    def centred(self) -> MixtureParams:
+        """The parameters relative to ``origin``, as the passes over the data take them."""
+        return self.params.translated(-self.origin)
+
+
+_Est = TypeVar("_Est", bound="_DaskMixtureBase")
+
+
 def _model_centres(model: Any) -> F64:
     """The centres of a fitted dkm model (k-means centres or mixture means)."""
     check_is_fitted(model)
@@ -137,7 +179,7 @@ def _warm_params(
 ) -> tuple[MixtureParams, F64 | None]:
     """A fitted mixture's parameters as the start of a new fit (warm start)."""
     check_is_fitted(model)
-    p = model._params
+    p = model.mixture_.params
     if p.means.shape != (k, d):
         raise InvalidDataError(
             f"init_params: the model has {p.n_components} components and {p.n_features} "
@@ -156,6 +198,83 @@ class _DaskMixtureBase(BaseEstimator):
     verbose: int
     callback: Callable[[IterationInfo], None] | None
     nan_policy: str
+    #: The fitted arrays derived from ``mixture_`` (what :func:`dkm.io.save_model` stores).
+    fitted_arrays: ClassVar[tuple[str, ...]]
+    mixture_: Mixture
+    n_iter_: int
+    converged_: bool
+    history_: list[IterationInfo]
+
+    @classmethod
+    def from_model(
+        cls: type[_Est],
+        model: MixtureParams,
+        origin: F64,
+        *,
+        params: dict[str, Any] | None = None,
+        objective: float,
+        n_iter: int = 0,
+        converged: bool = False,
+        history: Sequence[IterationInfo] = (),
+        objectives: list[float] | None = None,
+        covariances: F64 | None = None,
+        dtype: Any = np.float64,
+        feature_names_in: Sequence[str] | None = None,
+        n_dropped: int | None = None,
+    ) -> _Est:
+        """A fitted estimator of the parameters ``model`` (float64, data coordinates,
+        centred on ``origin`` in the passes), as if a fit had ended there.
+
+        ``params``: hyper-parameters (the constructor's); ``objective``: the fit's
+        ``objective_``; ``objectives``: a mixture's ``lower_bounds_`` (default: the
+        history's objectives); ``covariances``: a mixture's covariances as estimated
+        (default: from the precisions); ``dtype``: of the fitted arrays; ``n_dropped``:
+        ``n_dropped_``, the rows left out for NaN/inf (unset by default: not known).
+        """
+        est = cls(**(params or {}))
+        est.n_features_in_ = model.n_features
+        if feature_names_in is not None:
+            est.feature_names_in_ = np.asarray(feature_names_in, dtype=object)
+        if n_dropped is not None:
+            est.n_dropped_ = n_dropped
+        est._set_mixture(
+            est._mixture(model, origin),
+            dtype=dtype,
+            covariances=covariances,
+            objective=objective,
+            n_iter=n_iter,
+            converged=converged,
+            history=list(history),
+            objectives=objectives,
+        )
+        return est
+
+    def _mixture(self, model: MixtureParams, origin: F64) -> Mixture:
+        """``model`` as this estimator's ``mixture_`` (its assignment and kind)."""
+        raise NotImplementedError
+
+    def _set_mixture(
+        self,
+        mixture: Mixture,
+        *,
+        dtype: Any,
+        covariances: F64 | None,
+        objective: float,
+        n_iter: int,
+        converged: bool,
+        history: list[IterationInfo],
+        objectives: list[float] | None,
+    ) -> None:
+        """Every fitted attribute that follows from the model: the one place they are set."""
+        raise NotImplementedError
+
+    def _set_common(
+        self, mixture: Mixture, n_iter: int, converged: bool, history: list[IterationInfo]
+    ) -> None:
+        self.mixture_ = mixture
+        self.n_iter_ = n_iter
+        self.converged_ = converged
+        self.history_ = history
 
     def _as_data(
         self, X: Any, sample_weight: Any, *, reset: bool, min_samples: int = 1
@@ -277,25 +396,20 @@ class _DaskMixtureBase(BaseEstimator):
         scikit-learn's results are.
         """
         check_is_fitted(self)
-        params = self._model_params()
+        params, origin = self.mixture_.params, self.mixture_.origin
         if isinstance(X, da.Array):
             data, _ = self._as_data(X, None, reset=False)
-            out, x_dtype = lazy(data.with_origin(self._origin), params), data.X.dtype
+            out, x_dtype = lazy(data.with_origin(origin), params), data.X.dtype
         else:
             # NaN/inf rows are the kernel's to find: it names them, and labels them under "drop"
             Xn = validate_data(
                 self, X, reset=False, dtype=[np.float64, np.float32], ensure_all_finite=False
             )
-            out = apply_in_memory(fn, Xn, params, self._origin, self._nan_policy())
+            out = apply_in_memory(fn, Xn, params, origin, self._nan_policy())
             x_dtype = Xn.dtype
         if model_dtype is not None:
             out = out.astype(np.result_type(x_dtype, getattr(self, model_dtype)), copy=False)
         return out
-
-    def _model_params(self) -> MixtureParams:
-        raise NotImplementedError
-
-    _origin: F64
 
 
 class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _DaskMixtureBase):
@@ -347,6 +461,8 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
     inertia_ : float, ``Σ w ‖x − μ_label‖²`` under the final centres.
     n_iter_ : int.  converged_ : bool.
     history_ : list of IterationInfo, one per iteration of the best run.
+    mixture_ : :class:`Mixture`, the model as the kernels use it; ``objective_`` is
+        ``inertia_``. :meth:`from_model` builds a fitted estimator from one.
     """
 
     def __init__(
@@ -451,10 +567,10 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
         initialising; the result is the model the uninterrupted run would have produced.
         """
         k = _check_int("n_clusters", self.n_clusters, 1)
-        (fitted,) = self._fit_candidates(X, [k], sample_weight, resume=resume)
+        (fitted,) = self.fit_candidates(X, [k], sample_weight, resume=resume)
         return fitted
 
-    def _fit_candidates(
+    def fit_candidates(
         self,
         X: Any,
         ks: list[int],
@@ -465,7 +581,8 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
         """Fit one model per number of clusters in ``ks``, all restarts of all sharing passes.
 
         Returns ``self`` fitted for ``ks[0]`` when there is one candidate, else fitted
-        clones of ``self`` (``n_clusters`` set), in the order of ``ks``.
+        clones of ``self`` (``n_clusters`` set), in the order of ``ks``
+        (:func:`dkm.selection.sweep` scores them).
         """
         max_iter = _check_int("max_iter", self.max_iter, 1)
         tol = _check_float("tol", self.tol, 0.0)
@@ -518,23 +635,52 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
             fitted.append(est)
         return fitted
 
+    fitted_arrays = ("cluster_centers_",)
+
     def _adopt(
         self, best: EMResult, data: ChunkedData, Xn: NDArray[Any] | None, summary: DataSummary
     ) -> None:
-        self._origin = data.origin
-        self.cluster_centers_ = best.params.means.astype(data.X.dtype)
-        self._params = best.params
+        self._set_mixture(
+            self._mixture(best.params, data.origin),
+            dtype=data.X.dtype,
+            covariances=None,
+            objective=best.objective,
+            n_iter=best.n_iter,
+            converged=best.converged,
+            history=best.history,
+            objectives=None,
+        )
         self._final = best.final
-        self.inertia_ = float(best.objective)
-        self.n_iter_ = best.n_iter
-        self.converged_ = best.converged
-        self.history_ = best.history
         self.n_dropped_ = summary.n_nonfinite
         self.labels_: Any = (
             lazy_labels(data, best.params)
             if Xn is None
             else apply_in_memory(K.predict_labels, Xn, best.params, data.origin, data.nan_policy)
         )
+
+    def _mixture(self, model: MixtureParams, origin: F64) -> Mixture:
+        return Mixture(model, origin, "hard", kmeans=True)
+
+    def _set_mixture(
+        self,
+        mixture: Mixture,
+        *,
+        dtype: Any,
+        covariances: F64 | None,
+        objective: float,
+        n_iter: int,
+        converged: bool,
+        history: list[IterationInfo],
+        objectives: list[float] | None,
+    ) -> None:
+        self._set_common(mixture, n_iter, converged, history)
+        self.cluster_centers_ = mixture.params.means.astype(dtype)
+        self.inertia_ = float(objective)
+
+    @property
+    def objective_(self) -> float:
+        """The fit's objective, ``inertia_`` (``mixture_.objective_name`` names it)."""
+        return self.inertia_
 
     def _log_likelihood(self) -> tuple[float, float]:
         """(log-likelihood, total weight) of the fitted data under the equal-variance
@@ -573,9 +719,6 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
         ll, _ = self._log_likelihood()
         return -2 * ll + 2 * self._n_parameters()
 
-    def _model_params(self) -> MixtureParams:
-        return self._params
-
     def fit_predict(self, X: Any, y: Any = None, sample_weight: Any = None) -> Any:
         return self.fit(X, sample_weight=sample_weight).labels_
 
@@ -600,7 +743,7 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
         if isinstance(X, da.Array):
             labels = self.predict(X)  # -1 for a dropped row
             kept = labels >= 0
-            centres = da.from_array(self._params.means)[da.maximum(labels, 0)]
+            centres = da.from_array(self.mixture_.params.means)[da.maximum(labels, 0)]
             dist = da.where(kept, ((X.astype(np.float64) - centres) ** 2).sum(axis=1), 0.0)
             w = 1.0 if sample_weight is None else sample_weight
             return -float((dist * w).sum().compute())
@@ -611,8 +754,8 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
         if not np.isfinite(Xn).all():
             kept = np.asarray(self.predict(Xn)) >= 0  # under "raise" this names the row
             Xn, sw = Xn[kept], None if sw is None else sw[kept]
-        Xc = Xn.astype(np.float64) - self._origin
-        return -K.inertia(Xc, self._params.translated(-self._origin), sw)
+        Xc = Xn.astype(np.float64) - self.mixture_.origin
+        return -K.inertia(Xc, self.mixture_.centred(), sw)
 
     @property
     def _n_features_out(self) -> int:
@@ -648,7 +791,8 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
     weights_ (k,), means_ (k, d), covariances_, precisions_, precisions_cholesky_
     (shapes by covariance type as in scikit-learn, in X's float dtype), converged_, n_iter_,
     lower_bound_ (mean log-likelihood at the last iteration), lower_bounds_,
-    history_.
+    history_, mixture_ (:class:`Mixture`, as for :class:`KMeans`; ``objective_`` is
+    ``lower_bound_``).
     """
 
     def __init__(
@@ -858,10 +1002,10 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
         checkpoint) instead of initialising.
         """
         k = _check_int("n_components", self.n_components, 1)
-        (fitted,) = self._fit_candidates(X, [k], sample_weight, resume=resume)
+        (fitted,) = self.fit_candidates(X, [k], sample_weight, resume=resume)
         return fitted
 
-    def _fit_candidates(
+    def fit_candidates(
         self,
         X: Any,
         ks: list[int],
@@ -872,7 +1016,8 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
         """Fit one mixture per number of components in ``ks``, all restarts sharing passes.
 
         Returns ``self`` fitted when there is one candidate, else fitted clones of
-        ``self`` (``n_components`` set), in the order of ``ks``.
+        ``self`` (``n_components`` set), in the order of ``ks``
+        (:func:`dkm.selection.sweep` scores them).
         """
         covariance.of(self.covariance_type)
         parse_assignment(self.assignment)
@@ -926,7 +1071,16 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
                     stacklevel=3,
                 )
             est = self._candidate(len(ks), n_components=k)
-            est._set_params(best, data)
+            est._set_mixture(
+                est._mixture(best.params, data.origin),
+                dtype=data.X.dtype,
+                covariances=best.covariances,
+                objective=best.objective,
+                n_iter=best.n_iter,
+                converged=best.converged,
+                history=best.history,
+                objectives=None,
+            )
             est.n_dropped_ = summary.n_nonfinite
             fitted.append(est)
         return fitted
@@ -939,16 +1093,30 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
     def _policy(self) -> OnDegenerate:
         return cast(OnDegenerate, self.on_degenerate)
 
-    def _set_params(self, result: EMResult, data: ChunkedData) -> None:
-        """The fitted attributes in X's float dtype (as scikit-learn's); the float64
-        parameters stay in ``_params`` for the kernels."""
-        p, kind = result.params, covariance.of(self._ct)
-        dtype = data.X.dtype
-        self._origin = data.origin
-        self._params = p
+    fitted_arrays = ("weights_", "means_", "covariances_", "precisions_", "precisions_cholesky_")
+
+    def _mixture(self, model: MixtureParams, origin: F64) -> Mixture:
+        return Mixture(model, origin, parse_assignment(self.assignment), kmeans=False)
+
+    def _set_mixture(
+        self,
+        mixture: Mixture,
+        *,
+        dtype: Any,
+        covariances: F64 | None,
+        objective: float,
+        n_iter: int,
+        converged: bool,
+        history: list[IterationInfo],
+        objectives: list[float] | None,
+    ) -> None:
+        """The fitted arrays in X's float dtype (as scikit-learn's); the float64
+        parameters stay in ``mixture_`` for the kernels."""
+        p, kind = mixture.params, covariance.of(mixture.covariance_type)
+        self._set_common(mixture, n_iter, converged, history)
         prec_chol = np.ones(p.n_components) if kind.unit else p.precisions_cholesky
         assert prec_chol is not None
-        cov = result.covariances
+        cov = covariances
         if cov is None:
             cov = kind.covariances(prec_chol)
         precisions = kind.precisions(prec_chol)
@@ -957,14 +1125,15 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
         self.precisions_cholesky_ = prec_chol.astype(dtype, copy=False)
         self.precisions_ = precisions.astype(dtype, copy=False)
         self.covariances_ = cov.astype(dtype, copy=False)
-        self.converged_ = result.converged
-        self.n_iter_ = result.n_iter
-        self.lower_bound_ = float(result.objective)
-        self.lower_bounds_ = [info.objective for info in result.history]
-        self.history_ = result.history
+        self.lower_bound_ = float(objective)
+        self.lower_bounds_ = (
+            [info.objective for info in history] if objectives is None else objectives
+        )
 
-    def _model_params(self) -> MixtureParams:
-        return self._params
+    @property
+    def objective_(self) -> float:
+        """The fit's objective, ``lower_bound_`` (``mixture_.objective_name`` names it)."""
+        return self.lower_bound_
 
     # ----------------------------------------------------------------- predict
 
@@ -1028,3 +1197,25 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
         ]
         labels = np.concatenate([np.full(c, j, dtype=np.int64) for j, c in enumerate(counts)])
         return np.vstack(parts), labels
+
+
+def log_likelihoods(
+    models: Sequence[KMeans] | Sequence[GaussianMixture], X: Any, sample_weight: Any = None
+) -> list[tuple[float, float]]:
+    """(log-likelihood, total weight) of X under each of the models one ``fit_candidates``
+    call fitted on X: for k-means, of its equal-variance spherical model, from the fit's
+    own final statistics (see :meth:`KMeans.bic`); for mixtures, from one pass over X
+    shared by all of them."""
+    if not models:
+        return []
+    first = models[0]
+    if isinstance(first, KMeans):
+        return [cast(KMeans, m)._log_likelihood() for m in models]
+    data, _ = first._as_data(X, sample_weight, reset=False)
+    origin = first.mixture_.origin
+    data = data.with_origin(origin)
+    jobs = [
+        (m.mixture_.params.translated(-origin), None, PassOptions("soft", "none")) for m in models
+    ]
+    totals = stats_pass_many(data, jobs, split_every=first._split_every())
+    return [(float(t.objective), float(t.n)) for t in totals]

@@ -1035,12 +1035,9 @@ def _json_param(value: Any) -> tuple[bool, Any]:
 
 
 def _model_arrays(estimator: KMeans | GaussianMixture) -> dict[str, NDArray[Any]]:
-    arrays: dict[str, NDArray[Any]] = {"origin": estimator._origin}
-    if isinstance(estimator, KMeans):
-        arrays["cluster_centers_"] = estimator.cluster_centers_
-    else:
-        for name in ("weights_", "means_", "covariances_", "precisions_", "precisions_cholesky_"):
-            arrays[name] = getattr(estimator, name)
+    arrays: dict[str, NDArray[Any]] = {"origin": estimator.mixture_.origin}
+    for name in estimator.fitted_arrays:
+        arrays[name] = getattr(estimator, name)
     return {name: np.ascontiguousarray(a) for name, a in arrays.items()}
 
 
@@ -1065,18 +1062,20 @@ def _model_attributes(
         "dropped_params": dropped,
         "n_features_in_": int(estimator.n_features_in_),
         "feature_names_in_": None if names is None else [str(n) for n in names],
-        "covariance_type": estimator._params.covariance_type,
-        "n_components": estimator._params.n_components,
+        "covariance_type": estimator.mixture_.covariance_type,
+        "n_components": estimator.mixture_.n_components,
         "n_iter_": int(estimator.n_iter_),
         "converged_": bool(estimator.converged_),
         "history_": history,
         "metadata": _to_json(metadata or {}, "metadata"),
     }
-    if isinstance(estimator, KMeans):
-        attrs["inertia_"] = float_to_json(float(estimator.inertia_))
+    objective = float_to_json(float(estimator.objective_))
+    if estimator.mixture_.kmeans:
+        attrs["inertia_"] = objective
     else:
-        attrs["lower_bound_"] = float_to_json(float(estimator.lower_bound_))
-        attrs["lower_bounds_"] = [float_to_json(float(v)) for v in estimator.lower_bounds_]
+        attrs["lower_bound_"] = objective
+        bounds = cast(GaussianMixture, estimator).lower_bounds_
+        attrs["lower_bounds_"] = [float_to_json(float(v)) for v in bounds]
     return attrs
 
 
@@ -1156,7 +1155,7 @@ def save_model(
     check_is_fitted(estimator)
     attributes = _model_attributes(estimator, kind, metadata)
     arrays = _model_arrays(estimator)
-    params = estimator._params
+    params = estimator.mixture_.params
     with AtomicOutput(
         url,
         storage_options=storage_options,
@@ -1274,17 +1273,15 @@ def load_model(
     """
     group, attrs = _open_model(url, storage_options)
     cls = _MODEL_KINDS[attrs["kind"]]
-    estimator = cls()
     params = attrs.get("params")
     if not isinstance(params, dict):
         raise InputError(f"dkm model {url}: the 'params' attribute is missing or not a mapping")
-    unknown = sorted(set(params) - set(estimator.get_params(deep=False)))
+    unknown = sorted(set(params) - set(cls().get_params(deep=False)))
     if unknown:
         raise InputError(
             f"dkm model {url} has parameters {_listing(unknown)} unknown to {cls.__name__} "
             f"in dkm {_version()} (written by dkm {attrs.get('dkm_version')}): use that version"
         )
-    estimator.set_params(**params)
     try:
         mixture = group["mixture"]
     except KeyError:
@@ -1297,7 +1294,7 @@ def load_model(
         raise InputError(f"dkm model {url}: {e}") from e
     prec_chol = None if kind.unit else _read_model_array(mixture, "precisions_cholesky", url)
     try:
-        estimator._params = MixtureParams(
+        model = MixtureParams(
             kind.name,
             _read_model_array(mixture, "weights", url),
             _read_model_array(mixture, "means", url),
@@ -1305,25 +1302,29 @@ def load_model(
         )
     except ValueError as e:
         raise InputError(f"dkm model {url}: {e}") from e
-    estimator._origin = _read_model_array(group, "origin", url)
-    estimator.n_features_in_ = int(attrs["n_features_in_"])
-    names = attrs.get("feature_names_in_")
-    if names is not None:
-        estimator.feature_names_in_ = np.asarray(names, dtype=object)
-    estimator.n_iter_ = int(attrs["n_iter_"])
-    estimator.converged_ = bool(attrs["converged_"])
-    estimator.history_ = _history(attrs.get("history_", []), "history_", url)
-    if isinstance(estimator, KMeans):
-        estimator.cluster_centers_ = _read_model_array(group, "cluster_centers_", url)
-        estimator.inertia_ = _float(attrs["inertia_"], "inertia_", url)
+    origin = _read_model_array(group, "origin", url)
+    # the fitted arrays follow from the parameters, in the dtype they were saved in;
+    # only a mixture's covariances (as the M-step estimated them) are read as saved
+    fitted = {name: _read_model_array(group, name, url) for name in cls.fitted_arrays}
+    if attrs["kind"] == "KMeans":
+        objective = _float(attrs["inertia_"], "inertia_", url)
+        objectives = None
     else:
-        for name in ("weights_", "means_", "covariances_", "precisions_", "precisions_cholesky_"):
-            setattr(estimator, name, _read_model_array(group, name, url))
-        estimator.lower_bound_ = _float(attrs["lower_bound_"], "lower_bound_", url)
-        estimator.lower_bounds_ = [
-            _float(v, "lower_bounds_", url) for v in attrs.get("lower_bounds_", [])
-        ]
-    return estimator
+        objective = _float(attrs["lower_bound_"], "lower_bound_", url)
+        objectives = [_float(v, "lower_bounds_", url) for v in attrs.get("lower_bounds_", [])]
+    return cls.from_model(
+        model,
+        origin,
+        params=params,
+        objective=objective,
+        n_iter=int(attrs["n_iter_"]),
+        converged=bool(attrs["converged_"]),
+        history=_history(attrs.get("history_", []), "history_", url),
+        objectives=objectives,
+        covariances=fitted.get("covariances_"),
+        dtype=fitted[cls.fitted_arrays[0]].dtype,
+        feature_names_in=attrs.get("feature_names_in_"),
+    )
 
 
 def has_model_statistics(url: str, *, storage_options: dict[str, Any] | None = None) -> bool:

@@ -7,7 +7,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import dask
 import dask.array as da
@@ -67,8 +67,10 @@ def build_estimator(
     split_every: int,
     callback: Callable[..., None] | None,
     nan_policy: str = "raise",
+    init: Any = None,
 ) -> KMeans | GaussianMixture:
-    """The estimator a model config describes (k-means is the (identity, hard) pair)."""
+    """The estimator a model config describes (k-means is the (identity, hard) pair);
+    ``init``, if given, replaces the config's (a fitted model: a warm start)."""
     common: dict[str, Any] = {
         "tol": model.resolved("tol"),
         "max_iter": model.resolved("max_iter"),
@@ -80,7 +82,8 @@ def build_estimator(
         "nan_policy": nan_policy,
     }
     assignment = model.resolved("assignment")
-    init = model.resolved("init")
+    if init is None:
+        init = model.resolved("init")
     if isinstance(init, ModelInit):  # warm start: yesterday's model is today's start
         init = io.load_model(init.model)
     if model.mode == "kmeans" and assignment == "hard":
@@ -340,8 +343,9 @@ def _run(
                 n_clusters=selection.best_n_clusters,
             )
         fit_seconds = time.perf_counter() - t_fit
+        # k-means keeps its labels from the fit (scikit-learn's labels_); a mixture predicts
         labels = estimator.labels_ if isinstance(estimator, KMeans) else estimator.predict(X)
-        k = _n_clusters(estimator)
+        k = _n_clusters(config, selection)
         # shifted by one so that rows dropped for NaN (label -1) fall out of the count
         sizes_lazy = da.bincount(labels + 1, weights=weights, minlength=k + 1)[1:]
         sample_lazy = sample_rows(X, REPORT_SAMPLE, seed=config.model.seed or 0)
@@ -357,10 +361,10 @@ def _run(
                         compute=False,
                     )
                 )
-            if out.responsibilities and isinstance(estimator, GaussianMixture):
+            if out.responsibilities and not estimator.mixture_.kmeans:
                 writes.append(
                     io.write_array(
-                        estimator.predict_proba(X),
+                        cast(GaussianMixture, estimator).predict_proba(X),
                         f"{tmp}/responsibilities.zarr",
                         "responsibilities",
                         storage_options=out.storage_options,
@@ -470,7 +474,6 @@ def _summary(
     selection: SweepResult | None = None,
     warnings: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    kmeans = isinstance(est, KMeans)
     chosen = {}
     if selection is not None:
         chosen = {
@@ -486,7 +489,7 @@ def _summary(
         "mode": config.model.mode,
         "covariance_type": config.model.resolved("covariance_type"),
         "assignment": config.model.resolved("assignment"),
-        "n_clusters": _n_clusters(est),
+        "n_clusters": _n_clusters(config, selection),
         "n_samples": int(points.X.shape[0]),
         "n_features": int(points.X.shape[1]),
         "data": points.description,
@@ -494,8 +497,8 @@ def _summary(
         "dropped_rows": int(est.n_dropped_),
         "n_iter": int(est.n_iter_),
         "converged": bool(est.converged_),
-        "objective_name": "inertia" if kmeans else "mean log-likelihood",
-        "objective": float(est.inertia_ if isinstance(est, KMeans) else est.lower_bound_),
+        "objective_name": est.mixture_.objective_name,
+        "objective": float(est.objective_),
         "cluster_sizes": [float(s) for s in sizes],
         "persisted": persisted,
         "fit_seconds": fit_seconds,
@@ -505,8 +508,9 @@ def _summary(
     }
 
 
-def _n_clusters(est: KMeans | GaussianMixture) -> int:
-    return int(est.n_clusters if isinstance(est, KMeans) else est.n_components)
+def _n_clusters(config: JobConfig, selection: SweepResult | None) -> int:
+    """The number of clusters the model was fitted with (the chosen one of a sweep)."""
+    return config.model.k if selection is None else selection.best_n_clusters
 
 
 def _write_report(
@@ -522,7 +526,7 @@ def _write_report(
 ) -> None:
     from dkm import report
 
-    if isinstance(est, KMeans):
+    if isinstance(est, KMeans):  # each kind draws its own fitted attributes
         means, covariances = est.cluster_centers_, None
         weights = sizes / max(sizes.sum(), 1e-300)
     else:
@@ -530,13 +534,14 @@ def _write_report(
     history = [info.to_dict() for info in est.history_]
     sample_labels = np.asarray(est.predict(sample)) if len(sample) else np.empty(0, np.int64)
     m = config.model
-    title = f"{m.mode}, k={_n_clusters(est)}, {summary['n_samples']:,} x {summary['n_features']}"
+    k = _n_clusters(config, selection)
+    title = f"{m.mode}, k={k}, {summary['n_samples']:,} x {summary['n_features']}"
     with io.local_dir(f"{tmp}/report", storage_options=config.output.storage_options) as target:
         report.write_report(
             target,
             title=title,
             # the estimator's objective: a soft k-means is a mixture, with a log-likelihood
-            mode="kmeans" if isinstance(est, KMeans) else "gmm",
+            mode="kmeans" if est.mixture_.kmeans else "gmm",
             covariance_type=m.resolved("covariance_type"),
             history=history,
             objective=summary["objective"],

@@ -24,12 +24,12 @@ from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import cdist
 
 from dkm import covariance, io
-from dkm._typing import Assignment, CovarianceType, OnDegenerate
+from dkm._typing import OnDegenerate
 from dkm._version import __version__
 from dkm.cluster import cluster_memory, connect
 from dkm.config import ConfigError, JobConfig, RegistryConfig
 from dkm.engine import ChunkedData, IterationInfo, PassOptions, stats_pass_many, summarize
-from dkm.estimators import GaussianMixture, KMeans
+from dkm.estimators import GaussianMixture, KMeans, Mixture
 from dkm.job import (
     OVERWRITE_HINT,
     announce,
@@ -63,16 +63,11 @@ EXIT_REFUSED = 3
 # --------------------------------------------------------------------------- statistics
 
 
-def _kind(model: Model) -> tuple[CovarianceType, Assignment]:
-    ct = model._params.covariance_type
-    assignment = "hard" if isinstance(model, KMeans) else model.assignment
-    return ct, cast(Assignment, assignment)
-
-
 def statistics_pass(
-    data: ChunkedData, models: list[Model], *, n_farthest: int = 0, split_every: int = 8
+    data: ChunkedData, models: list[Mixture], *, n_farthest: int = 0, split_every: int = 8
 ) -> list[io.ModelStatistics]:
-    """One E-step pass over ``data`` under each model (all in one read of the data).
+    """One E-step pass over ``data`` under each model (an estimator's ``mixture_``), all
+    in one read of the data.
 
     Each model's statistics are taken around its own means, which become the
     statistics' ``shift`` (data coordinates); farthest points, if asked for, are
@@ -81,11 +76,9 @@ def statistics_pass(
     jobs = []
     origin = data.origin
     for model in models:
-        ct, assignment = _kind(model)
-        centred = model._params.translated(-origin)
-        jobs.append(
-            (centred, centred.means, PassOptions(assignment, covariance.of(ct).moments, n_farthest))
-        )
+        centred = model.params.translated(-origin)
+        moments = covariance.of(model.covariance_type).moments
+        jobs.append((centred, centred.means, PassOptions(model.assignment, moments, n_farthest)))
     totals = stats_pass_many(data, jobs, split_every=split_every)
     out = []
     for (centred, _, _), stats in zip(jobs, totals, strict=True):
@@ -151,35 +144,19 @@ def merge_statistics(
 
 def model_from_statistics(
     ms: io.ModelStatistics,
-    template: Model,
+    old: Mixture,
     *,
     reg_covar: float,
     on_degenerate: OnDegenerate,
-) -> Model:
-    """An M-step from total statistics: a fitted estimator like ``template``.
-
-    ``template`` gives the kind and the hyper-parameters (a fresh, unfitted estimator
-    from the config) and must carry ``_origin`` and ``n_features_in_`` of the model the
-    statistics were gathered under.
-    """
+) -> tuple[MixtureParams, F64 | None]:
+    """An M-step from total statistics: the parameters of a model like ``old`` (its
+    kind, covariance type and assignment) and, for a mixture, its covariances."""
     s = ms.stats
-    if isinstance(template, KMeans):
+    if old.kmeans:
         centres, _ = kmeans_centres(s, shift=ms.shift)
-        template._params = MixtureParams.identity(centres)
-        template.cluster_centers_ = centres
-        return template
-    ct = cast(CovarianceType, template.covariance_type)
-    params, cov, _ = gaussian_mstep(s, ms.shift, ct, reg_covar, on_degenerate)
-    kind = covariance.of(ct)
-    template._params = params
-    template.weights_ = params.weights
-    template.means_ = params.means
-    pc = np.ones(params.n_components) if kind.unit else params.precisions_cholesky
-    assert pc is not None
-    template.precisions_cholesky_ = pc
-    template.precisions_ = kind.precisions(pc)
-    template.covariances_ = cov if cov is not None else kind.covariances(pc)
-    return template
+        return MixtureParams.identity(centres), None
+    params, cov, _ = gaussian_mstep(s, ms.shift, old.covariance_type, reg_covar, on_degenerate)
+    return params, cov
 
 
 def objective_of(stats: SuffStats, kmeans: bool) -> float:
@@ -197,14 +174,16 @@ def worsening(old: float, new: float, kmeans: bool) -> float:
 
 
 def _centres(model: Model) -> F64:
-    return np.asarray(model._params.means, np.float64)
+    return np.asarray(model.mixture_.params.means, np.float64)
 
 
 def component_scales(model: Model, stats: SuffStats | None) -> F64:
     """Each component's standard deviation (root of the mean per-feature variance)."""
-    k, d = model._params.means.shape
-    if isinstance(model, GaussianMixture):  # identity mixtures: unit variance
-        variances = covariance.of(model.covariance_type).variances(model.covariances_, k, d)
+    mixture = model.mixture_
+    k, d = mixture.n_components, mixture.n_features
+    if not mixture.kmeans:  # identity mixtures: unit variance
+        cov = cast(GaussianMixture, model).covariances_
+        variances = covariance.of(mixture.covariance_type).variances(cov, k, d)
         return np.sqrt(np.maximum(variances, 0.0))
     if stats is None or stats.n <= 0:
         return np.ones(k)
@@ -252,7 +231,7 @@ def drift_report(
     keep = (sample_old_labels >= 0) & (sample_new_labels >= 0)
     mapped = mapping[sample_old_labels[keep]]
     churn = float(np.mean(mapped != sample_new_labels[keep])) if keep.any() else 0.0
-    kmeans = isinstance(new, KMeans)
+    kmeans = new.mixture_.kmeans
     largest = max(components, key=lambda c: c["centre_shift_sd"], default=None)
     return {
         "matching": "scipy.optimize.linear_sum_assignment on Euclidean centre distance",
@@ -264,7 +243,7 @@ def drift_report(
         "unmatched_new": sorted(set(range(len(mn))) - set(cols.tolist())),
         "label_churn": churn,
         "churn_sample_size": int(keep.sum()),
-        "objective_name": "inertia" if kmeans else "mean log-likelihood",
+        "objective_name": new.mixture_.objective_name,
         "objective_old": objective_old,
         "objective_new": objective_new,
         "objective_worsening": worsening(objective_old, objective_new, kmeans),
@@ -404,10 +383,9 @@ def registry_from_config(config: JobConfig) -> Registry:
 
 
 def _check_compatible(old: Model, config: JobConfig, d: int, where: str) -> None:
-    m = config.model
-    ct, assignment = _kind(old)
+    m, mixture = config.model, old.mixture_
     want = (m.resolved("covariance_type"), m.resolved("assignment"), m.n_clusters, d)
-    have = (ct, assignment, old._params.n_components, int(old.n_features_in_))
+    have = (mixture.covariance_type, mixture.assignment, mixture.n_components, mixture.n_features)
     if want != have:
         raise ConfigError(
             f"the current model {where} is {have[0]}/{have[1]} with k={have[2]} on {have[3]} "
@@ -418,8 +396,8 @@ def _check_compatible(old: Model, config: JobConfig, d: int, where: str) -> None
 
 
 def _describe(est: Model) -> dict[str, Any]:
-    ct, assignment = _kind(est)
-    return {"covariance_type": ct, "assignment": assignment, "k": est._params.n_components}
+    m = est.mixture_
+    return {"covariance_type": m.covariance_type, "assignment": m.assignment, "k": m.n_components}
 
 
 def recluster(
@@ -483,49 +461,27 @@ def _recluster(
         n_dropped = 0
         if old is None or not update:
             model_cfg = m if old is None else m.model_copy(update={"n_init": 1})
-            est = build_estimator(model_cfg, split_every, progress, config.data.nan_policy)
-            if old is not None:  # warm start from the current model
-                if isinstance(est, KMeans):
-                    est.set_params(init=old)
-                else:
-                    est.set_params(init_params=old)
+            # with a current model: a warm start from it
+            est = build_estimator(model_cfg, split_every, progress, config.data.nan_policy, old)
             est.fit(X, sample_weight=weights)
             n_dropped = int(est.n_dropped_)
             data = ChunkedData.from_dask(X, weights, config.data.nan_policy).with_origin(
-                est._origin
+                est.mixture_.origin
             )
-            models: list[Model] = [est] if old is None else [est, old]
+            models = [est.mixture_] if old is None else [est.mixture_, old.mixture_]
             passes = statistics_pass(data, models, split_every=split_every)
             saved = new_stats = passes[0]
             old_pass = passes[1] if old is not None else None
             n_iter = int(est.n_iter_)
         else:
             assert old_saved is not None
-            data = ChunkedData.from_dask(X, weights, config.data.nan_policy).with_origin(
-                old._origin
+            est, saved, old_pass, new_stats, n_dropped = _update(
+                config, old, old_saved, X, weights, t_fit
             )
-            # the checks of a fit (NaN/inf rows, bad weights) before the data counts
-            checked = summarize(data, sample_size=1, seed=0, split_every=split_every)
-            n_dropped = int(checked.n_nonfinite)
-            k = old._params.n_components
-            (old_pass,) = statistics_pass(data, [old], n_farthest=k, split_every=split_every)
-            factor = decay_factor(rcfg.half_life)
-            saved = merge_statistics(old_saved, old_pass, factor)
-            template = build_estimator(m, split_every, None, config.data.nan_policy)
-            template._origin = old._origin
-            template.n_features_in_ = old.n_features_in_
-            est = model_from_statistics(
-                saved, template, reg_covar=m.reg_covar, on_degenerate=m.on_degenerate
-            )
-            (new_stats,) = statistics_pass(data, [est], split_every=split_every)
-            saved = replace(saved, stats=replace(saved.stats, farthest=None))
             n_iter = 1
-            _set_fitted(
-                est, new_stats.stats, old_pass.stats, n_dropped, time.perf_counter() - t_fit
-            )
             progress(est.history_[0])
         fit_seconds = time.perf_counter() - t_fit
-        kmeans = isinstance(est, KMeans)
+        kmeans = est.mixture_.kmeans
         new_objective = objective_of(new_stats.stats, kmeans)
         drift: dict[str, Any] | None = None
         reasons: list[str] = []
@@ -549,7 +505,7 @@ def _recluster(
                 objective_new=new_objective,
                 threshold=rcfg.drift_threshold,
             )
-            reasons = check_guards(drift, rcfg.guards, old._params.n_components)
+            reasons = check_guards(drift, rcfg.guards, old.mixture_.n_components)
     promote = not reasons
     decision = "first" if old is None else ("promoted" if promote else "refused")
     summary = {
@@ -566,7 +522,7 @@ def _recluster(
         "n_samples": int(points.X.shape[0]),
         "dropped_rows": n_dropped,
         "n_iter": n_iter,
-        "objective_name": "inertia" if isinstance(est, KMeans) else "mean log-likelihood",
+        "objective_name": est.mixture_.objective_name,
         "objective": new_objective,
         "statistics_updates": saved.updates,
         "half_life": rcfg.half_life if mode == "update" else None,
@@ -643,21 +599,51 @@ def _recluster(
     return ReclusterResult(version.number, promote, reasons, mode, now_current, summary)
 
 
-def _set_fitted(est: Model, new: SuffStats, old: SuffStats, dropped: int, seconds: float) -> None:
-    """The fitted scalars of an updated model: one iteration, objectives on the new data."""
-    kmeans = isinstance(est, KMeans)
-    objective_old, objective_new = objective_of(old, kmeans), objective_of(new, kmeans)
-    est.n_iter_ = 1
-    est.converged_ = False
-    est.n_dropped_ = dropped
-    est.history_ = [
-        IterationInfo(1, objective_old, objective_new - objective_old, seconds, est._params)
-    ]
-    if isinstance(est, KMeans):
-        est.inertia_ = objective_new
-    else:
-        est.lower_bound_ = objective_new
-        est.lower_bounds_ = [objective_new]
+def _update(
+    config: JobConfig,
+    old: Model,
+    old_saved: io.ModelStatistics,
+    X: Any,
+    weights: Any,
+    t_fit: float,
+) -> tuple[Model, io.ModelStatistics, io.ModelStatistics, io.ModelStatistics, int]:
+    """The incremental update: the new data's statistics under the current model merged
+    into its saved ones, one M-step. Returns the new model (one iteration, objectives on
+    the new data), the statistics to save, the passes under the old and the new model,
+    and the rows dropped."""
+    m, rcfg, split_every = config.model, config.registry, config.runtime.split_every
+    assert rcfg is not None
+    current = old.mixture_
+    data = ChunkedData.from_dask(X, weights, config.data.nan_policy).with_origin(current.origin)
+    # the checks of a fit (NaN/inf rows, bad weights) before the data counts
+    checked = summarize(data, sample_size=1, seed=0, split_every=split_every)
+    n_dropped = int(checked.n_nonfinite)
+    k = current.n_components
+    (old_pass,) = statistics_pass(data, [current], n_farthest=k, split_every=split_every)
+    saved = merge_statistics(old_saved, old_pass, decay_factor(rcfg.half_life))
+    params, cov = model_from_statistics(
+        saved, current, reg_covar=m.reg_covar, on_degenerate=m.on_degenerate
+    )
+    mixture = replace(current, params=params)
+    (new_stats,) = statistics_pass(data, [mixture], split_every=split_every)
+    saved = replace(saved, stats=replace(saved.stats, farthest=None))
+    objective_old = objective_of(old_pass.stats, current.kmeans)
+    objective_new = objective_of(new_stats.stats, current.kmeans)
+    seconds = time.perf_counter() - t_fit
+    template = build_estimator(m, split_every, None, config.data.nan_policy)
+    est = type(template).from_model(
+        params,
+        current.origin,
+        params=template.get_params(deep=False),
+        objective=objective_new,
+        n_iter=1,
+        converged=False,
+        history=[IterationInfo(1, objective_old, objective_new - objective_old, seconds, params)],
+        objectives=[objective_new],
+        covariances=cov,
+        n_dropped=n_dropped,
+    )
+    return est, saved, old_pass, new_stats, n_dropped
 
 
 def _ended(summary: dict[str, Any], output: str) -> dict[str, Any]:

@@ -27,8 +27,7 @@ import numpy as np
 from sklearn.base import clone
 
 from dkm._typing import CRITERIA, Criterion, parse_criterion
-from dkm.engine import PassOptions, stats_pass_many
-from dkm.estimators import GaussianMixture, KMeans
+from dkm.estimators import GaussianMixture, KMeans, log_likelihoods
 
 __all__ = ["CRITERIA", "Candidate", "Criterion", "SweepResult", "check_candidates", "sweep"]
 
@@ -104,17 +103,11 @@ def sweep(
     """
     parse_criterion(criterion)
     ks = check_candidates(n_clusters)
-    proto = clone(estimator)
-    if isinstance(proto, KMeans):
-        models: list[Any] = proto._fit_candidates(X, ks, sample_weight)
-        scores = [m._log_likelihood() for m in models]
-        objectives = [m.inertia_ for m in models]
-    elif isinstance(proto, GaussianMixture):
-        models = proto._fit_candidates(X, ks, sample_weight)
-        scores = _mixture_log_likelihoods(models, X, sample_weight)
-        objectives = [m.lower_bound_ for m in models]
-    else:
+    if not isinstance(estimator, KMeans | GaussianMixture):  # the input check
         raise TypeError(f"sweep: expected a dkm KMeans or GaussianMixture, got {estimator!r}")
+    models = clone(estimator).fit_candidates(X, ks, sample_weight)
+    scores = log_likelihoods(models, X, sample_weight)
+    objectives = [m.objective_ for m in models]
     candidates = []
     for k, model, (ll, n), objective in zip(ks, models, scores, objectives, strict=True):
         p = model._n_parameters()
@@ -132,18 +125,3 @@ def sweep(
             )
         )
     return SweepResult(criterion, candidates, models)
-
-
-def _mixture_log_likelihoods(
-    models: list[GaussianMixture], X: Any, sample_weight: Any
-) -> list[tuple[float, float]]:
-    """(Σ w log p(x), Σ w) under every fitted mixture, from one shared pass over X."""
-    first = models[0]
-    data, _ = first._as_data(X, sample_weight, reset=False)
-    data = data.with_origin(first._origin)
-    jobs = [
-        (m._model_params().translated(-first._origin), None, PassOptions("soft", "none"))
-        for m in models
-    ]
-    totals = stats_pass_many(data, jobs, split_every=first._split_every())
-    return [(float(t.objective), float(t.n)) for t in totals]

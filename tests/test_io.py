@@ -804,3 +804,72 @@ def test_history_has_one_codec_and_old_models_still_load(tmp_path):
     group.attrs["history_"] = [{"iteration": 1, "objective": "lots"}]
     with pytest.raises(InputError, match=r"attribute history_ is not readable"):
         io.load_model(url)
+
+
+#: Models saved by dkm before the estimators had ``mixture_`` (issue 20): the
+#: k-means and the full GMM below, fitted on ``_fixture_data`` from ``X[[0, 50, 100]]``.
+SAVED_MODELS = Path(__file__).parent / "data" / "saved_models"
+
+
+def _fixture_data() -> np.ndarray:
+    rng = np.random.default_rng(7)
+    return np.concatenate([rng.normal(c, 1.0, size=(40, 3)) for c in (-4, 0, 4)])
+
+
+@pytest.mark.parametrize("kind", ["kmeans", "gmm"])
+def test_models_saved_by_an_earlier_dkm_load_and_predict_the_same(kind):
+    X = _fixture_data()
+    init = X[[0, 50, 100]]
+    if kind == "kmeans":
+        fresh: dkm.KMeans | dkm.GaussianMixture = dkm.KMeans(
+            3, init=init, n_init=1, random_state=0
+        ).fit(X)
+    else:
+        fresh = dkm.GaussianMixture(3, covariance_type="full", means_init=init, random_state=0)
+        fresh.fit(X)
+    loaded = io.load_model(str(SAVED_MODELS / kind))
+    assert type(loaded) is type(fresh)
+    np.testing.assert_array_equal(loaded.predict(X), fresh.predict(X))
+    assert loaded.n_iter_ == fresh.n_iter_ and loaded.converged_ == fresh.converged_
+    if kind == "kmeans":
+        np.testing.assert_array_equal(loaded.transform(X), fresh.transform(X))
+        assert loaded.inertia_ == fresh.inertia_
+    else:
+        np.testing.assert_array_equal(loaded.predict_proba(X), fresh.predict_proba(X))
+        np.testing.assert_array_equal(loaded.score_samples(X), fresh.score_samples(X))
+        for name in ("weights_", "means_", "covariances_", "precisions_", "precisions_cholesky_"):
+            np.testing.assert_array_equal(getattr(loaded, name), getattr(fresh, name))
+        assert loaded.lower_bounds_ == fresh.lower_bounds_
+
+
+@pytest.mark.parametrize("kind", ["kmeans", "tied", "identity"])
+def test_from_model_rebuilds_the_fitted_estimator(kind):
+    """``from_model`` with a fit's ``mixture_`` and scalars gives the fit's attributes and
+    predictions, in the fit's dtype."""
+    X = _fixture_data().astype(np.float32)
+    if kind == "kmeans":
+        est: dkm.KMeans | dkm.GaussianMixture = dkm.KMeans(3, random_state=0).fit(X)
+    else:
+        est = dkm.GaussianMixture(3, covariance_type=kind, random_state=0).fit(X)
+    m = est.mixture_
+    assert m.kmeans == (kind == "kmeans") and m.n_components == 3 and m.n_features == 3
+    assert m.assignment == ("hard" if kind == "kmeans" else "soft")
+    assert m.objective_name == ("inertia" if kind == "kmeans" else "mean log-likelihood")
+    back = type(est).from_model(
+        m.params,
+        m.origin,
+        params=est.get_params(),
+        objective=est.objective_,
+        n_iter=est.n_iter_,
+        converged=est.converged_,
+        history=est.history_,
+        covariances=getattr(est, "covariances_", None),
+        dtype=X.dtype,
+    )
+    assert back.objective_ == est.objective_ and back.n_features_in_ == 3
+    for name in est.fitted_arrays:
+        got, want = getattr(back, name), getattr(est, name)
+        assert got.dtype == want.dtype == np.float32, name
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(back.predict(X), est.predict(X))
+    np.testing.assert_array_equal(back.mixture_.centred().means, m.params.means - m.origin)

@@ -76,3 +76,37 @@ def test_covariance_types_are_asked_not_compared():
             if hits:
                 found.append(f"{path.relative_to(ROOT)}:{node.lineno} {sorted(hits)}")
     assert not found, "ask dkm.covariance instead:\n" + "\n".join(found)
+
+
+#: The estimators' private state; other modules use ``mixture_``, ``from_model``,
+#: ``objective_`` and ``fit_candidates`` (see dkm/estimators.py).
+ESTIMATOR_PRIVATE = {"_params", "_origin", "_fit_candidates", "_model_params", "_set_params"}
+ESTIMATOR_PRIVATE |= {"_set_mixture", "_set_common", "_mixture", "_final", "_adopt"}
+
+
+def private_reaches(source: str) -> list[int]:
+    """Lines of ``source`` reading or writing an attribute in ``ESTIMATOR_PRIVATE`` of
+    something other than ``self`` (a class's own attribute of the same name is its own)."""
+    return sorted(
+        node.lineno
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Attribute)
+        and node.attr in ESTIMATOR_PRIVATE
+        and not (isinstance(node.value, ast.Name) and node.value.id == "self")
+    )
+
+
+def test_fitted_state_is_reached_only_through_the_estimators_door():
+    found = [
+        f"{path.relative_to(ROOT)}:{line}"
+        for folder in ("dkm", "tests", "benchmarks")
+        for path in sorted((ROOT / folder).rglob("*.py"))
+        if path.name not in ("estimators.py", "test_quality.py")
+        for line in private_reaches(path.read_text())
+    ]
+    assert not found, "use mixture_ / from_model / fit_candidates:\n" + "\n".join(found)
+
+
+def test_private_reaches_are_found():
+    source = "est._origin = o\nx = m._params.means\nm.mixture_.params\nself._origin(o)\n"
+    assert private_reaches(source) == [1, 2]

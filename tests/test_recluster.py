@@ -85,14 +85,14 @@ def test_batch_by_batch_statistics_equal_all_at_once(kind):
         model = KMeans(K, random_state=0).fit(batches[0])
     else:
         model = GaussianMixture(K, covariance_type=kind, random_state=0).fit(batches[0])
-    origin = model._origin
-    parts = [statistics_pass(_data(X, origin), [model])[0] for X in batches]
-    other_shift = model._params.means + np.random.default_rng(1).normal(size=(K, D)) * 3
+    origin = model.mixture_.origin
+    parts = [statistics_pass(_data(X, origin), [model.mixture_])[0] for X in batches]
+    other_shift = model.mixture_.params.means + np.random.default_rng(1).normal(size=(K, D)) * 3
     merged = recentred(parts[0], other_shift)  # as if saved around other centres
     for part in parts[1:]:
         merged = merge_statistics(merged, part, 1.0)
     allX = np.vstack(batches)
-    (once,) = statistics_pass(_data(allX, origin), [model])
+    (once,) = statistics_pass(_data(allX, origin), [model.mixture_])
     np.testing.assert_array_equal(merged.shift, once.shift)
     m, o = merged.stats, once.stats
     for name in ("nk", "sx", "sxx"):
@@ -117,7 +117,7 @@ def test_batch_by_batch_statistics_equal_all_at_once(kind):
 def test_saved_statistics_round_trip_and_old_models_are_refused(tmp_path):
     X = generation(1, n=800)
     gm = GaussianMixture(K, covariance_type="diag", random_state=0).fit(X)
-    (stats,) = statistics_pass(_data(X, gm._origin), [gm])
+    (stats,) = statistics_pass(_data(X, gm.mixture_.origin), [gm.mixture_])
     io.save_model(gm, str(tmp_path / "with"), statistics=stats)
     back = io.load_model_statistics(str(tmp_path / "with"))
     for name in ("nk", "sx", "sxx"):
