@@ -290,21 +290,66 @@ def _run(
     resume: bool,
 ) -> JobResult:
     t_start = time.perf_counter()
-    out = config.output
     points = open_data(config)
     claim_outputs(config)
     progress.event("data", f"data: {points.description}")
     state = _resume_state(config, points, progress) if resume else None
-    # the checkpoint is saved before the iteration is reported: what was printed is durable
+    callback = _callback(config, points, progress, state)
+    with connect(config.cluster) as client:
+        announce(progress, client, job_id, **describe(config, points, config_source))
+        X, weights = points.X, points.weights
+        persisted = should_persist(config.runtime.persist, X, cluster_memory(client))
+        if persisted:
+            X, weights = dask.persist(X, weights)
+        t_fit = time.perf_counter()
+        estimator, selection = _fit(config, X, weights, callback, state, progress)
+        fit = _Fitted(estimator, selection, time.perf_counter() - t_fit, persisted)
+        summary = _write_outputs(
+            config, points, X, weights, fit, progress, job_id, t_start, config_source
+        )
+        io.remove(checkpoint_url(config), storage_options=config.output.storage_options)
+        progress.event(
+            "done",
+            f"done: {summary['n_iter']} iterations, objective "
+            f"{summary['objective']:.8g}, wrote {config.output.path}",
+            output=config.output.path,
+            converged=summary["converged"],
+            n_iter=summary["n_iter"],
+            objective=summary["objective"],
+            n_clusters=summary["n_clusters"],
+            sizes=summary["cluster_sizes"],
+        )
+    return JobResult(summary, config.output.path)
+
+
+@dataclass(frozen=True)
+class _Fitted:
+    """A job's fitted model: the estimator, the sweep that chose it (if any), the fit's
+    seconds, and whether the points were persisted for it."""
+
+    estimator: KMeans | GaussianMixture
+    selection: SweepResult | None
+    seconds: float
+    persisted: bool
+
+
+def _callback(
+    config: JobConfig, points: io.Points, progress: Progress, state: ResumeState | None
+) -> Callable[[IterationInfo], None]:
+    """The per-iteration callback: the checkpoint (a single fit only), then the progress
+    line, so that what was printed is durable."""
     callbacks: list[Callable[[IterationInfo], None]] = []
-    candidates = config.model.candidates()
-    if config.runtime.checkpoint_every and config.model.n_init == 1 and candidates is None:
+    if (
+        config.runtime.checkpoint_every
+        and config.model.n_init == 1
+        and config.model.candidates() is None
+    ):
         callbacks.append(
             Checkpointer(
                 checkpoint_url(config),
                 config.runtime.checkpoint_every,
                 _identity(config, points),
-                out.storage_options,
+                config.output.storage_options,
                 state.history if state else (),
             )
         )
@@ -314,106 +359,111 @@ def _run(
         for fn in callbacks:
             fn(info)
 
-    with connect(config.cluster) as client:
-        announce(progress, client, job_id, **describe(config, points, config_source))
-        X, weights = points.X, points.weights
-        persisted = should_persist(config.runtime.persist, X, cluster_memory(client))
-        if persisted:
-            X, weights = dask.persist(X, weights)
-        estimator = build_estimator(
-            config.model, config.runtime.split_every, callback, config.data.nan_policy
-        )
-        t_fit = time.perf_counter()
-        selection: SweepResult | None = None
-        if candidates is None:
-            estimator.fit(X, sample_weight=weights, resume=state)
-        else:
-            progress.event(
-                "sweep",
-                f"fitting k in {candidates} together; choosing by {config.model.criterion}",
-            )
-            selection = sweep(
-                estimator, X, candidates, criterion=config.model.criterion, sample_weight=weights
-            )
-            estimator = selection.best_model
-            progress.event(
-                "selected",
-                f"k={selection.best_n_clusters} has the lowest {config.model.criterion}",
-                table=selection.table(),
-                n_clusters=selection.best_n_clusters,
-            )
-        fit_seconds = time.perf_counter() - t_fit
-        # k-means keeps its labels from the fit (scikit-learn's labels_); a mixture predicts
-        labels = estimator.labels_ if isinstance(estimator, KMeans) else estimator.predict(X)
-        k = _n_clusters(config, selection)
-        # shifted by one so that rows dropped for NaN (label -1) fall out of the count
-        sizes_lazy = da.bincount(labels + 1, weights=weights, minlength=k + 1)[1:]
-        sample_lazy = sample_rows(X, REPORT_SAMPLE, seed=config.model.seed or 0)
-        with output_writer(config, "run") as tmp:
-            writes = []
-            if out.labels:
-                writes.append(
-                    io.write_array(
-                        labels,
-                        f"{tmp}/labels.zarr",
-                        "labels",
-                        storage_options=out.storage_options,
-                        compute=False,
-                    )
-                )
-            if out.responsibilities and not estimator.mixture_.kmeans:
-                writes.append(
-                    io.write_array(
-                        cast(GaussianMixture, estimator).predict_proba(X),
-                        f"{tmp}/responsibilities.zarr",
-                        "responsibilities",
-                        storage_options=out.storage_options,
-                        compute=False,
-                    )
-                )
-            sizes, sample, *_ = dask.compute(sizes_lazy, sample_lazy, *writes)
-            summary = _summary(
-                config,
-                estimator,
-                points,
-                job_id,
-                fit_seconds,
-                time.perf_counter() - t_start,
-                persisted,
-                sizes,
-                selection,
-                tuple(progress.warnings),
-            )
-            if out.model:
-                io.save_model(
-                    estimator,
-                    f"{tmp}/model",
-                    metadata=model_metadata(
-                        config, config_source, points, job_id, fit_seconds=fit_seconds
-                    ),
+    return callback
+
+
+def _fit(
+    config: JobConfig,
+    X: da.Array,
+    weights: da.Array | None,
+    callback: Callable[[IterationInfo], None],
+    state: ResumeState | None,
+    progress: Progress,
+) -> tuple[KMeans | GaussianMixture, SweepResult | None]:
+    """The model the config describes, fitted; a sweep over k fits every candidate in the
+    same passes and keeps the one its criterion chooses."""
+    estimator = build_estimator(
+        config.model, config.runtime.split_every, callback, config.data.nan_policy
+    )
+    candidates = config.model.candidates()
+    if candidates is None:
+        estimator.fit(X, sample_weight=weights, resume=state)
+        return estimator, None
+    criterion = config.model.criterion
+    progress.event("sweep", f"fitting k in {candidates} together; choosing by {criterion}")
+    selection = sweep(estimator, X, candidates, criterion=criterion, sample_weight=weights)
+    progress.event(
+        "selected",
+        f"k={selection.best_n_clusters} has the lowest {criterion}",
+        table=selection.table(),
+        n_clusters=selection.best_n_clusters,
+    )
+    return selection.best_model, selection
+
+
+def _write_outputs(
+    config: JobConfig,
+    points: io.Points,
+    X: da.Array,
+    weights: da.Array | None,
+    fit: _Fitted,
+    progress: Progress,
+    job_id: str,
+    t_start: float,
+    config_source: str | None,
+) -> dict[str, Any]:
+    """Labels, responsibilities, model, metrics, report and summary, into a temporary
+    directory moved into place at the end (:func:`output_writer`); the summary."""
+    out, estimator = config.output, fit.estimator
+    # k-means keeps its labels from the fit (scikit-learn's labels_); a mixture predicts
+    labels = estimator.labels_ if isinstance(estimator, KMeans) else estimator.predict(X)
+    k = _n_clusters(config, fit.selection)
+    # shifted by one so that rows dropped for NaN (label -1) fall out of the count
+    sizes_lazy = da.bincount(labels + 1, weights=weights, minlength=k + 1)[1:]
+    sample_lazy = sample_rows(X, REPORT_SAMPLE, seed=config.model.seed or 0)
+    with output_writer(config, "run") as tmp:
+        writes = []
+        if out.labels:
+            writes.append(
+                io.write_array(
+                    labels,
+                    f"{tmp}/labels.zarr",
+                    "labels",
                     storage_options=out.storage_options,
+                    compute=False,
                 )
-            fs_write = io.text_writer(tmp, storage_options=out.storage_options)
-            if out.metrics:
-                fs_write("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in progress.records))
-            if out.report:
-                _write_report(
-                    tmp, config, estimator, points, summary, sample, sizes, selection, config_source
+            )
+        if out.responsibilities and not estimator.mixture_.kmeans:
+            writes.append(
+                io.write_array(
+                    cast(GaussianMixture, estimator).predict_proba(X),
+                    f"{tmp}/responsibilities.zarr",
+                    "responsibilities",
+                    storage_options=out.storage_options,
+                    compute=False,
                 )
-            fs_write("summary.json", json.dumps(summary, indent=2) + "\n")
-        io.remove(checkpoint_url(config), storage_options=out.storage_options)
-        progress.event(
-            "done",
-            f"done: {summary['n_iter']} iterations, objective "
-            f"{summary['objective']:.8g}, wrote {out.path}",
-            output=out.path,
-            converged=summary["converged"],
-            n_iter=summary["n_iter"],
-            objective=summary["objective"],
-            n_clusters=summary["n_clusters"],
-            sizes=summary["cluster_sizes"],
+            )
+        sizes, sample, *_ = dask.compute(sizes_lazy, sample_lazy, *writes)
+        summary = _summary(
+            config,
+            estimator,
+            points,
+            job_id,
+            fit.seconds,
+            time.perf_counter() - t_start,
+            fit.persisted,
+            sizes,
+            fit.selection,
+            tuple(progress.warnings),
         )
-    return JobResult(summary, out.path)
+        if out.model:
+            io.save_model(
+                estimator,
+                f"{tmp}/model",
+                metadata=model_metadata(
+                    config, config_source, points, job_id, fit_seconds=fit.seconds
+                ),
+                storage_options=out.storage_options,
+            )
+        fs_write = io.text_writer(tmp, storage_options=out.storage_options)
+        if out.metrics:
+            fs_write("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in progress.records))
+        if out.report:
+            _write_report(
+                tmp, config, estimator, points, summary, sample, sizes, fit.selection, config_source
+            )
+        fs_write("summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
 
 
 def announce(progress: Progress, client: Any, job_id: str, **job: Any) -> None:
