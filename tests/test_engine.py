@@ -537,3 +537,24 @@ def test_public_graph_format_gives_the_same_bits_on_a_cluster(dask_processes, mo
     for task_spec, (read, persisted) in results.items():
         assert_same_bits(read, reference, f"task_spec={task_spec}")
         assert_same_bits(persisted, reference, f"task_spec={task_spec}, persisted")
+
+
+def test_only_one_module_imports_dask_private_api():
+    """dkm/engine/_dask.py is the only module importing Dask's private modules
+    (``dask._*``): import-linter sees external packages whole, so this test checks it."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "dkm"
+    importers = set()
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            if any(n.split(".")[0] == "dask" and "._" in n for n in names):
+                importers.add(path.relative_to(root).as_posix())
+    assert importers == {"engine/_dask.py"}
