@@ -274,7 +274,7 @@ def fit_em_many(
         moments = covariance.of(options.covariance_type).moments
         return run.params, run.params.means, PassOptions(options.assignment, moments, n_far)
 
-    held: list[Any] = []  # the last pass's futures on a client (see stats_pass_many)
+    held: list[Any] = []  # the last pass's futures on a client (see run_pass)
     try:
         while active := [r for r in runs if not r.converged and r.n_iter < options.max_iter]:
             t0 = time.perf_counter()

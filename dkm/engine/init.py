@@ -108,6 +108,8 @@ def gaussian_from_partition_many(
 
 
 def warn_repaired(components: list[int], policy: str, iteration: int) -> None:
+    """Warn that an M-step dropped or re-seeded collapsed ``components`` (the warning
+    points at the caller of the function that calls this)."""
     done = "dropped" if policy == "drop" else "re-seeded on the worst-explained points"
     warnings.warn(
         f"mixture component(s) {', '.join(map(str, components))} collapsed at iteration "
