@@ -375,7 +375,7 @@ def _noop(i: int) -> int:
 def round_trip(client: Any, repeats: int = ROUND_TRIPS) -> float:
     """Median seconds from submitting one trivial task to each worker to having their
     results, as a fit's passes do it: the previous round's futures are released only
-    after the next round is submitted (see ``dkm.engine._run_on_client``). What a pass
+    after the next round is submitted (see ``dkm.engine.passes._run_on_client``). What a pass
     at a time cannot go below, however short its tasks: the client's, the scheduler's
     and the workers' messages and their batching."""
     workers = sorted(client.scheduler_info()["workers"])

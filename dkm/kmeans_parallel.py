@@ -41,21 +41,16 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+from functools import partial
 from typing import Any
 
 import numpy as np
 from dask.base import tokenize
-from dask.delayed import delayed
 from numpy.typing import NDArray
 from sklearn.utils import check_random_state
 
-from dkm.engine import (
-    ChunkedData,
-    PassOptions,
-    _reduce_and_compute,
-    _without_nonfinite,
-    stats_pass,
-)
+from dkm.engine.data import ChunkedData, without_nonfinite
+from dkm.engine.passes import PassOptions, Shared, run_pass, stats_pass
 from dkm.errors import InvalidDataError
 from dkm.kernels.expectation import centred
 from dkm.kernels.init import (
@@ -83,29 +78,36 @@ def _effective(
 ) -> tuple[NDArray[Any], NDArray[Any]]:
     """The chunk with rows of NaN/inf at zero weight (nan_policy drop), and its weights."""
     if drop:
-        X, w, _ = _without_nonfinite(X, w, origin)
+        X, w, _ = without_nonfinite(X, w, origin)
     return X, np.ones(X.shape[0]) if w is None else np.asarray(w, np.float64)
 
 
 def _first_chunk(
-    X: NDArray[Any], w: NDArray[Any] | None, origin: F64, row_offset: int, seed: int, drop: bool
+    X: NDArray[Any],
+    w: NDArray[Any] | None,
+    *,
+    origin: F64,
+    row_offset: int,
+    seed: int,
+    drop_nonfinite: bool,
 ) -> WeightedSample:
-    X, weights = _effective(X, w, origin, drop)
+    X, weights = _effective(X, w, origin, drop_nonfinite)
     return WeightedSample.from_chunk(1, X, weights, row_offset, seed)
 
 
 def _round_chunk(
     X: NDArray[Any],
     w: NDArray[Any] | None,
+    *,
     candidates: F64,
     origin: F64,
     oversampling: float,
     row_offset: int,
     seed: int,
     capacity: int,
-    drop: bool,
+    drop_nonfinite: bool,
 ) -> CandidateSample:
-    X, weights = _effective(X, w, origin, drop)
+    X, weights = _effective(X, w, origin, drop_nonfinite)
     Xc = centred(X, origin, "identity")
     d2 = min_sq_distances(Xc, candidates)
     return CandidateSample.from_chunk(capacity, Xc, weights, d2, oversampling, row_offset, seed)
@@ -114,16 +116,15 @@ def _round_chunk(
 def _first_centre_pass(data: ChunkedData, seed: int, split_every: int) -> F64:
     weights_name = None if data.weights is None else data.weights.name
     token = tokenize(data.X.name, weights_name, data.origin, seed, data.nan_policy, split_every)
-    o = delayed(data.origin, traverse=False, name=f"dkm-kmpar-origin-{token}")
-    drop = data.nan_policy == "drop"
-    parts = [
-        delayed(_first_chunk, pure=True)(
-            xb, wb, o, off, seed, drop, dask_key_name=(f"dkm-kmpar-first-{token}", i)
-        )
-        for i, (xb, wb, off) in enumerate(data.block_tasks())
-    ]
-    sample: WeightedSample = _reduce_and_compute(
-        parts, split_every, f"dkm-kmpar-first-merge-{token}"
+    sample = run_pass(
+        data,
+        partial(_first_chunk, seed=seed),
+        name="dkm-kmpar-first",
+        merge_name="dkm-kmpar-first-merge",
+        token=token,
+        split_every=split_every,
+        shared=(Shared("origin", "dkm-kmpar-origin", data.origin),),
+        shared_nbytes=data.origin.nbytes,
     )
     if sample.rows.size == 0:
         raise InvalidDataError("k-means||: no point has positive sample_weight")
@@ -150,26 +151,19 @@ def _round_pass(
         data.nan_policy,
         split_every,
     )
-    c = delayed(candidates, traverse=False, name=f"dkm-kmpar-candidates-{token}")
-    o = delayed(data.origin, traverse=False, name=f"dkm-kmpar-origin-{token}")
-    drop = data.nan_policy == "drop"
-    parts = [
-        delayed(_round_chunk, pure=True)(
-            xb,
-            wb,
-            c,
-            o,
-            oversampling,
-            off,
-            seed,
-            capacity,
-            drop,
-            dask_key_name=(f"dkm-kmpar-round-{token}", i),
-        )
-        for i, (xb, wb, off) in enumerate(data.block_tasks())
-    ]
-    total: CandidateSample = _reduce_and_compute(parts, split_every, f"dkm-kmpar-merge-{token}")
-    return total
+    return run_pass(
+        data,
+        partial(_round_chunk, oversampling=oversampling, seed=seed, capacity=capacity),
+        name="dkm-kmpar-round",
+        merge_name="dkm-kmpar-merge",
+        token=token,
+        split_every=split_every,
+        shared=(
+            Shared("candidates", "dkm-kmpar-candidates", candidates),
+            Shared("origin", "dkm-kmpar-origin", data.origin),
+        ),
+        shared_nbytes=candidates.nbytes + data.origin.nbytes,
+    )
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
@@ -201,7 +195,7 @@ def kmeans_parallel(
         in expectation (Bahmani et al. use 0.5 to 10; 2 is Spark's and dask-ml's).
     n_rounds : sampling rounds (passes) after the first centre (the paper finds 5 ample).
     split_every : fan-in of the reduction trees.
-    summary : the data's :func:`~dkm.engine.summarize` result, when there is one: its
+    summary : the data's :func:`~dkm.engine.passes.summarize` result, when there is one: its
         weighted sample provides the first centre (the row with the highest
         Efraimidis–Spirakis key, a draw proportional to weight), saving a pass.
 

@@ -16,7 +16,6 @@ from dkm.engine import (
     EMOptions,
     IterationInfo,
     PassOptions,
-    _reduce_and_compute,
     fit_em,
     release_held,
     stats_pass,
@@ -117,7 +116,6 @@ def test_tree_shape_and_order():
     levels = {k[1] for k in graph if isinstance(k, tuple) and k[0] == "dkm-test"}
     assert levels == {0, 1}
     assert tree_top(parts[:3], 3, "dkm-test") == parts[:3]  # few enough: no merge task
-    assert _reduce_and_compute(parts, 3, "dkm-test").s == "0123456789"
     with pytest.raises(ValueError, match="split_every"):
         tree_top(parts, 1, "x")
     with pytest.raises(ValueError, match="no chunks"):
@@ -154,7 +152,8 @@ def test_one_compute_per_iteration_and_callback():
 def test_parameters_travel_in_the_tasks_or_enter_the_graph_once(monkeypatch, embed_limit):
     """Small parameters ride inside every E-step task (no task to wait for); past
     EMBED_PARAMS_BYTES they are one key all E-step tasks share. Same totals."""
-    import dkm.engine
+    import dkm.engine.data
+    import dkm.engine.passes
 
     data = ChunkedData.from_dask(da.from_array(X, chunks=(500, -1)))
     seen = {}
@@ -166,7 +165,7 @@ def test_parameters_travel_in_the_tasks_or_enter_the_graph_once(monkeypatch, emb
     params = MixtureParams.identity(INIT_KM)
     reference = stats_pass(data, params, PassOptions("hard", "none"))
     if embed_limit is not None:
-        monkeypatch.setattr(dkm.engine, "EMBED_PARAMS_BYTES", embed_limit)
+        monkeypatch.setattr(dkm.engine.passes, "EMBED_PARAMS_BYTES", embed_limit)
     with dask.config.set(scheduler=spy):
         total = stats_pass(data, params, PassOptions("hard", "none"))
     graph = seen["graph"]
@@ -214,7 +213,8 @@ def test_persisted_blocks_run_as_one_task_per_worker_thread(dask_processes, monk
     block."""
     from distributed import Client, get_task_stream, wait
 
-    import dkm.engine
+    import dkm.engine.data
+    import dkm.engine.passes
 
     w = np.random.default_rng(0).uniform(0.5, 2.0, len(X))
     Xd, wd = da.from_array(X, chunks=(500, -1)), da.from_array(w, chunks=500)
@@ -223,7 +223,7 @@ def test_persisted_blocks_run_as_one_task_per_worker_thread(dask_processes, monk
     reference = stats_pass(ChunkedData.from_dask(Xd, wd), params, options, split_every=3)
     threaded_km = fit_kmeans(Xd)
     if limit is not None:
-        monkeypatch.setattr(dkm.engine, "GROUPED_STATS_BYTES", limit)
+        monkeypatch.setattr(dkm.engine.passes, "GROUPED_STATS_BYTES", limit)
     with Client(dask_processes) as client:
         Xp, wp = client.persist([Xd, wd])
         wait([Xp, wp])
@@ -245,7 +245,9 @@ def test_persisted_blocks_run_as_one_task_per_worker_thread(dask_processes, monk
             total = stats_pass(data, params, options, split_every=3)
         km = fit_kmeans(Xp)
         # the same pass the other way: its E-step keys are not the grouped pass's
-        monkeypatch.setattr(dkm.engine, "GROUPED_STATS_BYTES", 0 if limit is None else 1 << 30)
+        monkeypatch.setattr(
+            dkm.engine.passes, "GROUPED_STATS_BYTES", 0 if limit is None else 1 << 30
+        )
         with get_task_stream(client) as other_stream:
             other = stats_pass(data, params, options, split_every=3)
     names = [str(t["key"]) for t in stream.data]
@@ -273,7 +275,8 @@ def test_worker_groups_are_kept_until_old_or_a_block_is_lost(dask_processes, mon
     pass, and again at once when a block's future is no longer finished."""
     from distributed import Client, futures_of, wait
 
-    import dkm.engine
+    import dkm.engine.data
+    import dkm.engine.passes
 
     with Client(dask_processes) as client:
         Xp = client.persist(da.from_array(X, chunks=(500, -1), name="groups-kept"))
@@ -284,13 +287,13 @@ def test_worker_groups_are_kept_until_old_or_a_block_is_lost(dask_processes, mon
             client, "who_has", lambda *a, **kw: asked.append(1) or who_has(*a, **kw)
         )
         data = ChunkedData.from_dask(Xp)
-        monkeypatch.setattr(dkm.engine, "GROUPS_MAX_AGE", 3600.0)
+        monkeypatch.setattr(dkm.engine.data, "GROUPS_MAX_AGE", 3600.0)
         groups = data.worker_groups(client)
         assert groups is not None and len(asked) == 1
         assert data.worker_groups(client) is groups and len(asked) == 1  # kept
-        monkeypatch.setattr(dkm.engine, "GROUPS_MAX_AGE", 0.0)
+        monkeypatch.setattr(dkm.engine.data, "GROUPS_MAX_AGE", 0.0)
         assert data.worker_groups(client) == groups and len(asked) == 2  # too old: asked
-        monkeypatch.setattr(dkm.engine, "GROUPS_MAX_AGE", 3600.0)
+        monkeypatch.setattr(dkm.engine.data, "GROUPS_MAX_AGE", 3600.0)
         data.worker_groups(client)
         assert len(asked) == 2
         # a block's future lost (as when its worker dies; the scheduler tells the client
@@ -428,7 +431,7 @@ def test_blas_limit_one_thread_per_task_then_restored() -> None:
     its own count again afterwards; a lone task keeps BLAS's threads."""
     from threadpoolctl import threadpool_info, threadpool_limits
 
-    from dkm.engine import _blas_limit
+    from dkm.engine.passes import _blas_limit
 
     def blas_threads() -> list[int]:
         return [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
@@ -467,3 +470,116 @@ def test_each_iteration_tells_sizes_and_centre_movement(kind):
         assert len(seen) >= 2
         means = [i.params.means for i in seen]
         assert seen[-1].shift == pytest.approx(((means[-1] - means[-2]) ** 2).sum())
+
+
+# ------------------------------------------------------- Dask's graph nodes or the public format
+
+
+def assert_same_bits(a, b, path="total"):
+    """Equal bit for bit, field by field (NaN equal to NaN), through nested dataclasses."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(a):
+        assert type(a) is type(b), path
+        for f in dataclasses.fields(a):
+            assert_same_bits(getattr(a, f.name), getattr(b, f.name), f"{path}.{f.name}")
+    elif isinstance(a, tuple | list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same_bits(x, y, f"{path}[{i}]")
+    elif isinstance(a, np.ndarray | float | np.floating):
+        np.testing.assert_array_equal(a, b, err_msg=path, strict=True)
+    else:
+        assert a == b, path
+
+
+def every_pass(Xd, wd):
+    """The E-step pass (parameters inline, then as shared keys), the summary and k-means‖'s
+    passes over the same data, under the current scheduler."""
+    import dkm.engine.passes
+    from dkm.engine import summarize
+    from dkm.kmeans_parallel import kmeans_parallel
+
+    data = ChunkedData.from_dask(Xd, wd, nan_policy="drop").with_origin(np.nanmean(X, axis=0))
+    gmm = MixtureParams.identity(INIT_KM - data.origin)
+    jobs = [
+        (gmm, None, PassOptions("hard", "none", n_farthest=3)),
+        (gmm, gmm.means, PassOptions("soft", "full", n_farthest=2)),
+    ]
+    out = [stats_pass_many(data, jobs, split_every=3)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dkm.engine.passes, "EMBED_PARAMS_BYTES", 0)  # parameters as graph keys
+        out.append(stats_pass_many(data, jobs, split_every=3))
+    out.append(summarize(data, sample_size=50, seed=3, split_every=3))
+    out.append(kmeans_parallel(data, 4, 0, n_rounds=2, split_every=3))
+    return out
+
+
+def with_nan_row():
+    Xn = X.copy()
+    Xn[7, 1] = np.nan
+    w = np.random.default_rng(1).uniform(0.5, 2.0, len(X))
+    return da.from_array(Xn, chunks=(500, -1)), da.from_array(w, chunks=500)
+
+
+def test_public_graph_format_gives_the_same_bits(monkeypatch):
+    """Without Dask's graph nodes (``dkm.engine._dask``'s fallback) the passes build the
+    public tuple format, and every pass gives the same bits."""
+    import dkm.engine._dask
+
+    Xd, wd = with_nan_row()
+    reference = every_pass(Xd, wd)
+    seen = []
+
+    def spy(dsk, keys, **kwargs):
+        seen.append([v for k, v in dsk.items() if "dkm-" in str(k)])
+        return dask.threaded.get(dsk, keys, **kwargs)
+
+    monkeypatch.setattr(dkm.engine._dask, "TASK_SPEC", False)
+    with dask.config.set(scheduler=spy):
+        public = every_pass(Xd, wd)
+    assert seen and all(type(v) is tuple for nodes in seen for v in nodes)
+    assert_same_bits(public, reference)
+
+
+@pytest.mark.distributed
+def test_public_graph_format_gives_the_same_bits_on_a_cluster(dask_processes, monkeypatch):
+    """The same on real worker processes, blocks read per pass and persisted (grouped)."""
+    from distributed import Client, wait
+
+    import dkm.engine._dask
+
+    Xd, wd = with_nan_row()
+    reference = every_pass(Xd, wd)
+    with Client(dask_processes) as client:
+        Xp, wp = client.persist([Xd, wd])
+        wait([Xp, wp])
+        assert ChunkedData.from_dask(Xp, wp).worker_groups(client) is not None
+        results = {}
+        for task_spec in (True, False):
+            monkeypatch.setattr(dkm.engine._dask, "TASK_SPEC", task_spec)
+            results[task_spec] = (every_pass(Xd, wd), every_pass(Xp, wp))
+    for task_spec, (read, persisted) in results.items():
+        assert_same_bits(read, reference, f"task_spec={task_spec}")
+        assert_same_bits(persisted, reference, f"task_spec={task_spec}, persisted")
+
+
+def test_only_one_module_imports_dask_private_api():
+    """dkm/engine/_dask.py is the only module importing Dask's private modules
+    (``dask._*``): import-linter sees external packages whole, so this test checks it."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "dkm"
+    importers = set()
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            if any(n.split(".")[0] == "dask" and "._" in n for n in names):
+                importers.add(path.relative_to(root).as_posix())
+    assert importers == {"engine/_dask.py"}

@@ -1,0 +1,100 @@
+"""Hand-built task graphs: the one module that touches Dask's private API.
+
+The passes build their graphs by hand (:mod:`dkm.engine.passes`) and name tasks and
+their arguments through :func:`task`, :func:`data` and :class:`Ref`. With Dask's graph
+nodes (``dask._task_spec``) a task keeps its keyword arguments as they are, and a graph
+goes to a distributed client as an expression whose token is already known
+(``dask._expr.LLGExpr``), which spares tokenising the whole graph again in every pass.
+Without them (a Dask that has moved or dropped them, or :data:`TASK_SPEC` set to False),
+the graph is the public format Dask documents: tuples ``(callable, *keys)`` whose keys
+the scheduler replaces by their values; the literal arguments travel inside the callable
+(a ``functools.partial``), so that none is mistaken for a key or a task. Either way a
+task calls the same function on the same values: the results are the same bits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+_Task: Any
+_TaskRef: Any
+_DataNode: Any
+_LLGExpr: Any
+try:
+    from dask._task_spec import DataNode as _DataNode
+    from dask._task_spec import Task as _Task
+    from dask._task_spec import TaskRef as _TaskRef
+except ImportError:  # pragma: no cover - a Dask without graph nodes: the public format
+    _Task = _TaskRef = _DataNode = None
+try:
+    from dask._expr import LLGExpr as _LLGExpr
+except ImportError:  # pragma: no cover - the client tokenises the dict itself
+    _LLGExpr = None
+
+#: Whether graphs are built of Dask's graph nodes (else the public tuple format). Read
+#: when a graph is built, so that a test can compare both on the same Dask.
+TASK_SPEC: bool = _Task is not None
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A task argument that is the value of another key of the graph."""
+
+    key: Hashable
+
+
+def base(graph: Mapping[Any, Any], futures: Callable[[], Mapping[Any, Any]]) -> dict[Any, Any]:
+    """A graph to add tasks to: ``graph`` and, in the public format, ``futures()`` (the
+    futures of inputs persisted on a cluster, by key): graph nodes refer to such keys
+    without them, the public format only to keys in the graph."""
+    out = dict(graph)
+    if not TASK_SPEC:
+        out.update(futures())
+    return out
+
+
+def task(key: Hashable, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """The graph node of ``func(*args, **kwargs)`` under ``key``; arguments that are
+    :class:`Ref` (at the top level, positional or keyword) take their key's value."""
+    if TASK_SPEC:
+        return _Task(
+            key,
+            func,
+            *(_TaskRef(a.key) if isinstance(a, Ref) else a for a in args),
+            **{n: _TaskRef(v.key) if isinstance(v, Ref) else v for n, v in kwargs.items()},
+        )
+    refs = [a.key for a in (*args, *kwargs.values()) if isinstance(a, Ref)]
+    return (partial(_call, func, args, kwargs), *refs)
+
+
+def data(key: Hashable, value: Any) -> Any:
+    """The graph node holding ``value`` under ``key`` (a literal, never run)."""
+    if TASK_SPEC:
+        return _DataNode(key, value)
+    return (partial(_value, value),)
+
+
+def submit(client: Any, graph: dict[Any, Any], keys: list[Any], token: str) -> Any:
+    """``client.get(graph, keys, sync=False)``: the futures of ``keys``. ``token`` must
+    name the graph (it stands for the graph's own token)."""
+    expr: Any = graph
+    if TASK_SPEC and _LLGExpr is not None:
+        expr = _LLGExpr(graph, _determ_token=token)
+    return client.get(expr, keys, sync=False)
+
+
+def _call(
+    func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], *values: Any
+) -> Any:
+    """``func`` with the :class:`Ref` arguments replaced, in order, by ``values``."""
+    it = iter(values)
+    positional = [next(it) if isinstance(a, Ref) else a for a in args]  # first: refs' order
+    keywords = {n: next(it) if isinstance(v, Ref) else v for n, v in kwargs.items()}
+    return func(*positional, **keywords)
+
+
+def _value(value: Any) -> Any:
+    return value

@@ -1,0 +1,448 @@
+"""Passes over the data: a function per row chunk, merged by a fixed tree.
+
+:func:`run_pass` is the one builder of a pass's graph: the E-step passes of the EM loop
+(:func:`stats_pass_many`), the data summary (:func:`summarize`) and k-means‖'s sampling
+passes (:mod:`dkm.kmeans_parallel`) are each a per-chunk function and what it needs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from functools import cache, partial
+from typing import Any, TypeVar
+
+import dask
+import dask.threaded
+import numpy as np
+from dask.base import get_scheduler, tokenize
+from numpy.typing import NDArray
+from threadpoolctl import ThreadpoolController
+
+from dkm._typing import Assignment, Moments
+from dkm.engine import _dask
+from dkm.engine._dask import Ref
+from dkm.engine.data import ChunkedData, NonFiniteInputError, without_nonfinite
+from dkm.errors import InvalidDataError
+from dkm.kernels import expectation as K
+from dkm.kernels.params import MixtureParams
+from dkm.reduce import tree_top
+from dkm.stats import DataSummary, Mergeable, SuffStats, merge_all, sxx_shape
+
+F64 = NDArray[np.float64]
+M = TypeVar("M", bound=Mergeable)
+
+#: Largest total size of the copies of a pass's shared inputs (parameters, origin) that
+#: its chunk tasks carry inline, one copy each; above it they are keys of the graph.
+EMBED_PARAMS_BYTES = 8 << 20
+
+#: Largest total size of the per-chunk results a grouped pass sends to the client
+#: (the chunks' own results, so that it can merge them in the tree's order).
+GROUPED_STATS_BYTES = 64 << 20
+
+
+# --------------------------------------------------------------------------- the builder
+
+
+@dataclass(frozen=True)
+class Shared:
+    """An input every chunk task of a pass receives: ``value`` as the chunk function's
+    argument ``keyword``; when it enters the graph as a key, the key is named
+    ``prefix``-token (the name the Dask dashboard shows)."""
+
+    keyword: str
+    prefix: str
+    value: Any
+
+
+def run_pass(
+    data: ChunkedData,
+    chunk: Callable[..., M],
+    *,
+    name: str,
+    merge_name: str,
+    token: str,
+    split_every: int,
+    shared: Sequence[Shared] = (),
+    shared_nbytes: int = 0,
+    result_nbytes: int | None = None,
+    held: list[Any] | None = None,
+) -> M:
+    """``chunk(X, w, row_offset=…, drop_nonfinite=…, **shared)`` on every row chunk of
+    ``data``, merged into one total: one graph, run by the current scheduler (a
+    distributed ``Client`` if one is the default, else Dask's configured or threaded
+    scheduler).
+
+    The chunk results are merged by :func:`dkm.reduce.tree_top` of fan-in
+    ``split_every``, whose root merge runs here: the client receives the (at most
+    ``split_every``) partial totals, which a root task would have fetched anyway, and
+    saves its round trip. The order of the merges depends only on the chunking, so the
+    total is the same bits on any scheduler. Keys are ``(name-token, chunk)`` and
+    ``(merge_name-token, level, j)``; ``token`` must name everything the pass computes.
+
+    The graph is built by hand on top of the blocks' graph (materialised once per
+    dataset): ``dask.compute`` on ``Delayed`` objects would re-tokenise the inputs for
+    every task and re-optimise the graph in every pass.
+
+    ``shared`` inputs travel inside every chunk task while all their copies together
+    (``shared_nbytes`` each) stay under :data:`EMBED_PARAMS_BYTES`: a worker starts a
+    task as soon as it receives it. Larger ones enter the graph once, as keys every
+    chunk task depends on, which each worker receives once per pass; but such a key is
+    fetched from one worker by the others before their first task, which is why small
+    inputs are embedded.
+
+    On a distributed cluster holding every block of X in memory, each worker thread
+    gets one task for all the blocks it holds (:meth:`ChunkedData.worker_groups`)
+    instead of one task per block and the merges: on a small machine the scheduler's
+    and the client's few milliseconds per task take CPU from the workers. The client
+    merges the chunk results in the tree's order (the same bits), so a pass is grouped
+    only when ``result_nbytes`` (of one chunk's result; None: never group) times the
+    number of chunks stays under :data:`GROUPED_STATS_BYTES`.
+
+    ``held``: a loop of passes on a distributed client keeps each pass's result futures
+    in this list until the next pass has been submitted, and releases them with
+    :func:`release_held` when it ends (see :func:`_run_on_client`); None releases them
+    at once.
+    """
+    blocks = data.block_tasks()
+    drop = data.nan_policy == "drop"
+    graph = _dask.base(data.block_graph, data.block_futures)
+    inputs: dict[str, Any] = {}
+    if shared_nbytes * len(blocks) <= EMBED_PARAMS_BYTES:
+        fn: Callable[..., M] = partial(chunk, **{s.keyword: s.value for s in shared})
+    else:
+        fn = chunk
+        for s in shared:
+            shared_key = f"{s.prefix}-{token}"
+            graph[shared_key] = _dask.data(shared_key, s.value)
+            inputs[s.keyword] = Ref(shared_key)
+    schedule = get_scheduler() or dask.threaded.get
+    client = getattr(schedule, "__self__", None)
+    on_client = is_client(client)
+    groups = None
+    if (
+        on_client
+        and len(blocks) > 1
+        and result_nbytes is not None
+        and result_nbytes * len(blocks) <= GROUPED_STATS_BYTES
+    ):
+        groups = data.worker_groups(client)
+    if groups is not None:
+        # the grouping is part of the keys: a key never names two different tasks
+        gtoken = tokenize(token, groups)
+        keys = []
+        for g, members in enumerate(groups):
+            key = (f"{name}-{gtoken}", g)
+            refs = [ref for i in members for ref in (Ref(blocks[i][0].key), _ref(blocks[i][1]))]
+            offsets = tuple(blocks[i][2] for i in members)
+            graph[key] = _dask.task(key, _chunks, fn, offsets, *refs, drop_nonfinite=drop, **inputs)
+            keys.append(key)
+        with _blas_limit(len(blocks)):  # as the ungrouped pass: the same BLAS, the same bits
+            grouped = _run_on_client(client, graph, keys, gtoken, held)
+        per_chunk: list[Any] = [None] * len(blocks)
+        for members, results in zip(groups, grouped, strict=True):
+            for i, result in zip(members, results, strict=True):
+                per_chunk[i] = result
+        # the tree of the ungrouped pass, merged here: the same order, the same bits
+        top = tree_top(per_chunk, split_every, "", lambda group, _key: merge_all(group))
+        return merge_all(top)
+    tasks = []
+    for i, (xb, wb, off) in enumerate(blocks):
+        key = (f"{name}-{token}", i)
+        graph[key] = _dask.task(
+            key, fn, Ref(xb.key), _ref(wb), row_offset=off, drop_nonfinite=drop, **inputs
+        )
+        tasks.append(key)
+
+    def merge(group: list[Any], key: tuple[str, int, int]) -> Any:
+        graph[key] = _dask.task(key, _merge_args, *(Ref(k) for k in group))
+        return key
+
+    top = tree_top(tasks, split_every, f"{merge_name}-{token}", merge)
+    with _blas_limit(len(tasks)):
+        if on_client:
+            parts = _run_on_client(client, graph, top, token, held)
+        else:
+            parts = schedule(graph, top)
+    return merge_all(parts)
+
+
+def _chunks(
+    chunk: Callable[..., M], offsets: tuple[int, ...], *blocks: Any, **kwargs: Any
+) -> tuple[M, ...]:
+    """``chunk`` of several chunks in one task: blocks are (X, weights or None) pairs."""
+    return tuple(
+        chunk(blocks[2 * j], blocks[2 * j + 1], row_offset=offset, **kwargs)
+        for j, offset in enumerate(offsets)
+    )
+
+
+def _ref(block: Any) -> Ref | None:
+    return None if block is None else Ref(block.key)
+
+
+def _merge_args(*parts: Any) -> Any:
+    return merge_all(parts)
+
+
+def is_client(obj: Any) -> bool:
+    """Whether ``obj`` is a ``distributed.Client``."""
+    from distributed import Client  # imported when a pass runs, not with dkm.engine
+
+    return isinstance(obj, Client)
+
+
+def _run_on_client(
+    client: Any, graph: dict[Any, Any], keys: list[Any], token: str, held: list[Any] | None
+) -> list[Any]:
+    """``client.get(graph, keys)``, with the messages of consecutive passes in order.
+
+    A client sends the scheduler its messages in batches at most one per 10 ms, and the
+    scheduler its workers theirs one per 5 ms (``BatchedSend``, intervals fixed in
+    distributed). ``client.get`` releases a pass's results as soon as it has them: that
+    message left alone and started the interval, so the next pass's graph, submitted a
+    few milliseconds later, waited for the rest of it, and the scheduler's release of
+    the results to the workers held up the next pass's tasks in the same way. With
+    ``held``, the previous pass's futures are dropped only after this pass is
+    submitted. ``token`` must name the graph (:func:`dkm.engine._dask.submit`).
+    """
+    futures = _dask.submit(client, graph, keys, token)
+    if held is not None:
+        previous, held[:] = held[:], [futures]
+        release_held(previous)  # the previous pass's results, now that this one is submitted
+    try:
+        results: list[Any] = client.gather(futures)
+    finally:
+        if held is None:
+            release_held([futures])
+    return results
+
+
+def release_held(held: list[Any]) -> None:
+    """Release the futures in ``held`` (lists of them) and empty it: explicitly, as
+    ``client.get`` does, not when the garbage collector gets to them."""
+    for futures in held:
+        for future in futures:
+            future.release()
+    held.clear()
+
+
+def _blas_limit(n_tasks: int) -> AbstractContextManager[Any]:
+    """One BLAS thread per task while several chunk tasks run at once in this process.
+
+    Dask's threaded scheduler runs one task per core; each GEMM would otherwise start
+    its own pool of BLAS threads on the same cores (oversubscription). A lone chunk
+    keeps BLAS's own threads. Workers of a
+    ``distributed`` cluster are separate processes that Dask already starts with one
+    BLAS thread each; the limit set here does not reach them.
+    """
+    if n_tasks < 2:
+        return nullcontext()
+    return one_blas_thread()
+
+
+def one_blas_thread() -> AbstractContextManager[Any]:
+    """BLAS on one thread in this process, within the ``with`` block."""
+    return _blas_controller().limit(limits=1, user_api="blas")
+
+
+@cache
+def _blas_controller() -> ThreadpoolController:
+    """The process's thread pools, found once: ``threadpool_limits`` searches the loaded
+    libraries on every call; by the first pass NumPy's and SciPy's BLAS are loaded (the
+    kernels import both)."""
+    return ThreadpoolController()
+
+
+# --------------------------------------------------------------------------- E-step
+
+
+@dataclass(frozen=True)
+class PassOptions:
+    """What one E-step pass computes."""
+
+    assignment: Assignment
+    moments: Moments
+    n_farthest: int = 0
+    #: k-means: ``(fit, model)`` under which the chunks' Hamerly bounds are kept between
+    #: this fit's passes (:mod:`dkm.kernels.bounds`); None searches every row.
+    bounds: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class StackedStats:
+    """The statistics of several models from one chunk: merged model by model.
+
+    Merging is elementwise, in the order the tree gives, so each model's total is
+    bit for bit what a pass for that model alone would have produced.
+    """
+
+    parts: tuple[SuffStats, ...]
+
+    def merge(self, other: StackedStats) -> StackedStats:
+        return StackedStats(tuple(a.merge(b) for a, b in zip(self.parts, other.parts, strict=True)))
+
+
+#: One model's share of a pass: parameters (centred), moment shift, what to compute.
+PassJob = tuple[MixtureParams, F64 | None, PassOptions]
+
+
+def _estep_chunk_many(
+    X: NDArray[Any],
+    w: NDArray[Any] | None,
+    jobs: Sequence[PassJob],
+    origin: F64,
+    row_offset: int,
+    drop_nonfinite: bool = False,
+) -> StackedStats:
+    """The E-step of every model in ``jobs`` on one chunk, read once.
+
+    The kernels centre each row block on ``origin`` as they read it (in cache), rather
+    than the chunk being copied whole, centred, every pass.
+    """
+    if drop_nonfinite:
+        X, w, _ = without_nonfinite(X, w, origin)
+    out = []
+    for params, shift, options in jobs:
+        out.append(
+            K.estep(
+                X,
+                params,
+                assignment=options.assignment,
+                moments=options.moments,
+                shift=shift,
+                sample_weight=w,
+                n_farthest=options.n_farthest,
+                row_offset=row_offset,
+                origin=origin,
+                bounds_key=None if options.bounds is None else (*options.bounds, row_offset),
+            )
+        )
+    return StackedStats(tuple(out))
+
+
+def stats_pass(
+    data: ChunkedData,
+    params: MixtureParams,
+    options: PassOptions,
+    *,
+    shift: F64 | None = None,
+    split_every: int = 8,
+) -> SuffStats:
+    """One E-step over all chunks, reduced to totals: a single ``compute``."""
+    (total,) = stats_pass_many(data, [(params, shift, options)], split_every=split_every)
+    return total
+
+
+def stats_pass_many(
+    data: ChunkedData,
+    jobs: Sequence[PassJob],
+    *,
+    split_every: int = 8,
+    held: list[Any] | None = None,
+) -> list[SuffStats]:
+    """One E-step pass over all chunks for several models at once, reduced to totals.
+
+    Each chunk task reads its chunk once and runs the E-step of every model in ``jobs``
+    (restarts, candidate numbers of clusters); the tree merges the stacked statistics
+    model by model, so each model's totals are those of a pass for it alone. The
+    parameters and the origin are the pass's shared inputs, and a pass on a cluster
+    holding the data may run grouped (:func:`run_pass`; ``held`` as there).
+    """
+    if not jobs:
+        return []
+    token = tokenize(
+        data.X.name,
+        [(p.means, p.precisions_cholesky, p.weights, s, o) for p, s, o in jobs],
+        data.origin,
+        split_every,
+        data.nan_policy,
+    )
+    total = run_pass(
+        data,
+        _estep_chunk_many,
+        name="dkm-estep",
+        merge_name="dkm-merge",
+        token=token,
+        split_every=split_every,
+        shared=(
+            Shared("jobs", "dkm-params", tuple(jobs)),
+            Shared("origin", "dkm-origin", data.origin),
+        ),
+        shared_nbytes=data.origin.nbytes + sum(_params_nbytes(p, s) for p, s, _ in jobs),
+        result_nbytes=sum(_stats_nbytes(p, o) for p, _, o in jobs),
+        held=held,
+    )
+    return list(total.parts)
+
+
+def _params_nbytes(params: MixtureParams, shift: F64 | None) -> int:
+    arrays = (params.means, params.weights, params.precisions_cholesky, shift)
+    return sum(a.nbytes for a in arrays if a is not None)
+
+
+def _stats_nbytes(params: MixtureParams, options: PassOptions) -> int:
+    k, d = params.n_components, params.n_features
+    sxx = sxx_shape(options.moments, k, d)
+    return 8 * (k + k * d + (math.prod(sxx) if sxx else 0) + options.n_farthest * (d + 4))
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def _summary_chunk(
+    X: NDArray[Any],
+    w: NDArray[Any] | None,
+    row_offset: int,
+    sample_size: int,
+    seed: int,
+    drop_nonfinite: bool = False,
+) -> DataSummary:
+    weights = np.ones(X.shape[0]) if w is None else w
+    return DataSummary.from_chunk(X, weights, row_offset, sample_size, seed, drop_nonfinite)
+
+
+def summarize(
+    data: ChunkedData, *, sample_size: int, seed: int, split_every: int = 8
+) -> DataSummary:
+    """One pass: counts, mean, variance, a weighted sample, and input checks.
+
+    Raises ValueError naming the first offending row for non-finite values or
+    negative/non-finite weights, and for data without positive total weight.
+    """
+    weights_name = None if data.weights is None else data.weights.name
+    token = tokenize(data.X.name, weights_name, sample_size, seed, data.nan_policy)
+    summary = run_pass(
+        data,
+        partial(_summary_chunk, sample_size=sample_size, seed=seed),
+        name="dkm-summary",
+        merge_name="dkm-summary-merge",
+        token=token,
+        split_every=split_every,
+    )
+    if summary.n_nonfinite and data.nan_policy != "drop":
+        chunk = int(
+            np.searchsorted(np.cumsum(data.X.chunks[0]), summary.first_nonfinite_row, side="right")
+        )
+        raise NonFiniteInputError(summary.n_nonfinite, (summary.first_nonfinite_row,), chunk)
+    if summary.n_bad_weights:
+        raise InvalidDataError(
+            f"sample_weight has {summary.n_bad_weights} negative or non-finite value(s), "
+            f"the first at row {summary.first_bad_weight_row}; weights must be finite and >= 0."
+        )
+    if summary.count and summary.weight <= 0:
+        raise InvalidDataError(
+            "sample_weight sums to zero: at least one point needs positive weight"
+        )
+    if data.X.dtype == np.float32:
+        # squared distances are summed over features in float32: keep them finite
+        limit = float(np.sqrt(np.finfo(np.float32).max / (4 * data.n_features)))
+        if summary.max_abs > limit:
+            raise InvalidDataError(
+                f"Input X holds values up to {summary.max_abs:.3g}: squared distances of "
+                f"float32 data that large overflow (the limit here is {limit:.3g}). Use "
+                "float64 data (data.dtype: float64 in a config) or scale the features."
+            )
+    return summary
