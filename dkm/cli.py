@@ -67,6 +67,11 @@ def handle_errors(fn: F) -> F:
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def main(debug: bool) -> None:
     """k-means and Gaussian mixtures on Dask, from one YAML config."""
+    # distributed sets up its own logging when first imported: its loggers' handler, which
+    # an embedded cluster silences, and no propagation to the root. Imported after the
+    # root's handler below, its INFO lines would reach the root's handler, past --quiet.
+    import distributed  # noqa: F401
+
     logging.basicConfig(level=logging.WARNING)
     # Batch schedulers stop jobs with SIGTERM: unwind like Ctrl-C, so temporary outputs
     # are removed and the previous output stays in place.

@@ -86,6 +86,9 @@ def test_run_predict_info_validate(workdir):
     assert "ok" in out.stdout
     run = dkm_cmd("run", "km.yaml", cwd=workdir)
     assert "dashboard" in run.stderr and "iteration" in run.stderr
+    # the dashboard link is the first line; distributed's own INFO lines are not shown
+    assert run.stderr.splitlines()[0].split(" ", 1)[1].startswith("dashboard http://")
+    assert "INFO" not in run.stderr, run.stderr[:2000]
     outdir = workdir / "out"
     summary = json.loads((outdir / "summary.json").read_text())
     assert summary["n_samples"] == 20000 and summary["mode"] == "kmeans"
@@ -463,3 +466,11 @@ def test_every_error_the_user_can_fix_is_a_user_error():
         dkm.errors.InvalidDataError,
     ]:
         assert issubclass(cls, dkm.errors.UserError), cls
+
+
+def test_quiet_run_prints_nothing(workdir):
+    """-q: nothing at all on stdout or stderr, distributed's INFO lines included."""
+    write_config(workdir / "quiet.yaml", output={"path": "out-quiet"})
+    run = dkm_cmd("run", "quiet.yaml", "-q", cwd=workdir)
+    assert run.stdout == "" and run.stderr == "", run.stderr[:2000]
+    assert (workdir / "out-quiet" / "summary.json").exists()
