@@ -1690,6 +1690,15 @@ def claim_output(
     write) is refused whatever ``overwrite`` says. Then :func:`check_writable` creates
     missing parent directories and writes a probe where the output will go.
     """
+    existing = _refuse_unless_allowed(url, overwrite, storage_options, hint)
+    check_writable(url, storage_options=storage_options, create_parents=True)
+    return existing
+
+
+def _refuse_unless_allowed(
+    url: str, overwrite: bool, storage_options: dict[str, Any] | None, hint: str
+) -> ExistingOutput:
+    """What is at ``url``, if dkm may write there; else :class:`OutputExistsError`."""
     existing = inspect_output(url, storage_options=storage_options)
     if existing.state == "dkm" and not overwrite:
         raise OutputExistsError(
@@ -1701,7 +1710,6 @@ def claim_output(
             "read-only": "dkm does not replace it: make it writable or choose another path",
         }.get(existing.state, "dkm never replaces what it did not write: choose another path")
         raise OutputExistsError(f"cannot write {url}: it is {existing.what}; {advice}")
-    check_writable(url, storage_options=storage_options, create_parents=True)
     return existing
 
 
@@ -1800,13 +1808,15 @@ class AtomicOutput:
         self.temporary = _join(parent, f".{name}.tmp-{token}")
         self._old = _join(parent, f".{name}.old-{token}")
 
-    def _claim(self) -> None:
+    def _recheck(self) -> None:
+        """Before the rename: refuse what is there now if dkm may not replace it (the
+        location was probed on entry)."""
+        _refuse_unless_allowed(self.url, self.overwrite, self.storage_options, self.hint)
+
+    def __enter__(self) -> str:
         claim_output(
             self.url, overwrite=self.overwrite, storage_options=self.storage_options, hint=self.hint
         )
-
-    def __enter__(self) -> str:
-        self._claim()
         if self._local:
             os.mkdir(self.temporary)
         return self.temporary
@@ -1850,7 +1860,7 @@ class AtomicOutput:
             if entries is not None:
                 with open(os.path.join(self.temporary, OUTPUT_MARKER), "wb") as f:
                     f.write(self._manifest(entries))
-            self._claim()  # what is there may have changed while the output was written
+            self._recheck()  # what is there may have changed while the output was written
             if os.path.lexists(self.target):
                 os.replace(self.target, self._old)
                 try:
@@ -1869,7 +1879,7 @@ class AtomicOutput:
             return
         entries = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(tmp, detail=False)]
         fs.pipe_file(f"{tmp.rstrip('/')}/{OUTPUT_MARKER}", self._manifest(entries))
-        self._claim()
+        self._recheck()
         if fs.exists(target):
             fs.mv(target, old, recursive=True)
             try:

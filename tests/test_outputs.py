@@ -248,3 +248,19 @@ def test_config_key_overwrite_is_the_flag(command, tmp_path, inputs):
     code, output = dkm(*args, "--set", "output.overwrite=true")
     assert code == 2 and "notes.txt" in output
     assert (target / "notes.txt").read_text() == "mine\n"
+
+
+def test_remove_deletes_only_what_dkm_wrote(tmp_path):
+    """io.remove (a finished run's checkpoint) leaves anything else at the path as it was."""
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine\n")
+    (tmp_path / "file").write_bytes(b"precious\n")
+    before = snapshot(tmp_path)
+    io.remove(str(foreign))
+    io.remove(str(tmp_path / "file"))
+    assert snapshot(tmp_path) == before
+    with io.AtomicOutput(str(tmp_path / "ours")) as tmp:
+        (Path(tmp) / "a.txt").write_text("dkm's\n")
+    io.remove(str(tmp_path / "ours"))
+    assert not (tmp_path / "ours").exists() and snapshot(tmp_path) == before
