@@ -368,6 +368,56 @@ class ReclusterResult:
     summary: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class _Previous:
+    """The registry's current version when the run starts: its number, its model and the
+    statistics saved with it (all ``None`` without a current version; ``statistics``
+    also when the version has none and the run does not need them)."""
+
+    version: int | None
+    model: Model | None
+    statistics: io.ModelStatistics | None
+
+    @property
+    def name(self) -> str:
+        return "none" if self.version is None else f"v{self.version}"
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What a reclustering run works from: the config, the registry, its current version,
+    the new data, the mode (``first``, ``refit`` or ``update``) and the job."""
+
+    config: JobConfig
+    registry: Registry
+    rcfg: RegistryConfig
+    previous: _Previous
+    points: io.Points
+    mode: str
+    job_id: str
+    config_source: str | None
+
+
+@dataclass(frozen=True)
+class _Fitted:
+    """The run's new model: the estimator, the statistics saved with it, the new data's
+    statistics under the current model (``None`` on a first run) and under the new one,
+    the rows dropped, the iterations and the fit's seconds."""
+
+    estimator: Model
+    saved: io.ModelStatistics
+    old_pass: io.ModelStatistics | None
+    new_pass: io.ModelStatistics
+    n_dropped: int
+    n_iter: int
+    seconds: float
+
+    @property
+    def objective(self) -> float:
+        """The new model's objective on the new data."""
+        return objective_of(self.new_pass.stats, self.estimator.mixture_.kmeans)
+
+
 def _registry(config: JobConfig) -> tuple[Registry, RegistryConfig]:
     if config.registry is None:
         raise ConfigError(
@@ -421,7 +471,39 @@ def _recluster(
     config_source: str | None,
     job_id: str,
 ) -> ReclusterResult:
+    """Check and claim, load the current version, open the data, fit (a refit or the
+    update), compare with the current model, store the version, promote and prune."""
     t_start = time.perf_counter()
+    registry, rcfg = _open_registry(config)
+    previous = _load_previous(registry, rcfg, update)
+    points = open_data(config)
+    mode = "first" if previous.model is None else ("update" if update else "refit")
+    run = _Run(config, registry, rcfg, previous, points, mode, job_id, config_source)
+    if previous.model is not None:
+        d = int(points.X.shape[1])
+        _check_compatible(previous.model, config, d, f"{previous.name} of {registry}")
+    progress.event(
+        "recluster",
+        f"{mode}: registry {registry}, current {previous.name}; data: {points.description}",
+    )
+    with connect(config.cluster) as client:
+        announce(progress, client, job_id, **describe(config, points, config_source))
+        X, weights = points.X, points.weights
+        if should_persist(config.runtime.persist, X, cluster_memory(client)):
+            X, weights = dask.persist(X, weights)
+        fit = (_update if mode == "update" else _refit)(run, X, weights, progress)
+        drift, reasons = _compare(run, fit, X)
+    summary = _summary(run, fit, reasons)
+    version = _store(run, fit, summary, drift, progress)
+    current, pruned = _promote_and_prune(run, version, promote=not reasons)
+    summary["total_seconds"] = time.perf_counter() - t_start
+    _announce_end(run, version, summary, pruned, progress)
+    return ReclusterResult(version, not reasons, reasons, mode, current, summary)
+
+
+def _open_registry(config: JobConfig) -> tuple[Registry, RegistryConfig]:
+    """The config's registry, after the checks that need no data: one k, the output
+    claimed, the registry writable."""
     registry, rcfg = _registry(config)
     if not isinstance(config.model.n_clusters, int):
         raise ConfigError(
@@ -433,186 +515,57 @@ def _recluster(
         out.path, overwrite=out.overwrite, storage_options=out.storage_options, hint=OVERWRITE_HINT
     )
     registry.check_writable()
+    return registry, rcfg
+
+
+def _load_previous(registry: Registry, rcfg: RegistryConfig, update: bool) -> _Previous:
+    """The current version's model and, when an update needs them or they were saved,
+    its statistics."""
     current = registry.current()
-    old: Model | None = None
-    old_saved: io.ModelStatistics | None = None
-    if current is not None:
-        url = registry.model_url(current)
-        old = io.load_model(url, storage_options=rcfg.storage_options)
-        if update or io.has_model_statistics(url, storage_options=rcfg.storage_options):
-            old_saved = io.load_model_statistics(url, storage_options=rcfg.storage_options)
-    points = open_data(config)
-    if old is not None:
-        _check_compatible(old, config, int(points.X.shape[1]), f"v{current} of {registry}")
-    mode = "first" if old is None else ("update" if update else "refit")
-    progress.event(
-        "recluster",
-        f"{mode}: registry {registry}, current "
-        f"{'none' if current is None else f'v{current}'}; data: {points.description}",
-    )
+    if current is None:
+        return _Previous(None, None, None)
+    url, options = registry.model_url(current), rcfg.storage_options
+    model = io.load_model(url, storage_options=options)
+    statistics = None
+    if update or io.has_model_statistics(url, storage_options=options):
+        statistics = io.load_model_statistics(url, storage_options=options)
+    return _Previous(current, model, statistics)
+
+
+def _refit(run: _Run, X: Any, weights: Any, progress: Progress) -> _Fitted:
+    """A full fit: from the config's ``init`` on a first run, else warm-started from the
+    current model (one init); then, in one pass, the new model's statistics (to save)
+    and the current model's (for the drift report)."""
+    t_fit = time.perf_counter()
+    config, old = run.config, run.previous.model
     split_every = config.runtime.split_every
-    m = config.model
-    with connect(config.cluster) as client:
-        announce(progress, client, job_id, **describe(config, points, config_source))
-        X, weights = points.X, points.weights
-        if should_persist(config.runtime.persist, X, cluster_memory(client)):
-            X, weights = dask.persist(X, weights)
-        t_fit = time.perf_counter()
-        n_dropped = 0
-        if old is None or not update:
-            model_cfg = m if old is None else m.model_copy(update={"n_init": 1})
-            # with a current model: a warm start from it
-            est = build_estimator(model_cfg, split_every, progress, config.data.nan_policy, old)
-            est.fit(X, sample_weight=weights)
-            n_dropped = int(est.n_dropped_)
-            data = ChunkedData.from_dask(X, weights, config.data.nan_policy).with_origin(
-                est.mixture_.origin
-            )
-            models = [est.mixture_] if old is None else [est.mixture_, old.mixture_]
-            passes = statistics_pass(data, models, split_every=split_every)
-            saved = new_stats = passes[0]
-            old_pass = passes[1] if old is not None else None
-            n_iter = int(est.n_iter_)
-        else:
-            assert old_saved is not None
-            est, saved, old_pass, new_stats, n_dropped = _update(
-                config, old, old_saved, X, weights, t_fit
-            )
-            n_iter = 1
-            progress(est.history_[0])
-        fit_seconds = time.perf_counter() - t_fit
-        kmeans = est.mixture_.kmeans
-        new_objective = objective_of(new_stats.stats, kmeans)
-        drift: dict[str, Any] | None = None
-        reasons: list[str] = []
-        if old is not None:
-            assert old_pass is not None
-            sample = sample_rows(X, rcfg.churn_sample, seed=m.seed or 0)
-            (sample_np,) = dask.compute(sample)
-            sample_np = np.asarray(sample_np)
-            labels_old = np.asarray(old.predict(sample_np)) if len(sample_np) else np.empty(0, int)
-            labels_new = np.asarray(est.predict(sample_np)) if len(sample_np) else np.empty(0, int)
-            ref = old_saved.stats if old_saved is not None else old_pass.stats
-            drift = drift_report(
-                old,
-                est,
-                old_weights=ref.nk / ref.n,
-                new_weights=saved.stats.nk / saved.stats.n,
-                old_scales=component_scales(old, ref),
-                sample_old_labels=labels_old.astype(np.int64),
-                sample_new_labels=labels_new.astype(np.int64),
-                objective_old=objective_of(old_pass.stats, kmeans),
-                objective_new=new_objective,
-                threshold=rcfg.drift_threshold,
-            )
-            reasons = check_guards(drift, rcfg.guards, old.mixture_.n_components)
-    promote = not reasons
-    decision = "first" if old is None else ("promoted" if promote else "refused")
-    summary = {
-        "dkm_version": __version__,
-        "job": job_id,
-        "registry": str(registry),
-        "mode": mode,
-        "decision": decision,
-        "reasons": reasons,
-        "parent": current,
-        "model": _describe(est),
-        "data": points.description,
-        "data_fingerprint": points.fingerprint,
-        "n_samples": int(points.X.shape[0]),
-        "dropped_rows": n_dropped,
-        "n_iter": n_iter,
-        "objective_name": est.mixture_.objective_name,
-        "objective": new_objective,
-        "statistics_updates": saved.updates,
-        "half_life": rcfg.half_life if mode == "update" else None,
-        "fit_seconds": fit_seconds,
-    }
-
-    def write_outputs(target: str, storage_options: dict[str, Any] | None) -> None:
-        fs_write = io.text_writer(target, storage_options=storage_options)
-        fs_write("summary.json", json.dumps(summary, indent=2) + "\n")
-        fs_write("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in progress.records))
-        if drift is not None:
-            fs_write("drift.json", json.dumps(drift, indent=2) + "\n")
-            with io.local_dir(target, storage_options=storage_options) as local:
-                write_drift_png(
-                    f"{local}/drift.png",
-                    drift,
-                    f"{registry.name}: current v{current} → new model ({mode})",
-                )
-
-    def write_version(tmp: str) -> None:
-        io.save_model(
-            est,
-            f"{tmp}/model",
-            metadata=model_metadata(
-                config, config_source, points, job_id, recluster=mode, parent=current
-            ),
-            storage_options=rcfg.storage_options,
-            statistics=saved,
-        )
-        write_outputs(tmp, rcfg.storage_options)
-
-    info = {
-        "decision": decision,
-        "mode": mode,
-        "parent": current,
-        "reasons": reasons,
-        "objective_name": summary["objective_name"],
-        "objective": new_objective,
-        "data": points.description,
-        "data_fingerprint": points.fingerprint,
-        "dkm_version": __version__,
-        "config_source": config_source,
-        "moved": None if drift is None else drift["moved"],
-        "model": _describe(est),
-    }
-    version = registry.add_version(write_version, info)
-    summary["version"] = version.number
-    try:
-        with output_writer(config, "recluster") as tmp:
-            write_outputs(tmp, out.storage_options)
-    except BaseException:
-        registry.remove_version(version.number)  # a failed run adds no version
-        raise
-    if promote:
-        registry.promote(version.number)
-    pruned = registry.prune(rcfg.keep)
-    now_current = registry.current()
-    summary["total_seconds"] = time.perf_counter() - t_start
-    if pruned:
-        progress.event("prune", f"removed versions {', '.join(f'v{p}' for p in pruned)}")
-    if promote:
-        progress.event(
-            "done",
-            f"v{version.number} is current ({mode}); wrote {out.path}",
-            **_ended(summary, out.path),
-        )
-    else:
-        progress.event(
-            "refused",
-            f"v{version.number} kept as a candidate; v{current} stays current: "
-            + "; ".join(reasons),
-            **_ended(summary, out.path),
-        )
-    return ReclusterResult(version.number, promote, reasons, mode, now_current, summary)
+    model_cfg = config.model if old is None else config.model.model_copy(update={"n_init": 1})
+    est = build_estimator(model_cfg, split_every, progress, config.data.nan_policy, old)
+    est.fit(X, sample_weight=weights)
+    data = ChunkedData.from_dask(X, weights, config.data.nan_policy).with_origin(
+        est.mixture_.origin
+    )
+    models = [est.mixture_] if old is None else [est.mixture_, old.mixture_]
+    passes = statistics_pass(data, models, split_every=split_every)
+    return _Fitted(
+        est,
+        saved=passes[0],
+        old_pass=passes[1] if old is not None else None,
+        new_pass=passes[0],
+        n_dropped=int(est.n_dropped_),
+        n_iter=int(est.n_iter_),
+        seconds=time.perf_counter() - t_fit,
+    )
 
 
-def _update(
-    config: JobConfig,
-    old: Model,
-    old_saved: io.ModelStatistics,
-    X: Any,
-    weights: Any,
-    t_fit: float,
-) -> tuple[Model, io.ModelStatistics, io.ModelStatistics, io.ModelStatistics, int]:
+def _update(run: _Run, X: Any, weights: Any, progress: Progress) -> _Fitted:
     """The incremental update: the new data's statistics under the current model merged
-    into its saved ones, one M-step. Returns the new model (one iteration, objectives on
-    the new data), the statistics to save, the passes under the old and the new model,
-    and the rows dropped."""
-    m, rcfg, split_every = config.model, config.registry, config.runtime.split_every
-    assert rcfg is not None
+    into its saved ones (decayed by the half-life), one M-step. The new model has one
+    iteration, with the objectives of the old and the new model on the new data."""
+    t_fit = time.perf_counter()
+    config, old, old_saved = run.config, run.previous.model, run.previous.statistics
+    assert old is not None and old_saved is not None
+    m, split_every = config.model, config.runtime.split_every
     current = old.mixture_
     data = ChunkedData.from_dask(X, weights, config.data.nan_policy).with_origin(current.origin)
     # the checks of a fit (NaN/inf rows, bad weights) before the data counts
@@ -620,7 +573,7 @@ def _update(
     n_dropped = int(checked.n_nonfinite)
     k = current.n_components
     (old_pass,) = statistics_pass(data, [current], n_farthest=k, split_every=split_every)
-    saved = merge_statistics(old_saved, old_pass, decay_factor(rcfg.half_life))
+    saved = merge_statistics(old_saved, old_pass, decay_factor(run.rcfg.half_life))
     params, cov = model_from_statistics(
         saved, current, reg_covar=m.reg_covar, on_degenerate=m.on_degenerate
     )
@@ -643,7 +596,178 @@ def _update(
         covariances=cov,
         n_dropped=n_dropped,
     )
-    return est, saved, old_pass, new_stats, n_dropped
+    progress(est.history_[0])
+    return _Fitted(
+        est, saved, old_pass, new_stats, n_dropped, n_iter=1, seconds=time.perf_counter() - t_fit
+    )
+
+
+def _compare(run: _Run, fit: _Fitted, X: Any) -> tuple[dict[str, Any] | None, list[str]]:
+    """The drift report of the current model against the new one and the guards' reasons
+    to refuse the new one (none on a first run)."""
+    old, old_pass = run.previous.model, fit.old_pass
+    if old is None:
+        return None, []
+    assert old_pass is not None
+    est, rcfg = fit.estimator, run.rcfg
+    sample = sample_rows(X, rcfg.churn_sample, seed=run.config.model.seed or 0)
+    (sample_np,) = dask.compute(sample)
+    sample_np = np.asarray(sample_np)
+    labels_old = np.asarray(old.predict(sample_np)) if len(sample_np) else np.empty(0, int)
+    labels_new = np.asarray(est.predict(sample_np)) if len(sample_np) else np.empty(0, int)
+    # the weights the current model was fitted with: its saved statistics, if any
+    ref = run.previous.statistics.stats if run.previous.statistics is not None else old_pass.stats
+    drift = drift_report(
+        old,
+        est,
+        old_weights=ref.nk / ref.n,
+        new_weights=fit.saved.stats.nk / fit.saved.stats.n,
+        old_scales=component_scales(old, ref),
+        sample_old_labels=labels_old.astype(np.int64),
+        sample_new_labels=labels_new.astype(np.int64),
+        objective_old=objective_of(old_pass.stats, est.mixture_.kmeans),
+        objective_new=fit.objective,
+        threshold=rcfg.drift_threshold,
+    )
+    return drift, check_guards(drift, rcfg.guards, old.mixture_.n_components)
+
+
+def _summary(run: _Run, fit: _Fitted, reasons: list[str]) -> dict[str, Any]:
+    """``summary.json`` without the version number and the total seconds (added once
+    known)."""
+    est, points = fit.estimator, run.points
+    decision = "first" if run.previous.model is None else ("refused" if reasons else "promoted")
+    return {
+        "dkm_version": __version__,
+        "job": run.job_id,
+        "registry": str(run.registry),
+        "mode": run.mode,
+        "decision": decision,
+        "reasons": reasons,
+        "parent": run.previous.version,
+        "model": _describe(est),
+        "data": points.description,
+        "data_fingerprint": points.fingerprint,
+        "n_samples": int(points.X.shape[0]),
+        "dropped_rows": fit.n_dropped,
+        "n_iter": fit.n_iter,
+        "objective_name": est.mixture_.objective_name,
+        "objective": fit.objective,
+        "statistics_updates": fit.saved.updates,
+        "half_life": run.rcfg.half_life if run.mode == "update" else None,
+        "fit_seconds": fit.seconds,
+    }
+
+
+def _store(
+    run: _Run,
+    fit: _Fitted,
+    summary: dict[str, Any],
+    drift: dict[str, Any] | None,
+    progress: Progress,
+) -> int:
+    """The new version in the registry (model, statistics and outputs), then the outputs
+    at ``output.path``, which also carry the version's number; the version is removed
+    again if they cannot be written. Returns the version's number."""
+    rcfg, config = run.rcfg, run.config
+
+    def write_version(tmp: str) -> None:
+        io.save_model(
+            fit.estimator,
+            f"{tmp}/model",
+            metadata=model_metadata(
+                config,
+                run.config_source,
+                run.points,
+                run.job_id,
+                recluster=run.mode,
+                parent=run.previous.version,
+            ),
+            storage_options=rcfg.storage_options,
+            statistics=fit.saved,
+        )
+        _write_outputs(run, tmp, rcfg.storage_options, summary, drift, progress)
+
+    version = run.registry.add_version(write_version, _version_info(run, summary, drift)).number
+    summary["version"] = version
+    try:
+        with output_writer(config, "recluster") as tmp:
+            _write_outputs(run, tmp, config.output.storage_options, summary, drift, progress)
+    except BaseException:
+        run.registry.remove_version(version)  # a failed run adds no version
+        raise
+    return version
+
+
+def _version_info(
+    run: _Run, summary: dict[str, Any], drift: dict[str, Any] | None
+) -> dict[str, Any]:
+    """What the registry records about the version (``dkm models`` lists it)."""
+    return {
+        "decision": summary["decision"],
+        "mode": run.mode,
+        "parent": run.previous.version,
+        "reasons": summary["reasons"],
+        "objective_name": summary["objective_name"],
+        "objective": summary["objective"],
+        "data": run.points.description,
+        "data_fingerprint": run.points.fingerprint,
+        "dkm_version": __version__,
+        "config_source": run.config_source,
+        "moved": None if drift is None else drift["moved"],
+        "model": summary["model"],
+    }
+
+
+def _write_outputs(
+    run: _Run,
+    target: str,
+    storage_options: dict[str, Any] | None,
+    summary: dict[str, Any],
+    drift: dict[str, Any] | None,
+    progress: Progress,
+) -> None:
+    """The summary, the metrics and, after a current model, the drift report and figure."""
+    fs_write = io.text_writer(target, storage_options=storage_options)
+    fs_write("summary.json", json.dumps(summary, indent=2) + "\n")
+    fs_write("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in progress.records))
+    if drift is not None:
+        fs_write("drift.json", json.dumps(drift, indent=2) + "\n")
+        with io.local_dir(target, storage_options=storage_options) as local:
+            write_drift_png(
+                f"{local}/drift.png",
+                drift,
+                f"{run.registry.name}: current {run.previous.name} → new model ({run.mode})",
+            )
+
+
+def _promote_and_prune(run: _Run, version: int, *, promote: bool) -> tuple[int | None, list[int]]:
+    """The version made current if it may be, then the old versions beyond
+    ``registry.keep`` removed; the current version after that and the removed ones."""
+    if promote:
+        run.registry.promote(version)
+    pruned = run.registry.prune(run.rcfg.keep)
+    return run.registry.current(), pruned
+
+
+def _announce_end(
+    run: _Run, version: int, summary: dict[str, Any], pruned: list[int], progress: Progress
+) -> None:
+    """The last events: versions pruned, then ``done`` or ``refused`` with the reasons."""
+    out = run.config.output.path
+    if pruned:
+        progress.event("prune", f"removed versions {', '.join(f'v{p}' for p in pruned)}")
+    if summary["decision"] != "refused":
+        progress.event(
+            "done", f"v{version} is current ({run.mode}); wrote {out}", **_ended(summary, out)
+        )
+    else:
+        progress.event(
+            "refused",
+            f"v{version} kept as a candidate; {run.previous.name} stays current: "
+            + "; ".join(summary["reasons"]),
+            **_ended(summary, out),
+        )
 
 
 def _ended(summary: dict[str, Any], output: str) -> dict[str, Any]:

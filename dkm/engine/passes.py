@@ -202,9 +202,9 @@ def _run_on_client(
     A client sends the scheduler its messages in batches at most one per 10 ms, and the
     scheduler its workers theirs one per 5 ms (``BatchedSend``, intervals fixed in
     distributed). ``client.get`` releases a pass's results as soon as it has them: that
-    message left alone and started the interval, so the next pass's graph, submitted a
-    few milliseconds later, waited for the rest of it, and the scheduler's release of
-    the results to the workers held up the next pass's tasks in the same way. With
+    message, sent alone, starts the interval, so the next pass's graph, submitted a few
+    milliseconds later, waits for the rest of it, and the scheduler's release of the
+    results to the workers holds up the next pass's tasks in the same way. With
     ``held``, the previous pass's futures are dropped only after this pass is
     submitted. ``token`` must name the graph (:func:`dkm.engine._dask.submit`).
     """

@@ -110,10 +110,10 @@ def nearest_cols(GT: Any, c2: Any, best: Any, labels: Any) -> None:
     loop and over the block's rows in the inner one: every row keeps its own running
     minimum (``best``, scratch of the block's length) and a strict ``<`` updates it,
     so the lowest index wins ties. The inner loop is contiguous and branch-free after
-    if-conversion and vectorises (~3× the four-row scalar scan of a row-major block).
+    if-conversion and vectorises, which a row-major block's scalar scan does not.
     ``labels`` should be int32: with float32 ``best`` the minimum and its index then
-    fill SIMD lanes of the same width (int64 halves the index lanes; measured 81 → 50 ms
-    for the scan of a 250k-row block against k = 1000 centres).
+    fill SIMD lanes of the same width (int64 halves the index lanes). Figures:
+    ``benchmarks/README.md``.
     """
     k, n = GT.shape
     c = c2[0]
@@ -131,13 +131,12 @@ def nearest_cols(GT: Any, c2: Any, best: Any, labels: Any) -> None:
 
 # --------------------------------------------------------------------------- small d
 # With few features the GEMM is memory-bound: it writes one distance per 2d flops and the
-# argmin reads it back (d = 8, k = 1000: ~90 ms of GEMM and ~50 of argmin per 250k
-# rows). For d <= SMALL_D the search is one compiled pass instead, with the distances
-# kept in SIMD registers, as a GEMM micro-kernel would keep them: a tile of TILE rows
-# (transposed, a few vectors of rows per feature, :func:`tile_plan`) against a few
-# centres at a time, ``Σ_f (−2c_f)·x_f`` by fused multiply-adds in
+# argmin reads it back. For d <= SMALL_D the search is one compiled pass instead, with
+# the distances kept in SIMD registers, as a GEMM micro-kernel would keep them: a tile
+# of TILE rows (transposed, a few vectors of rows per feature, :func:`tile_plan`)
+# against a few centres at a time, ``Σ_f (−2c_f)·x_f`` by fused multiply-adds in
 # feature order, then ``+ ‖c‖²`` (the order of OpenBLAS's GEMM kernels and the scan
-# after them, so float32 distances are the GEMM's bits in every case measured and
+# after them, so float32 distances are the GEMM's bits in every case compared and
 # float64 ones but for a few last bits at k = 1000; labels are scikit-learn's too,
 # whose Lloyd step adds ‖c‖² by the GEMM's beta: iris's k-means++ fit took another
 # label on a tie with ‖c‖² added first), then the running minimum, its index and (for
@@ -148,12 +147,10 @@ def nearest_cols(GT: Any, c2: Any, best: Any, labels: Any) -> None:
 # many centres a step takes depends on how many registers the CPU has (:func:`tile_plan`).
 # Every row is computed by the same instructions wherever it sits (a tile's padding is
 # zeros), so a row's label and distance are the same bits in a block, alone, or gathered.
-# Measured (AVX-512), one thread, 100k rows, GEMM + scan against this pass (float32): d = 8,
-# k = 1000 57 → 19 ms; d = 32, k = 64 11 → 6.7; d = 32, k = 1000 101 → 54; d = 64,
-# k = 1000 160 → 122; d = 64, k = 64 20 → 20 and d = 128 even (so SMALL_D = 64);
-# float64 d = 8, k = 1000 133 → 34.
+# This pass against GEMM + scan, by d and k: ``benchmarks/README.md``.
 
-#: Widest rows searched by the fused small-d pass; wider rows use the GEMM.
+#: Widest rows searched by the fused small-d pass; wider rows use the GEMM, which is as
+#: fast from here on.
 SMALL_D = 64
 
 #: Rows per tile of the small-d pass (the transposed copy :func:`nearest_rows` fills).
@@ -161,16 +158,12 @@ TILE = 32
 
 #: The register tile where the CPU has AVX-512 (32 vector registers of 64 bytes):
 #: vectors of 16 lanes, 2 vectors of rows (the TILE) against 6 centres per step, 12
-#: running sums in registers (measured on an AVX-512 machine, one thread, against 1 × 4
-#: and 2 × 4; d = 32, k = 64: 17 ms per 250k rows against 31 for GEMM + scan).
+#: running sums in registers (the fastest of the tiles compared: ``benchmarks/README.md``).
 AVX512_PLAN = (16, 2, 6)
 
 #: The register tile elsewhere (16 vector registers of 32 bytes, AVX2), by the rows'
-#: itemsize: 2 centres per step, as 6 spilled the running sums. Measured on an AMD EPYC
-#: (Zen 2, AVX2), one thread, 60k float32 rows against (16, 2, 6), same bits: d = 32,
-#: k = 64 0.72×; d = 16, k = 64 0.82×; d = 64, k = 64 0.64×; d = 8, k = 1000 0.99×;
-#: float64 (two tiles of 8 lanes × 2 vectors): d = 32, k = 64 0.64×; d = 8, k = 1000
-#: 0.95×; d = 16, k = 64 0.82×.
+#: itemsize: 2 centres per step, as 6 spill the running sums (the AVX-512 plan against
+#: these on an AVX2 CPU: ``benchmarks/README.md``).
 AVX2_PLANS = {4: (16, 2, 2), 8: (8, 2, 2)}
 
 
@@ -346,8 +339,8 @@ def nearest_rows(
 def centre_rows(src: Any, origin: Any, out: Any) -> None:
     """``out = src − origin`` row by row, in out's dtype (one rounding, as NumPy's).
 
-    NumPy broadcasts ``origin`` with an inner loop of only d elements per row, which
-    took ~2× a plain copy on 250k × 32 float32; this loop runs at the copy's speed.
+    NumPy broadcasts ``origin`` with an inner loop of only d elements per row, slower
+    than a plain copy; this loop runs at the copy's speed (``benchmarks/README.md``).
     """
     n, d = src.shape
     for i in range(n):
@@ -659,11 +652,11 @@ def log_density_diag(X: Any, meansT: Any, precT: Any, const: Any, out: Any) -> N
 # exp(x) = 2^m · e^r with m = round(x / ln 2) and r = x − m·ln 2 (|r| <= ln 2 / 2): ln 2
 # in two parts (Cody and Waite's, fdlibm's: m·_LN2_HI is exact for |m| < 2^11); e^r by
 # its Taylor polynomial to r^13 (the first term left out is below 5e-18 of the sum),
-# evaluated by Estrin's scheme (a short chain of dependent operations: 3.0 ms per 2M
-# elements against 4.7 by Horner's, which is within 1 ulp where this is within 2); 2^m
-# added to the result's exponent bits. NumPy's SIMD exp is AVX-512 only: on an AVX2 CPU
-# np.exp is glibc's scalar exp, 10.9 ms per 2M elements in cache (AMD EPYC, Zen 2), 12
-# of the 38 ms of a 125k-row GMM-1 diag or spherical chunk's E-step.
+# evaluated by Estrin's scheme (a shorter chain of dependent operations than Horner's,
+# which is within 1 ulp where this is within 2, but slower); 2^m added to the result's
+# exponent bits. NumPy's SIMD exp is AVX-512 only: on an AVX2 CPU np.exp is glibc's
+# scalar exp, a large share of a diagonal or spherical mixture's E-step. Figures:
+# ``benchmarks/README.md``.
 _LOG2E = 1.4426950408889634
 _LN2_HI = 6.93147180369123816490e-01
 _LN2_LO = 1.90821492927058770002e-10
@@ -715,7 +708,7 @@ def _exp_shifted(x: float) -> float:
 #: Below this, ``exp(L − max)`` (< 2e-300) is taken as exactly 0: such terms cannot
 #: change a row's sum, and exp would otherwise return subnormal numbers, on which every
 #: later multiply-add (the GEMMs against the responsibilities) takes a ~100-cycle
-#: microcode assist on x86: measured 2× on the full-covariance moments GEMM.
+#: microcode assist on x86 (the moments GEMM's figures: ``benchmarks/README.md``).
 #: :func:`exp_shifted_rows` clamps such differences up to this value rather than to
 #: −inf (its exp builds 2^m in the exponent bits: m must stay normal), and
 #: :func:`normalise_rows` then sets the clamped terms to exactly 0.
@@ -732,8 +725,8 @@ def exp_shifted_rows(L: Any, top: Any, labels: Any = None) -> None:
     a softmax), differences below :data:`NEGLIGIBLE_LOG` raised to it first (their exp is
     a normal number that :func:`normalise_rows` zeroes); the exp is
     :func:`_exp_shifted`, vectorised over the row. With ``labels``, also
-    ``labels[i] = np.argmax(L[i])`` (the first maximum) from the row as it came in:
-    NumPy's argmax of a (rows, 16) block took a tenth of a GMM-1 chunk's E-step."""
+    ``labels[i] = np.argmax(L[i])`` (the first maximum) from the row as it came in, in
+    the same pass rather than by NumPy's argmax over the block (``benchmarks/README.md``)."""
     n, k = L.shape
     for i in range(n):
         m = L[i, 0]

@@ -47,9 +47,9 @@ F64 = NDArray[np.float64]
 MOVERS = 8
 
 #: A chunk's bounds are dropped for the rest of the fit when a pass after the first
-#: TRIAL_PASSES that used them still searched more than this share of its rows: with
-#: k = 1000 overlapping blobs in 8 dimensions (KM-2), 0.91 and 0.86 in the first two, and
-#: keeping bounds costs a runner-up in every full search (the argmin scan ~2× longer).
+#: TRIAL_PASSES that used them still searched more than this share of its rows: so few
+#: settled rows do not pay for keeping bounds, which costs a runner-up in every full
+#: search (a longer argmin scan). The shares on KM-2: ``benchmarks/README.md``.
 GIVE_UP = 0.8
 TRIAL_PASSES = 2
 
@@ -194,11 +194,10 @@ _DRIFTS_LOCK = threading.Lock()
 
 #: A fit starts keeping bounds after an M-step in which the centres beyond the
 #: :data:`MOVERS` moved at most this fraction of the typical distance between a centre
-#: and its nearest neighbour (``worth_keeping``). Building bounds costs a pass ~10 %
-#: more (the runner-up in the argmin scan) and they settle few rows while most centres
-#: still travel. KM-1 from k random rows: ratios 1.33 0.47 0.11 0.018 0.011 …, bounds
-#: from the fourth pass; KM-2 (k = 1000 overlapping blobs): 0.98 … 0.18 in ten passes,
-#: never (its rows stay unsettled: 66–93 %). A warm start qualifies after one pass.
+#: and its nearest neighbour (``worth_keeping``). Building bounds makes a pass dearer
+#: (the runner-up in the argmin scan) and they settle few rows while most centres
+#: still travel. The ratios on KM-1 and KM-2 behind the value: ``benchmarks/README.md``.
+#: A warm start qualifies after one pass.
 START_RATIO = 0.15
 
 #: Centres sampled for the typical nearest-neighbour distance when k is larger.
@@ -278,7 +277,8 @@ class BoundsCache:
     ) -> bool:
         """Whether bounds for ``n`` rows under ``key`` would be kept: beside this fit's
         other entries (other fits' give way). A chunk that would not be kept builds none:
-        building costs a pass ~20 % more (out of core, where most chunks do not fit)."""
+        building makes the pass dearer for nothing (out of core, where most chunks do not
+        fit; ``benchmarks/README.md``)."""
         capacity = _capacity() if capacity is None else capacity
         nbytes = centres.nbytes + 20 * n
         with self._lock:

@@ -37,8 +37,7 @@ FUSED_BLOCK_ELEMENTS = 1 << 18
 #: Blocks of the compiled row search (at most SMALL_D features) have this many times
 #: FUSED_BLOCK_ELEMENTS elements: with no (rows, k) block to keep in cache, a block's
 #: temporaries are a few numbers a row, and fewer blocks are fewer Python round trips
-#: (KM-1, one thread, a 125k-row chunk: 17 blocks → 5, a pass with bounds 6.2 → 5.8 ms,
-#: a full pass the same).
+#: (``benchmarks/README.md``).
 ROW_SEARCH_BLOCKS = 4
 
 #: k-means with bounds: a row block where more than this share of the rows is unsettled
@@ -54,8 +53,8 @@ SOFT_BLOCK_ELEMENTS = 1 << 19
 #: values elementwise, ``σ_k`` the standard deviations, ``√diag Σ_k``): the largest
 #: terms of the expansion ``Σ Λ_ab x_a x_b − 2μᵀΛx + μᵀΛμ`` for the rows within
 #: SPREAD standard deviations of μ_k, whose densities matter. It errs by about float64's
-#: epsilon times that (1.6e-16 × ``|μ_k|ᵀ|Λ_k||μ_k|`` at most, measured on GMM-1's
-#: components), ~1e-9 in the log-density at the limit.
+#: epsilon times that, ~1e-9 in the log-density at the limit (the error on GMM-1's
+#: components: ``benchmarks/README.md``).
 QUADRATIC_LIMIT = 1e7
 QUADRATIC_SPREAD = 3.0
 
@@ -179,12 +178,11 @@ def _per_row(params: MixtureParams, moments: Moments, quadratic: bool = False) -
 
     Full covariances: ``X P`` (k·d), the log-densities (k) and the moments' features
     (d(d+1)/2 + d) are all live at once, so they are summed: blocks of ~1200 rows at
-    k = d = 16 (E-step of a 131k × 16 chunk, one thread, medians of five in two runs:
-    193–212 ms with the ~1900-row blocks of the widest temporary alone, 165–181 ms
-    with these, 180–188 with ~960). The others count the widest one. (A soft E-step
-    whose log-densities come from the features, :class:`QuadraticForm`, makes no
-    ``X P``: its blocks hold k + d(d+1)/2 + d per row, ~3100 rows; ~1600 rows took
-    113 ms against 97 ms, ~6200 rows 101 ms.)
+    k = d = 16, faster than the ~1900-row blocks of the widest temporary alone or
+    smaller ones. The others count the widest one. (A soft E-step whose
+    log-densities come from the features, :class:`QuadraticForm`, makes no ``X P``:
+    its blocks hold k + d(d+1)/2 + d per row, ~3100 rows, faster than half or twice
+    that.) The block sizes compared: ``benchmarks/README.md``.
     """
     k, d = params.n_components, params.n_features
     dense_moments = covariance.of_moments(moments).dense
@@ -275,8 +273,7 @@ class QuadraticForm:
     ``F(x)`` being the features of :func:`_soft_moments` (``x_a x_b`` for a ≤ b, then
     ``x``). A block's log-densities become one GEMM (K = d(d+1)/2 + d) against features
     the moments need anyway, in place of ``X @ [P_1 … P_k]`` (K = d, k·d columns) and a
-    pass over its k·d columns per row (E-step of a 131k × 16 chunk, k = 16, one BLAS
-    thread: 146 → 93 ms, medians of seven, alternating).
+    pass over its k·d columns per row, which take longer (``benchmarks/README.md``).
 
     The sum's terms are as large as ``|x|ᵀ|Λ_k||x|``, and the rows whose densities
     matter lie within a few standard deviations of μ_k: that is ``μ_kᵀΛ_kμ_k`` or much
@@ -319,8 +316,8 @@ class QuadraticForm:
         """``log N(x_i | μ_k, Σ_k) + offset_k`` (n, k) in the workspace's ``L`` buffer,
         from the rows ``X64`` and their features ``FT`` (:func:`_full_features`)."""
         k, n = self.WT.shape[0], X64.shape[0]
-        # ``Wᵀ Fᵀ`` then transposed: BLAS took 1.7× as long for ``F W`` (n, k) with F
-        # read transposed (131k rows, d = k = 16, one thread).
+        # ``Wᵀ Fᵀ`` then transposed: BLAS is slower for ``F W`` (n, k) with F read
+        # transposed (``benchmarks/README.md``).
         LT = np.matmul(self.WT, FT, out=ws.get("LT", (k, n)))
         L = ws.get("L", (n, k))
         np.add(LT.T, self.const, out=L)
@@ -341,8 +338,8 @@ class Workspace:
     Under a Dask nanny, workers run with ``MALLOC_TRIM_THRESHOLD_`` set, which turns off
     glibc's adaptive mmap threshold: every temporary over 128 kB is then a fresh ``mmap``
     whose pages the kernel faults in and zeroes, and the per-block temporaries of the
-    E-step made it run ~1.8× slower in worker processes than in threads. One buffer per
-    name, grown when needed, keeps them out of the allocator.
+    E-step make it slower in worker processes than in threads (``benchmarks/README.md``).
+    One buffer per name, grown when needed, keeps them out of the allocator.
     """
 
     def __init__(self) -> None:
@@ -577,7 +574,7 @@ class _Search:
         self.shape = (0,) * d if searches_rows(d) else None
         #: elements of the temporaries per row of a block: the GEMM's k distances, or
         #: the fused pass's centred row and its few per-row results (blocks of ~950 rows
-        #: against 32k for d = 8, k = 1000: 15 ms less per 250k rows of Python per block)
+        #: against 32k for d = 8, k = 1000: fewer Python round trips per chunk)
         self.per_row = neg2C.shape[0] if self.shape is None else d + 4
         #: elements of a block's temporaries (see :data:`ROW_SEARCH_BLOCKS`)
         self.block_elements = FUSED_BLOCK_ELEMENTS * (
@@ -735,7 +732,7 @@ def _soft_moments(
         if FT is None:
             FT = _full_features(Xc, ws)
         # ``(FT @ Rᵀ)ᵀ``, not ``R @ FTᵀ``: both operands in their stored (row-major)
-        # order; BLAS took 1.9× as long with both transposed (k = 16, 2048 rows).
+        # order; BLAS is slower with both transposed (``benchmarks/README.md``).
         M = (FT @ R.T).T
     else:
         F = ws.get("F", (n, 2 * d))
@@ -759,8 +756,7 @@ def _full_moments_from_raw(raw: F64, S1: F64, nk: F64, X64: F64, R: Any, c: F64)
     every component are the single product ``R Z``, mirrored into the full (exactly
     symmetric) square; they are moved to ``c_k`` with the first moments ``S1 = R X``
     (the triangle, built feature-major by :func:`dkm.kernels._fused.outer_cols`, has
-    56 % of the full square's GEMM and features: E-step of a 131k × 16 chunk, k = 16,
-    one BLAS thread, 224 → 188 ms, medians of three). Where that
+    about half of the full square's GEMM and features; ``benchmarks/README.md``). Where that
     subtraction would cancel more than :data:`CANCELLATION_LIMIT` allows (a tight
     component far from the origin), the component is summed again from the exact
     differences, as scikit-learn does.
