@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import socket
@@ -153,3 +154,70 @@ def scheduler() -> Iterator[str]:
         dashboard_address="127.0.0.1:0",
     ) as cluster:
         yield cluster.scheduler_address
+
+
+# --------------------------------------------------------------------------- report data
+
+COV_TYPES = ("full", "tied", "diag", "spherical")
+
+
+def random_spd(rng: np.random.Generator, d: int) -> np.ndarray:
+    a = rng.normal(size=(d, d))
+    return a @ a.T + 0.5 * np.eye(d)
+
+
+def covariances_of(ct: str, rng: np.random.Generator, k: int, d: int) -> np.ndarray | None:
+    """scikit-learn's shapes for each covariance type."""
+    if ct == "full":
+        return np.stack([random_spd(rng, d) for _ in range(k)])
+    if ct == "tied":
+        return random_spd(rng, d)
+    if ct == "diag":
+        return rng.uniform(0.3, 2.0, size=(k, d))
+    if ct == "spherical":
+        return rng.uniform(0.3, 2.0, size=k)
+    return None
+
+
+def history(t: int, mode: str = "kmeans") -> list[dict[str, float]]:
+    steps = 0.5 ** np.arange(t)
+    obj = 1000.0 * steps + 10 if mode == "kmeans" else -4.0 - steps
+    change = [math.inf, *np.abs(np.diff(obj))]
+    return [
+        {"iteration": i + 1, "objective": float(o), "change": float(c), "seconds": 0.01}
+        for i, (o, c) in enumerate(zip(obj, change, strict=False))
+    ]
+
+
+def report_args(
+    mode: str = "kmeans",
+    ct: str = "identity",
+    *,
+    k: int = 4,
+    d: int = 3,
+    m: int = 300,
+    iters: int = 6,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Keyword arguments of write_report for a small blob data set."""
+    rng = np.random.default_rng(seed)
+    means = rng.normal(scale=6.0, size=(k, d))
+    labels = rng.integers(k, size=m)
+    sample = means[labels] + rng.normal(size=(m, d))
+    sizes = np.bincount(labels, minlength=k).astype(float) * 100
+    hist = history(iters, mode)
+    final = hist[-1]["objective"] - 0.25 if mode == "kmeans" and hist else -4.0
+    return {
+        "title": f"{mode}, k={k}, {m * 100:,} x {d} (synthetic)",
+        "mode": mode,
+        "covariance_type": ct,
+        "history": hist,
+        "objective": hist[-1]["objective"] if mode == "gmm" and hist else final,
+        "sample": sample,
+        "sample_labels": labels,
+        "means": means,
+        "weights": sizes / sizes.sum(),
+        "covariances": covariances_of(ct, rng, k, d) if mode == "gmm" else None,
+        "cluster_sizes": sizes,
+        "summary": {"n": m * 100, "d": d, "k": k, "converged": True, "objective": 12.5},
+    }

@@ -197,7 +197,7 @@ def test_outcome_table(command, kind, overwrite, tmp_path, inputs):
 
 
 def test_readme_states_the_rule():
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
     assert "--overwrite" in readme and "output.overwrite" in readme and io.OUTPUT_MARKER in readme
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from dkm.config import ConfigError, JobConfig, apply_overrides, load_config, validate_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 MINIMAL = {"data": {"kind": "synthetic"}, "output": {"path": "out"}}
 
@@ -114,7 +114,7 @@ def test_yaml_is_loaded_safely(tmp_path):
 def test_readme_documents_every_config_key():
     from dkm import config as c
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     models = [
         c.SyntheticData,
         c.ZarrData,

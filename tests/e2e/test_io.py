@@ -808,7 +808,7 @@ def test_history_has_one_codec_and_old_models_still_load(tmp_path):
 
 #: Models saved by dkm before the estimators had ``mixture_`` (issue 20): the
 #: k-means and the full GMM below, fitted on ``_fixture_data`` from ``X[[0, 50, 100]]``.
-SAVED_MODELS = Path(__file__).parent / "data" / "saved_models"
+SAVED_MODELS = Path(__file__).parents[1] / "data" / "saved_models"
 
 
 def _fixture_data() -> np.ndarray:

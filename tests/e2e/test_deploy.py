@@ -37,7 +37,7 @@ from dkm.config import (
     validate_config,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY, JOBS, CONFIGS = ROOT / "deploy", ROOT / "jobs", ROOT / "configs"
 K8S_FILES = sorted([*DEPLOY.glob("kubernetes/*.yaml"), *JOBS.glob("kubernetes/*.yaml")])
 CRDS = (

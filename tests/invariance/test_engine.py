@@ -570,7 +570,7 @@ def test_only_one_module_imports_dask_private_api():
     import ast
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1] / "dkm"
+    root = Path(__file__).resolve().parents[2] / "dkm"
     importers = set()
     for path in root.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):

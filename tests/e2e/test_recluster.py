@@ -304,7 +304,7 @@ def test_objective_guard_direction(kmeans, old, new, refused):
 def test_shipped_recluster_config_validates():
     from dkm.config import load_config
 
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "recluster.yaml")
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "recluster.yaml")
     assert cfg.registry is not None and cfg.registry.guards.max_weight_loss is not None
 
 
@@ -413,7 +413,7 @@ def test_the_recipe_in_the_shipped_config_does_what_its_comments_say(
 ):
     """configs/recluster.yaml's commands, on less data and the test's scheduler, in a
     folder without data/ (make-data creates it, as a fresh clone needs)."""
-    shipped = Path(__file__).resolve().parents[1] / "configs" / "recluster.yaml"
+    shipped = Path(__file__).resolve().parents[2] / "configs" / "recluster.yaml"
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "recluster.yaml").write_text(shipped.read_text())
     monkeypatch.chdir(tmp_path)

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import process_cluster
+from conftest import process_cluster, report_args
 
 from dkm import dashboard
 from dkm.config import load_config
@@ -342,13 +342,12 @@ def _check_report(driver: Any, index: Path, shot: Path) -> str:
 
 def test_the_report_opens_offline_with_every_image(browser, tmp_path):
     """The report's index.html from the file system (write_report's own)."""
-    from test_report import args
 
     from dkm import report
 
     out = tmp_path / "report"
     out.mkdir()
-    report.write_report(out, config={"model": {"n_clusters": 4}}, **args())
+    report.write_report(out, config={"model": {"n_clusters": 4}}, **report_args())
     text = _check_report(browser, out / "index.html", tmp_path / "report-write-report.png")
     assert "cluster sizes" in text and "Config" in text and "n_clusters: 4" in text
 

@@ -165,7 +165,7 @@ def test_models_in_a_memory_registry_round_trip():
 def test_readme_documents_the_registry_keys():
     from dkm import config as c
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     keys = {*c.RegistryConfig.model_fields, *c.GuardsConfig.model_fields, "registry"}
     missing = {name for name in keys if f"`{name}" not in readme}
     assert not missing, f"README's config reference lacks {sorted(missing)}"

@@ -234,7 +234,7 @@ def test_fewer_rows_than_clusters_is_an_error() -> None:
 
 
 def test_fewer_distinct_points_than_clusters_give_duplicate_centres() -> None:
-    """As k-means++ does; the k-means fit then warns (tests/test_degenerate.py)."""
+    """As k-means++ does; the k-means fit then warns (tests/e2e/test_degenerate.py)."""
     points = np.array([[0.0, 0.0], [5.0, 5.0], [9.0, 1.0]])
     X = np.repeat(points, 10, axis=0)
     data = ChunkedData.from_dask(da.from_array(X, chunks=8))
