@@ -44,6 +44,7 @@ from dkm.job import (
 )
 from dkm.kernels.mstep import gaussian_mstep, kmeans_centres
 from dkm.kernels.params import MixtureParams
+from dkm.models import load_model, save_model
 from dkm.monitor import Progress
 from dkm.registry import Registry
 from dkm.stats import FarthestPoints, SuffStats
@@ -438,7 +439,7 @@ def _recluster(
     old_saved: io.ModelStatistics | None = None
     if current is not None:
         url = registry.model_url(current)
-        old = io.load_model(url, storage_options=rcfg.storage_options)
+        old = load_model(url, storage_options=rcfg.storage_options)
         if update or io.has_model_statistics(url, storage_options=rcfg.storage_options):
             old_saved = io.load_model_statistics(url, storage_options=rcfg.storage_options)
     points = open_data(config)
@@ -543,7 +544,7 @@ def _recluster(
                 )
 
     def write_version(tmp: str) -> None:
-        io.save_model(
+        save_model(
             est,
             f"{tmp}/model",
             metadata=model_metadata(
