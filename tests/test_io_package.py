@@ -331,3 +331,35 @@ def test_unknown_kind_and_suffix_name_the_known_ones(tmp_path):
     # a zarr store without a known suffix is read as zarr, as before the registry
     zarr.save_array(str(tmp_path / "points.v2"), np.ones((4, 2)))
     assert io.open_path(str(tmp_path / "points.v2")).X.shape == (4, 2)
+
+
+def test_a_checkpoint_that_does_not_decode_is_reported_as_unreadable(tmp_path):
+    """The job decodes the checkpoint's record (io never sees a ResumeState); a record
+    that is not a state gets the same error as a group that is not a checkpoint."""
+    from dkm.config import validate_config
+    from dkm.job import _resume_state, checkpoint_url
+    from dkm.monitor import Progress
+
+    config = validate_config(
+        {
+            "data": {"kind": "synthetic", "n": 50, "d": 2, "k": 2},
+            "model": {"mode": "kmeans", "n_clusters": 2},
+            "output": {"path": str(tmp_path / "out")},
+        }
+    )
+    points = io.open_source(config.data)
+    p = MixtureParams.identity(np.zeros((2, 2)))
+    state = ResumeState(1, p, np.zeros(2), 1.0, False)
+    record = {k: v for k, v in state.to_dict().items() if k != "history"}
+    url = checkpoint_url(config)
+    io.save_checkpoint(url, record, metadata={})
+    progress = Progress("job", quiet=True)
+    with pytest.raises(
+        io.InputError,
+        match=r"checkpoint is not a readable dkm checkpoint \(ValueError: a resume state "
+        r"without 'history'\); remove it and run without --resume",
+    ):
+        _resume_state(config, points, progress)
+    zarr.open_group(url, mode="a").attrs["dkm_checkpoint"] = 99
+    with pytest.raises(io.InputError, match=r"not a readable dkm checkpoint \(KeyError"):
+        _resume_state(config, points, progress)
