@@ -23,7 +23,6 @@ _MODEL_KINDS: dict[str, type[KMeans] | type[GaussianMixture]] = {
     "KMeans": KMeans,
     "GaussianMixture": GaussianMixture,
 }
-assert tuple(_MODEL_KINDS) == io.MODEL_KINDS
 
 
 def _model_arrays(estimator: KMeans | GaussianMixture) -> dict[str, NDArray[Any]]:

@@ -23,7 +23,7 @@ from dkm.kernels.params import MixtureParams
 from dkm.recluster import statistics_pass
 from dkm.stats import SuffStats
 
-#: Written by dkm's main at d251ea2's parent, before dkm/io/ was a package: a k-means, a
+#: Written by dkm's main at ff4f028, before dkm/io/ was a package: a k-means, a
 #: full GMM saved with its sufficient statistics, a checkpoint of that GMM, and what they
 #: predicted and held then (expected.npz, expected.json).
 BEFORE = Path(__file__).parent / "data" / "saved_before_io_package"
@@ -98,6 +98,12 @@ def test_checkpoint_written_before_the_package_resumes_the_same():
     np.testing.assert_array_equal(p.weights, arrays["checkpoint_weights"])
     np.testing.assert_array_equal(p.precisions_cholesky, arrays["checkpoint_precisions_cholesky"])
     assert [h.to_dict() for h in state.history] == scalars["gmm_history"]
+
+
+def test_the_estimators_are_the_kinds_a_model_may_hold():
+    from dkm.models import _MODEL_KINDS
+
+    assert tuple(_MODEL_KINDS) == io.MODEL_KINDS
 
 
 def _layout(url: Path) -> dict[str, Any]:
