@@ -3,8 +3,8 @@
 from dkm._version import __version__
 from dkm.engine import NonFiniteInputError
 from dkm.estimators import GaussianMixture, KMeans
-from dkm.io import load_model, save_model
 from dkm.kernels.params import DegenerateComponentError, MixtureParams
+from dkm.models import load_model, save_model
 from dkm.selection import SweepResult, sweep
 
 __all__ = [

@@ -359,15 +359,12 @@ def predict(
 ) -> None:
     """Label new data with a saved model."""
     from dkm import io
+    from dkm.models import load_model
 
-    model = io.load_model(io.find_model(model_path))
+    model = load_model(io.find_model(model_path))
     if nan_policy is not None:
         model.set_params(nan_policy=nan_policy)
-    points = (
-        io.open_npy(data)
-        if data.endswith(".npy")
-        else io.open_zarr(data, array, array_option="--array")
-    )
+    points = io.open_path(data, array, array_option="--array")
     io.claim_output(out, overwrite=overwrite)
     with contextlib.ExitStack() as stack:
         stack.enter_context(_nonfinite_remedy("label them -1 with --nan-policy drop"))

@@ -3,13 +3,17 @@
 Finite floats are JSON numbers; NaN and ±infinity, which JSON has not, are the strings
 ``"NaN"``, ``"Infinity"``, ``"-Infinity"`` (what ``float()`` reads back) where the value
 must come back exactly (models, checkpoints, reports), or ``null`` in logs and metrics
-that tools read as plain JSON.
+that tools read as plain JSON. :func:`to_json` makes any record of such values JSON-safe.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
+import os
 from typing import Any, Literal
+
+import numpy as np
 
 NonFinite = Literal["string", "null"]
 
@@ -34,3 +38,41 @@ def float_from_json(value: Any) -> float:
         return float(value)
     except ValueError:
         raise ValueError(f"expected a number, got {value!r}") from None
+
+
+def to_json(value: Any, where: str) -> Any:
+    """A JSON-safe copy: NumPy scalars and arrays to Python, non-finite floats to strings;
+    TypeError naming ``where`` for what JSON cannot hold."""
+    if value is None or isinstance(value, bool | str):
+        return value
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float_to_json(float(value))
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(f"{where}: keys must be strings, got {key!r}")
+            out[key] = to_json(item, f"{where}[{key!r}]")
+        return out
+    if isinstance(value, list | tuple):
+        return [to_json(item, f"{where}[{i}]") for i, item in enumerate(value)]
+    if isinstance(value, np.ndarray):
+        return to_json(value.tolist(), where)
+    raise TypeError(f"{where}: {type(value).__name__} cannot be stored as JSON")
+
+
+def json_param(value: Any) -> tuple[bool, Any]:
+    """(True, JSON value) for scalar parameters; (False, None) for arrays, callables, …"""
+    if value is None or isinstance(value, bool | str | np.bool_):
+        return True, None if value is None else (value if isinstance(value, str) else bool(value))
+    if isinstance(value, numbers.Integral):
+        return True, int(value)
+    if isinstance(value, numbers.Real) and math.isfinite(float(value)):
+        return True, float(value)
+    return False, None

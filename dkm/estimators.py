@@ -198,7 +198,7 @@ class _DaskMixtureBase(BaseEstimator):
     verbose: int
     callback: Callable[[IterationInfo], None] | None
     nan_policy: str
-    #: The fitted arrays derived from ``mixture_`` (what :func:`dkm.io.save_model` stores).
+    #: The fitted arrays derived from ``mixture_`` (what :func:`dkm.save_model` stores).
     fitted_arrays: ClassVar[tuple[str, ...]]
     mixture_: Mixture
     n_iter_: int

@@ -20,6 +20,7 @@ from dkm.cluster import cluster_memory, connect
 from dkm.config import ConfigError, JobConfig, ModelConfig, ModelInit
 from dkm.engine import IterationInfo, ResumeState
 from dkm.estimators import GaussianMixture, KMeans
+from dkm.models import load_model, save_model
 from dkm.monitor import Progress, scheduler_publisher
 from dkm.selection import SweepResult, sweep
 from dkm.stats import uniform_from_rows
@@ -30,36 +31,7 @@ REPORT_SAMPLE = 5000
 
 def open_data(config: JobConfig) -> io.Points:
     """The points a config names, as a lazy Dask array (nothing is read yet)."""
-    d = config.data
-    if d.kind == "synthetic":
-        return io.synthetic(
-            d.n,
-            d.d,
-            d.k,
-            seed=d.seed,
-            chunk_rows=d.chunk_rows,
-            dtype=d.dtype or "float64",
-            spread=d.spread,
-        )
-    if d.kind == "zarr":
-        return io.open_zarr(
-            d.url,
-            d.array,
-            weights=d.weights,
-            storage_options=d.storage_options,
-            chunk_rows=d.chunk_rows,
-            dtype=d.dtype,
-        )
-    if d.kind == "npy":
-        return io.open_npy(d.path, weights=d.weights, chunk_rows=d.chunk_rows, dtype=d.dtype)
-    return io.open_parquet(
-        d.url,
-        d.columns,
-        weights=d.weights,
-        storage_options=d.storage_options,
-        chunk_rows=d.chunk_rows,
-        dtype=d.dtype,
-    )
+    return io.open_source(config.data)
 
 
 def build_estimator(
@@ -85,7 +57,7 @@ def build_estimator(
     if init is None:
         init = model.resolved("init")
     if isinstance(init, ModelInit):  # warm start: yesterday's model is today's start
-        init = io.load_model(init.model)
+        init = load_model(init.model)
     if model.mode == "kmeans" and assignment == "hard":
         return KMeans(
             model.k,
@@ -234,7 +206,11 @@ def _resume_state(config: JobConfig, points: io.Points, progress: Progress) -> R
         raise ConfigError(
             "--resume needs a single model.n_clusters (a sweep over k is not checkpointed)"
         )
-    state, meta = io.load_checkpoint(url, storage_options=options)
+    record, meta = io.load_checkpoint(url, storage_options=options)
+    try:
+        state = ResumeState.from_dict(record)
+    except (KeyError, ValueError, TypeError) as e:
+        raise io.unreadable_checkpoint(url, e) from None
     expected = _identity(config, points)
     if meta.get("data_fingerprint") != expected["data_fingerprint"]:
         raise ConfigError(
@@ -276,7 +252,7 @@ class Checkpointer:
         if self.every and (info.iteration % self.every == 0 or info.converged):
             io.save_checkpoint(
                 self.url,
-                ResumeState.after(info, tuple(self.history)),
+                ResumeState.after(info, tuple(self.history)).to_dict(),
                 metadata=self.metadata,
                 storage_options=self.options,
             )
@@ -447,7 +423,7 @@ def _write_outputs(
             tuple(progress.warnings),
         )
         if out.model:
-            io.save_model(
+            save_model(
                 estimator,
                 f"{tmp}/model",
                 metadata=model_metadata(

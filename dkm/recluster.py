@@ -44,6 +44,7 @@ from dkm.job import (
 )
 from dkm.kernels.mstep import gaussian_mstep, kmeans_centres
 from dkm.kernels.params import MixtureParams
+from dkm.models import load_model, save_model
 from dkm.monitor import Progress
 from dkm.registry import Registry
 from dkm.stats import FarthestPoints, SuffStats
@@ -525,7 +526,7 @@ def _load_previous(registry: Registry, rcfg: RegistryConfig, update: bool) -> _P
     if current is None:
         return _Previous(None, None, None)
     url, options = registry.model_url(current), rcfg.storage_options
-    model = io.load_model(url, storage_options=options)
+    model = load_model(url, storage_options=options)
     statistics = None
     if update or io.has_model_statistics(url, storage_options=options):
         statistics = io.load_model_statistics(url, storage_options=options)
@@ -672,7 +673,7 @@ def _store(
     rcfg, config = run.rcfg, run.config
 
     def write_version(tmp: str) -> None:
-        io.save_model(
+        save_model(
             fit.estimator,
             f"{tmp}/model",
             metadata=model_metadata(

@@ -38,6 +38,7 @@ from typing import Any
 
 from dkm import io
 from dkm.errors import UserError
+from dkm.io._paths import _join, _listing, _local_path, _url_to_fs
 
 VERSION_FILE = "version.json"
 POINTER_FILE = "current"
@@ -80,12 +81,12 @@ class Registry:
             raise RegistryError(f"registry name {name!r}: use letters, digits, '.', '_', '-'")
         self.location, self.name = location, name
         self.storage_options = storage_options or {}
-        local = io._local_path(location)
+        local = _local_path(location)
         self._local = local is not None
         self.root = (
             os.path.join(os.path.abspath(local), name)
             if local is not None
-            else io._join(location.rstrip("/"), name)
+            else _join(location.rstrip("/"), name)
         )
 
     # ------------------------------------------------------------------ paths
@@ -94,7 +95,7 @@ class Registry:
         return self.root
 
     def _fs(self) -> tuple[Any, str]:
-        return io._url_to_fs(self.root, self.storage_options)
+        return _url_to_fs(self.root, self.storage_options)
 
     def version_url(self, number: int) -> str:
         return f"{self.root}/v{number}"
@@ -195,7 +196,7 @@ class Registry:
         children = self._children()
         if MARKER in children or all(_OWN_ENTRY.match(c) for c in children):
             return None
-        return f"a directory dkm did not write ({io._listing(sorted(children))})"
+        return f"a directory dkm did not write ({_listing(sorted(children))})"
 
     def check_writable(self) -> None:
         """Refuse a root that is not a registry; create it (with its marker) if missing."""
@@ -247,8 +248,8 @@ class Registry:
                         raise
                 else:
                     fs, _ = self._fs()
-                    source = io._url_to_fs(tmp, self.storage_options)[1]
-                    target = io._url_to_fs(self.version_url(number), self.storage_options)[1]
+                    source = _url_to_fs(tmp, self.storage_options)[1]
+                    target = _url_to_fs(self.version_url(number), self.storage_options)[1]
                     if fs.exists(target):
                         continue
                     fs.mv(source, target, recursive=True)
@@ -264,7 +265,7 @@ class Registry:
             if os.path.isdir(url):
                 shutil.rmtree(url, ignore_errors=True)
             return
-        fs, path = io._url_to_fs(url, self.storage_options)
+        fs, path = _url_to_fs(url, self.storage_options)
         if fs.exists(path):
             fs.rm(path, recursive=True)
 
@@ -326,7 +327,7 @@ class Registry:
             os.rename(url, hidden)  # gone from listings at once
             shutil.rmtree(hidden, ignore_errors=True)
         else:
-            fs, path = io._url_to_fs(url, self.storage_options)
+            fs, path = _url_to_fs(url, self.storage_options)
             fs.rm_file(f"{path}/{VERSION_FILE}")  # unlisted first
             fs.rm(path, recursive=True)
 

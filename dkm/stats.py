@@ -8,7 +8,7 @@ order). Everything is accumulated in float64 whatever the input dtype.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import reduce
 from typing import Any, Protocol, TypeVar
@@ -17,7 +17,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from dkm import covariance
-from dkm._typing import Moments
+from dkm._typing import Moments, parse_moments
+from dkm.codec import float_from_json, float_to_json
 
 F64 = NDArray[np.float64]
 I64 = NDArray[np.int64]
@@ -191,6 +192,41 @@ class SuffStats:
     @property
     def n_features(self) -> int:
         return int(self.sx.shape[1])
+
+    def to_dict(self) -> dict[str, Any]:
+        """The sums as a record: ``moments``, the arrays ``nk``, ``sx`` and ``sxx`` (left
+        out when None), ``objective``, ``n`` (JSON numbers, see :mod:`dkm.codec`) and
+        ``count``. ``farthest`` and ``searched`` describe one pass and are not kept."""
+        record: dict[str, Any] = {"moments": self.moments, "nk": self.nk, "sx": self.sx}
+        if self.sxx is not None:
+            record["sxx"] = self.sxx
+        record.update(
+            objective=float_to_json(self.objective),
+            n=float_to_json(self.n),
+            count=int(self.count),
+        )
+        return record
+
+    @classmethod
+    def from_dict(cls, record: Mapping[str, Any]) -> SuffStats:
+        """The statistics :meth:`to_dict` gave (arrays as float64); ValueError naming what
+        is missing or of the wrong shape."""
+        try:
+            moments = parse_moments(record["moments"])
+            nk = np.asarray(record["nk"], np.float64)
+            sx = np.asarray(record["sx"], np.float64)
+            objective = float_from_json(record["objective"])
+            n = float_from_json(record["n"])
+        except KeyError as e:
+            raise ValueError(f"sufficient statistics without {e}") from None
+        sxx = record.get("sxx")
+        sxx = None if sxx is None else np.asarray(sxx, np.float64)
+        if sx.ndim != 2 or nk.shape != sx.shape[:1]:
+            raise ValueError(f"nk {nk.shape} and sx {sx.shape} disagree")
+        want = sxx_shape(moments, sx.shape[0], sx.shape[1])
+        if (sxx is None) != (want is None) or (sxx is not None and sxx.shape != want):
+            raise ValueError(f"sxx has the wrong shape for {moments} moments")
+        return cls(moments, nk, sx, sxx, objective, n, int(record.get("count", 0)))
 
     def merge(self, other: SuffStats) -> SuffStats:
         """Elementwise sum (associative and commutative; ``zero`` is its identity)."""

@@ -8,7 +8,7 @@ import math
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,6 +131,34 @@ class ResumeState:
         return cls(
             info.iteration, info.centred, info.origin, info.objective, info.converged, history
         )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The state as a record: the parameters' entries (:meth:`MixtureParams.to_dict`)
+        next to ``iteration``, ``origin``, ``objective``, ``converged`` and ``history``
+        (:meth:`IterationInfo.to_dict` each), all at one level (a checkpoint's layout)."""
+        return {
+            **self.params.to_dict(),
+            "iteration": int(self.iteration),
+            "origin": self.origin,
+            "objective": float_to_json(self.objective),
+            "converged": bool(self.converged),
+            "history": [info.to_dict() for info in self.history],
+        }
+
+    @classmethod
+    def from_dict(cls, record: Mapping[str, Any]) -> ResumeState:
+        """The state :meth:`to_dict` gave; ValueError naming what is missing or wrong."""
+        try:
+            return cls(
+                int(record["iteration"]),
+                MixtureParams.from_dict(record),
+                np.asarray(record["origin"], np.float64),
+                float_from_json(record["objective"]),
+                bool(record["converged"]),
+                tuple(IterationInfo.from_dict(h) for h in record["history"]),
+            )
+        except KeyError as e:
+            raise ValueError(f"a resume state without {e}") from None
 
     def params_for(self, origin: F64) -> MixtureParams:
         """The parameters relative to ``origin`` (exact when it is the same origin)."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -52,6 +54,34 @@ class MixtureParams:
     @property
     def n_features(self) -> int:
         return int(self.means.shape[1])
+
+    def to_dict(self) -> dict[str, Any]:
+        """``covariance_type`` and the arrays (``precisions_cholesky`` left out when None):
+        the ``mixture`` group of a saved model, the parameters of a checkpoint."""
+        record: dict[str, Any] = {
+            "covariance_type": self.covariance_type,
+            "weights": self.weights,
+            "means": self.means,
+        }
+        if self.precisions_cholesky is not None:
+            record["precisions_cholesky"] = self.precisions_cholesky
+        return record
+
+    @classmethod
+    def from_dict(cls, record: Mapping[str, Any]) -> MixtureParams:
+        """The parameters :meth:`to_dict` gave (arrays as stored); ValueError naming what
+        is missing or wrong."""
+        try:
+            kind = TYPES[parse_covariance_type(record["covariance_type"])]
+            weights, means = np.asarray(record["weights"]), np.asarray(record["means"])
+        except KeyError as e:
+            raise ValueError(f"mixture parameters without {e}") from None
+        prec = record.get("precisions_cholesky")
+        if kind.unit:
+            prec = None
+        elif prec is None:
+            raise ValueError(f"{kind.name} mixture parameters without 'precisions_cholesky'")
+        return cls(kind.name, weights, means, None if prec is None else np.asarray(prec))
 
     def translated(self, offset: F64) -> MixtureParams:
         """The same mixture moved by ``offset`` (precisions are translation invariant)."""

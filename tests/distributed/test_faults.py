@@ -354,7 +354,7 @@ def test_dkm_run_survives_worker_killed_while_writing_labels(three_workers, tmp_
     assert report["trigger_recomputed"]
     out = tmp_path / "out"
     summary = json.loads((out / "summary.json").read_text())
-    model = io.load_model(str(out / "model"))
+    model = dkm.load_model(str(out / "model"))
     X = io.open_zarr(str(data), "points").X.compute()
     expected = np.asarray(model.predict(X))
     assert_store_complete(str(out / "labels.zarr"), expected)

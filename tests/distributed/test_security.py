@@ -26,7 +26,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from dkm import io
 from dkm.cluster import ClusterError, connect
 from dkm.config import (
     AddressClusterConfig,
@@ -35,6 +34,7 @@ from dkm.config import (
     TLSConfig,
     validate_config,
 )
+from dkm.models import load_model
 
 DKM = [sys.executable, "-m", "dkm.cli"]
 
@@ -236,7 +236,7 @@ def test_run_on_tls_scheduler_with_config_security(tmp_path, certs, tls_schedule
     assert result.returncode == 0, result.stdout + result.stderr
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["n_samples"] == 4000 and summary["n_clusters"] == 3
-    model = io.load_model(str(tmp_path / "out" / "model"))
+    model = load_model(str(tmp_path / "out" / "model"))
     assert model.cluster_centers_.shape == (3, 3)
     assert f"tls://127.0.0.1:{tls_scheduler}" in result.stderr  # the job's start line
 

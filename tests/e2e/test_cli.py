@@ -97,7 +97,7 @@ def test_run_predict_info_validate(workdir):
     for name in ("convergence.png", "sizes.png", "projection.png", "index.html"):
         assert (outdir / "report" / name).stat().st_size > 0
     # the model reloads into a working estimator equal to the fitted one
-    model = io.load_model(str(outdir / "model"))
+    model = dkm.load_model(str(outdir / "model"))
     assert isinstance(model, dkm.KMeans)
     X = io.open_zarr(str(workdir / "data.zarr"), "points").X.compute()
     import zarr
@@ -126,7 +126,7 @@ def test_predict_hints_name_its_options(tmp_path):
     """dkm predict has no config: its errors name its options, not config keys."""
     io.make_data(str(tmp_path / "data.zarr"), 100, 2, 2, chunk_rows=50)
     km = dkm.KMeans(2, random_state=0).fit(io.open_zarr(str(tmp_path / "data.zarr"), "points").X)
-    io.save_model(km, str(tmp_path / "model"))
+    dkm.save_model(km, str(tmp_path / "model"))
     args = ["predict", "--model", "model", "--data", "data.zarr", "--out", "pred.zarr"]
     no_array = dkm_cmd(*args, cwd=tmp_path, check=False)
     assert no_array.returncode == 2, no_array.stderr
@@ -156,7 +156,7 @@ def test_gmm_run_with_overrides_and_json_logs(workdir):
     assert {"start", "iteration", "done"} <= {e["event"] for e in events}
     summary = json.loads((workdir / "out-gmm" / "summary.json").read_text())
     assert summary["n_clusters"] == 3 and summary["covariance_type"] == "diag"
-    model = io.load_model(str(workdir / "out-gmm" / "model"))
+    model = dkm.load_model(str(workdir / "out-gmm" / "model"))
     assert isinstance(model, dkm.GaussianMixture) and model.means_.shape == (3, 3)
     import zarr
 
@@ -372,7 +372,7 @@ def test_killed_job_resumes_from_its_checkpoint(tmp_path, mode):
     ref_dir.mkdir()
     shutil.copy(tmp_path / "c.yaml", ref_dir / "c.yaml")
     dkm_cmd("run", "c.yaml", cwd=ref_dir)
-    reference = io.load_model(str(ref_dir / "out" / "model"))
+    reference = dkm.load_model(str(ref_dir / "out" / "model"))
     # the same job, SIGKILLed after its 5th iteration
     proc = subprocess.Popen(
         [*DKM, "run", "c.yaml"], cwd=tmp_path, stderr=subprocess.PIPE, text=True
@@ -397,7 +397,7 @@ def test_killed_job_resumes_from_its_checkpoint(tmp_path, mode):
     assert after >= 5  # iteration 5 was printed, so it was checkpointed
     done = [int(m) for m in re.findall(r"iteration (\d+):", resumed.stderr)]
     assert done == list(range(after + 1, reference.n_iter_ + 1))
-    model = io.load_model(str(tmp_path / "out" / "model"))
+    model = dkm.load_model(str(tmp_path / "out" / "model"))
     assert model.n_iter_ == reference.n_iter_
     if mode == "kmeans":
         np.testing.assert_allclose(model.cluster_centers_, reference.cluster_centers_, rtol=1e-12)

@@ -24,6 +24,8 @@ from dask.delayed import Delayed
 import dkm
 from dkm import io
 from dkm.io import AtomicOutput, InputError
+from dkm.io import blobs as io_blobs
+from dkm.io.sources import _NpySource
 
 X = blobs(600, 3, 4, seed=3)
 
@@ -339,14 +341,14 @@ def test_fingerprint_stable_and_content_sensitive(tmp_path):
 def test_fingerprint_reads_only_a_few_rows(tmp_path):
     np.save(tmp_path / "x.npy", X)
     reads: list[object] = []
-    original = io._NpySource.__getitem__
+    original = _NpySource.__getitem__
 
     def spy(self, key):
         reads.append(key)
         return original(self, key)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(io._NpySource, "__getitem__", spy)
+        mp.setattr(_NpySource, "__getitem__", spy)
         io.open_npy(str(tmp_path / "x.npy"), chunk_rows=100)
     assert reads == [slice(0, 1), slice(99, 100), slice(500, 501), slice(599, 600)]
 
@@ -426,7 +428,7 @@ def test_make_data_replaces_and_fails_atomically(tmp_path, monkeypatch, mem):
         points[start : start + rows] = 0.0
         return rows
 
-    monkeypatch.setattr(io, "_write_blobs_block", failing)
+    monkeypatch.setattr(io_blobs, "_write_blobs_block", failing)
     with pytest.raises(OSError, match="disk full"):
         io.make_data(url, 100, 2, 2, seed=9, chunk_rows=30, overwrite=True)
     assert 2 in calls
@@ -527,8 +529,8 @@ def assert_same_predictions(a, b, data):
 def test_model_round_trip_is_exact(tmp_path, model):
     estimator = MODELS[model]()
     url = str(tmp_path / "model")
-    io.save_model(estimator, url, metadata={"data_fingerprint": "abc", "t": np.float64(1.5)})
-    loaded = io.load_model(url)
+    dkm.save_model(estimator, url, metadata={"data_fingerprint": "abc", "t": np.float64(1.5)})
+    loaded = dkm.load_model(url)
     assert type(loaded) is type(estimator)
     assert loaded.n_features_in_ == estimator.n_features_in_
     fresh = np.random.default_rng(1).normal(scale=6.0, size=(300, 3))
@@ -554,7 +556,7 @@ def test_model_params_metadata_and_info(tmp_path):
     est = dkm.KMeans(3, init=X[:3].copy(), n_init=1, random_state=np.random.RandomState(0))
     est.fit(pd.DataFrame(X, columns=["x", "y", "z"]))
     meta = {"config": {"k": np.int64(3), "paths": ("a", "b")}, "bad": float("inf")}
-    io.save_model(est, str(tmp_path / "m"), metadata=meta)
+    dkm.save_model(est, str(tmp_path / "m"), metadata=meta)
     info = io.read_model_metadata(str(tmp_path / "m"))
     assert info["kind"] == "KMeans" and info["dkm_version"] == dkm.__version__
     assert info["dkm_format"] == io.MODEL_FORMAT
@@ -570,23 +572,23 @@ def test_model_params_metadata_and_info(tmp_path):
         "converged",
     }
     json.dumps(info, allow_nan=False)  # strict JSON
-    loaded = io.load_model(str(tmp_path / "m"))
+    loaded = dkm.load_model(str(tmp_path / "m"))
     assert loaded.get_params()["init"] == "k-means++"  # dropped: back to the default
     assert list(loaded.feature_names_in_) == ["x", "y", "z"]
     df = pd.DataFrame(X[:50], columns=["x", "y", "z"])
     np.testing.assert_array_equal(loaded.predict(df), est.predict(df))
     with pytest.raises(TypeError, match=r"metadata\['when'\]: datetime64"):
-        io.save_model(est, str(tmp_path / "m2"), metadata={"when": np.datetime64("2024-01-01")})
+        dkm.save_model(est, str(tmp_path / "m2"), metadata={"when": np.datetime64("2024-01-01")})
     assert not (tmp_path / "m2").exists() and leftovers(tmp_path) == []
 
 
 def test_model_on_fsspec_url(mem):
     est = dkm.GaussianMixture(2, covariance_type="diag", random_state=0).fit(X)
-    io.save_model(est, f"{mem}/models/g")
+    dkm.save_model(est, f"{mem}/models/g")
     with pytest.raises(io.OutputExistsError, match=r"models/g holds the output of an earlier"):
-        io.save_model(est, f"{mem}/models/g", metadata={"second": True})
-    io.save_model(est, f"{mem}/models/g", metadata={"second": True}, overwrite=True)
-    loaded = io.load_model(f"{mem}/models/g")
+        dkm.save_model(est, f"{mem}/models/g", metadata={"second": True})
+    dkm.save_model(est, f"{mem}/models/g", metadata={"second": True}, overwrite=True)
+    loaded = dkm.load_model(f"{mem}/models/g")
     assert_same_predictions(est, loaded, X)
     assert io.read_model_metadata(f"{mem}/models/g")["metadata"] == {"second": True}
     names = fsspec.filesystem("memory").ls(mem.removeprefix("memory://") + "/models", detail=False)
@@ -597,12 +599,12 @@ def test_output_folder_of_dkm_run_leads_to_its_model(tmp_path, mem):
     est = dkm.KMeans(2, random_state=0).fit(X)
     (tmp_path / "out").mkdir()
     for out in (str(tmp_path / "out"), f"{mem}/out"):
-        io.save_model(est, f"{out}/model")
+        dkm.save_model(est, f"{out}/model")
         assert io.find_model(out) == f"{out}/model"
         assert io.find_model(f"{out}/model") == f"{out}/model"
         message = f"{out} is an output folder of `dkm run`: its model is {out}/model"
         with pytest.raises(InputError, match=re.escape(message)):
-            io.load_model(out)
+            dkm.load_model(out)
     (tmp_path / "plain").mkdir()
     with pytest.raises(InputError, match=r"no dkm model at .*plain.*writes the model to model/"):
         io.find_model(str(tmp_path / "plain"))
@@ -610,33 +612,33 @@ def test_output_folder_of_dkm_run_leads_to_its_model(tmp_path, mem):
 
 def test_load_non_models(tmp_path):
     with pytest.raises(InputError, match=r"no dkm model at .*missing"):
-        io.load_model(str(tmp_path / "missing"))
+        dkm.load_model(str(tmp_path / "missing"))
     (tmp_path / "plain").mkdir()
     with pytest.raises(InputError, match=r"no dkm model at .*plain"):
-        io.load_model(str(tmp_path / "plain"))
+        dkm.load_model(str(tmp_path / "plain"))
     url = make_group(tmp_path / "data.zarr", points=X)
     with pytest.raises(InputError, match=r"data.zarr is a zarr group but not a dkm model"):
-        io.load_model(url)
+        dkm.load_model(url)
     with pytest.raises(InputError, match=r"not a dkm model"):
         io.read_model_metadata(url)
     with pytest.raises(InputError, match=r"no dkm model at"):
-        io.load_model(f"{url}/points")  # an array
+        dkm.load_model(f"{url}/points")  # an array
     est = dkm.KMeans(2, random_state=0).fit(X)
     model = str(tmp_path / "model")
-    io.save_model(est, model)
+    dkm.save_model(est, model)
     group = zarr.open_group(model, mode="a")
     group.attrs["kind"] = "Pickle"
     with pytest.raises(InputError, match=r"unknown kind 'Pickle'"):
-        io.load_model(model)
+        dkm.load_model(model)
     group.attrs.update({"kind": "KMeans", "dkm_format": io.MODEL_FORMAT + 1})
     with pytest.raises(InputError, match=rf"format {io.MODEL_FORMAT + 1} .*reads format"):
-        io.load_model(model)
+        dkm.load_model(model)
     group.attrs["dkm_format"] = io.MODEL_FORMAT
     del group["cluster_centers_"]
     with pytest.raises(InputError, match=r"incomplete: the array 'cluster_centers_' is missing"):
-        io.load_model(model)
+        dkm.load_model(model)
     with pytest.raises(TypeError, match=r"expects a dkm KMeans or GaussianMixture"):
-        io.save_model(object(), str(tmp_path / "x"))  # type: ignore[arg-type]
+        dkm.save_model(object(), str(tmp_path / "x"))  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- outputs
@@ -736,13 +738,13 @@ def test_nested_outputs_and_small_files(tmp_path, mem):
     for base in (str(tmp_path / "run"), f"{mem}/run"):
         with AtomicOutput(base) as tmp:
             io.write_labels(da.from_array(est.labels_, chunks=200), f"{tmp}/labels.zarr")
-            io.save_model(est, f"{tmp}/model")
+            dkm.save_model(est, f"{tmp}/model")
             io.text_writer(tmp)("summary.json", '{"ok": true}')
             with io.local_dir(f"{tmp}/report") as local:
                 Path(local, "index.html").write_text("<html></html>")
                 Path(local, "img").mkdir()
                 Path(local, "img", "a.svg").write_text("<svg/>")
-        loaded = io.load_model(f"{base}/model")
+        loaded = dkm.load_model(f"{base}/model")
         assert_same_predictions(est, loaded, X)
         labels = zarr.open_array(f"{base}/labels.zarr", path="labels", mode="r")
         np.testing.assert_array_equal(labels[:], est.labels_)
@@ -789,8 +791,8 @@ def test_history_has_one_codec_and_old_models_still_load(tmp_path):
 
     est = dkm.GaussianMixture(2, random_state=0).fit(X)
     url = str(tmp_path / "m")
-    io.save_model(est, url)
-    back = io.load_model(url)
+    dkm.save_model(est, url)
+    back = dkm.load_model(url)
     assert [h.to_dict() for h in back.history_] == [h.to_dict() for h in est.history_]
     info = IterationInfo(1, float("nan"), float("inf"), 0.5, None, True)
     assert info.to_dict()["change"] == "Infinity" and info.to_dict("null")["change"] is None
@@ -800,10 +802,11 @@ def test_history_has_one_codec_and_old_models_still_load(tmp_path):
     group.attrs["history_"] = [
         {k: v for k, v in h.items() if k != "converged"} for h in group.attrs["history_"]
     ]  # as dkm wrote it before issue 20
-    assert [h.objective for h in io.load_model(url).history_] == [h.objective for h in est.history_]
+    objectives = [h.objective for h in dkm.load_model(url).history_]
+    assert objectives == [h.objective for h in est.history_]
     group.attrs["history_"] = [{"iteration": 1, "objective": "lots"}]
     with pytest.raises(InputError, match=r"attribute history_ is not readable"):
-        io.load_model(url)
+        dkm.load_model(url)
 
 
 #: Models saved by dkm before the estimators had ``mixture_`` (issue 20): the
@@ -827,7 +830,7 @@ def test_models_saved_by_an_earlier_dkm_load_and_predict_the_same(kind):
     else:
         fresh = dkm.GaussianMixture(3, covariance_type="full", means_init=init, random_state=0)
         fresh.fit(X)
-    loaded = io.load_model(str(SAVED_MODELS / kind))
+    loaded = dkm.load_model(str(SAVED_MODELS / kind))
     assert type(loaded) is type(fresh)
     np.testing.assert_array_equal(loaded.predict(X), fresh.predict(X))
     assert loaded.n_iter_ == fresh.n_iter_ and loaded.converged_ == fresh.converged_

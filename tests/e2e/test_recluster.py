@@ -20,6 +20,7 @@ from dkm.cli import main
 from dkm.config import validate_config
 from dkm.engine import ChunkedData
 from dkm.estimators import GaussianMixture, KMeans
+from dkm.models import load_model, save_model
 from dkm.recluster import (
     EXIT_REFUSED,
     merge_statistics,
@@ -118,14 +119,14 @@ def test_saved_statistics_round_trip_and_old_models_are_refused(tmp_path):
     X = generation(1, n=800)
     gm = GaussianMixture(K, covariance_type="diag", random_state=0).fit(X)
     (stats,) = statistics_pass(_data(X, gm.mixture_.origin), [gm.mixture_])
-    io.save_model(gm, str(tmp_path / "with"), statistics=stats)
+    save_model(gm, str(tmp_path / "with"), statistics=stats)
     back = io.load_model_statistics(str(tmp_path / "with"))
     for name in ("nk", "sx", "sxx"):
         np.testing.assert_array_equal(getattr(back.stats, name), getattr(stats.stats, name))
     np.testing.assert_array_equal(back.shift, stats.shift)
     assert back.stats.objective == stats.stats.objective and back.stats.n == stats.stats.n
-    np.testing.assert_array_equal(io.load_model(str(tmp_path / "with")).predict(X), gm.predict(X))
-    io.save_model(gm, str(tmp_path / "without"))
+    np.testing.assert_array_equal(load_model(str(tmp_path / "with")).predict(X), gm.predict(X))
+    save_model(gm, str(tmp_path / "without"))
     with pytest.raises(io.InputError, match=r"keeps no sufficient statistics.*without --update"):
         io.load_model_statistics(str(tmp_path / "without"))
 
@@ -159,7 +160,7 @@ def test_update_on_stationary_data_is_within_one_percent_of_a_full_refit(tmp_pat
         assert result.mode == "update" and result.promoted and result.current == result.version
     registry = Registry(str(tmp_path / "reg"), "demo")
     url = registry.model_url(registry.current())
-    updated = io.load_model(url)
+    updated = load_model(url)
     saved = io.load_model_statistics(url)
     assert saved.updates == 2 and saved.stats.n == pytest.approx(9000)  # no decay
     allX = np.vstack(batches)
@@ -189,7 +190,7 @@ def test_update_of_a_model_without_statistics_is_a_clear_error(tmp_path, schedul
     np.save(tmp_path / "a.npy", X)
     registry = Registry(str(tmp_path / "reg"), "demo")
     km = KMeans(K, random_state=0).fit(X)
-    registry.add_version(lambda url: io.save_model(km, f"{url}/model"), {"decision": "first"})
+    registry.add_version(lambda url: save_model(km, f"{url}/model"), {"decision": "first"})
     registry.promote(1)
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(_config(tmp_path, scheduler, "a.npy")))
@@ -225,7 +226,7 @@ def test_three_generations_with_drift_failure_refusal_and_rollback(tmp_path, sch
 
     assert run()[0] == 0  # no current yet: a first fit
     assert state() == (1, [1])
-    v1 = io.load_model(registry.model_url(1))
+    v1 = load_model(registry.model_url(1))
     code, _ = run("--set", f"data.path={tmp_path / 'g2.npy'}")  # one component moved
     assert code == 0 and state() == (2, [1, 2])
     drift = json.loads((Path(registry.version_url(2)) / "drift.json").read_text())
@@ -256,7 +257,7 @@ def test_three_generations_with_drift_failure_refusal_and_rollback(tmp_path, sch
     rolled = runner.invoke(main, ["models", "rollback", str(cfg)])
     assert rolled.exit_code == 0 and state()[0] == 1
     np.testing.assert_array_equal(
-        io.load_model(registry.model_url(registry.current())).cluster_centers_,
+        load_model(registry.model_url(registry.current())).cluster_centers_,
         v1.cluster_centers_,
     )
     assert runner.invoke(main, ["models", "promote", str(cfg), "v3"]).exit_code == 0

@@ -13,6 +13,8 @@ import pytest
 
 from dkm import io
 from dkm.estimators import KMeans
+from dkm.io._paths import _url_to_fs
+from dkm.models import load_model, save_model
 from dkm.registry import MARKER, Registry, RegistryError
 
 
@@ -41,7 +43,7 @@ def registry(request, tmp_path):
 
 
 def _read(registry: Registry, number: int, name: str) -> str:
-    fs, path = io._url_to_fs(f"{registry.version_url(number)}/{name}", None)
+    fs, path = _url_to_fs(f"{registry.version_url(number)}/{name}", None)
     return bytes(fs.cat_file(path)).decode()
 
 
@@ -73,7 +75,7 @@ def test_a_failed_write_leaves_no_version(registry):
     with pytest.raises(RuntimeError, match="the fit failed"):
         registry.add_version(_fail, {})
     assert [v.number for v in registry.versions()] == [1] and registry.current() == 1
-    fs, root = io._url_to_fs(registry.root, None)
+    fs, root = _url_to_fs(registry.root, None)
     leftovers = [p for p in fs.ls(root, detail=False) if p.rstrip("/").rsplit("/", 1)[-1] != "v1"]
     # no temporary left
     assert sorted(p.rsplit("/", 1)[-1] for p in leftovers) == [MARKER, "current"]
@@ -152,9 +154,9 @@ def test_models_in_a_memory_registry_round_trip():
     registry = Registry(root, "km")
     X = np.random.default_rng(0).normal(size=(200, 2))
     km = KMeans(3, random_state=0).fit(X)
-    v = registry.add_version(lambda url: io.save_model(km, f"{url}/model"), {"decision": "first"})
+    v = registry.add_version(lambda url: save_model(km, f"{url}/model"), {"decision": "first"})
     registry.promote(v.number)
-    back = io.load_model(registry.model_url(registry.current()))
+    back = load_model(registry.model_url(registry.current()))
     np.testing.assert_array_equal(back.predict(X), km.predict(X))
     fs = fsspec.filesystem("memory")
     pointer = json.loads(fs.cat_file(f"{root.removeprefix('memory://')}/km/current"))
