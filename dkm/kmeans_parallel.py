@@ -120,7 +120,6 @@ def _first_centre_pass(data: ChunkedData, seed: int, split_every: int) -> F64:
         data,
         partial(_first_chunk, seed=seed),
         name="dkm-kmpar-first",
-        merge_name="dkm-kmpar-first-merge",
         token=token,
         split_every=split_every,
         shared=(Shared("origin", "dkm-kmpar-origin", data.origin),),
@@ -155,7 +154,6 @@ def _round_pass(
         data,
         partial(_round_chunk, oversampling=oversampling, seed=seed, capacity=capacity),
         name="dkm-kmpar-round",
-        merge_name="dkm-kmpar-merge",
         token=token,
         split_every=split_every,
         shared=(

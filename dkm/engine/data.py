@@ -4,7 +4,9 @@ the checks of non-finite rows.
 
 from __future__ import annotations
 
+import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any
@@ -75,6 +77,22 @@ class ChunkedData:
     def block_tasks(self) -> list[tuple[Any, Any, int]]:
         """(X block, weight block or None, row offset) per row chunk, as Delayed."""
         return self._blocks
+
+    def pass_plans(self, groups: list[list[int]]) -> PassPlans:
+        """The tasks of a pass that runs ``groups`` (lists of chunk indices), one task
+        each: kept for the last grouping asked (the same groups every pass)."""
+        cached = self.__dict__.get("_plans")
+        if cached is not None and cached.groups == groups:
+            return cached
+        plans = PassPlans.build(self.block_graph, self._blocks, groups)
+        self.__dict__["_plans"] = plans  # frozen: as cached_property
+        return plans
+
+    def range_groups(self, n_tasks: int) -> list[list[int]]:
+        """The chunks in at most ``n_tasks`` contiguous ranges of nearly equal length."""
+        n = len(self._blocks)
+        bounds = np.linspace(0, n, min(max(1, n_tasks), n) + 1).round().astype(int).tolist()
+        return [list(range(a, b)) for a, b in itertools.pairwise(bounds)]
 
     def worker_groups(self, client: Any) -> list[list[int]] | None:
         """Blocks of X by the worker thread that should run them: each worker's
@@ -150,6 +168,148 @@ class ChunkedData:
                 if block is not None and block.key not in graph:
                     graph.update(block.__dask_graph__())
         return graph
+
+
+class ChunkPlan:
+    """The row chunks one task of a pass runs, in order, and how it gets their blocks.
+
+    ``inputs`` are keys of the pass's graph whose values the task receives (blocks
+    persisted on a cluster, what several tasks' reads share); ``chunks`` holds, per
+    chunk, the steps that compute its blocks inside the task (graph nodes, each run on
+    the values computed so far), the keys of its X and weight blocks, its row offset, and
+    the keys no later chunk of the task needs (dropped after it: one block in memory at a
+    time). Pickled once: a pass on a cluster sends the same bytes every time.
+    """
+
+    __slots__ = ("__dict__", "chunks", "inputs")
+
+    def __init__(
+        self,
+        inputs: tuple[Any, ...],
+        chunks: tuple[tuple[tuple[tuple[Any, Any], ...], Any, Any, int, tuple[Any, ...]], ...],
+    ) -> None:
+        self.inputs = inputs
+        self.chunks = chunks
+
+    @cached_property
+    def _pickled(self) -> bytes:
+        import cloudpickle
+
+        return bytes(cloudpickle.dumps((self.inputs, self.chunks)))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_load_plan, (self._pickled,))
+
+
+def _load_plan(pickled: bytes) -> ChunkPlan:
+    import pickle
+
+    return ChunkPlan(*pickle.loads(pickled))
+
+
+@dataclass(frozen=True, eq=False)
+class PassPlans:
+    """A pass's chunks by task: ``plans[g]`` runs the chunks ``groups[g]``; ``graph``
+    holds the blocks' graph nodes that tasks receive as inputs rather than run
+    themselves (shared by several tasks' reads); ``token`` names the grouping."""
+
+    groups: list[list[int]]
+    plans: tuple[ChunkPlan, ...]
+    graph: dict[Any, Any]
+    token: str
+
+    @classmethod
+    def build(
+        cls,
+        block_graph: dict[Any, Any],
+        blocks: list[tuple[Any, Any, int]],
+        groups: list[list[int]],
+    ) -> PassPlans:
+        """Each block's ancestry in ``block_graph`` is computed inside the one task that
+        needs it; a key several tasks need, or one not in the graph (persisted), is an
+        input of the tasks."""
+        from dask.base import tokenize
+
+        from dkm.engine import _dask
+
+        deps = {k: _dask.dependencies(v) for k, v in block_graph.items()}
+        fusable = all(d is not None for d in deps.values())
+        block_keys = [tuple(b.key for b in (xb, wb) if b is not None) for xb, wb, _ in blocks]
+        owners: dict[Any, set[int]] = {}
+        for g, members in enumerate(groups):
+            stack = [k for i in members for k in block_keys[i]]
+            while stack:
+                key = stack.pop()
+                seen = owners.setdefault(key, set())
+                if g in seen:
+                    continue
+                seen.add(g)
+                stack.extend(deps.get(key) or ())
+
+        def private(key: Any) -> bool:
+            return fusable and key in block_graph and len(owners[key]) == 1
+
+        plans = []
+        for members in groups:
+            inputs: dict[Any, None] = {}
+            done: set[Any] = set()
+            per_chunk = [
+                _steps(block_keys[i], deps, block_graph, private, done, inputs) for i in members
+            ]
+            # a key is dropped after the last chunk of the task that uses it
+            last: dict[Any, int] = {}
+            for j, i in enumerate(members):
+                stack = list(block_keys[i])
+                while stack:
+                    key = stack.pop()
+                    if key in inputs or last.get(key) == j:
+                        continue
+                    last[key] = j
+                    stack.extend(deps[key] or ())
+            release: list[list[Any]] = [[] for _ in members]
+            for key, j in last.items():
+                release[j].append(key)
+            chunks = tuple(
+                (
+                    tuple(per_chunk[j]),
+                    blocks[i][0].key,
+                    None if blocks[i][1] is None else blocks[i][1].key,
+                    blocks[i][2],
+                    tuple(release[j]),
+                )
+                for j, i in enumerate(members)
+            )
+            plans.append(ChunkPlan(tuple(inputs), chunks))
+        shared = {k: v for k, v in block_graph.items() if not private(k) and k in owners}
+        return cls(groups, tuple(plans), shared, tokenize(groups))
+
+
+def _steps(
+    roots: tuple[Any, ...],
+    deps: dict[Any, frozenset[Any] | None],
+    graph: dict[Any, Any],
+    private: Callable[[Any], bool],
+    done: set[Any],
+    inputs: dict[Any, None],
+) -> list[tuple[Any, Any]]:
+    """The nodes computing ``roots`` not ``done`` yet, dependencies first (marked done);
+    keys that are not ``private`` are added to ``inputs`` instead."""
+    steps: list[tuple[Any, Any]] = []
+    stack: list[tuple[Any, bool]] = [(k, False) for k in reversed(roots)]
+    while stack:
+        key, ready = stack.pop()
+        if ready:
+            steps.append((key, graph[key]))
+            continue
+        if key in done:
+            continue
+        done.add(key)
+        if not private(key):
+            inputs[key] = None
+            continue
+        stack.append((key, True))
+        stack.extend((dep, False) for dep in deps[key] or ())
+    return steps
 
 
 #: Seconds a dataset's :meth:`ChunkedData.worker_groups` answer is used before the
