@@ -255,6 +255,127 @@ def test_persisted_blocks_run_as_one_task_per_worker_thread(dask_processes):
     assert km.inertia_ == pytest.approx(threaded_km.inertia_, rel=1e-12)
 
 
+class ClientReceipts:
+    """The results each pass on a client sends back to it: how many, pickled bytes."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import pickle
+
+        import dkm.engine.passes
+
+        self.passes: list[tuple[int, int]] = []
+        run = dkm.engine.passes._run_on_client
+
+        def spy(*args, **kwargs):
+            results = run(*args, **kwargs)
+            self.passes.append((len(results), sum(len(pickle.dumps(r)) for r in results)))
+            return results
+
+        monkeypatch.setattr(dkm.engine.passes, "_run_on_client", spy)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("persist", [True, False], ids=["persisted", "from-memory"])
+def test_tasks_and_client_results_per_pass_do_not_grow_with_chunks(
+    dask_processes, monkeypatch, persist
+):
+    """16 or 256 chunks: as many E-step tasks as worker threads (2), no other task, and
+    the same number and size of results reach the client; the totals agree."""
+    from distributed import Client, get_task_stream, wait
+
+    params = MixtureParams.identity(INIT_KM)
+    options = PassOptions("soft", "full", n_farthest=3)
+    receipts = ClientReceipts(monkeypatch)
+    names, totals = {}, {}
+    with Client(dask_processes) as client:
+        for n_chunks in (16, 256):
+            Xd = da.from_array(X, chunks=(len(X) // n_chunks, -1))
+            if persist:
+                Xd = client.persist(Xd)
+                wait(Xd)
+            data = ChunkedData.from_dask(Xd)
+            stats_pass(data, params, options)  # plans and the first round trips
+            with get_task_stream(client) as stream:
+                totals[n_chunks] = stats_pass(data, params, options)
+            names[n_chunks] = [str(t["key"]) for t in stream.data]
+    for n_chunks, keys in names.items():
+        assert len(keys) == sum("dkm-estep" in k for k in keys) == 2, (n_chunks, keys)
+    (count16, bytes16), (count256, bytes256) = receipts.passes[1], receipts.passes[3]
+    assert count16 == count256 == 2
+    assert abs(bytes256 - bytes16) <= 0.1 * bytes16
+    for name in ("nk", "sx", "sxx"):
+        np.testing.assert_allclose(
+            getattr(totals[256], name), getattr(totals[16], name), rtol=1e-12
+        )
+
+
+@pytest.mark.distributed
+def test_a_store_is_read_inside_the_grouped_tasks(dask_processes, tmp_path):
+    """Blocks read from a zarr store in every pass: one task per worker thread reads its
+    range of chunks itself (no read task per chunk), with the totals of the threaded
+    scheduler's two ranges."""
+    from distributed import Client, get_task_stream
+
+    da.from_array(X, chunks=(250, -1)).to_zarr(str(tmp_path / "x.zarr"))
+    Xz = da.from_zarr(str(tmp_path / "x.zarr"))
+    params = MixtureParams.identity(INIT_KM)
+    options = PassOptions("hard", "none", n_farthest=2)
+    with dask.config.set(num_workers=2):
+        reference = stats_pass(ChunkedData.from_dask(Xz), params, options)
+    with Client(dask_processes) as client, get_task_stream(client) as stream:
+        total = stats_pass(ChunkedData.from_dask(Xz), params, options)
+    keys = [str(t["key"]) for t in stream.data]
+    assert sum("dkm-estep" in k for k in keys) == 2
+    assert not [k for k in keys if "from-zarr" in k and "original" not in k], keys
+    assert len(keys) <= 3  # at most the store's handle besides
+    assert_same_bits(total, reference)
+
+
+def test_a_task_holds_one_block_at_a_time():
+    """Blocks computed inside a pass's task (not persisted): each is dropped once its
+    chunk is done, and the pass's graph holds one task per thread, none per block."""
+    import weakref
+
+    from dkm.engine.passes import run_pass
+
+    live: set[int] = set()
+    seen: list[int] = []
+
+    def block(block_id=None):
+        out = X[500 * block_id[0] : 500 * (block_id[0] + 1)].copy()
+        live.add(id(out))
+        weakref.finalize(out, live.discard, id(out))
+        return out
+
+    Xd = da.map_blocks(block, chunks=((500,) * 8, (3,)), dtype=X.dtype)
+    data = ChunkedData.from_dask(Xd)
+    graphs = []
+
+    def spy(dsk, keys, **kwargs):
+        graphs.append(dict(dsk))
+        return dask.threaded.get(dsk, keys, **kwargs)
+
+    def chunk(X, w, row_offset, drop_nonfinite):
+        seen.append(len(live))
+        return ChunkCount(X.shape[0], row_offset)
+
+    with dask.config.set(scheduler=spy, num_workers=1):
+        total = run_pass(data, chunk, name="dkm-test", token="t", split_every=2)
+    assert (total.rows, total.offsets) == (len(X), tuple(range(0, len(X), 500)))
+    assert seen == [1] * 8
+    assert len(graphs[0]) == 1
+
+
+class ChunkCount:
+    def __init__(self, rows, offset):
+        self.rows, self.offsets = rows, (offset,)
+
+    def merge(self, other):
+        out = ChunkCount(self.rows + other.rows, 0)
+        out.offsets = self.offsets + other.offsets
+        return out
+
+
 @pytest.mark.distributed
 def test_worker_groups_are_kept_until_old_or_a_block_is_lost(dask_processes, monkeypatch):
     """The scheduler is asked where the blocks are once per GROUPS_MAX_AGE, not once per
