@@ -201,7 +201,9 @@ def assert_same_model(got: Any, ref: Any, rtol: float = 1e-12) -> None:
     assert got.n_iter_ == ref.n_iter_
     a, b = model_arrays(got), model_arrays(ref)
     for name in a:
-        np.testing.assert_allclose(a[name], b[name], rtol=rtol, atol=0, err_msg=name)
+        # relative to each array's scale: the workers merge other groups of chunks
+        scale = float(np.max(np.abs(b[name])))
+        np.testing.assert_allclose(a[name], b[name], rtol=rtol, atol=rtol * scale, err_msg=name)
 
 
 @pytest.fixture(scope="module")
