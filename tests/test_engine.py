@@ -29,6 +29,15 @@ X = blobs(4000, 3, 4, seed=11)
 INIT_KM = X[[0, 1000, 2000, 3000]].copy()
 
 
+@pytest.fixture(autouse=True)
+def chunk_per_run(monkeypatch):
+    """Each chunk a run of its own: these tests count the tasks and groups of chunks of
+    small arrays, which would otherwise be one run (the runs have their own tests)."""
+    import dkm.engine.data
+
+    monkeypatch.setattr(dkm.engine.data, "RUN_BYTES", 0)
+
+
 def fit_kmeans(Xd, **kw):
     return dkm.KMeans(4, init=INIT_KM, n_init=1, max_iter=10, tol=0, **kw).fit(Xd)
 
@@ -331,11 +340,12 @@ def test_a_store_is_read_inside_the_grouped_tasks(dask_processes, tmp_path):
     assert_same_bits(total, reference)
 
 
-def test_a_task_holds_one_block_at_a_time():
+def test_a_task_holds_one_block_at_a_time(monkeypatch):
     """Blocks computed inside a pass's task (not persisted): each is dropped once its
     chunk is done, and the pass's graph holds one task per thread, none per block."""
     import weakref
 
+    import dkm.engine.data
     from dkm.engine.passes import run_pass
 
     live: set[int] = set()
@@ -364,6 +374,65 @@ def test_a_task_holds_one_block_at_a_time():
     assert (total.rows, total.offsets) == (len(X), tuple(range(0, len(X), 500)))
     assert seen == [1] * 8
     assert len(graphs[0]) == 1
+    # runs of two chunks: two blocks at a time, joined
+    monkeypatch.setattr(dkm.engine.data, "RUN_BYTES", 2 * 500 * 3 * X.itemsize)
+    seen.clear()
+    data = ChunkedData.from_dask(Xd)
+    with dask.config.set(scheduler="sync"):
+        total = run_pass(data, chunk, name="dkm-test", token="t", split_every=2)
+    assert (total.rows, total.offsets) == (len(X), tuple(range(0, len(X), 1000)))
+    assert len(seen) == 4 and max(seen) <= 2
+
+
+def test_small_chunks_run_together(monkeypatch):
+    """Consecutive chunks smaller than RUN_BYTES reach the chunk function as one block
+    (a view when the blocks are consecutive slices of one array, else a copy), fixed by
+    the chunking alone; the totals agree with a chunk at a time."""
+    import dkm.engine.data
+    from dkm.engine.passes import run_pass
+
+    def runs(chunks, limit):
+        monkeypatch.setattr(dkm.engine.data, "RUN_BYTES", limit)
+        Xd = da.from_array(np.zeros((sum(chunks), 2), np.float32), chunks=(chunks, -1))
+        return [list(r) for r in ChunkedData.from_dask(Xd).runs]
+
+    assert runs((10, 10, 10, 10, 10), 200) == [[0, 1, 2], [3, 4]]
+    assert runs((10, 10, 40, 10), 200) == [[0, 1], [2], [3]]  # a large chunk alone
+    assert runs((10, 10), 0) == [[0], [1]]
+
+    def view(block_id=None):
+        return X[500 * block_id[0] : 500 * (block_id[0] + 1)]
+
+    views = da.map_blocks(view, chunks=((500,) * 8, (3,)), dtype=X.dtype)
+    params = MixtureParams.identity(INIT_KM)
+    options = PassOptions("soft", "full", n_farthest=3)
+    one_by_one = stats_pass(ChunkedData.from_dask(views), params, options)
+    monkeypatch.setattr(dkm.engine.data, "RUN_BYTES", 3 * 500 * 3 * X.itemsize)
+    data = ChunkedData.from_dask(views)
+    copies = ChunkedData.from_dask(da.from_array(X, chunks=(500, -1)))  # dask copies slices
+    calls = []
+
+    def chunk(X_run, w, row_offset, drop_nonfinite):
+        calls.append((X_run.shape[0], row_offset, np.shares_memory(X_run, X)))
+        return ChunkCount(X_run.shape[0], row_offset)
+
+    for workers in (1, 2, 3):
+        calls.clear()
+        with dask.config.set(scheduler="threads", num_workers=workers):
+            run_pass(data, chunk, name="dkm-test", token="t", split_every=2)
+            run_pass(copies, chunk, name="dkm-test", token="c", split_every=2)
+            total = stats_pass(data, params, options)
+            assert_same_bits(stats_pass(copies, params, options), total)
+        assert sorted(calls) == [
+            *[(1000, 3000, False), (1000, 3000, True)],
+            *[(1500, 0, False), (1500, 0, True), (1500, 1500, False), (1500, 1500, True)],
+        ]
+        for name in ("nk", "sx", "sxx"):
+            got, want = getattr(total, name), getattr(one_by_one, name)
+            np.testing.assert_allclose(got, want, rtol=1e-12)
+        if workers == 1:
+            first = total
+        assert_same_bits(total, first)  # the same runs, whatever the threads
 
 
 class ChunkCount:

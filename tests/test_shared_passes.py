@@ -116,7 +116,10 @@ def test_fit_em_many_is_each_fit_alone_bit_for_bit(kind):
         assert [h.iteration for h in seen if h.run == i] == list(range(1, alone.n_iter + 1))
 
 
-def test_converged_models_stop_costing_work():
+def test_converged_models_stop_costing_work(monkeypatch):
+    import dkm.engine.data
+
+    monkeypatch.setattr(dkm.engine.data, "RUN_BYTES", 0)  # each chunk a run: many tasks
     X = blobs(4000, 3, 5, seed=2)
     data = chunked(X, 500)
     rng = np.random.default_rng(1)

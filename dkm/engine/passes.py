@@ -136,20 +136,65 @@ def run_pass(
 
 
 def _run_chunks(chunk: Callable[..., M], plan: ChunkPlan, *values: Any, **kwargs: Any) -> M:
-    """``chunk`` on each chunk of ``plan`` in turn, merged left to right: one task's
-    result. ``values`` are those of ``plan.inputs``."""
+    """``chunk`` on each run of chunks of ``plan`` in turn (its blocks joined into one),
+    merged left to right: one task's result. ``values`` are those of ``plan.inputs``."""
     cache = dict(zip(plan.inputs, values, strict=True))
     total: M | None = None
-    for steps, x_key, w_key, offset, release in plan.chunks:
+    xs: list[Any] = []
+    ws: list[Any] = []
+    done: list[Any] = []
+    first = 0
+    for steps, x_key, w_key, offset, release, run_end in plan.chunks:
         for key, node in steps:
             cache[key] = _dask.run_node(node, cache)
-        w = None if w_key is None else cache[w_key]
-        part = chunk(cache[x_key], w, row_offset=offset, **kwargs)
-        for key in release:
+        if not xs:
+            first = offset
+        xs.append(cache[x_key])
+        if w_key is not None:
+            ws.append(cache[w_key])
+        done += release
+        if not run_end:
+            continue
+        X, w = joined(xs), (joined(ws) if ws else None)
+        xs, ws = [], []
+        for key in done:
             del cache[key]
+        done = []
+        part = chunk(X, w, row_offset=first, **kwargs)
+        del X, w
         total = part if total is None else total.merge(part)
-    assert total is not None  # a plan has at least one chunk
+    assert total is not None and not xs  # a plan holds whole runs, at least one
     return total
+
+
+def joined(blocks: list[NDArray[Any]]) -> NDArray[Any]:
+    """Consecutive row blocks as one array: a read-only view when they lie one after
+    the other in the same buffer (slices of one array), else a copy."""
+    if len(blocks) == 1:
+        return blocks[0]
+    first = blocks[0]
+    if all(b.flags.c_contiguous and b.dtype == first.dtype for b in blocks) and all(
+        b.shape[1:] == first.shape[1:] for b in blocks
+    ):
+        root = _root(first)
+        end = first.__array_interface__["data"][0]
+        for b in blocks:
+            if b.__array_interface__["data"][0] != end or _root(b) is not root:
+                break
+            end += b.nbytes
+        else:
+            rows = sum(b.shape[0] for b in blocks)
+            return np.lib.stride_tricks.as_strided(
+                first, (rows, *first.shape[1:]), first.strides, writeable=False
+            )
+    return np.concatenate(blocks)
+
+
+def _root(a: NDArray[Any]) -> Any:
+    """The object that owns ``a``'s memory (the end of its chain of bases)."""
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a if a.base is None else a.base
 
 
 def _threads(schedule: Callable[..., Any]) -> int:
