@@ -127,7 +127,16 @@ def _on_cluster(
     from distributed import get_task_stream, wait
 
     rows = math.ceil(X.shape[0] / n_chunks)
-    parts = client.scatter([X[i : i + rows] for i in range(0, X.shape[0], rows)])
+    blocks = [X[i : i + rows] for i in range(0, X.shape[0], rows)]
+    # contiguous ranges of chunks, one per worker, as a persist of a store places them
+    # (scatter's round-robin would split every run of chunks between the workers)
+    workers = sorted(client.scheduler_info()["workers"])
+    bounds = np.linspace(0, len(blocks), len(workers) + 1).round().astype(int)
+    parts = [
+        future
+        for w, a, b in zip(workers, bounds[:-1], bounds[1:], strict=True)
+        for future in client.scatter(blocks[a:b], workers=[w])
+    ]
     Xc = da.concatenate(
         [
             da.from_delayed(p, (min(rows, X.shape[0] - i * rows), X.shape[1]), X.dtype)

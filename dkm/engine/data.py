@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import cached_property
@@ -120,9 +121,9 @@ class ChunkedData:
 
     def worker_groups(self, client: Any) -> list[list[int]] | None:
         """Blocks of X by the worker thread that should run them: each worker's
-        :attr:`runs` (those whose first block it holds) dealt round-robin over its
+        :attr:`runs` (those it holds most blocks of) dealt round-robin over its
         threads; None unless every block of X is persisted on ``client``'s cluster and
-        every worker holds the first block of some run.
+        every worker is given some run.
 
         Asking the scheduler takes two round trips, so the answer is kept for
         :data:`GROUPS_MAX_AGE` seconds, and asked again at once when a block's future is
@@ -162,7 +163,8 @@ class ChunkedData:
             return None
         by_worker: dict[str, list[range]] = {}
         for run in runs:
-            by_worker.setdefault(who_has[keys[run[0]]][0], []).append(run)
+            held = Counter(who_has[keys[i]][0] for i in run)
+            by_worker.setdefault(max(held, key=held.__getitem__), []).append(run)
         if any(worker not in by_worker for worker in threads):
             # a worker holding none of the blocks (one that joined after the persist, say)
             # would get no E-step work at all: one task per block lets the scheduler use it
