@@ -192,7 +192,7 @@ def kmeans_parallel(
     oversampling_factor : ℓ/k; each round adds ``oversampling_factor · k`` candidates
         in expectation (Bahmani et al. use 0.5 to 10; 2 is Spark's and dask-ml's).
     n_rounds : sampling rounds (passes) after the first centre (the paper finds 5 ample).
-    split_every : fan-in of the reduction trees.
+    split_every : fan-in of the client's merges of the passes' results.
     summary : the data's :func:`~dkm.engine.passes.summarize` result, when there is one: its
         weighted sample provides the first centre (the row with the highest
         Efraimidis–Spirakis key, a draw proportional to weight), saving a pass.
