@@ -213,26 +213,22 @@ class ChunkPlan:
     Pickled once: a pass on a cluster sends the same bytes every time.
     """
 
-    __slots__ = ("__dict__", "chunks", "inputs")
+    __slots__ = ("_pickled", "chunks", "inputs")
 
-    def __init__(
-        self,
-        inputs: tuple[Any, ...],
-        chunks: tuple[
-            tuple[tuple[tuple[Any, Any], ...], Any, Any, int, tuple[Any, ...], bool], ...
-        ],
-    ) -> None:
+    def __init__(self, inputs: tuple[Any, ...], chunks: tuple[PlannedChunk, ...]) -> None:
         self.inputs = inputs
         self.chunks = chunks
-
-    @cached_property
-    def _pickled(self) -> bytes:
-        import cloudpickle
-
-        return bytes(cloudpickle.dumps((self.inputs, self.chunks)))
+        self._pickled: bytes | None = None
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_load_plan, (self._pickled,))
+        import cloudpickle
+
+        pickled = self._pickled
+        if pickled is None:
+            pickled = bytes(cloudpickle.dumps((self.inputs, self.chunks)))
+            if len(pickled) <= PLAN_PICKLE_KEPT:  # not a copy of the data (blocks inline)
+                self._pickled = pickled
+        return (_load_plan, (pickled,))
 
 
 def _load_plan(pickled: bytes) -> ChunkPlan:
@@ -348,6 +344,10 @@ def _steps(
         stack.extend((dep, False) for dep in deps[key] or ())
     return steps
 
+
+#: Largest pickled :class:`ChunkPlan` kept for the next pass; larger ones hold blocks
+#: (data in the graph itself) and are pickled again rather than held twice.
+PLAN_PICKLE_KEPT = 16 << 20
 
 #: Bytes of X up to which consecutive row chunks are joined into one run
 #: (:attr:`ChunkedData.runs`): each call of a chunk function costs tens of
