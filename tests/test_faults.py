@@ -210,8 +210,8 @@ def assert_same_model(got: Any, ref: Any, rtol: float = 1e-12) -> None:
 def undisturbed() -> dict[str, tuple[Any, np.ndarray]]:
     """The models and labels of undisturbed fits on the same data and seed.
 
-    Computed by the threaded scheduler: the tree reduction is ordered by chunk index, so
-    the result does not depend on where the chunks ran (see the determinism tests).
+    Computed by the threaded scheduler, whose tasks merge contiguous ranges of chunks
+    where the cluster's merge the chunks each worker holds (see the determinism tests).
     """
     X = fault_points()
     out = {}
