@@ -14,6 +14,7 @@ import numpy as np
 import sklearn
 
 import dkm
+from benchmarks.bench_chunks import chunks_workload, print_chunk_table
 from benchmarks.common import Run, Size, print_environment, rel_diff
 from benchmarks.workloads import (
     COVARIANCE_TYPES,
@@ -26,7 +27,7 @@ from benchmarks.workloads import (
     scaling_workload,
 )
 
-WORKLOADS = ("km1", "km2", "gmm1", "scaling", "overhead")
+WORKLOADS = ("km1", "km2", "gmm1", "scaling", "overhead", "chunks")
 
 #: k-means inertia (float32 arithmetic, every library its own order of sums).
 KMEANS_RTOL = 1e-4
@@ -41,6 +42,10 @@ class Suite:
     gmm1: Size
     iters: int
     chunks: int
+    #: the chunks workload: chunkings of KM-1's points, LocalCluster sizes
+    chunk_counts: tuple[int, ...]
+    cluster_workers: tuple[int, ...]
+    chunks_km1: Size
 
 
 SUITES = {
@@ -50,6 +55,9 @@ SUITES = {
         gmm1=Size(1_000_000, 16, 16),
         iters=7,
         chunks=8,
+        chunk_counts=(16, 256, 1024, 4096),
+        cluster_workers=(2, 8),
+        chunks_km1=Size(1_000_000, 32, 64),
     ),
     "quick": Suite(
         km1=Size(20_000, 8, 8),
@@ -57,6 +65,9 @@ SUITES = {
         gmm1=Size(8_000, 4, 4),
         iters=5,
         chunks=4,
+        chunk_counts=(2, 16),
+        cluster_workers=(2,),
+        chunks_km1=Size(20_000, 8, 8),
     ),
 }
 
@@ -155,6 +166,10 @@ def print_measurements(measurements: Sequence[Measurement]) -> None:
     print("| measurement | value | target | met | detail |")
     print("|---|---:|---:|---|---|")
     for m in measurements:
+        if m.name.startswith("cost:"):
+            value = f"{1e9 * m.value:.3g} ns" if "byte" in m.name else f"{1e3 * m.value:.3g} ms"
+            print(f"| {m.name} | {value} | | | {m.detail} |")
+            continue
         if m.name.startswith("scaling"):
             target, value = SCALING_TARGET, f"{m.value:.2f}x"
         else:
@@ -263,11 +278,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             scaling_workload(bench, suite.km1)
         if "overhead" in args.workload:
             overhead_workload(bench, suite.km1)
+        if "chunks" in args.workload:
+            workers = suite.cluster_workers if options.local_cluster else ()
+            chunks_workload(bench, suite.chunks_km1, suite.chunk_counts, workers)
     finally:
         bench.close()
     print()
     ok = print_results(bench.runs)
     print_measurements(bench.measurements)
+    print_chunk_table(bench.chunk_rows)
     if not ok:
         print("MISMATCH: some final objectives disagree (see the table)")
         return 1

@@ -58,6 +58,8 @@ class Bench:
     options: Options
     runs: list[Run] = field(default_factory=list)
     measurements: list[Measurement] = field(default_factory=list)
+    #: the chunks workload's table (``benchmarks.bench_chunks.ChunkRow``)
+    chunk_rows: list[Any] = field(default_factory=list)
     _cluster: Any = None
 
     def cluster(self) -> Any:

@@ -400,7 +400,9 @@ class OutputConfig(_Strict):
 
 
 class RuntimeConfig(_Strict):
-    split_every: int = Field(8, ge=2, description="fan-in of the reduction tree")
+    split_every: int = Field(
+        8, ge=2, description="fan-in of the client's merge of a pass's task results"
+    )
     persist: PersistPolicy = Field(
         "auto", description="keep the points in cluster memory (auto: if under half of it)"
     )

@@ -436,7 +436,7 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
     verbose : int.
     random_state : int, RandomState or None.
     chunk_size : "auto" or int, rows per chunk when X is a NumPy array.
-    split_every : int, fan-in of the reduction tree.
+    split_every : int, fan-in of the client's merge of a pass's task results.
     init_sample_size : int or None (max(10 000, 100 · n_clusters)).
     callback : called with an :class:`~dkm.engine.IterationInfo` after every iteration
         (iteration, objective, change, seconds, params): progress, metrics, checkpoints.

@@ -120,7 +120,6 @@ def _first_centre_pass(data: ChunkedData, seed: int, split_every: int) -> F64:
         data,
         partial(_first_chunk, seed=seed),
         name="dkm-kmpar-first",
-        merge_name="dkm-kmpar-first-merge",
         token=token,
         split_every=split_every,
         shared=(Shared("origin", "dkm-kmpar-origin", data.origin),),
@@ -155,7 +154,6 @@ def _round_pass(
         data,
         partial(_round_chunk, oversampling=oversampling, seed=seed, capacity=capacity),
         name="dkm-kmpar-round",
-        merge_name="dkm-kmpar-merge",
         token=token,
         split_every=split_every,
         shared=(
@@ -194,7 +192,7 @@ def kmeans_parallel(
     oversampling_factor : ℓ/k; each round adds ``oversampling_factor · k`` candidates
         in expectation (Bahmani et al. use 0.5 to 10; 2 is Spark's and dask-ml's).
     n_rounds : sampling rounds (passes) after the first centre (the paper finds 5 ample).
-    split_every : fan-in of the reduction trees.
+    split_every : fan-in of the client's merges of the passes' results.
     summary : the data's :func:`~dkm.engine.passes.summarize` result, when there is one: its
         weighted sample provides the first centre (the row with the highest
         Efraimidis–Spirakis key, a draw proportional to weight), saving a pass.

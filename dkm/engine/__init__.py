@@ -1,4 +1,4 @@
-"""The EM loop over a Dask array: E-step per chunk, tree reduction, M-step on the client.
+"""The EM loop over a Dask array: E-step per chunk, merged per task, M-step on the client.
 
 Knows no YAML, no files and no CLI. Works on whatever Dask scheduler is current: the
 threaded scheduler by default, or a ``distributed.Client`` if one is active.

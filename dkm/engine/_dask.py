@@ -22,13 +22,15 @@ from typing import Any
 _Task: Any
 _TaskRef: Any
 _DataNode: Any
+_GraphNode: Any
 _LLGExpr: Any
 try:
     from dask._task_spec import DataNode as _DataNode
+    from dask._task_spec import GraphNode as _GraphNode
     from dask._task_spec import Task as _Task
     from dask._task_spec import TaskRef as _TaskRef
 except ImportError:  # pragma: no cover - a Dask without graph nodes: the public format
-    _Task = _TaskRef = _DataNode = None
+    _Task = _TaskRef = _DataNode = _GraphNode = None
 try:
     from dask._expr import LLGExpr as _LLGExpr
 except ImportError:  # pragma: no cover - the client tokenises the dict itself
@@ -75,6 +77,22 @@ def data(key: Hashable, value: Any) -> Any:
     if TASK_SPEC:
         return _DataNode(key, value)
     return (partial(_value, value),)
+
+
+def dependencies(node: Any) -> frozenset[Any] | None:
+    """The keys a node of a collection's graph depends on; None when it is not a graph
+    node (a Dask without them: such a node is left to the scheduler, never run by
+    :func:`run_node`)."""
+    if _GraphNode is None or not isinstance(node, _GraphNode):
+        return None
+    deps: frozenset[Any] = node.dependencies
+    return deps
+
+
+def run_node(node: Any, values: Mapping[Any, Any]) -> Any:
+    """The value of a graph node (:func:`dependencies` not None) given its
+    dependencies' ``values`` by key."""
+    return node(values)
 
 
 def submit(client: Any, graph: dict[Any, Any], keys: list[Any], token: str) -> Any:

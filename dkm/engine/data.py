@@ -4,7 +4,10 @@ the checks of non-finite rows.
 
 from __future__ import annotations
 
+import itertools
 import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any
@@ -62,6 +65,27 @@ class ChunkedData:
     def offsets(self) -> list[int]:
         return [0, *np.cumsum(self.X.chunks[0]).tolist()][:-1]
 
+    @cached_property
+    def runs(self) -> list[range]:
+        """Consecutive row chunks a pass gives its chunk function as one block: chunks
+        are joined until a run holds :data:`RUN_BYTES` of X; a chunk that large alone
+        is a run of its own. Fixed by the chunking alone (never by the workers), so
+        that a pass's sums do not depend on where it runs."""
+        row_bytes = self.n_features * self.X.dtype.itemsize
+        runs, start, size = [], 0, 0
+        for i, rows in enumerate(self.X.chunks[0]):
+            nbytes = rows * row_bytes
+            if size and nbytes >= RUN_BYTES:
+                runs.append(range(start, i))
+                start, size = i, 0
+            size += nbytes
+            if size >= RUN_BYTES:
+                runs.append(range(start, i + 1))
+                start, size = i + 1, 0
+        if start < len(self.X.chunks[0]):
+            runs.append(range(start, len(self.X.chunks[0])))
+        return runs
+
     def with_origin(self, origin: F64) -> ChunkedData:
         return replace(self, origin=np.asarray(origin, np.float64))
 
@@ -76,10 +100,30 @@ class ChunkedData:
         """(X block, weight block or None, row offset) per row chunk, as Delayed."""
         return self._blocks
 
+    def pass_plans(self, groups: list[list[int]]) -> PassPlans:
+        """The tasks of a pass that runs ``groups`` (lists of chunk indices), one task
+        each: kept for the last grouping asked (the same groups every pass)."""
+        cached = self.__dict__.get("_plans")
+        if cached is not None and cached.groups == groups:
+            return cached
+        ends = {run[-1] for run in self.runs}
+        plans = PassPlans.build(self.block_graph, self._blocks, groups, ends)
+        self.__dict__["_plans"] = plans  # frozen: as cached_property
+        return plans
+
+    def range_groups(self, n_tasks: int) -> list[list[int]]:
+        """The chunks in at most ``n_tasks`` contiguous ranges of nearly equal numbers
+        of :attr:`runs`."""
+        runs = self.runs
+        n = len(runs)
+        bounds = np.linspace(0, n, min(max(1, n_tasks), n) + 1).round().astype(int).tolist()
+        return [list(range(runs[a][0], runs[b - 1][-1] + 1)) for a, b in itertools.pairwise(bounds)]
+
     def worker_groups(self, client: Any) -> list[list[int]] | None:
         """Blocks of X by the worker thread that should run them: each worker's
-        persisted blocks dealt round-robin over its threads; None unless every block of
-        X is persisted on ``client``'s cluster and every worker holds some.
+        :attr:`runs` (those it holds most blocks of) dealt round-robin over its
+        threads; None unless every block of X is persisted on ``client``'s cluster and
+        every worker is given some run.
 
         Asking the scheduler takes two round trips, so the answer is kept for
         :data:`GROUPS_MAX_AGE` seconds, and asked again at once when a block's future is
@@ -105,22 +149,22 @@ class ChunkedData:
             return None  # not persisted (e.g. read from a store in every pass)
         futures = [by_key[key] for key in keys]
         asked = time.monotonic()
-        groups = self._ask_worker_groups(client, keys, futures)
+        groups = self._ask_worker_groups(client, keys, futures, self.runs)
         self.__dict__["_groups"] = (client.id, asked, futures, groups)  # frozen: as cached_property
         return groups
 
     @staticmethod
     def _ask_worker_groups(
-        client: Any, keys: list[Any], futures: list[Any]
+        client: Any, keys: list[Any], futures: list[Any], runs: list[range]
     ) -> list[list[int]] | None:
         who_has = client.who_has(futures)
         threads = client.nthreads()
-        by_worker: dict[str, list[int]] = {}
-        for i, key in enumerate(keys):
-            holders = who_has.get(key) or ()
-            if not holders:
-                return None
-            by_worker.setdefault(holders[0], []).append(i)
+        if any(not who_has.get(key) for key in keys):
+            return None
+        by_worker: dict[str, list[range]] = {}
+        for run in runs:
+            held = Counter(who_has[keys[i]][0] for i in run)
+            by_worker.setdefault(max(held, key=held.__getitem__), []).append(run)
         if any(worker not in by_worker for worker in threads):
             # a worker holding none of the blocks (one that joined after the persist, say)
             # would get no E-step work at all: one task per block lets the scheduler use it
@@ -128,7 +172,7 @@ class ChunkedData:
         groups = []
         for worker, members in by_worker.items():
             n = max(1, min(threads.get(worker, 1), len(members)))
-            groups += [members[t::n] for t in range(n)]
+            groups += [[i for run in members[t::n] for i in run] for t in range(n)]
         return groups
 
     def block_futures(self) -> dict[Any, Any]:
@@ -151,6 +195,164 @@ class ChunkedData:
                     graph.update(block.__dask_graph__())
         return graph
 
+
+#: A chunk in a :class:`ChunkPlan`: (steps, X key, weights key, row offset, keys to
+#: drop after its run, whether it ends a run).
+PlannedChunk = tuple[tuple[tuple[Any, Any], ...], Any, Any, int, tuple[Any, ...], bool]
+
+
+class ChunkPlan:
+    """The row chunks one task of a pass runs, in order, and how it gets their blocks.
+
+    ``inputs`` are keys of the pass's graph whose values the task receives (blocks
+    persisted on a cluster, what several tasks' reads share); ``chunks`` holds, per
+    chunk, the steps that compute its blocks inside the task (graph nodes, each run on
+    the values computed so far), the keys of its X and weight blocks, its row offset,
+    the keys no later chunk of the task needs (dropped after its run), and whether it
+    ends a run (:attr:`ChunkedData.runs`: one run's blocks in memory at a time).
+    Pickled once: a pass on a cluster sends the same bytes every time.
+    """
+
+    __slots__ = ("_pickled", "chunks", "inputs")
+
+    def __init__(self, inputs: tuple[Any, ...], chunks: tuple[PlannedChunk, ...]) -> None:
+        self.inputs = inputs
+        self.chunks = chunks
+        self._pickled: bytes | None = None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        import cloudpickle
+
+        pickled = self._pickled
+        if pickled is None:
+            pickled = bytes(cloudpickle.dumps((self.inputs, self.chunks)))
+            if len(pickled) <= PLAN_PICKLE_KEPT:  # not a copy of the data (blocks inline)
+                self._pickled = pickled
+        return (_load_plan, (pickled,))
+
+
+def _load_plan(pickled: bytes) -> ChunkPlan:
+    import pickle
+
+    return ChunkPlan(*pickle.loads(pickled))
+
+
+@dataclass(frozen=True, eq=False)
+class PassPlans:
+    """A pass's chunks by task: ``plans[g]`` runs the chunks ``groups[g]``; ``graph``
+    holds the blocks' graph nodes that tasks receive as inputs rather than run
+    themselves (shared by several tasks' reads); ``token`` names the grouping."""
+
+    groups: list[list[int]]
+    plans: tuple[ChunkPlan, ...]
+    graph: dict[Any, Any]
+    token: str
+
+    @classmethod
+    def build(
+        cls,
+        block_graph: dict[Any, Any],
+        blocks: list[tuple[Any, Any, int]],
+        groups: list[list[int]],
+        run_ends: set[int],
+    ) -> PassPlans:
+        """Each block's ancestry in ``block_graph`` is computed inside the one task that
+        needs it; a key several tasks need, or one not in the graph (persisted), is an
+        input of the tasks. ``run_ends``: the chunks that end a run (groups hold whole
+        runs)."""
+        from dask.base import tokenize
+
+        from dkm.engine import _dask
+
+        deps = {k: _dask.dependencies(v) for k, v in block_graph.items()}
+        fusable = all(d is not None for d in deps.values())
+        block_keys = [tuple(b.key for b in (xb, wb) if b is not None) for xb, wb, _ in blocks]
+        owners: dict[Any, set[int]] = {}
+        for g, members in enumerate(groups):
+            stack = [k for i in members for k in block_keys[i]]
+            while stack:
+                key = stack.pop()
+                seen = owners.setdefault(key, set())
+                if g in seen:
+                    continue
+                seen.add(g)
+                stack.extend(deps.get(key) or ())
+
+        def private(key: Any) -> bool:
+            return fusable and key in block_graph and len(owners[key]) == 1
+
+        plans = []
+        for members in groups:
+            inputs: dict[Any, None] = {}
+            done: set[Any] = set()
+            per_chunk = [
+                _steps(block_keys[i], deps, block_graph, private, done, inputs) for i in members
+            ]
+            # a key is dropped after the last chunk of the task that uses it
+            last: dict[Any, int] = {}
+            for j, i in enumerate(members):
+                stack = list(block_keys[i])
+                while stack:
+                    key = stack.pop()
+                    if key in inputs or last.get(key) == j:
+                        continue
+                    last[key] = j
+                    stack.extend(deps[key] or ())
+            release: list[list[Any]] = [[] for _ in members]
+            for key, j in last.items():
+                release[j].append(key)
+            chunks = tuple(
+                (
+                    tuple(per_chunk[j]),
+                    blocks[i][0].key,
+                    None if blocks[i][1] is None else blocks[i][1].key,
+                    blocks[i][2],
+                    tuple(release[j]),
+                    i in run_ends,
+                )
+                for j, i in enumerate(members)
+            )
+            plans.append(ChunkPlan(tuple(inputs), chunks))
+        shared = {k: v for k, v in block_graph.items() if not private(k) and k in owners}
+        return cls(groups, tuple(plans), shared, tokenize(groups))
+
+
+def _steps(
+    roots: tuple[Any, ...],
+    deps: dict[Any, frozenset[Any] | None],
+    graph: dict[Any, Any],
+    private: Callable[[Any], bool],
+    done: set[Any],
+    inputs: dict[Any, None],
+) -> list[tuple[Any, Any]]:
+    """The nodes computing ``roots`` not ``done`` yet, dependencies first (marked done);
+    keys that are not ``private`` are added to ``inputs`` instead."""
+    steps: list[tuple[Any, Any]] = []
+    stack: list[tuple[Any, bool]] = [(k, False) for k in reversed(roots)]
+    while stack:
+        key, ready = stack.pop()
+        if ready:
+            steps.append((key, graph[key]))
+            continue
+        if key in done:
+            continue
+        done.add(key)
+        if not private(key):
+            inputs[key] = None
+            continue
+        stack.append((key, True))
+        stack.extend((dep, False) for dep in deps[key] or ())
+    return steps
+
+
+#: Largest pickled :class:`ChunkPlan` kept for the next pass; larger ones hold blocks
+#: (data in the graph itself) and are pickled again rather than held twice.
+PLAN_PICKLE_KEPT = 16 << 20
+
+#: Bytes of X up to which consecutive row chunks are joined into one run
+#: (:attr:`ChunkedData.runs`): each call of a chunk function costs tens of
+#: microseconds besides its rows, which small chunks would otherwise pay each.
+RUN_BYTES = 4 << 20
 
 #: Seconds a dataset's :meth:`ChunkedData.worker_groups` answer is used before the
 #: scheduler is asked again (at once if a block's future is no longer finished).

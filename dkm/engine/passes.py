@@ -7,7 +7,7 @@ passes (:mod:`dkm.kmeans_parallel`) are each a per-chunk function and what it ne
 
 from __future__ import annotations
 
-import math
+import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -15,21 +15,24 @@ from functools import cache, partial
 from typing import Any, TypeVar
 
 import dask
+import dask.local
 import dask.threaded
 import numpy as np
 from dask.base import get_scheduler, tokenize
+from dask.system import CPU_COUNT
 from numpy.typing import NDArray
 from threadpoolctl import ThreadpoolController
 
 from dkm._typing import Assignment, Moments
 from dkm.engine import _dask
+from dkm.engine import data as data_module
 from dkm.engine._dask import Ref
-from dkm.engine.data import ChunkedData, NonFiniteInputError, without_nonfinite
+from dkm.engine.data import ChunkedData, ChunkPlan, NonFiniteInputError, without_nonfinite
 from dkm.errors import InvalidDataError
 from dkm.kernels import expectation as K
 from dkm.kernels.params import MixtureParams
 from dkm.reduce import tree_top
-from dkm.stats import DataSummary, Mergeable, SuffStats, merge_all, sxx_shape
+from dkm.stats import DataSummary, Mergeable, SuffStats, merge_all
 
 F64 = NDArray[np.float64]
 M = TypeVar("M", bound=Mergeable)
@@ -37,10 +40,6 @@ M = TypeVar("M", bound=Mergeable)
 #: Largest total size of the copies of a pass's shared inputs (parameters, origin) that
 #: its chunk tasks carry inline, one copy each; above it they are keys of the graph.
 EMBED_PARAMS_BYTES = 8 << 20
-
-#: Largest total size of the per-chunk results a grouped pass sends to the client
-#: (the chunks' own results, so that it can merge them in the tree's order).
-GROUPED_STATS_BYTES = 64 << 20
 
 
 # --------------------------------------------------------------------------- the builder
@@ -62,12 +61,10 @@ def run_pass(
     chunk: Callable[..., M],
     *,
     name: str,
-    merge_name: str,
     token: str,
     split_every: int,
     shared: Sequence[Shared] = (),
     shared_nbytes: int = 0,
-    result_nbytes: int | None = None,
     held: list[Any] | None = None,
 ) -> M:
     """``chunk(X, w, row_offset=…, drop_nonfinite=…, **shared)`` on every row chunk of
@@ -75,116 +72,152 @@ def run_pass(
     distributed ``Client`` if one is the default, else Dask's configured or threaded
     scheduler).
 
-    The chunk results are merged by :func:`dkm.reduce.tree_top` of fan-in
-    ``split_every``, whose root merge runs here: the client receives the (at most
-    ``split_every``) partial totals, which a root task would have fetched anyway, and
-    saves its round trip. The order of the merges depends only on the chunking, so the
-    total is the same bits on any scheduler. Keys are ``(name-token, chunk)`` and
-    ``(merge_name-token, level, j)``; ``token`` must name everything the pass computes.
+    A pass is one task per worker thread, each running a group of chunks one after the
+    other and merging their results where it runs: the client receives one result per
+    task, never one per chunk. The groups are, on a distributed cluster holding every
+    block of X in memory, the blocks each worker thread holds
+    (:meth:`ChunkedData.worker_groups`); otherwise contiguous ranges of chunks, one per
+    thread of the cluster or of the local scheduler, whose tasks compute their blocks
+    themselves (the blocks' own graph, e.g. the reads from a store, runs inside the
+    task, one block at a time: :class:`~dkm.engine.data.PassPlans`). The client merges
+    the tasks' results by a tree of fan-in ``split_every``. Keys are
+    ``(name-token-grouping, g)``; ``token`` must name everything the pass computes.
 
-    The graph is built by hand on top of the blocks' graph (materialised once per
-    dataset): ``dask.compute`` on ``Delayed`` objects would re-tokenise the inputs for
-    every task and re-optimise the graph in every pass.
+    The graph is built by hand on top of the blocks' graph, planned once per dataset
+    and grouping: ``dask.compute`` on ``Delayed`` objects would re-tokenise the inputs
+    for every task and re-optimise the graph in every pass.
 
-    ``shared`` inputs travel inside every chunk task while all their copies together
+    ``shared`` inputs travel inside every task while all their copies together
     (``shared_nbytes`` each) stay under :data:`EMBED_PARAMS_BYTES`: a worker starts a
     task as soon as it receives it. Larger ones enter the graph once, as keys every
-    chunk task depends on, which each worker receives once per pass; but such a key is
+    task depends on, which each worker receives once per pass; but such a key is
     fetched from one worker by the others before their first task, which is why small
     inputs are embedded.
-
-    On a distributed cluster holding every block of X in memory, each worker thread
-    gets one task for all the blocks it holds (:meth:`ChunkedData.worker_groups`)
-    instead of one task per block and the merges: on a small machine the scheduler's
-    and the client's few milliseconds per task take CPU from the workers. The client
-    merges the chunk results in the tree's order (the same bits), so a pass is grouped
-    only when ``result_nbytes`` (of one chunk's result; None: never group) times the
-    number of chunks stays under :data:`GROUPED_STATS_BYTES`.
 
     ``held``: a loop of passes on a distributed client keeps each pass's result futures
     in this list until the next pass has been submitted, and releases them with
     :func:`release_held` when it ends (see :func:`_run_on_client`); None releases them
     at once.
     """
-    blocks = data.block_tasks()
-    drop = data.nan_policy == "drop"
-    graph = _dask.base(data.block_graph, data.block_futures)
+    if split_every < 2:
+        raise ValueError(f"split_every must be at least 2, got {split_every}")
+    schedule = get_scheduler() or dask.threaded.get
+    client = getattr(schedule, "__self__", None)
+    on_client = is_client(client)
+    groups = data.worker_groups(client) if on_client else None
+    if groups is None:
+        groups = data.range_groups(_cluster_threads(client) if on_client else _threads(schedule))
+    plans = data.pass_plans(groups)
+    graph = _dask.base(plans.graph, data.block_futures)
     inputs: dict[str, Any] = {}
-    if shared_nbytes * len(blocks) <= EMBED_PARAMS_BYTES:
-        fn: Callable[..., M] = partial(chunk, **{s.keyword: s.value for s in shared})
+    if shared_nbytes * len(groups) <= EMBED_PARAMS_BYTES:
+        fn: Callable[..., M] = partial(_run_chunks, chunk, **{s.keyword: s.value for s in shared})
     else:
-        fn = chunk
+        fn = partial(_run_chunks, chunk)
         for s in shared:
             shared_key = f"{s.prefix}-{token}"
             graph[shared_key] = _dask.data(shared_key, s.value)
             inputs[s.keyword] = Ref(shared_key)
-    schedule = get_scheduler() or dask.threaded.get
-    client = getattr(schedule, "__self__", None)
-    on_client = is_client(client)
-    groups = None
-    if (
-        on_client
-        and len(blocks) > 1
-        and result_nbytes is not None
-        and result_nbytes * len(blocks) <= GROUPED_STATS_BYTES
-    ):
-        groups = data.worker_groups(client)
-    if groups is not None:
-        # the grouping is part of the keys: a key never names two different tasks
-        gtoken = tokenize(token, groups)
-        keys = []
-        for g, members in enumerate(groups):
-            key = (f"{name}-{gtoken}", g)
-            refs = [ref for i in members for ref in (Ref(blocks[i][0].key), _ref(blocks[i][1]))]
-            offsets = tuple(blocks[i][2] for i in members)
-            graph[key] = _dask.task(key, _chunks, fn, offsets, *refs, drop_nonfinite=drop, **inputs)
-            keys.append(key)
-        with _blas_limit(len(blocks)):  # as the ungrouped pass: the same BLAS, the same bits
-            grouped = _run_on_client(client, graph, keys, gtoken, held)
-        per_chunk: list[Any] = [None] * len(blocks)
-        for members, results in zip(groups, grouped, strict=True):
-            for i, result in zip(members, results, strict=True):
-                per_chunk[i] = result
-        # the tree of the ungrouped pass, merged here: the same order, the same bits
-        top = tree_top(per_chunk, split_every, "", lambda group, _key: merge_all(group))
-        return merge_all(top)
-    tasks = []
-    for i, (xb, wb, off) in enumerate(blocks):
-        key = (f"{name}-{token}", i)
-        graph[key] = _dask.task(
-            key, fn, Ref(xb.key), _ref(wb), row_offset=off, drop_nonfinite=drop, **inputs
-        )
-        tasks.append(key)
-
-    def merge(group: list[Any], key: tuple[str, int, int]) -> Any:
-        graph[key] = _dask.task(key, _merge_args, *(Ref(k) for k in group))
-        return key
-
-    top = tree_top(tasks, split_every, f"{merge_name}-{token}", merge)
-    with _blas_limit(len(tasks)):
+    # the grouping is part of the keys: a key never names two different tasks
+    gtoken = f"{token}-{plans.token}"
+    keys = []
+    drop = data.nan_policy == "drop"
+    for g, plan in enumerate(plans.plans):
+        key = (f"{name}-{gtoken}", g)
+        refs = [Ref(k) for k in plan.inputs]
+        graph[key] = _dask.task(key, fn, plan, *refs, drop_nonfinite=drop, **inputs)
+        keys.append(key)
+    with _blas_limit(data.X.numblocks[0]):  # by chunks, as ever: the same BLAS, the same bits
         if on_client:
-            parts = _run_on_client(client, graph, top, token, held)
+            parts = _run_on_client(client, graph, keys, gtoken, held)
         else:
-            parts = schedule(graph, top)
-    return merge_all(parts)
+            parts = schedule(graph, keys)
+    return merge_all(tree_top(parts, split_every, "", lambda group, _key: merge_all(group)))
 
 
-def _chunks(
-    chunk: Callable[..., M], offsets: tuple[int, ...], *blocks: Any, **kwargs: Any
-) -> tuple[M, ...]:
-    """``chunk`` of several chunks in one task: blocks are (X, weights or None) pairs."""
-    return tuple(
-        chunk(blocks[2 * j], blocks[2 * j + 1], row_offset=offset, **kwargs)
-        for j, offset in enumerate(offsets)
-    )
+def _run_chunks(chunk: Callable[..., M], plan: ChunkPlan, *values: Any, **kwargs: Any) -> M:
+    """``chunk`` on each run of chunks of ``plan`` in turn (its blocks joined into one),
+    merged left to right: one task's result. ``values`` are those of ``plan.inputs``."""
+    cache = dict(zip(plan.inputs, values, strict=True))
+    total: M | None = None
+    xs: list[Any] = []
+    ws: list[Any] = []
+    done: list[Any] = []
+    first = 0
+    for steps, x_key, w_key, offset, release, run_end in plan.chunks:
+        for key, node in steps:
+            cache[key] = _dask.run_node(node, cache)
+        if not xs:
+            first = offset
+        xs.append(cache[x_key])
+        if w_key is not None:
+            ws.append(cache[w_key])
+        done += release
+        if not run_end:
+            continue
+        X, w = joined(xs), (joined(ws) if ws else None)
+        xs, ws = [], []
+        for key in done:
+            del cache[key]
+        done = []
+        part = chunk(X, w, row_offset=first, **kwargs)
+        del X, w
+        total = part if total is None else total.merge(part)
+    assert total is not None and not xs  # a plan holds whole runs, at least one
+    return total
 
 
-def _ref(block: Any) -> Ref | None:
-    return None if block is None else Ref(block.key)
+def joined(blocks: list[NDArray[Any]]) -> NDArray[Any]:
+    """Consecutive row blocks as one array: a read-only view when they lie one after
+    the other in the same buffer (slices of one array), else a copy."""
+    if len(blocks) == 1:
+        return blocks[0]
+    first = blocks[0]
+    if all(b.flags.c_contiguous and b.dtype == first.dtype for b in blocks) and all(
+        b.shape[1:] == first.shape[1:] for b in blocks
+    ):
+        root = _root(first)
+        end = first.__array_interface__["data"][0]
+        for b in blocks:
+            if b.__array_interface__["data"][0] != end or _root(b) is not root:
+                break
+            end += b.nbytes
+        else:
+            rows = sum(b.shape[0] for b in blocks)
+            return np.lib.stride_tricks.as_strided(
+                first, (rows, *first.shape[1:]), first.strides, writeable=False
+            )
+    return np.concatenate(blocks)
 
 
-def _merge_args(*parts: Any) -> Any:
-    return merge_all(parts)
+def _root(a: NDArray[Any]) -> Any:
+    """The object that owns ``a``'s memory (the end of its chain of bases)."""
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a if a.base is None else a.base
+
+
+def _threads(schedule: Callable[..., Any]) -> int:
+    """Threads of the local scheduler ``schedule`` (the threaded pool's size unless it
+    is the synchronous one)."""
+    if schedule is dask.local.get_sync:
+        return 1
+    return int(dask.config.get("num_workers", None) or CPU_COUNT)
+
+
+def _cluster_threads(client: Any) -> int:
+    """Worker threads of ``client``'s cluster, asked at most once per
+    :data:`~dkm.engine.data.GROUPS_MAX_AGE` seconds."""
+    cached = _CLUSTER_THREADS.get(client.id)
+    now = time.monotonic()
+    if cached is not None and now - cached[0] < data_module.GROUPS_MAX_AGE:
+        return cached[1]
+    n = max(1, sum(client.nthreads().values()))
+    _CLUSTER_THREADS[client.id] = (now, n)
+    return n
+
+
+_CLUSTER_THREADS: dict[str, tuple[float, int]] = {}
 
 
 def is_client(obj: Any) -> bool:
@@ -364,7 +397,6 @@ def stats_pass_many(
         data,
         _estep_chunk_many,
         name="dkm-estep",
-        merge_name="dkm-merge",
         token=token,
         split_every=split_every,
         shared=(
@@ -372,7 +404,6 @@ def stats_pass_many(
             Shared("origin", "dkm-origin", data.origin),
         ),
         shared_nbytes=data.origin.nbytes + sum(_params_nbytes(p, s) for p, s, _ in jobs),
-        result_nbytes=sum(_stats_nbytes(p, o) for p, _, o in jobs),
         held=held,
     )
     return list(total.parts)
@@ -381,12 +412,6 @@ def stats_pass_many(
 def _params_nbytes(params: MixtureParams, shift: F64 | None) -> int:
     arrays = (params.means, params.weights, params.precisions_cholesky, shift)
     return sum(a.nbytes for a in arrays if a is not None)
-
-
-def _stats_nbytes(params: MixtureParams, options: PassOptions) -> int:
-    k, d = params.n_components, params.n_features
-    sxx = sxx_shape(options.moments, k, d)
-    return 8 * (k + k * d + (math.prod(sxx) if sxx else 0) + options.n_farthest * (d + 4))
 
 
 # --------------------------------------------------------------------------- summary
@@ -418,7 +443,6 @@ def summarize(
         data,
         partial(_summary_chunk, sample_size=sample_size, seed=seed),
         name="dkm-summary",
-        merge_name="dkm-summary-merge",
         token=token,
         split_every=split_every,
     )

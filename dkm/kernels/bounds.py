@@ -246,6 +246,10 @@ class BoundsCache:
 
     def __init__(self) -> None:
         self._entries: OrderedDict[tuple[Hashable, ...], Bounds] = OrderedDict()
+        #: bytes of each entry when it was stored, of all of them, and of each fit's
+        self._sizes: dict[tuple[Hashable, ...], int] = {}
+        self._used = 0
+        self._by_fit: dict[Hashable, int] = {}
         self._lock = threading.Lock()
         #: fits released lately: a task still running when its fit failed must not
         #: store bounds after the release
@@ -253,7 +257,7 @@ class BoundsCache:
 
     def take(self, key: tuple[Hashable, ...], n: int, centres: NDArray[Any]) -> Bounds | None:
         with self._lock:
-            bounds = self._entries.pop(key, None)
+            bounds = self._pop(key)
         return bounds if bounds is not None and bounds.fits(n, centres) else None
 
     def put(self, key: tuple[Hashable, ...], bounds: Bounds, capacity: int | None = None) -> bool:
@@ -262,15 +266,31 @@ class BoundsCache:
         with self._lock:
             if key[0] in self._released:
                 return False
-            used = sum(b.nbytes for b in self._entries.values())
-            for other in [k for k in self._entries if k[0] != key[0]]:
-                if used + bounds.nbytes <= capacity:
-                    break
-                used -= self._entries.pop(other).nbytes
-            if used + bounds.nbytes > capacity:
+            self._pop(key)
+            nbytes = bounds.nbytes
+            if self._used + nbytes > capacity:
+                for other in [k for k in self._entries if k[0] != key[0]]:
+                    self._pop(other)
+                    if self._used + nbytes <= capacity:
+                        break
+            if self._used + nbytes > capacity:
                 return False
             self._entries[key] = bounds
+            self._sizes[key] = nbytes
+            self._used += nbytes
+            self._by_fit[key[0]] = self._by_fit.get(key[0], 0) + nbytes
             return True
+
+    def _pop(self, key: tuple[Hashable, ...]) -> Bounds | None:
+        """Remove the entry under ``key`` and its bytes from the totals (lock held)."""
+        bounds = self._entries.pop(key, None)
+        if bounds is not None:
+            nbytes = self._sizes.pop(key)
+            self._used -= nbytes
+            left = self._by_fit.pop(key[0]) - nbytes
+            if left:
+                self._by_fit[key[0]] = left
+        return bounds
 
     def has_room(
         self, key: tuple[Hashable, ...], n: int, centres: NDArray[Any], capacity: int | None = None
@@ -282,7 +302,7 @@ class BoundsCache:
         capacity = _capacity() if capacity is None else capacity
         nbytes = centres.nbytes + 20 * n
         with self._lock:
-            own = sum(b.nbytes for k, b in self._entries.items() if k[0] == key[0])
+            own = self._by_fit.get(key[0], 0)
         return own + nbytes <= capacity
 
     def peek(self, key: tuple[Hashable, ...]) -> Bounds | None:
@@ -300,7 +320,7 @@ class BoundsCache:
         with self._lock:
             self._released.append(fit)
             for key in [k for k in self._entries if k[0] == fit]:
-                del self._entries[key]
+                self._pop(key)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -308,7 +328,7 @@ class BoundsCache:
     @property
     def nbytes(self) -> int:
         with self._lock:
-            return sum(b.nbytes for b in self._entries.values())
+            return self._used
 
 
 #: The process's bounds (a Dask worker's, or the client's under the threaded scheduler).

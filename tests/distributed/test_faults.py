@@ -201,15 +201,17 @@ def assert_same_model(got: Any, ref: Any, rtol: float = 1e-12) -> None:
     assert got.n_iter_ == ref.n_iter_
     a, b = model_arrays(got), model_arrays(ref)
     for name in a:
-        np.testing.assert_allclose(a[name], b[name], rtol=rtol, atol=0, err_msg=name)
+        # relative to each array's scale: the workers merge other groups of chunks
+        scale = float(np.max(np.abs(b[name])))
+        np.testing.assert_allclose(a[name], b[name], rtol=rtol, atol=rtol * scale, err_msg=name)
 
 
 @pytest.fixture(scope="module")
 def undisturbed() -> dict[str, tuple[Any, np.ndarray]]:
     """The models and labels of undisturbed fits on the same data and seed.
 
-    Computed by the threaded scheduler: the tree reduction is ordered by chunk index, so
-    the result does not depend on where the chunks ran (see the determinism tests).
+    Computed by the threaded scheduler, whose tasks merge contiguous ranges of chunks
+    where the cluster's merge the chunks each worker holds (see the determinism tests).
     """
     X = fault_points()
     out = {}

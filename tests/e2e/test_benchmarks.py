@@ -54,6 +54,11 @@ def test_quick_suite_runs_every_contender_and_objectives_agree():
     assert "| overhead: KM-1 16 chunks, dkm threads |" in out
     (cluster,) = [line for line in table if "overhead: KM-1 16 chunks, dkm LocalCluster" in line]
     assert "the cluster's round trip, one trivial task a worker:" in cluster
+    # the chunks workload: its table, threaded and on a LocalCluster, and the cluster's costs
+    for scheduler in ("threads", "LocalCluster 2x1"):
+        for chunks in (2, 16):
+            assert any(line.startswith(f"| {scheduler} | {chunks} |") for line in table)
+    assert "| cost: LocalCluster 2x1 per byte gathered |" in out
     assert "openblas" in out.lower() or "mkl" in out.lower()
     # the harness reads the OpenBLAS variables but never sets them
     assert "env         OPENBLAS_CORETYPE=" in out

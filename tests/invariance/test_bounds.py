@@ -145,6 +145,23 @@ def test_cache_evicts_other_fits_first_and_never_its_own():
     assert len(cache) == 0 and cache.nbytes == 0
 
 
+def test_cache_costs_no_more_per_chunk_with_more_chunks(monkeypatch):
+    """Storing a chunk's bounds and asking for room look at that entry alone, not at
+    every chunk's (which made a pass quadratic in the number of chunks)."""
+    cache = bounds.BoundsCache()
+    C = np.zeros((2, 3))
+    looked = []
+    nbytes = bounds.Bounds.nbytes.fget
+    monkeypatch.setattr(bounds.Bounds, "nbytes", property(lambda b: looked.append(1) or nbytes(b)))
+    for chunk in range(2000):
+        assert cache.has_room(("a", 0, chunk), 10, C, capacity=1 << 30)
+        assert cache.put(("a", 0, chunk), bounds.Bounds.empty(10, C), capacity=1 << 30)
+    assert len(looked) <= 2 * 2000
+    assert cache.nbytes == 2000 * nbytes(bounds.Bounds.empty(10, C))
+    cache.release("a")
+    assert cache.nbytes == 0 and cache.has_room(("a", 0, 0), 10, C, capacity=1000)
+
+
 def test_a_fit_larger_than_the_cache_builds_bounds_only_where_they_are_kept(monkeypatch):
     X = blobs(4000, 3, 4, seed=11)
     C = X[:4]

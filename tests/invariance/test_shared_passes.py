@@ -18,6 +18,7 @@ import dask.array as da
 import numpy as np
 import pytest
 from conftest import blobs
+from dask.system import CPU_COUNT
 from dask.utils import key_split
 from sklearn import cluster, mixture
 from sklearn.exceptions import ConvergenceWarning
@@ -115,7 +116,10 @@ def test_fit_em_many_is_each_fit_alone_bit_for_bit(kind):
         assert [h.iteration for h in seen if h.run == i] == list(range(1, alone.n_iter + 1))
 
 
-def test_converged_models_stop_costing_work():
+def test_converged_models_stop_costing_work(monkeypatch):
+    import dkm.engine.data
+
+    monkeypatch.setattr(dkm.engine.data, "RUN_BYTES", 0)  # each chunk a run: many tasks
     X = blobs(4000, 3, 5, seed=2)
     data = chunked(X, 500)
     rng = np.random.default_rng(1)
@@ -127,7 +131,7 @@ def test_converged_models_stop_costing_work():
     assert len(set(n_iter)) > 1  # the restarts converge at different iterations
     # one pass per iteration of the slowest model, plus the final inertia pass
     assert len(counter.passes) == max(n_iter) + 1
-    assert set(counter.passes) == {data.X.numblocks[0]}
+    assert set(counter.passes) == {min(CPU_COUNT, data.X.numblocks[0])}  # a task per thread
     # a pass carries only the models still iterating
     expected = [sum(n >= it for n in n_iter) for it in range(1, max(n_iter) + 1)] + [4]
     assert counter.models == expected
