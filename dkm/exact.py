@@ -183,7 +183,8 @@ class ExactSum:
         )[0]
         up = (round_bit == 1) & (sticky | ((R & np.uint64(1)) == 1))
         rounded = (R + up.astype(np.uint64)).astype(np.float64)
-        mag = np.where(sh > 0, np.ldexp(rounded, q), np.ldexp(small, base))
+        mag = np.ldexp(small, base, where=sh <= 0, out=np.zeros(small.shape))
+        np.ldexp(rounded, q, where=sh > 0, out=mag)  # inf past float64's range, as IEEE sums
         out = np.where(nz.any(axis=0), np.where(negative, -mag, mag), 0.0)
         if self.special:
             out = np.where(self.top == _SPECIAL, _special_value(self.bins[0]), out)
