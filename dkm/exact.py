@@ -126,11 +126,7 @@ class ExactSum:
         if any(p.shape != shape for p in parts):
             raise ValueError(f"cannot sum exact accumulators of shapes {[p.shape for p in parts]}")
         n = sum(p.parts for p in parts)
-        if n > MAX_PARTS:
-            raise OverflowError(
-                f"an exact sum holds at most {MAX_PARTS} deposits and {n} were merged: "
-                "use fewer, larger chunks"
-            )
+        _check_parts(n)
         top = parts[0].top
         for p in parts[1:]:
             top = np.maximum(top, p.top)
@@ -147,6 +143,25 @@ class ExactSum:
             bins[0] = np.where(is_special, code, bins[0])
             bins[1:] = np.where(is_special, 0, bins[1:])
         return ExactSum(top, bins, n, special)
+
+    def total(self) -> ExactSum:
+        """The exact sum along the first axis, each slice one accumulator: ``of`` of a
+        stack of arrays, then ``total``, is the ``sum_of`` of their ``of``, in one pass."""
+        n = self.parts * self.top.shape[0]
+        _check_parts(n)
+        top = self.top.max(axis=0)
+        shift = top.astype(np.int64) - self.top  # (n, *shape)
+        bins = np.moveaxis(self.bins, 0, 1)  # (n, K, *shape)
+        pad = np.concatenate([np.zeros_like(bins), bins], axis=1)
+        levels = np.arange(K).reshape((1, K) + (1,) * (shift.ndim - 1))
+        index = np.clip(levels - shift[:, None] + K, 0, 2 * K - 1)
+        summed = np.take_along_axis(pad, index, axis=1).sum(axis=0)
+        if self.special:
+            code = np.bitwise_or.reduce(np.where(self.top == _SPECIAL, self.bins[0], 0), axis=0)
+            is_special = top == _SPECIAL
+            summed[0] = np.where(is_special, code, summed[0])
+            summed[1:] = np.where(is_special, 0, summed[1:])
+        return ExactSum(top, summed, n, self.special)
 
     def to_float(self) -> NDArray[np.float64]:
         """The exact sums rounded to nearest float64 (ties to even), once."""
@@ -225,6 +240,14 @@ class ExactSum:
         limbs = np.where(negative, np.stack([d0, d1, d2, d3]), np.stack([c0, c1, c2, c3]))
         base = (self.top.astype(np.int64) - (K - 1)) * W
         return limbs, negative, base
+
+
+def _check_parts(n: int) -> None:
+    if n > MAX_PARTS:
+        raise OverflowError(
+            f"an exact sum holds at most {MAX_PARTS} deposits and {n} were merged: "
+            "use fewer, larger chunks"
+        )
 
 
 def _shifted(bins: NDArray[np.int64], shift: NDArray[np.int64]) -> NDArray[np.int64]:

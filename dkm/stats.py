@@ -10,9 +10,8 @@ global row. A chunk's own fields are float64 whatever the input dtype.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from functools import reduce
 from typing import Any, Protocol, TypeVar
@@ -248,11 +247,12 @@ class SuffStats:
     def _sums(self) -> ExactSum:
         """The exact sums: a merged total's own, else this object's floats deposited."""
         exact: ExactSum | None = self.__dict__.get("_exact")
-        if exact is None:
-            sxx = [] if self.sxx is None else [self.sxx.ravel()]
-            tail = np.array([self.objective, self.n])
-            exact = ExactSum.of(np.concatenate([self.nk.ravel(), self.sx.ravel(), *sxx, tail]))
-        return exact
+        return ExactSum.of(self._flat()) if exact is None else exact
+
+    def _flat(self) -> F64:
+        sxx = [] if self.sxx is None else [self.sxx.ravel()]
+        tail = np.array([self.objective, self.n])
+        return np.concatenate([self.nk.ravel(), self.sx.ravel(), *sxx, tail])
 
     def _round(self) -> None:
         k, d = self._dims()
@@ -280,9 +280,13 @@ class SuffStats:
             else reduce(FarthestPoints.merge, [p.farthest for p in parts if p.farthest])
         )
         searched = [p.searched for p in parts]
+        held = [p.__dict__["_exact"] for p in parts if "_exact" in p.__dict__]
+        floats = [p._flat() for p in parts if "_exact" not in p.__dict__]
+        if floats:  # chunks' results: deposited together, one pass over all of them
+            held.append(ExactSum.of(np.stack(floats)).total())
         return _merged(
             SuffStats,
-            ExactSum.sum_of([p._sums() for p in parts]),
+            ExactSum.sum_of(held),
             _dims_=first._dims(),
             moments=first.moments,
             count=sum(p.count for p in parts),
@@ -424,12 +428,12 @@ class DataSummary:
     """One pass over the data: counts, per-feature mean and variance, a sample, checks.
 
     Mean and variance are unweighted (scikit-learn's k-means tolerance uses
-    ``np.var(X, axis=0)``). A chunk has its float64 mean ``m_c``, ``m2_c = Σ (x − m_c)²``
-    and ``r_c = Σ (x − m_c)`` (``m_c``'s rounding); a summary keeps, exactly,
-    ``A = Σ n_c m_c``, ``R = Σ r_c``, ``B = Σ n_c m_c²``, ``C = Σ m_c r_c`` (products split
-    into floats without error) and ``Q = Σ m2_c``, and reads ``mean = (A + R) / n`` and
-    ``m2 = Q + B + 2C − (A + R)² / n`` (Chan's parallel update, in exact arithmetic), each
-    rounded once: the same bits in any grouping. ``weight`` is ``Σ w``, exact.
+    ``np.var(X, axis=0)``). A chunk has its float64 mean ``m_c`` and ``m2_c =
+    Σ (x − m_c)²``; a merged total keeps, exactly, ``A = Σ n_c m_c``, ``B = Σ n_c m_c²``
+    (products split into floats without error) and ``Q = Σ m2_c``, and reads ``mean =
+    A / n`` and ``m2 = Q + B − A² / n`` (Chan's parallel update, in exact arithmetic),
+    each rounded once: the same bits in any grouping, and a chunk's own floats when
+    merged with empty ones. ``weight`` is ``Σ w``, exact.
     """
 
     count: int
@@ -470,9 +474,8 @@ class DataSummary:
             w0 = np.where(finite_rows, w, 0.0)
             X0 = np.where(finite_rows[:, None], X, 0.0)
             sample = WeightedSample.from_chunk(sample_size, X0, w0, row_offset, seed)
-            summary = copy.copy(kept)
-            _set(summary, n_nonfinite=n_nonfinite, first_nonfinite_row=first_bad, sample=sample)
-            return summary
+            return replace(kept, n_nonfinite=n_nonfinite, first_nonfinite_row=first_bad,
+                           sample=sample)  # fmt: skip
         if n_nonfinite or n_bad_w or n == 0:
             # Statistics of bad data are meaningless; the engine raises on the counts.
             mean, m2 = np.zeros(d), np.zeros(d)
@@ -480,23 +483,11 @@ class DataSummary:
             return cls(n, 0.0, mean, m2, n_nonfinite, first_bad, n_bad_w, first_bad_w, 0, sample)
         X64 = np.asarray(X, np.float64)
         mean = X64.mean(axis=0)
-        dev = X64 - mean
-        m2 = (dev**2).sum(axis=0)
+        m2 = ((X64 - mean) ** 2).sum(axis=0)
         sample = WeightedSample.from_chunk(sample_size, X, w, row_offset, seed)
         n_pos = int(np.count_nonzero(w > 0))
         max_abs = float(np.abs(X64).max(initial=0.0))
-        return _merged(
-            DataSummary,
-            _summary_sums(n, mean, dev.sum(axis=0), m2, float(w.sum())),
-            count=n,
-            n_nonfinite=0,
-            first_nonfinite_row=-1,
-            n_bad_weights=0,
-            first_bad_weight_row=-1,
-            n_positive=n_pos,
-            sample=sample,
-            max_abs=max_abs,
-        )
+        return cls(n, float(w.sum()), mean, m2, 0, -1, 0, -1, n_pos, sample, max_abs)
 
     def merge(self, other: DataSummary) -> DataSummary:
         firsts = [r for r in (self.first_nonfinite_row, other.first_nonfinite_row) if r >= 0]
@@ -517,30 +508,25 @@ class DataSummary:
     def _sums(self) -> ExactSum:
         exact: ExactSum | None = self.__dict__.get("_exact")
         if exact is None:
-            exact = _summary_sums(self.count, self.mean, 0.0, self.m2, self.weight)
+            exact = _summary_sums(self.count, self.mean, self.m2, self.weight)
         return exact
 
     def _round(self) -> None:
         exact = self.__dict__["_exact"]
-        d = (exact.shape[0] - 1) // 10
+        d = (exact.shape[0] - 1) // 7
         flat = exact.to_float()
         sums = exact.to_fractions()
         n = self.count
         mean, m2 = np.zeros(d), np.zeros(d)
         for j in range(d if n else 0):
-            a, r, b, c, q = (
-                sums[j] + sums[d + j],
-                sums[2 * d + j],
-                sum(sums[(3 + i) * d + j] for i in range(4)),
-                sums[7 * d + j] + sums[8 * d + j],
-                sums[9 * d + j],
-            )
-            s1 = a + r
-            if all(isinstance(v, Fraction) for v in (s1, b, c, q)):
-                mean[j] = float(s1 / n)
-                m2[j] = max(float(q + b + 2 * c - s1 * s1 / n), 0.0)
+            a = sums[j] + sums[d + j]
+            b = sums[2 * d + j] + sums[3 * d + j] + sums[4 * d + j] + sums[5 * d + j]
+            q = sums[6 * d + j]
+            if isinstance(a, Fraction) and isinstance(b, Fraction) and isinstance(q, Fraction):
+                mean[j] = float(a / n)
+                m2[j] = max(float(q + b - a * a / n), 0.0)
             else:  # non-finite statistics (values overflowing float64) stay non-finite
-                mean[j] = float(s1) / n
+                mean[j] = float(a) / n
                 m2[j] = float(q) + float(b)
         _set(self, weight=float(flat[-1]), mean=mean, m2=m2)
 
@@ -557,26 +543,21 @@ class DataSummary:
 _rounded_fields(DataSummary, ("weight", "mean", "m2"))
 
 
-def _summary_sums(count: int, mean: F64, residual: Any, m2: F64, weight: float) -> ExactSum:
-    """A :class:`DataSummary`'s exact sums, (10d + 1,): ``A`` in two floats, ``R``, ``B``
-    in four, ``C`` in two (those of ``m_c`` scaled by powers of two, in the exponents),
-    ``Q``, ``weight``."""
+def _summary_sums(count: int, mean: F64, m2: F64, weight: float) -> ExactSum:
+    """A :class:`DataSummary`'s exact sums, (7d + 1,): ``A`` in two floats, ``B`` in four
+    (scaled by powers of two: the exponents of ``mean``), ``Q``, ``weight``."""
     frac, e = np.frexp(mean)  # mean = frac · 2^e, frac in [0.5, 1): no overflow
     e = e.astype(np.int64)
     n = np.full_like(frac, float(count))
-    r = np.broadcast_to(np.asarray(residual, np.float64), frac.shape)
     sq_hi, sq_lo = _two_product(frac, frac)
     values = [
         *_two_product(n, frac),
-        r,
         *_two_product(n, sq_hi),
         *_two_product(n, sq_lo),
-        *_two_product(frac, r),
         m2,
         np.array([weight]),
     ]
-    zero = np.zeros_like(e)
-    exponents = [e, e, zero, 2 * e, 2 * e, 2 * e, 2 * e, e, e, zero, np.zeros(1, np.int64)]
+    exponents = [e, e, 2 * e, 2 * e, 2 * e, 2 * e, np.zeros(e.size + 1, np.int64)]
     return ExactSum.of(np.concatenate(values), np.concatenate(exponents))
 
 
