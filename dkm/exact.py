@@ -5,7 +5,7 @@ deposited in it on a fixed global grid: bin ``b`` of the grid holds the bits of 
 ``[2^(bW), 2^((b+1)W))``, ``W`` = :data:`W`. An element keeps ``K`` = :data:`K` bins:
 its top level ``t`` (the level of the largest ``|value|`` deposited, never of the sum)
 and ``K`` int64 bin sums, bin ``j`` at level ``t − j``. A value deposited at level ``t``
-adds its integer part on the grid at level ``t`` (signed, ``|·| < 2^W``) to bin 0 and its
+adds its integer part on the grid at level ``t`` (signed, ``|·| ≤ 2^W``) to bin 0 and its
 base-``2^W`` digits at the levels below (truncation toward −∞, each in ``[0, 2^W)``) to
 the other bins; what lies below level ``t − K + 1`` is dropped. Raising ``t`` by ``s``
 moves the bins down by ``s`` and drops those that fall off; for every deposit whose bin 0
@@ -40,8 +40,8 @@ from numpy.typing import NDArray
 W = 40
 #: bins kept per element
 K = 3
-#: deposits one accumulator can hold: each adds less than ``2^W`` in magnitude to each
-#: int64 bin, and reading carries between bins, so ``MAX_PARTS · 2^W`` must stay below 2^63
+#: deposits one accumulator can hold: each adds at most ``2^W`` in magnitude to each int64
+#: bin, and reading carries between bins, so ``MAX_PARTS · (2^W + 1)`` must stay below 2^63
 MAX_PARTS = 2 ** (63 - W) - 1
 
 _MASK = np.int64(2**W - 1)
@@ -93,19 +93,18 @@ class ExactSum:
         if special:
             code = np.where(np.isnan(x), _NAN, np.where(x > 0, _POS_INF, _NEG_INF))
             x = np.where(finite, x, 0.0)
-        m, e = np.frexp(x)
-        M = (m * 2.0**53).astype(np.int64)  # exact: x · 2^exponent = M · 2^s
-        s = e.astype(np.int64) + (np.asarray(exponent, np.int64) - 53)
-        top = np.where(M != 0, (s + 52) // W, np.int64(_NONE))
-        r0 = np.clip(top * W - s, 0, 63)  # in [13, 52] where M ≠ 0
+        # x · 2^exponent = y · 2^(tW) with 1 ≤ |y| < 2^W: ldexp is exact, and so is every
+        # step below (floors, differences of a float and its floor, scalings by 2^W)
+        p = np.frexp(x)[1].astype(np.int64) + (np.asarray(exponent, np.int64) - 1)
+        top = p // W
+        y = np.ldexp(x, np.asarray(exponent, np.int64) - top * W)
         bins = np.empty((K, *x.shape), np.int64)
-        bins[0] = M >> r0  # signed integer part at level top
-        Mu = M.view(np.uint64)
-        for j in range(1, K):
-            r = r0 - j * W
-            right = M >> np.clip(r, 0, 63)
-            left = (Mu << np.clip(-r, 0, W).astype(np.uint64)).view(np.int64)
-            bins[j] = np.where(r >= 0, right, left) & _MASK
+        for j in range(K):
+            digit = np.floor(y)  # signed integer part at level top, then digits in [0, 2^W)
+            bins[j] = digit
+            if j + 1 < K:
+                y = (y - digit) * 2.0**W
+        top = np.where(x == 0, np.int64(_NONE), top)
         top16 = top.astype(np.int16)
         if special:
             top16 = np.where(finite, top16, _SPECIAL)
@@ -150,12 +149,14 @@ class ExactSum:
         n = self.parts * self.top.shape[0]
         _check_parts(n)
         top = self.top.max(axis=0)
-        shift = top.astype(np.int64) - self.top  # (n, *shape)
-        bins = np.moveaxis(self.bins, 0, 1)  # (n, K, *shape)
-        pad = np.concatenate([np.zeros_like(bins), bins], axis=1)
-        levels = np.arange(K).reshape((1, K) + (1,) * (shift.ndim - 1))
-        index = np.clip(levels - shift[:, None] + K, 0, 2 * K - 1)
-        summed = np.take_along_axis(pad, index, axis=1).sum(axis=0)
+        shift = top - self.top  # (n, *shape), int16: levels lie in [-64, 32767]
+        summed = np.zeros((K, *top.shape), np.int64)
+        for s in range(K):  # deposits moved down s levels; K or more: nothing left
+            moved = shift == s
+            if moved.all():
+                summed[s:] += self.bins[: K - s].sum(axis=1)
+            elif moved.any():
+                summed[s:] += np.where(moved, self.bins[: K - s], 0).sum(axis=1)
         if self.special:
             code = np.bitwise_or.reduce(np.where(self.top == _SPECIAL, self.bins[0], 0), axis=0)
             is_special = top == _SPECIAL

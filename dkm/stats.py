@@ -44,6 +44,10 @@ def merge_all(parts: Iterable[M]) -> M:
     return reduce(lambda a, b: a.merge(b), parts)
 
 
+#: sums deposited together by ``SuffStats.merge_many`` (bounds its temporaries: ~32 bytes each)
+_BATCH_SUMS = 1 << 21
+
+
 class _Rounded:
     """A float field of a merged total: its exact sums rounded once, when first read.
 
@@ -282,8 +286,10 @@ class SuffStats:
         searched = [p.searched for p in parts]
         held = [p.__dict__["_exact"] for p in parts if "_exact" in p.__dict__]
         floats = [p._flat() for p in parts if "_exact" not in p.__dict__]
-        if floats:  # chunks' results: deposited together, one pass over all of them
-            held.append(ExactSum.of(np.stack(floats)).total())
+        # chunks' results: deposited a batch at a time (a few million sums per batch)
+        step = max(1, _BATCH_SUMS // max(floats[0].size, 1)) if floats else 1
+        for i in range(0, len(floats), step):
+            held.append(ExactSum.of(np.stack(floats[i : i + step])).total())
         return _merged(
             SuffStats,
             ExactSum.sum_of(held),
