@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dkm import stats
 from dkm.exact import MAX_PARTS, ExactSum
 from dkm.kernels import MixtureParams, estep
 from dkm.stats import (
@@ -338,3 +339,18 @@ def test_samples_and_candidates_do_not_depend_on_grouping(seed, m, data):
     total = _random_tree(cand, data)
     exact_cost = sum((Fraction(float(c.cost)) for c in cand), Fraction(0))
     assert total.cost == float(exact_cost)
+
+
+def test_merge_all_deposits_in_batches_with_the_same_bits(monkeypatch):
+    rng = np.random.default_rng(11)
+    X, w, means = rng.normal(size=(90, 3)) * 1e3, rng.uniform(size=90), rng.normal(size=(4, 3))
+    parts = [
+        _stats(X[a : a + 10], w[a : a + 10], a, "full", "soft", means, 0) for a in range(0, 90, 10)
+    ]
+    whole = _suffstats_bits(merge_all(parts))
+    monkeypatch.setattr(stats, "_BATCH_SUMS", 1)  # one chunk per batch
+    _assert_identical(_suffstats_bits(merge_all(parts)), whole)
+    pairwise = parts[0]
+    for p in parts[1:]:
+        pairwise = pairwise.merge(p)
+    _assert_identical(_suffstats_bits(pairwise), whole)
