@@ -1,15 +1,18 @@
 """Additive, mergeable summaries of chunks of points.
 
 Every per-chunk result in dkm is one of these frozen objects: it has an empty value
-(``zero``/``empty``) and an associative, commutative ``merge``, so a tree reduction of
-any fan-in over any chunking gives the same total (up to floating-point summation
-order). Everything is accumulated in float64 whatever the input dtype.
+(``zero``/``empty``) and a ``merge`` that is associative and commutative bit for bit, so
+any grouping and order of the same chunks' results gives the same total. Sums are exact
+(:class:`dkm.exact.ExactSum`): a merged total keeps its exact sums and its float64
+fields are those sums rounded once, when first read; top-m selections break ties by
+global row. A chunk's own fields are float64 whatever the input dtype.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from fractions import Fraction
 from functools import reduce
 from typing import Any, Protocol, TypeVar
 
@@ -19,6 +22,7 @@ from numpy.typing import NDArray
 from dkm import covariance
 from dkm._typing import Moments, parse_moments
 from dkm.codec import float_from_json, float_to_json
+from dkm.exact import ExactSum
 
 F64 = NDArray[np.float64]
 I64 = NDArray[np.int64]
@@ -32,8 +36,56 @@ M = TypeVar("M", bound=Mergeable)
 
 
 def merge_all(parts: Iterable[M]) -> M:
-    """Merge summaries left to right, in the order given (the tree fixes the order)."""
+    """Merge summaries (any order gives the same bits); one exact sum for all of them
+    where the type has ``merge_many``."""
+    parts = list(parts)
+    many = getattr(type(parts[0]), "merge_many", None) if len(parts) > 2 else None
+    if many is not None:
+        return many(parts)
     return reduce(lambda a, b: a.merge(b), parts)
+
+
+#: sums deposited together by ``SuffStats.merge_many`` (bounds its temporaries: ~32 bytes each)
+_BATCH_SUMS = 1 << 21
+
+
+class _Rounded:
+    """A float field of a merged total: its exact sums rounded once, when first read.
+
+    Installed on the class after ``@dataclass`` (which sets the field in the instance's
+    ``__dict__`` for objects built from floats, shadowing this); the owner's ``_round``
+    sets every such field of a merged object from its ``_exact`` sums.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, owner: Any = None) -> Any:
+        if obj is None:
+            return self
+        obj._round()
+        return obj.__dict__[self.name]
+
+
+def _rounded_fields(cls: type, names: tuple[str, ...]) -> None:
+    for name in names:
+        setattr(cls, name, _Rounded(name))
+
+
+T = TypeVar("T")
+
+
+def _merged(cls: type[T], exact: ExactSum, **fields: Any) -> T:
+    """A ``cls`` holding ``fields`` and the exact sums its rounded fields come from."""
+    obj = object.__new__(cls)
+    for name, value in {"_exact": exact, **fields}.items():
+        object.__setattr__(obj, name, value)
+    return obj
+
+
+def _set(obj: Any, **fields: Any) -> None:
+    for name, value in fields.items():
+        object.__setattr__(obj, name, value)
 
 
 def _top_order(keys: F64, rows: I64) -> I64:
@@ -187,11 +239,34 @@ class SuffStats:
 
     @property
     def n_components(self) -> int:
-        return int(self.nk.shape[0])
+        return self._dims()[0]
 
     @property
     def n_features(self) -> int:
-        return int(self.sx.shape[1])
+        return self._dims()[1]
+
+    def _dims(self) -> tuple[int, int]:
+        dims: tuple[int, int] | None = self.__dict__.get("_dims_")
+        return (int(self.nk.shape[0]), int(self.sx.shape[1])) if dims is None else dims
+
+    def _sums(self) -> ExactSum:
+        """The exact sums: a merged total's own, else this object's floats deposited."""
+        exact: ExactSum | None = self.__dict__.get("_exact")
+        return ExactSum.of(self._flat()) if exact is None else exact
+
+    def _flat(self) -> F64:
+        sxx = [] if self.sxx is None else [self.sxx.ravel()]
+        tail = np.array([self.objective, self.n])
+        return np.concatenate([self.nk.ravel(), self.sx.ravel(), *sxx, tail])
+
+    def _round(self) -> None:
+        k, d = self._dims()
+        flat = self.__dict__["_exact"].to_float()
+        shape = sxx_shape(self.moments, k, d)
+        end = k + k * d
+        sxx = None if shape is None else flat[end:-2].reshape(shape)
+        _set(self, nk=flat[:k], sx=flat[k:end].reshape(k, d), sxx=sxx)
+        _set(self, objective=float(flat[-2]), n=float(flat[-1]))
 
     def to_dict(self) -> dict[str, Any]:
         """The sums as a record: ``moments``, the arrays ``nk``, ``sx`` and ``sxx`` (left
@@ -229,14 +304,52 @@ class SuffStats:
         return cls(moments, nk, sx, sxx, objective, n, int(record.get("count", 0)))
 
     def merge(self, other: SuffStats) -> SuffStats:
-        """Elementwise sum (associative and commutative; ``zero`` is its identity)."""
-        if self.moments != other.moments or self.sx.shape != other.sx.shape:
+        """The exact elementwise sum, rounded once when read (associative and commutative
+        bit for bit; ``zero`` is its identity)."""
+        return SuffStats.merge_many([self, other])
+
+    @staticmethod
+    def merge_many(parts: Sequence[SuffStats]) -> SuffStats:
+        """The merge of all ``parts`` (any order gives the same bits), one exact sum."""
+        first = parts[0]
+        for other in parts[1:]:
+            first._check_mergeable(other)
+        far = (
+            None
+            if first.farthest is None
+            else reduce(FarthestPoints.merge, [p.farthest for p in parts if p.farthest])
+        )
+        searched = [p.searched for p in parts]
+        held = [p.__dict__["_exact"] for p in parts if "_exact" in p.__dict__]
+        floats = [p._flat() for p in parts if "_exact" not in p.__dict__]
+        # chunks' results: deposited a batch at a time (a few million sums per batch)
+        step = max(1, _BATCH_SUMS // max(floats[0].size, 1)) if floats else 1
+        for i in range(0, len(floats), step):
+            held.append(ExactSum.of(np.stack(floats[i : i + step])).total())
+        return _merged(
+            SuffStats,
+            ExactSum.sum_of(held),
+            _dims_=first._dims(),
+            moments=first.moments,
+            count=sum(p.count for p in parts),
+            farthest=far,
+            # a part that did not count them adds nothing (the engine's parts all count)
+            searched=None if all(s is None for s in searched) else sum(s or 0 for s in searched),
+        )
+
+    def _check_mergeable(self, other: SuffStats) -> None:
+        if self.moments != other.moments or self._dims() != other._dims():
             raise ValueError(
-                f"cannot merge statistics of kind {self.moments} {self.sx.shape} "
-                f"with {other.moments} {other.sx.shape}"
+                f"cannot merge statistics of kind {self.moments} {self._dims()} "
+                f"with {other.moments} {other._dims()}"
             )
         if (self.farthest is None) != (other.farthest is None):
             raise ValueError("cannot merge statistics with and without farthest points")
+
+    def plus(self, other: SuffStats) -> SuffStats:
+        """The float64 elementwise sum, in this order: the blocks of one chunk (a chunk's
+        result must not depend on its exact sums; chunks are combined by ``merge``)."""
+        self._check_mergeable(other)
         sxx = None if self.sxx is None or other.sxx is None else self.sxx + other.sxx
         far = (
             None
@@ -259,6 +372,9 @@ class SuffStats:
         )
 
     __add__ = merge
+
+
+_rounded_fields(SuffStats, ("nk", "sx", "sxx", "objective", "n"))
 
 
 @dataclass(frozen=True, eq=False)
@@ -354,8 +470,12 @@ class DataSummary:
     """One pass over the data: counts, per-feature mean and variance, a sample, checks.
 
     Mean and variance are unweighted (scikit-learn's k-means tolerance uses
-    ``np.var(X, axis=0)``) and merged with Chan's parallel update, which does not lose
-    the variance of data far from the origin. ``weight`` is ``Σ w``.
+    ``np.var(X, axis=0)``). A chunk has its float64 mean ``m_c`` and ``m2_c =
+    Σ (x − m_c)²``; a merged total keeps, exactly, ``A = Σ n_c m_c``, ``B = Σ n_c m_c²``
+    (products split into floats without error) and ``Q = Σ m2_c``, and reads ``mean =
+    A / n`` and ``m2 = Q + B − A² / n`` (Chan's parallel update, in exact arithmetic),
+    each rounded once: the same bits in any grouping, and a chunk's own floats when
+    merged with empty ones. ``weight`` is ``Σ w``, exact.
     """
 
     count: int
@@ -412,28 +532,45 @@ class DataSummary:
         return cls(n, float(w.sum()), mean, m2, 0, -1, 0, -1, n_pos, sample, max_abs)
 
     def merge(self, other: DataSummary) -> DataSummary:
-        n = self.count + other.count
-        if self.count == 0 or other.count == 0:
-            mean, m2 = (other.mean, other.m2) if self.count == 0 else (self.mean, self.m2)
-        else:
-            delta = other.mean - self.mean
-            mean = self.mean + delta * (other.count / n)
-            m2 = self.m2 + other.m2 + delta**2 * (self.count * other.count / n)
         firsts = [r for r in (self.first_nonfinite_row, other.first_nonfinite_row) if r >= 0]
         firsts_w = [r for r in (self.first_bad_weight_row, other.first_bad_weight_row) if r >= 0]
-        return DataSummary(
-            n,
-            self.weight + other.weight,
-            mean,
-            m2,
-            self.n_nonfinite + other.n_nonfinite,
-            min(firsts, default=-1),
-            self.n_bad_weights + other.n_bad_weights,
-            min(firsts_w, default=-1),
-            self.n_positive + other.n_positive,
-            self.sample.merge(other.sample),
-            max(self.max_abs, other.max_abs),
+        return _merged(
+            DataSummary,
+            self._sums().merge(other._sums()),
+            count=self.count + other.count,
+            n_nonfinite=self.n_nonfinite + other.n_nonfinite,
+            first_nonfinite_row=min(firsts, default=-1),
+            n_bad_weights=self.n_bad_weights + other.n_bad_weights,
+            first_bad_weight_row=min(firsts_w, default=-1),
+            n_positive=self.n_positive + other.n_positive,
+            sample=self.sample.merge(other.sample),
+            max_abs=max(self.max_abs, other.max_abs),
         )
+
+    def _sums(self) -> ExactSum:
+        exact: ExactSum | None = self.__dict__.get("_exact")
+        if exact is None:
+            exact = _summary_sums(self.count, self.mean, self.m2, self.weight)
+        return exact
+
+    def _round(self) -> None:
+        exact = self.__dict__["_exact"]
+        d = (exact.shape[0] - 1) // 7
+        flat = exact.to_float()
+        sums = exact.to_fractions()
+        n = self.count
+        mean, m2 = np.zeros(d), np.zeros(d)
+        for j in range(d if n else 0):
+            a = sums[j] + sums[d + j]
+            b = sums[2 * d + j] + sums[3 * d + j] + sums[4 * d + j] + sums[5 * d + j]
+            q = sums[6 * d + j]
+            if isinstance(a, Fraction) and isinstance(b, Fraction) and isinstance(q, Fraction):
+                mean[j] = float(a / n)
+                m2[j] = max(float(q + b - a * a / n), 0.0)
+            else:  # non-finite statistics (values overflowing float64) stay non-finite
+                mean[j] = float(a) / n
+                m2[j] = float(q) + float(b)
+        _set(self, weight=float(flat[-1]), mean=mean, m2=m2)
 
     @property
     def sample_is_complete(self) -> bool:
@@ -443,6 +580,46 @@ class DataSummary:
     @property
     def variance(self) -> F64:
         return self.m2 / max(self.count, 1)
+
+
+_rounded_fields(DataSummary, ("weight", "mean", "m2"))
+
+
+def _summary_sums(count: int, mean: F64, m2: F64, weight: float) -> ExactSum:
+    """A :class:`DataSummary`'s exact sums, (7d + 1,): ``A`` in two floats, ``B`` in four
+    (scaled by powers of two: the exponents of ``mean``), ``Q``, ``weight``."""
+    frac, e = np.frexp(mean)  # mean = frac · 2^e, frac in [0.5, 1): no overflow
+    e = e.astype(np.int64)
+    n = np.full_like(frac, float(count))
+    sq_hi, sq_lo = _two_product(frac, frac)
+    values = [
+        *_two_product(n, frac),
+        *_two_product(n, sq_hi),
+        *_two_product(n, sq_lo),
+        m2,
+        np.array([weight]),
+    ]
+    exponents = [e, e, 2 * e, 2 * e, 2 * e, 2 * e, np.zeros(e.size + 1, np.int64)]
+    return ExactSum.of(np.concatenate(values), np.concatenate(exponents))
+
+
+def _two_product(a: F64, b: F64) -> tuple[F64, F64]:
+    """``(p, e)`` with ``p + e = a·b`` exactly (Dekker), for finite ``a·b`` that neither
+    overflows nor underflows; non-finite inputs give non-finite ``p``."""
+    p = a * b
+    a_hi, a_lo = _split(a)
+    b_hi, b_lo = _split(b)
+    with np.errstate(invalid="ignore"):
+        e = ((a_hi * b_hi - p) + a_hi * b_lo + a_lo * b_hi) + a_lo * b_lo
+    return p, e
+
+
+def _split(a: F64) -> tuple[F64, F64]:
+    """Veltkamp's split: ``a = hi + lo`` with 26 significant bits in each."""
+    c = 134217729.0 * a  # 2^27 + 1
+    with np.errstate(invalid="ignore"):
+        hi = c - (c - a)
+    return hi, a - hi
 
 
 @dataclass(frozen=True, eq=False)
@@ -521,15 +698,23 @@ class CandidateSample:
         keys = np.concatenate([self.keys, other.keys])
         rows = np.concatenate([self.rows, other.rows])
         order = _top_order(keys, rows)[: self.capacity]
-        return CandidateSample(
-            self.capacity,
-            keys[order],
-            rows[order],
-            np.concatenate([self.points, other.points])[order],
-            np.concatenate([self.weights, other.weights])[order],
-            self.cost + other.cost,
-            self.count + other.count,
+        return _merged(
+            CandidateSample,
+            self._sums().merge(other._sums()),
+            capacity=self.capacity,
+            keys=keys[order],
+            rows=rows[order],
+            points=np.concatenate([self.points, other.points])[order],
+            weights=np.concatenate([self.weights, other.weights])[order],
+            count=self.count + other.count,
         )
+
+    def _sums(self) -> ExactSum:
+        exact: ExactSum | None = self.__dict__.get("_exact")
+        return ExactSum.of(self.cost) if exact is None else exact
+
+    def _round(self) -> None:
+        _set(self, cost=float(self.__dict__["_exact"].to_float()))
 
     def chosen(self) -> NDArray[np.bool_]:
         """Which kept rows the round chooses: priority above the total cost."""
@@ -539,3 +724,6 @@ class CandidateSample:
     def truncated(self) -> bool:
         """True when more rows were chosen than ``capacity`` could keep."""
         return bool(self.keys.size == self.capacity and self.capacity and self.keys[-1] > self.cost)
+
+
+_rounded_fields(CandidateSample, ("cost",))

@@ -243,7 +243,7 @@ def estep(
     per_row = _per_row(params, moments, quadratic is not None)
     for rows in row_blocks(n, per_row, SOFT_BLOCK_ELEMENTS):
         Xb = rows_of(rows)
-        total = total.merge(
+        total = total.plus(
             _estep_block(
                 Xb,
                 params,
