@@ -63,10 +63,28 @@ QUADRATIC_SPREAD = 3.0
 #: summed again from the exact differences ``x − c``.
 CANCELLATION_LIMIT = 1e4
 
+#: Fewest rows in a block of the mixture E-step (or all the chunk's): below this, wide
+#: rows would shrink the blocks until the GEMMs are matrix-vector products (one row at
+#: d = 784 for full covariances).
+MIN_BLOCK_ROWS = 256
 
-def row_blocks(n: int, per_row: int, elements: int = BLOCK_ELEMENTS) -> Iterator[slice]:
-    """Slices of at most ``elements // per_row`` rows (bounded temporaries)."""
-    step = max(1, elements // max(per_row, 1))
+#: Full covariances on rows of more than this many features take :func:`_wide_full_estep`
+#: (one triangular product per component, moments by a rank update over the rows each
+#: component holds); up to it, the stacked GEMM and the moments' features, whose width
+#: grows as d² (``benchmarks/README.md``).
+WIDE_D = 32
+
+#: Bytes of the float64 row block of :func:`_wide_full_estep` (at least
+#: :data:`MIN_BLOCK_ROWS` rows): a block's k log-densities and each component's
+#: differences and products are of its rows.
+WIDE_BLOCK_BYTES = 8 << 20
+
+
+def row_blocks(
+    n: int, per_row: int, elements: int = BLOCK_ELEMENTS, min_rows: int = 1
+) -> Iterator[slice]:
+    """Slices of ``elements // per_row`` rows (bounded temporaries), at least ``min_rows``."""
+    step = max(1, min_rows, elements // max(per_row, 1))
     for start in range(0, n, step):
         yield slice(start, min(n, start + step))
 
@@ -144,7 +162,7 @@ def _log_density(
         # columns feature-major: stacked[:, f·k + j] = P_j[:, f]
         stacked = np.ascontiguousarray(pc.transpose(1, 2, 0).reshape(d, d * k))
         shift = np.ascontiguousarray(np.einsum("kd,kde->ek", means, pc))
-        for rows in row_blocks(n, k * d, SOFT_BLOCK_ELEMENTS):
+        for rows in row_blocks(n, k * d, SOFT_BLOCK_ELEMENTS, MIN_BLOCK_ROWS):
             Xb = np.asarray(X[rows], np.float64)
             Y = _product(Xb, stacked, ws)
             fused.log_density_stacked(Y, shift, const, out[rows])
@@ -152,7 +170,7 @@ def _log_density(
     # a weighted sum of squares of y = x T (tied) or of the exact differences (diag,
     # spherical), one pass
     T, meansT, precT = kind.diagonal_form(means, pc)
-    for rows in row_blocks(n, d + k, SOFT_BLOCK_ELEMENTS):
+    for rows in row_blocks(n, d + k, SOFT_BLOCK_ELEMENTS, MIN_BLOCK_ROWS):
         if T is None:
             Y = np.ascontiguousarray(X[rows], np.float64)
         else:
@@ -235,13 +253,16 @@ def estep(
     hard = assignment == "hard"
     if params.kind.unit and hard:
         return _kmeans_estep(rows_of, params, moments, shift, w, n_farthest, row_offset, bounds_key)
+    mkind = covariance.of_moments(moments)
+    if params.kind.dense and d > WIDE_D and (mkind.unit or mkind.dense):
+        return _wide_full_estep(rows_of, params, hard, moments, shift, w, n_farthest, row_offset)
     quadratic = None
-    if params.kind.dense and not hard and covariance.of_moments(moments).dense:
+    if params.kind.dense and not hard and mkind.dense:
         quadratic = QuadraticForm(params, np.log(params.weights))
         quadratic = quadratic if quadratic.useful else None
     total = SuffStats.zero(k, d, moments, n_farthest)
     per_row = _per_row(params, moments, quadratic is not None)
-    for rows in row_blocks(n, per_row, SOFT_BLOCK_ELEMENTS):
+    for rows in row_blocks(n, per_row, SOFT_BLOCK_ELEMENTS, MIN_BLOCK_ROWS):
         Xb = rows_of(rows)
         total = total.merge(
             _estep_block(
@@ -258,6 +279,101 @@ def estep(
             )
         )
     return total
+
+
+def _triangular_product(P: F64) -> Any:
+    """``B ↦ B P`` for C-contiguous float64 ``B``, in place where BLAS allows: ``trmm``
+    (half a GEMM's work) when ``P`` is triangular, as the precision-Cholesky factors are,
+    else the GEMM."""
+    from scipy.linalg import blas
+
+    upper, lower = not np.tril(P, -1).any(), not np.triu(P, 1).any()
+    if not (upper or lower):
+        return lambda B: B @ P
+    PF = np.asfortranarray(P)
+    # (B P)ᵀ = Pᵀ Bᵀ, and a C-contiguous B is Bᵀ in BLAS's column-major order
+    return lambda B: blas.dtrmm(1.0, PF, B.T, side=0, lower=int(lower), trans_a=1, overwrite_b=1).T
+
+
+def _wide_full_estep(
+    X: _Rows,
+    params: MixtureParams,
+    hard: bool,
+    moments: Moments,
+    shift: F64 | None,
+    w: F64,
+    n_farthest: int,
+    row_offset: int,
+) -> SuffStats:
+    """The mixture E-step of full covariances on wide rows (more than :data:`WIDE_D`
+    features), in row blocks of :data:`WIDE_BLOCK_BYTES` (at least
+    :data:`MIN_BLOCK_ROWS` rows).
+
+    Component j's Mahalanobis terms are ``‖(x − μ_j) P_j‖²``: the exact differences from
+    the block's rows centred on the origin as read (:class:`_Rows`, the bits of
+    :func:`centred`; a pass over the block, against its k products), times the
+    triangular ``P_j`` by ``trmm``. The second moments are summed once per chunk into
+    one (k, d, d) array: per component, a rank update ``Dᵀ D`` (BLAS's ``syrk``) of
+    ``D = √r (x − c_j)`` over the block's rows whose
+    weighted responsibility ``r`` is not zero (with hard assignments, its own rows;
+    soft responsibilities below ``exp(NEGLIGIBLE_LOG)`` of the row's largest are exactly
+    zero), so a row is summed once per component that holds it, not k times. Moments
+    from the exact differences lose nothing to cancellation, whatever the origin.
+    """
+    n, d = X.shape
+    k = params.n_components
+    means, pc = params.means, params.precisions_cholesky
+    assert pc is not None
+    full_moments = covariance.of_moments(moments).dense
+    around = np.zeros((k, d)) if shift is None else shift
+    const = -0.5 * d * LOG_2PI + covariance.FULL.log_det(pc, d) + np.log(params.weights)
+    products = [_triangular_product(pc[j]) for j in range(k)]
+    ws = X.ws
+    nk, sx, objective = np.zeros(k), np.zeros((k, d)), np.zeros(1)
+    sxx = np.zeros((k, d, d)) if full_moments else None
+    farthest = FarthestPoints.empty(n_farthest, d) if n_farthest else None
+    step = max(MIN_BLOCK_ROWS, WIDE_BLOCK_BYTES // (8 * d))
+    for rows in row_blocks(n, 1, step):
+        Xb = X(rows)
+        m = Xb.shape[0]
+        L = ws.get("L", (m, k))
+        for j in range(k):
+            B = np.subtract(Xb, means[j], out=ws.get("B", (m, d)))
+            Y = products[j](B)
+            L[:, j] = const[j] - 0.5 * np.einsum("ij,ij->i", Y, Y)
+        wb = w[rows]
+        if hard:
+            labels = L.argmax(axis=1)
+            best = L[np.arange(m), labels]
+            objective[0] += float(wb @ best)
+            R = np.zeros((m, k))
+            R[np.arange(m), labels] = wb
+            np.add.at(nk, labels, wb)
+            worst, worst_labels = -best, labels
+        else:
+            worst_labels = np.empty(m, np.int64) if n_farthest else None
+            norm = ws.get("norm", (m,))
+            _softmax_rows(L, w[rows], norm, nk, objective, worst_labels)
+            R, worst = L, -norm
+        if farthest is not None:  # the points the model explains worst, for re-seeding
+            assert worst_labels is not None
+            farthest = farthest.merge(
+                FarthestPoints.from_chunk(
+                    n_farthest, worst, Xb, wb, worst_labels, row_offset + rows.start
+                )
+            )
+        for j in range(k):
+            r = R[:, j]
+            held = np.flatnonzero(r)
+            if not held.size:
+                continue
+            D = np.subtract(Xb[held], around[j])
+            rj = r[held]
+            sx[j] += rj @ D
+            if sxx is not None:
+                D *= np.sqrt(rj)[:, None]
+                sxx[j] += D.T @ D  # NumPy's syrk for a product with its own transpose
+    return SuffStats(moments, nk, sx, sxx, float(objective[0]), float(w.sum()), n, farthest)
 
 
 def _n_features(d: int) -> int:
@@ -572,10 +688,12 @@ class _Search:
         d = neg2C.shape[1]
         #: d as a tuple's length (the fused pass is compiled for each d); None: the GEMM
         self.shape = (0,) * d if searches_rows(d) else None
-        #: elements of the temporaries per row of a block: the GEMM's k distances, or
+        #: elements of the temporaries per row of a block: the GEMM's k distances and the
+        #: block's centred row (at d = 784, k = 10, ~330-row blocks whose rows are read
+        #: from cache by the GEMM and the pass after it, not 26k-row blocks of 80 MB), or
         #: the fused pass's centred row and its few per-row results (blocks of ~950 rows
         #: against 32k for d = 8, k = 1000: fewer Python round trips per chunk)
-        self.per_row = neg2C.shape[0] if self.shape is None else d + 4
+        self.per_row = neg2C.shape[0] + d if self.shape is None else d + 4
         #: elements of a block's temporaries (see :data:`ROW_SEARCH_BLOCKS`)
         self.block_elements = FUSED_BLOCK_ELEMENTS * (
             1 if self.shape is None else ROW_SEARCH_BLOCKS
