@@ -14,6 +14,7 @@ import numpy as np
 import sklearn
 
 import dkm
+from benchmarks import bench_wide
 from benchmarks.common import Run, Size, print_environment, rel_diff
 from benchmarks.workloads import (
     COVARIANCE_TYPES,
@@ -26,7 +27,7 @@ from benchmarks.workloads import (
     scaling_workload,
 )
 
-WORKLOADS = ("km1", "km2", "gmm1", "scaling", "overhead")
+WORKLOADS = ("km1", "km2", "gmm1", "scaling", "overhead", *bench_wide.WORKLOADS)
 
 #: k-means inertia (float32 arithmetic, every library its own order of sums).
 KMEANS_RTOL = 1e-4
@@ -71,6 +72,7 @@ TARGETS: dict[tuple[str, str], float] = {
     ("GMM-1-tied", "scikit-learn GaussianMixture"): 0.2,
     ("GMM-1-diag", "scikit-learn GaussianMixture"): 0.2,
     ("GMM-1-spherical", "scikit-learn GaussianMixture"): 0.2,
+    **bench_wide.TARGETS,
 }
 SCALING_TARGET = 4.4
 OVERHEAD_TARGET = 0.10
@@ -263,6 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             scaling_workload(bench, suite.km1)
         if "overhead" in args.workload:
             overhead_workload(bench, suite.km1)
+        bench_wide.run(bench, args.suite, args.workload)
     finally:
         bench.close()
     print()
