@@ -256,12 +256,15 @@ def estep(
     mkind = covariance.of_moments(moments)
     if params.kind.dense and d > WIDE_D and (mkind.unit or mkind.dense):
         return _wide_full_estep(rows_of, params, hard, moments, shift, w, n_farthest, row_offset)
-    quadratic = None
+    quadratic: QuadraticForm | DiagonalQuadraticForm | None = None
     if params.kind.dense and not hard and mkind.dense:
         quadratic = QuadraticForm(params, np.log(params.weights))
-        quadratic = quadratic if quadratic.useful else None
+    elif _diagonal(params.kind) and not hard and _diagonal(mkind):
+        quadratic = DiagonalQuadraticForm(params, np.log(params.weights))
+    if quadratic is not None and not quadratic.useful:
+        quadratic = None
     total = SuffStats.zero(k, d, moments, n_farthest)
-    per_row = _per_row(params, moments, quadratic is not None)
+    per_row = _per_row(params, moments, isinstance(quadratic, QuadraticForm))
     for rows in row_blocks(n, per_row, SOFT_BLOCK_ELEMENTS, MIN_BLOCK_ROWS):
         Xb = rows_of(rows)
         total = total.merge(
@@ -440,6 +443,67 @@ class QuadraticForm:
         if self.exact.size:
             L[:, self.exact] = _log_density(X64, self.exact_params, self.exact_offset)
         return L
+
+
+def _diagonal(kind: Covariance) -> bool:
+    """Diag or spherical: a precision per component and feature, no cross terms."""
+    return not (kind.unit or kind.dense or kind.shared)
+
+
+class DiagonalQuadraticForm:
+    """Log-densities of diag and spherical covariances from the moments' features, as
+    one GEMM.
+
+    ``Σ_f p_f (x_f − μ_f)² = Σ_f p_f x_f² − 2 Σ_f p_f μ_f x_f + Σ_f p_f μ_f²``, so
+    ``log N(x | μ_k, Σ_k) + offset_k = F(x) @ W[:, k] + const_k`` with ``F = [x² | x]``
+    (:func:`dkm.kernels._fused.square_rows`), the features the moments' GEMM takes
+    anyway: a GEMM (K = 2d) in place of a compiled pass over the exact differences,
+    which at d = 128 took half of the E-step (``benchmarks/README.md``). As for
+    :class:`QuadraticForm`, a component whose terms ``Σ_f p_f (|μ_f| + SPREAD·σ_f)²``
+    exceed :data:`QUADRATIC_LIMIT` keeps the exact differences (its columns of ``W``
+    are zero).
+    """
+
+    def __init__(self, params: MixtureParams, offset: F64) -> None:
+        pc = params.precisions_cholesky
+        assert _diagonal(params.kind) and pc is not None
+        d, k = params.n_features, params.n_components
+        _, meansT, precT = params.kind.diagonal_form(params.means, pc)  # (d, k) each
+        reach = ((np.sqrt(precT) * np.abs(meansT) + QUADRATIC_SPREAD) ** 2).sum(axis=0)
+        exact = ~(reach <= QUADRATIC_LIMIT)
+        W = np.concatenate([-0.5 * precT, precT * meansT], axis=0)  # (2d, k)
+        W[:, exact] = 0.0
+        self.W = np.ascontiguousarray(W)
+        q = (precT * meansT**2).sum(axis=0)
+        const = -0.5 * d * LOG_2PI + params.kind.log_det(pc, d) + offset - 0.5 * q
+        self.const = np.ascontiguousarray(np.where(exact, 0.0, const)).reshape(k)
+        self.exact = np.flatnonzero(exact)
+        self.exact_params = MixtureParams(
+            params.covariance_type, params.weights[exact], params.means[exact], pc[exact]
+        )
+        self.exact_offset = np.asarray(offset, np.float64)[exact]
+
+    @property
+    def useful(self) -> bool:
+        """Whether any component takes the GEMM (else the exact path is cheaper)."""
+        return self.exact.size < self.W.shape[1]
+
+    def log_density(self, X64: F64, F: F64, ws: Workspace) -> F64:
+        """``log N(x_i | μ_k, Σ_k) + offset_k`` (n, k) in the workspace's ``L`` buffer,
+        from the rows ``X64`` and their features ``F`` (:func:`_diag_features`)."""
+        L = np.matmul(F, self.W, out=ws.get("L", (X64.shape[0], self.W.shape[1])))
+        L += self.const
+        if self.exact.size:
+            L[:, self.exact] = _log_density(X64, self.exact_params, self.exact_offset)
+        return L
+
+
+def _diag_features(X64: F64, ws: Workspace) -> F64:
+    """``F = [x² | x]`` (n, 2d) in the workspace's ``F`` buffer."""
+    n, d = X64.shape
+    F = ws.get("F", (n, 2 * d))
+    _fused().square_rows(np.ascontiguousarray(X64), F)
+    return F
 
 
 def centred(X: NDArray[Any], origin: F64, covariance_type: str) -> NDArray[Any]:
@@ -761,16 +825,17 @@ def _estep_block(
     n_farthest: int,
     row_offset: int,
     ws: Workspace,
-    quadratic: QuadraticForm | None = None,
+    quadratic: QuadraticForm | DiagonalQuadraticForm | None = None,
 ) -> SuffStats:
     """One block of the mixture E-step; ``quadratic``: :class:`QuadraticForm` (full
-    covariances, soft assignments, full moments), whose log-densities come from the
-    moments' features (built first, used twice)."""
+    covariances, soft assignments, full moments) or :class:`DiagonalQuadraticForm` (diag
+    or spherical), whose log-densities come from the moments' features (built first,
+    used twice)."""
     n, d = X.shape
     k = params.n_components
     X64 = np.asarray(X, np.float64)
     farthest = None
-    FT = None
+    FT = F = None
     if assignment == "hard":
         wlp = weighted_log_prob(X64, params)
         labels = wlp.argmax(axis=1)
@@ -783,9 +848,12 @@ def _estep_block(
     else:
         if quadratic is None:
             resp = _log_density(X64, params, np.log(params.weights), ws)
-        else:
+        elif isinstance(quadratic, QuadraticForm):
             FT = _full_features(X64, ws)
             resp = quadratic.log_density(X64, FT, ws)
+        else:
+            F = _diag_features(X64, ws)
+            resp = quadratic.log_density(X64, F, ws)
         worst_labels = np.empty(n, np.int64) if n_farthest else None  # resp's argmax
         norm, nk, total = np.empty(n), np.zeros(k), np.zeros(1)
         _softmax_rows(resp, w, norm, nk, total, worst_labels)  # resp ← w · responsibilities
@@ -800,7 +868,7 @@ def _estep_block(
     sxx = None
     mkind = covariance.of_moments(moments)
     if labels is None and not mkind.unit and not mkind.shared:  # full, diag, spherical
-        S1, sxx = _soft_moments(X64, R, nk, c, mkind, ws, FT)
+        S1, sxx = _soft_moments(X64, R, nk, c, mkind, ws, FT, F)
     else:
         S1 = np.asarray(R @ X64)  # (k, d): Σ w r x
         if not mkind.unit:
@@ -836,14 +904,21 @@ def _full_features(X64: F64, ws: Workspace) -> F64:
 
 
 def _soft_moments(
-    X64: F64, R: Any, nk: F64, c: F64, kind: Covariance, ws: Workspace, FT: F64 | None = None
+    X64: F64,
+    R: Any,
+    nk: F64,
+    c: F64,
+    kind: Covariance,
+    ws: Workspace,
+    FT: F64 | None = None,
+    F: F64 | None = None,
 ) -> tuple[F64, F64]:
     """``Σ w r x`` and the second moments around ``c_k`` (full, diag, spherical) under
     soft responsibilities ``R`` (k, n), both from one GEMM ``R @ F`` against per-row
     features: ``F = [x_a x_b (a ≤ b) | x]`` (n, d(d+1)/2 + d) for full (the upper
     triangle: the raw moments are symmetric; ``FT`` if already built), ``[x² | x]``
-    (n, 2d) otherwise."""
-    n, d = X64.shape
+    (n, 2d) otherwise (``F`` if already built)."""
+    d = X64.shape[1]
     k = c.shape[0]
     Xc = np.ascontiguousarray(X64)
     if kind.dense:
@@ -853,8 +928,8 @@ def _soft_moments(
         # order; BLAS is slower with both transposed (``benchmarks/README.md``).
         M = (FT @ R.T).T
     else:
-        F = ws.get("F", (n, 2 * d))
-        _fused().square_rows(Xc, F)
+        if F is None:
+            F = _diag_features(Xc, ws)
         M = R @ F
     width = M.shape[1] - d
     S1 = np.ascontiguousarray(M[:, width:])

@@ -223,3 +223,33 @@ def test_wide_kmeans_blocks_are_sized_by_their_rows(monkeypatch):
     estep(X, MixtureParams.identity(X[:k].astype(np.float64)), assignment="hard", moments="none")
     assert len(widths) > 1
     assert max(widths) * (d + k) <= E.FUSED_BLOCK_ELEMENTS
+
+
+@pytest.mark.parametrize("ct", ["diag", "spherical"])
+@pytest.mark.parametrize("limit", [None, np.inf], ids=["default", "gemm-only"])
+def test_diagonal_log_densities_of_a_tight_far_component_stay_exact(ct, limit, monkeypatch):
+    """A component of spread 1e-3 at 1e3 from the origin: its log-densities from the
+    features' GEMM (``x²`` terms of 1e6 against differences of 1e-3) would lose most
+    digits; the default limit keeps the exact differences for it, and the other
+    component takes the GEMM."""
+    if limit is not None:
+        monkeypatch.setattr(E, "QUADRATIC_LIMIT", limit)
+    rng = np.random.default_rng(12)
+    d = 6
+    means = np.stack([np.zeros(d), np.full(d, 1e3)])
+    std = np.array([1.0, 1e-3])
+    cov = {"diag": np.outer(std**2, np.ones(d)), "spherical": std**2}[ct]
+    pc = covariance.of(ct).precision_cholesky(cov)
+    params = MixtureParams(ct, np.array([0.5, 0.5]), means, pc)
+    X = np.concatenate([rng.normal(size=(300, d)), 1e3 + 1e-3 * rng.normal(size=(300, d))])
+    form = E.DiagonalQuadraticForm(params, np.log(params.weights))
+    got = estep(X, params, assignment="soft", moments=ct, shift=means)
+    logp = direct_log_prob(params, X)
+    norm = logsumexp(logp, axis=1)
+    exact = got.objective == pytest.approx(float(norm.sum()), rel=1e-12, abs=1e-9)
+    if limit is None:
+        np.testing.assert_array_equal(form.exact, [1])
+        assert exact
+    else:
+        assert form.exact.size == 0
+        assert not exact  # what the limit is for
