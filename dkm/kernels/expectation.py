@@ -72,7 +72,7 @@ MIN_BLOCK_ROWS = 256
 #: (one triangular product per component, moments by a rank update over the rows each
 #: component holds); up to it, the stacked GEMM and the moments' features, whose width
 #: grows as d² (``benchmarks/README.md``).
-WIDE_D = 32
+WIDE_D = 24
 
 #: Bytes of the float64 row block of :func:`_wide_full_estep` (at least
 #: :data:`MIN_BLOCK_ROWS` rows): a block's k log-densities and each component's
