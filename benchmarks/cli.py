@@ -14,6 +14,7 @@ import numpy as np
 import sklearn
 
 import dkm
+from benchmarks import bench_wide
 from benchmarks.bench_chunks import chunks_workload, print_chunk_table
 from benchmarks.common import Run, Size, print_environment, rel_diff
 from benchmarks.workloads import (
@@ -27,7 +28,7 @@ from benchmarks.workloads import (
     scaling_workload,
 )
 
-WORKLOADS = ("km1", "km2", "gmm1", "scaling", "overhead", "chunks")
+WORKLOADS = ("km1", "km2", "gmm1", "scaling", "overhead", "chunks", *bench_wide.WORKLOADS)
 
 #: k-means inertia (float32 arithmetic, every library its own order of sums).
 KMEANS_RTOL = 1e-4
@@ -82,6 +83,7 @@ TARGETS: dict[tuple[str, str], float] = {
     ("GMM-1-tied", "scikit-learn GaussianMixture"): 0.2,
     ("GMM-1-diag", "scikit-learn GaussianMixture"): 0.2,
     ("GMM-1-spherical", "scikit-learn GaussianMixture"): 0.2,
+    **bench_wide.TARGETS,
 }
 SCALING_TARGET = 4.4
 OVERHEAD_TARGET = 0.10
@@ -281,6 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "chunks" in args.workload:
             workers = suite.cluster_workers if options.local_cluster else ()
             chunks_workload(bench, suite.chunks_km1, suite.chunk_counts, workers)
+        bench_wide.run(bench, args.suite, args.workload)
     finally:
         bench.close()
     print()

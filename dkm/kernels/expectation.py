@@ -63,10 +63,28 @@ QUADRATIC_SPREAD = 3.0
 #: summed again from the exact differences ``x − c``.
 CANCELLATION_LIMIT = 1e4
 
+#: Fewest rows in a block of the mixture E-step (or all the chunk's): below this, wide
+#: rows would shrink the blocks until the GEMMs are matrix-vector products (one row at
+#: d = 784 for full covariances).
+MIN_BLOCK_ROWS = 256
 
-def row_blocks(n: int, per_row: int, elements: int = BLOCK_ELEMENTS) -> Iterator[slice]:
-    """Slices of at most ``elements // per_row`` rows (bounded temporaries)."""
-    step = max(1, elements // max(per_row, 1))
+#: Full covariances on rows of more than this many features take :func:`_wide_full_estep`
+#: (one triangular product per component, moments by a rank update over the rows each
+#: component holds); up to it, the stacked GEMM and the moments' features, whose width
+#: grows as d² (``benchmarks/README.md``).
+WIDE_D = 24
+
+#: Bytes of the float64 row block of :func:`_wide_full_estep` (at least
+#: :data:`MIN_BLOCK_ROWS` rows): a block's k log-densities and each component's
+#: differences and products are of its rows.
+WIDE_BLOCK_BYTES = 8 << 20
+
+
+def row_blocks(
+    n: int, per_row: int, elements: int = BLOCK_ELEMENTS, min_rows: int = 1
+) -> Iterator[slice]:
+    """Slices of ``elements // per_row`` rows (bounded temporaries), at least ``min_rows``."""
+    step = max(1, min_rows, elements // max(per_row, 1))
     for start in range(0, n, step):
         yield slice(start, min(n, start + step))
 
@@ -144,7 +162,7 @@ def _log_density(
         # columns feature-major: stacked[:, f·k + j] = P_j[:, f]
         stacked = np.ascontiguousarray(pc.transpose(1, 2, 0).reshape(d, d * k))
         shift = np.ascontiguousarray(np.einsum("kd,kde->ek", means, pc))
-        for rows in row_blocks(n, k * d, SOFT_BLOCK_ELEMENTS):
+        for rows in row_blocks(n, k * d, SOFT_BLOCK_ELEMENTS, MIN_BLOCK_ROWS):
             Xb = np.asarray(X[rows], np.float64)
             Y = _product(Xb, stacked, ws)
             fused.log_density_stacked(Y, shift, const, out[rows])
@@ -152,7 +170,7 @@ def _log_density(
     # a weighted sum of squares of y = x T (tied) or of the exact differences (diag,
     # spherical), one pass
     T, meansT, precT = kind.diagonal_form(means, pc)
-    for rows in row_blocks(n, d + k, SOFT_BLOCK_ELEMENTS):
+    for rows in row_blocks(n, d + k, SOFT_BLOCK_ELEMENTS, MIN_BLOCK_ROWS):
         if T is None:
             Y = np.ascontiguousarray(X[rows], np.float64)
         else:
@@ -235,13 +253,19 @@ def estep(
     hard = assignment == "hard"
     if params.kind.unit and hard:
         return _kmeans_estep(rows_of, params, moments, shift, w, n_farthest, row_offset, bounds_key)
-    quadratic = None
-    if params.kind.dense and not hard and covariance.of_moments(moments).dense:
+    mkind = covariance.of_moments(moments)
+    if params.kind.dense and d > WIDE_D and (mkind.unit or mkind.dense):
+        return _wide_full_estep(rows_of, params, hard, moments, shift, w, n_farthest, row_offset)
+    quadratic: QuadraticForm | DiagonalQuadraticForm | None = None
+    if params.kind.dense and not hard and mkind.dense:
         quadratic = QuadraticForm(params, np.log(params.weights))
-        quadratic = quadratic if quadratic.useful else None
+    elif _diagonal(params.kind) and not hard and _diagonal(mkind):
+        quadratic = DiagonalQuadraticForm(params, np.log(params.weights))
+    if quadratic is not None and not quadratic.useful:
+        quadratic = None
     total = SuffStats.zero(k, d, moments, n_farthest)
-    per_row = _per_row(params, moments, quadratic is not None)
-    for rows in row_blocks(n, per_row, SOFT_BLOCK_ELEMENTS):
+    per_row = _per_row(params, moments, isinstance(quadratic, QuadraticForm))
+    for rows in row_blocks(n, per_row, SOFT_BLOCK_ELEMENTS, MIN_BLOCK_ROWS):
         Xb = rows_of(rows)
         total = total.plus(
             _estep_block(
@@ -258,6 +282,101 @@ def estep(
             )
         )
     return total
+
+
+def _triangular_product(P: F64) -> Any:
+    """``B ↦ B P`` for C-contiguous float64 ``B``, in place where BLAS allows: ``trmm``
+    (half a GEMM's work) when ``P`` is triangular, as the precision-Cholesky factors are,
+    else the GEMM."""
+    from scipy.linalg import blas
+
+    upper, lower = not np.tril(P, -1).any(), not np.triu(P, 1).any()
+    if not (upper or lower):
+        return lambda B: B @ P
+    PF = np.asfortranarray(P)
+    # (B P)ᵀ = Pᵀ Bᵀ, and a C-contiguous B is Bᵀ in BLAS's column-major order
+    return lambda B: blas.dtrmm(1.0, PF, B.T, side=0, lower=int(lower), trans_a=1, overwrite_b=1).T
+
+
+def _wide_full_estep(
+    X: _Rows,
+    params: MixtureParams,
+    hard: bool,
+    moments: Moments,
+    shift: F64 | None,
+    w: F64,
+    n_farthest: int,
+    row_offset: int,
+) -> SuffStats:
+    """The mixture E-step of full covariances on wide rows (more than :data:`WIDE_D`
+    features), in row blocks of :data:`WIDE_BLOCK_BYTES` (at least
+    :data:`MIN_BLOCK_ROWS` rows).
+
+    Component j's Mahalanobis terms are ``‖(x − μ_j) P_j‖²``: the exact differences from
+    the block's rows centred on the origin as read (:class:`_Rows`, the bits of
+    :func:`centred`; a pass over the block, against its k products), times the
+    triangular ``P_j`` by ``trmm``. The second moments are summed once per chunk into
+    one (k, d, d) array: per component, a rank update ``Dᵀ D`` (BLAS's ``syrk``) of
+    ``D = √r (x − c_j)`` over the block's rows whose
+    weighted responsibility ``r`` is not zero (with hard assignments, its own rows;
+    soft responsibilities below ``exp(NEGLIGIBLE_LOG)`` of the row's largest are exactly
+    zero), so a row is summed once per component that holds it, not k times. Moments
+    from the exact differences lose nothing to cancellation, whatever the origin.
+    """
+    n, d = X.shape
+    k = params.n_components
+    means, pc = params.means, params.precisions_cholesky
+    assert pc is not None
+    full_moments = covariance.of_moments(moments).dense
+    around = np.zeros((k, d)) if shift is None else shift
+    const = -0.5 * d * LOG_2PI + covariance.FULL.log_det(pc, d) + np.log(params.weights)
+    products = [_triangular_product(pc[j]) for j in range(k)]
+    ws = X.ws
+    nk, sx, objective = np.zeros(k), np.zeros((k, d)), np.zeros(1)
+    sxx = np.zeros((k, d, d)) if full_moments else None
+    farthest = FarthestPoints.empty(n_farthest, d) if n_farthest else None
+    step = max(MIN_BLOCK_ROWS, WIDE_BLOCK_BYTES // (8 * d))
+    for rows in row_blocks(n, 1, step):
+        Xb = X(rows)
+        m = Xb.shape[0]
+        L = ws.get("L", (m, k))
+        for j in range(k):
+            B = np.subtract(Xb, means[j], out=ws.get("B", (m, d)))
+            Y = products[j](B)
+            L[:, j] = const[j] - 0.5 * np.einsum("ij,ij->i", Y, Y)
+        wb = w[rows]
+        if hard:
+            labels = L.argmax(axis=1)
+            best = L[np.arange(m), labels]
+            objective[0] += float(wb @ best)
+            R = np.zeros((m, k))
+            R[np.arange(m), labels] = wb
+            np.add.at(nk, labels, wb)
+            worst, worst_labels = -best, labels
+        else:
+            worst_labels = np.empty(m, np.int64) if n_farthest else None
+            norm = ws.get("norm", (m,))
+            _softmax_rows(L, w[rows], norm, nk, objective, worst_labels)
+            R, worst = L, -norm
+        if farthest is not None:  # the points the model explains worst, for re-seeding
+            assert worst_labels is not None
+            farthest = farthest.merge(
+                FarthestPoints.from_chunk(
+                    n_farthest, worst, Xb, wb, worst_labels, row_offset + rows.start
+                )
+            )
+        for j in range(k):
+            r = R[:, j]
+            held = np.flatnonzero(r)
+            if not held.size:
+                continue
+            D = np.subtract(Xb[held], around[j])
+            rj = r[held]
+            sx[j] += rj @ D
+            if sxx is not None:
+                D *= np.sqrt(rj)[:, None]
+                sxx[j] += D.T @ D  # NumPy's syrk for a product with its own transpose
+    return SuffStats(moments, nk, sx, sxx, float(objective[0]), float(w.sum()), n, farthest)
 
 
 def _n_features(d: int) -> int:
@@ -324,6 +443,67 @@ class QuadraticForm:
         if self.exact.size:
             L[:, self.exact] = _log_density(X64, self.exact_params, self.exact_offset)
         return L
+
+
+def _diagonal(kind: Covariance) -> bool:
+    """Diag or spherical: a precision per component and feature, no cross terms."""
+    return not (kind.unit or kind.dense or kind.shared)
+
+
+class DiagonalQuadraticForm:
+    """Log-densities of diag and spherical covariances from the moments' features, as
+    one GEMM.
+
+    ``Σ_f p_f (x_f − μ_f)² = Σ_f p_f x_f² − 2 Σ_f p_f μ_f x_f + Σ_f p_f μ_f²``, so
+    ``log N(x | μ_k, Σ_k) + offset_k = F(x) @ W[:, k] + const_k`` with ``F = [x² | x]``
+    (:func:`dkm.kernels._fused.square_rows`), the features the moments' GEMM takes
+    anyway: a GEMM (K = 2d) in place of a compiled pass over the exact differences,
+    which at d = 128 took half of the E-step (``benchmarks/README.md``). As for
+    :class:`QuadraticForm`, a component whose terms ``Σ_f p_f (|μ_f| + SPREAD·σ_f)²``
+    exceed :data:`QUADRATIC_LIMIT` keeps the exact differences (its columns of ``W``
+    are zero).
+    """
+
+    def __init__(self, params: MixtureParams, offset: F64) -> None:
+        pc = params.precisions_cholesky
+        assert _diagonal(params.kind) and pc is not None
+        d, k = params.n_features, params.n_components
+        _, meansT, precT = params.kind.diagonal_form(params.means, pc)  # (d, k) each
+        reach = ((np.sqrt(precT) * np.abs(meansT) + QUADRATIC_SPREAD) ** 2).sum(axis=0)
+        exact = ~(reach <= QUADRATIC_LIMIT)
+        W = np.concatenate([-0.5 * precT, precT * meansT], axis=0)  # (2d, k)
+        W[:, exact] = 0.0
+        self.W = np.ascontiguousarray(W)
+        q = (precT * meansT**2).sum(axis=0)
+        const = -0.5 * d * LOG_2PI + params.kind.log_det(pc, d) + offset - 0.5 * q
+        self.const = np.ascontiguousarray(np.where(exact, 0.0, const)).reshape(k)
+        self.exact = np.flatnonzero(exact)
+        self.exact_params = MixtureParams(
+            params.covariance_type, params.weights[exact], params.means[exact], pc[exact]
+        )
+        self.exact_offset = np.asarray(offset, np.float64)[exact]
+
+    @property
+    def useful(self) -> bool:
+        """Whether any component takes the GEMM (else the exact path is cheaper)."""
+        return self.exact.size < self.W.shape[1]
+
+    def log_density(self, X64: F64, F: F64, ws: Workspace) -> F64:
+        """``log N(x_i | μ_k, Σ_k) + offset_k`` (n, k) in the workspace's ``L`` buffer,
+        from the rows ``X64`` and their features ``F`` (:func:`_diag_features`)."""
+        L = np.matmul(F, self.W, out=ws.get("L", (X64.shape[0], self.W.shape[1])))
+        L += self.const
+        if self.exact.size:
+            L[:, self.exact] = _log_density(X64, self.exact_params, self.exact_offset)
+        return L
+
+
+def _diag_features(X64: F64, ws: Workspace) -> F64:
+    """``F = [x² | x]`` (n, 2d) in the workspace's ``F`` buffer."""
+    n, d = X64.shape
+    F = ws.get("F", (n, 2 * d))
+    _fused().square_rows(np.ascontiguousarray(X64), F)
+    return F
 
 
 def centred(X: NDArray[Any], origin: F64, covariance_type: str) -> NDArray[Any]:
@@ -572,10 +752,12 @@ class _Search:
         d = neg2C.shape[1]
         #: d as a tuple's length (the fused pass is compiled for each d); None: the GEMM
         self.shape = (0,) * d if searches_rows(d) else None
-        #: elements of the temporaries per row of a block: the GEMM's k distances, or
+        #: elements of the temporaries per row of a block: the GEMM's k distances and the
+        #: block's centred row (at d = 784, k = 10, ~330-row blocks whose rows are read
+        #: from cache by the GEMM and the pass after it, not 26k-row blocks of 80 MB), or
         #: the fused pass's centred row and its few per-row results (blocks of ~950 rows
         #: against 32k for d = 8, k = 1000: fewer Python round trips per chunk)
-        self.per_row = neg2C.shape[0] if self.shape is None else d + 4
+        self.per_row = neg2C.shape[0] + d if self.shape is None else d + 4
         #: elements of a block's temporaries (see :data:`ROW_SEARCH_BLOCKS`)
         self.block_elements = FUSED_BLOCK_ELEMENTS * (
             1 if self.shape is None else ROW_SEARCH_BLOCKS
@@ -643,16 +825,17 @@ def _estep_block(
     n_farthest: int,
     row_offset: int,
     ws: Workspace,
-    quadratic: QuadraticForm | None = None,
+    quadratic: QuadraticForm | DiagonalQuadraticForm | None = None,
 ) -> SuffStats:
     """One block of the mixture E-step; ``quadratic``: :class:`QuadraticForm` (full
-    covariances, soft assignments, full moments), whose log-densities come from the
-    moments' features (built first, used twice)."""
+    covariances, soft assignments, full moments) or :class:`DiagonalQuadraticForm` (diag
+    or spherical), whose log-densities come from the moments' features (built first,
+    used twice)."""
     n, d = X.shape
     k = params.n_components
     X64 = np.asarray(X, np.float64)
     farthest = None
-    FT = None
+    FT = F = None
     if assignment == "hard":
         wlp = weighted_log_prob(X64, params)
         labels = wlp.argmax(axis=1)
@@ -665,9 +848,12 @@ def _estep_block(
     else:
         if quadratic is None:
             resp = _log_density(X64, params, np.log(params.weights), ws)
-        else:
+        elif isinstance(quadratic, QuadraticForm):
             FT = _full_features(X64, ws)
             resp = quadratic.log_density(X64, FT, ws)
+        else:
+            F = _diag_features(X64, ws)
+            resp = quadratic.log_density(X64, F, ws)
         worst_labels = np.empty(n, np.int64) if n_farthest else None  # resp's argmax
         norm, nk, total = np.empty(n), np.zeros(k), np.zeros(1)
         _softmax_rows(resp, w, norm, nk, total, worst_labels)  # resp ← w · responsibilities
@@ -682,7 +868,7 @@ def _estep_block(
     sxx = None
     mkind = covariance.of_moments(moments)
     if labels is None and not mkind.unit and not mkind.shared:  # full, diag, spherical
-        S1, sxx = _soft_moments(X64, R, nk, c, mkind, ws, FT)
+        S1, sxx = _soft_moments(X64, R, nk, c, mkind, ws, FT, F)
     else:
         S1 = np.asarray(R @ X64)  # (k, d): Σ w r x
         if not mkind.unit:
@@ -718,14 +904,21 @@ def _full_features(X64: F64, ws: Workspace) -> F64:
 
 
 def _soft_moments(
-    X64: F64, R: Any, nk: F64, c: F64, kind: Covariance, ws: Workspace, FT: F64 | None = None
+    X64: F64,
+    R: Any,
+    nk: F64,
+    c: F64,
+    kind: Covariance,
+    ws: Workspace,
+    FT: F64 | None = None,
+    F: F64 | None = None,
 ) -> tuple[F64, F64]:
     """``Σ w r x`` and the second moments around ``c_k`` (full, diag, spherical) under
     soft responsibilities ``R`` (k, n), both from one GEMM ``R @ F`` against per-row
     features: ``F = [x_a x_b (a ≤ b) | x]`` (n, d(d+1)/2 + d) for full (the upper
     triangle: the raw moments are symmetric; ``FT`` if already built), ``[x² | x]``
-    (n, 2d) otherwise."""
-    n, d = X64.shape
+    (n, 2d) otherwise (``F`` if already built)."""
+    d = X64.shape[1]
     k = c.shape[0]
     Xc = np.ascontiguousarray(X64)
     if kind.dense:
@@ -735,8 +928,8 @@ def _soft_moments(
         # order; BLAS is slower with both transposed (``benchmarks/README.md``).
         M = (FT @ R.T).T
     else:
-        F = ws.get("F", (n, 2 * d))
-        _fused().square_rows(Xc, F)
+        if F is None:
+            F = _diag_features(Xc, ws)
         M = R @ F
     width = M.shape[1] - d
     S1 = np.ascontiguousarray(M[:, width:])

@@ -40,13 +40,16 @@ CONTENDERS = (
 
 @pytest.mark.slow
 def test_quick_suite_runs_every_contender_and_objectives_agree():
-    result = run_python(["-m", "benchmarks", "--suite", "quick"], timeout=400)
+    result = run_python(["-m", "benchmarks", "--suite", "quick"], timeout=600)
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
     assert "final objectives agree everywhere" in out
     assert "MISMATCH" not in out
     table = [line for line in out.splitlines() if line.startswith("| ")]
-    for workload in ("KM-1", "KM-2", "GMM-1-full", "GMM-1-tied", "GMM-1-diag", "GMM-1-spherical"):
+    for workload in (
+        *("KM-1", "KM-2", "GMM-1-full", "GMM-1-tied", "GMM-1-diag", "GMM-1-spherical"),
+        *("KM-4", "GMM-2-full", "GMM-2-diag", "GMM-3-full", "WIDE"),
+    ):
         assert any(line.startswith(f"| {workload} ") for line in table), workload
     for contender in CONTENDERS:
         assert any(f"| {contender} |" in line for line in table), contender
@@ -141,3 +144,37 @@ def test_out_of_core_without_a_store_exits_2():
     )
     assert result.returncode == 2
     assert "--store" in result.stderr
+
+
+def test_fashion_mnist_is_read_from_its_idx_files(bench_modules, tmp_path, monkeypatch):
+    """The wide workload's data: the idx files' images in order (training, then test),
+    flattened to float32 rows; without the files, the synthetic stand-in, named so."""
+    import gzip
+
+    from benchmarks import bench_wide
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8) for n in (5, 3)]
+    for name, data in zip(bench_wide.FASHION_MNIST_FILES, images, strict=True):
+        header = b"".join(v.to_bytes(4, "big") for v in (0x0803, *data.shape))
+        (tmp_path / name).write_bytes(gzip.compress(header + data.tobytes()))
+    monkeypatch.setenv("DKM_FASHION_MNIST", str(tmp_path))
+    X, source = bench_wide.fashion_mnist(7)
+    assert source == "Fashion-MNIST" and X.dtype == np.float32
+    np.testing.assert_array_equal(X, np.concatenate(images).reshape(8, 784)[:7])
+
+    monkeypatch.setenv("DKM_FASHION_MNIST", str(tmp_path / "absent"))
+    X, source = bench_wide.fashion_mnist(50)
+    assert source == "synthetic" and X.shape == (50, 784) and X.dtype == np.float32
+    assert X.min() >= 0.0 and X.max() <= 255.0
+
+
+def test_a_file_that_is_not_idx_images_is_named(bench_modules, tmp_path):
+    import gzip
+
+    from benchmarks import bench_wide
+
+    bad = tmp_path / "labels.gz"
+    bad.write_bytes(gzip.compress((0x0801).to_bytes(4, "big") + bytes(8)))
+    with pytest.raises(ValueError, match=r"labels\.gz is not an idx3 image file"):
+        bench_wide._idx_images(bad)
