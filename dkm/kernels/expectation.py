@@ -384,7 +384,32 @@ def _n_features(d: int) -> int:
     return d * (d + 1) // 2 + d
 
 
-class QuadraticForm:
+class _ExactComponents:
+    """What the quadratic forms share: the components whose log-densities keep the
+    exact differences of :func:`_log_density` (their GEMM columns are zero)."""
+
+    def _keep_exact(self, params: MixtureParams, exact: NDArray[np.bool_], offset: F64) -> None:
+        pc = params.precisions_cholesky
+        assert pc is not None
+        self.n_components = params.n_components
+        self.exact = np.flatnonzero(exact)
+        self.exact_params = MixtureParams(
+            params.covariance_type, params.weights[exact], params.means[exact], pc[exact]
+        )
+        self.exact_offset = np.asarray(offset, np.float64)[exact]
+
+    @property
+    def useful(self) -> bool:
+        """Whether any component takes the GEMM (else the exact path is cheaper)."""
+        return self.exact.size < self.n_components
+
+    def _exact_columns(self, L: F64, X64: F64) -> F64:
+        if self.exact.size:
+            L[:, self.exact] = _log_density(X64, self.exact_params, self.exact_offset)
+        return L
+
+
+class QuadraticForm(_ExactComponents):
     """Log-densities of full covariances from the moments' features, as one GEMM.
 
     ``(x − μ)ᵀ Λ (x − μ) = Σ_{a≤b} (2 − δ_ab) Λ_ab x_a x_b − 2 (Λμ)ᵀ x + μᵀΛμ`` with
@@ -420,16 +445,7 @@ class QuadraticForm:
         self.WT = np.ascontiguousarray(WT)  # (k, features)
         const = -0.5 * d * LOG_2PI + covariance.FULL.log_det(pc, d) + offset - 0.5 * q
         self.const = np.where(exact, 0.0, const)
-        self.exact = np.flatnonzero(exact)
-        self.exact_params = MixtureParams(
-            params.covariance_type, params.weights[exact], means[exact], pc[exact]
-        )
-        self.exact_offset = np.asarray(offset, np.float64)[exact]
-
-    @property
-    def useful(self) -> bool:
-        """Whether any component takes the GEMM (else the exact path is cheaper)."""
-        return self.exact.size < self.WT.shape[0]
+        self._keep_exact(params, exact, offset)
 
     def log_density(self, X64: F64, FT: F64, ws: Workspace) -> F64:
         """``log N(x_i | μ_k, Σ_k) + offset_k`` (n, k) in the workspace's ``L`` buffer,
@@ -440,9 +456,7 @@ class QuadraticForm:
         LT = np.matmul(self.WT, FT, out=ws.get("LT", (k, n)))
         L = ws.get("L", (n, k))
         np.add(LT.T, self.const, out=L)
-        if self.exact.size:
-            L[:, self.exact] = _log_density(X64, self.exact_params, self.exact_offset)
-        return L
+        return self._exact_columns(L, X64)
 
 
 def _diagonal(kind: Covariance) -> bool:
@@ -450,7 +464,7 @@ def _diagonal(kind: Covariance) -> bool:
     return not (kind.unit or kind.dense or kind.shared)
 
 
-class DiagonalQuadraticForm:
+class DiagonalQuadraticForm(_ExactComponents):
     """Log-densities of diag and spherical covariances from the moments' features, as
     one GEMM.
 
@@ -477,25 +491,14 @@ class DiagonalQuadraticForm:
         q = (precT * meansT**2).sum(axis=0)
         const = -0.5 * d * LOG_2PI + params.kind.log_det(pc, d) + offset - 0.5 * q
         self.const = np.ascontiguousarray(np.where(exact, 0.0, const)).reshape(k)
-        self.exact = np.flatnonzero(exact)
-        self.exact_params = MixtureParams(
-            params.covariance_type, params.weights[exact], params.means[exact], pc[exact]
-        )
-        self.exact_offset = np.asarray(offset, np.float64)[exact]
-
-    @property
-    def useful(self) -> bool:
-        """Whether any component takes the GEMM (else the exact path is cheaper)."""
-        return self.exact.size < self.W.shape[1]
+        self._keep_exact(params, exact, offset)
 
     def log_density(self, X64: F64, F: F64, ws: Workspace) -> F64:
         """``log N(x_i | μ_k, Σ_k) + offset_k`` (n, k) in the workspace's ``L`` buffer,
         from the rows ``X64`` and their features ``F`` (:func:`_diag_features`)."""
         L = np.matmul(F, self.W, out=ws.get("L", (X64.shape[0], self.W.shape[1])))
         L += self.const
-        if self.exact.size:
-            L[:, self.exact] = _log_density(X64, self.exact_params, self.exact_offset)
-        return L
+        return self._exact_columns(L, X64)
 
 
 def _diag_features(X64: F64, ws: Workspace) -> F64:
