@@ -1,4 +1,5 @@
-"""Hand-built task graphs: the one module that touches Dask's private API.
+"""Hand-built task graphs and moving blocks: the one module that touches Dask's
+private API.
 
 The passes build their graphs by hand (:mod:`dkm.engine.passes`) and name tasks and
 their arguments through :func:`task`, :func:`data` and :class:`Ref`. With Dask's graph
@@ -14,6 +15,7 @@ task calls the same function on the same values: the results are the same bits.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -102,6 +104,49 @@ def submit(client: Any, graph: dict[Any, Any], keys: list[Any], token: str) -> A
     if TASK_SPEC and _LLGExpr is not None:
         expr = _LLGExpr(graph, _determ_token=token)
     return client.get(expr, keys, sync=False)
+
+
+def move_blocks(client: Any, moves: list[tuple[Hashable, str, str]]) -> bool:
+    """Move each ``(key, sender, recipient)``'s data from the worker ``sender`` to the
+    worker ``recipient``: copied, then dropped by the sender, as the scheduler's own
+    ``rebalance`` does (``Scheduler._rebalance_move_data``, run on the scheduler). A
+    move whose key or workers are gone, or whose recipient holds the key already, is
+    left out; one that fails leaves the key where it was. Whether every move was made:
+    False (with a warning in the log) when the scheduler could not be asked, e.g. a
+    distributed without that method, which costs transfers, never a result.
+    """
+
+    async def move(dask_scheduler: Any, moves: list[tuple[Any, str, str]]) -> bool:
+        # defined here, so that it travels by value: the scheduler needs no dkm
+        import time as _time
+
+        msgs = []
+        for key, sender, recipient in moves:
+            ts = dask_scheduler.tasks.get(key)
+            snd = dask_scheduler.workers.get(sender)
+            rec = dask_scheduler.workers.get(recipient)
+            if ts is None or snd is None or rec is None or ts.who_has is None:
+                continue
+            if snd in ts.who_has and rec not in ts.who_has:
+                msgs.append((snd, rec, ts))
+        if not msgs:
+            return True
+        result = await dask_scheduler._rebalance_move_data(
+            msgs, stimulus_id=f"dkm-move-blocks-{_time.time()}"
+        )
+        return bool(result.get("status") == "OK")
+
+    try:
+        done: bool = client.run_on_scheduler(move, moves=moves)
+    except Exception as e:  # an optimisation: never fail the pass over it
+        _log.warning("could not move %d blocks to the workers that run them: %r", len(moves), e)
+        return False
+    if not done:
+        _log.warning("some of %d blocks were not moved to the workers that run them", len(moves))
+    return done
+
+
+_log = logging.getLogger("dkm.engine")
 
 
 def _call(

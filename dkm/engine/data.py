@@ -120,17 +120,24 @@ class ChunkedData:
         return [list(range(runs[a][0], runs[b - 1][-1] + 1)) for a, b in itertools.pairwise(bounds)]
 
     def worker_groups(self, client: Any) -> list[list[int]] | None:
-        """Blocks of X by the worker thread that should run them: each worker's
-        :attr:`runs` (those it holds most blocks of) dealt round-robin over its
-        threads; None unless every block of X is persisted on ``client``'s cluster and
-        every worker is given some run.
+        """Blocks of X by the worker thread that should run them; None unless every
+        block of X is persisted on ``client``'s cluster.
+
+        Each of :attr:`runs` goes to one worker (:func:`place_runs`: the one holding
+        most of it, within a fair share of the cluster's threads), and its blocks that
+        worker lacks are moved there once (:func:`dkm.engine._dask.move_blocks`): a run
+        is joined into one block where it runs, so a run spread over workers would
+        otherwise be fetched by its task in every pass, and its copies dropped again by
+        the scheduler's memory manager between passes. A worker's runs are dealt
+        round-robin over its threads.
 
         Asking the scheduler takes two round trips, so the answer is kept for
         :data:`GROUPS_MAX_AGE` seconds, and asked again at once when a block's future is
         no longer finished (its worker died: the scheduler tells the client without
-        being asked). A worker that joins is seen within that age. The groups only say
-        where tasks should run: a stale answer can cost a transfer, never a different
-        result.
+        being asked; the blocks recomputed elsewhere are moved to their runs again). A
+        worker that joins is seen within that age and given its share. The groups only
+        say where tasks should run: a stale answer can cost a transfer, never a
+        different result.
         """
         from distributed import futures_of
 
@@ -148,31 +155,48 @@ class ChunkedData:
         if any(key not in by_key for key in keys):
             return None  # not persisted (e.g. read from a store in every pass)
         futures = [by_key[key] for key in keys]
+        # the weights' blocks go with the points' when they are persisted too
+        persisted = self.block_futures()
+        companions = [
+            [wb.key] if wb is not None and wb.key in persisted else [] for _, wb, _ in self._blocks
+        ]
         asked = time.monotonic()
-        groups = self._ask_worker_groups(client, keys, futures, self.runs)
+        groups = self._ask_worker_groups(
+            client, keys, futures, self.runs, list(self.X.chunks[0]), companions
+        )
         self.__dict__["_groups"] = (client.id, asked, futures, groups)  # frozen: as cached_property
         return groups
 
     @staticmethod
     def _ask_worker_groups(
-        client: Any, keys: list[Any], futures: list[Any], runs: list[range]
+        client: Any,
+        keys: list[Any],
+        futures: list[Any],
+        runs: list[range],
+        sizes: list[int],
+        companions: list[list[Any]],
     ) -> list[list[int]] | None:
-        who_has = client.who_has(futures)
+        from dkm.engine import _dask
+
+        who_has = client.who_has([*futures, *(k for c in companions for k in c)])
         threads = client.nthreads()
-        if any(not who_has.get(key) for key in keys):
+        if any(not who_has.get(key) for key in keys) or not threads:
             return None
-        by_worker: dict[str, list[range]] = {}
-        for run in runs:
-            held = Counter(who_has[keys[i]][0] for i in run)
-            by_worker.setdefault(max(held, key=held.__getitem__), []).append(run)
-        if any(worker not in by_worker for worker in threads):
-            # a worker holding none of the blocks (one that joined after the persist, say)
-            # would get no E-step work at all: one task per block lets the scheduler use it
-            return None
+        placed = place_runs(runs, [set(who_has[key]) for key in keys], sizes, threads)
+        moves = [
+            (key, who_has[key][0], worker)
+            for worker, members in placed.items()
+            for r in members
+            for i in runs[r]
+            for key in (keys[i], *companions[i])
+            if who_has.get(key) and worker not in who_has[key]
+        ]
+        if moves:
+            _dask.move_blocks(client, moves)
         groups = []
-        for worker, members in by_worker.items():
-            n = max(1, min(threads.get(worker, 1), len(members)))
-            groups += [[i for run in members[t::n] for i in run] for t in range(n)]
+        for worker, members in placed.items():
+            n = max(1, min(threads[worker], len(members)))
+            groups += [[i for r in members[t::n] for i in runs[r]] for t in range(n)]
         return groups
 
     def block_futures(self) -> dict[Any, Any]:
@@ -353,6 +377,78 @@ PLAN_PICKLE_KEPT = 16 << 20
 #: (:attr:`ChunkedData.runs`): each call of a chunk function costs tens of
 #: microseconds besides its rows, which small chunks would otherwise pay each.
 RUN_BYTES = 4 << 20
+
+
+def place_runs(
+    runs: list[range],
+    holders: list[set[str]],
+    sizes: list[int],
+    threads: dict[str, int],
+    slack: float = 1.1,
+) -> dict[str, list[int]]:
+    """Indices of ``runs`` by the worker that should run them, in order.
+
+    ``holders[i]`` are the workers holding chunk ``i`` (every copy counts), ``sizes[i]``
+    its rows; ``threads`` the cluster's workers and their threads. A run goes to the
+    worker holding most of its rows whose load stays within its cap: ``slack`` times its
+    fair share (its threads' fraction of all rows), or its share plus the largest run if
+    that is more. Some worker is always below its share, so some worker can always take
+    the run, and every worker ends within its cap. Then no thread is left without a run
+    while another worker has more runs than threads. Runs held most wholly by one worker
+    are placed first; a placement this function made (every run on one worker, within
+    the caps) is therefore kept as it is when asked again: blocks move once, not back
+    and forth. Deterministic: the same answer for the same inputs.
+    """
+    total = sum(sizes)
+    all_threads = sum(threads.values())
+    run_sizes = [sum(sizes[i] for i in run) for run in runs]
+    largest = max(run_sizes, default=0)
+    cap = {
+        w: max(slack * total * t / all_threads, total * t / all_threads + largest)
+        for w, t in threads.items()
+    }
+    load = dict.fromkeys(threads, 0)
+    held: list[Counter[str]] = []
+    for run in runs:
+        counter: Counter[str] = Counter()
+        for i in run:
+            for w in holders[i]:
+                if w in threads:
+                    counter[w] += sizes[i]
+        held.append(counter)
+
+    def wholeness(r: int) -> tuple[float, int]:
+        most = max(held[r].values(), default=0)
+        return (-most / max(run_sizes[r], 1), r)
+
+    placed: dict[str, list[int]] = {w: [] for w in sorted(threads)}
+    for r in sorted(range(len(runs)), key=wholeness):
+        size = run_sizes[r]
+        by_held = sorted(threads, key=lambda w: (-held[r][w], load[w] / threads[w], w))
+        fits = (w for w in by_held if load[w] + size <= cap[w])
+        worker = next(fits, None) or min(threads, key=lambda w: (load[w] / threads[w], w))
+        placed[worker].append(r)
+        load[worker] += size
+    # no thread idle while another worker has more runs than threads: that worker's
+    # smallest run goes to a worker short of runs, within its cap
+    while True:
+        spare = [w for w in placed if len(placed[w]) > threads[w]]
+        if not spare:
+            break
+        giver = max(spare, key=lambda w: (load[w] / threads[w], w))
+        r = min(placed[giver], key=lambda r: (run_sizes[r], r))
+        short = [
+            w for w in placed if len(placed[w]) < threads[w] and load[w] + run_sizes[r] <= cap[w]
+        ]
+        if not short:
+            break
+        taker = min(short, key=lambda w: (len(placed[w]) / threads[w], -held[r][w], w))
+        placed[giver].remove(r)
+        placed[taker].append(r)
+        load[giver] -= run_sizes[r]
+        load[taker] += run_sizes[r]
+    return {w: sorted(members) for w, members in placed.items() if members}
+
 
 #: Seconds a dataset's :meth:`ChunkedData.worker_groups` answer is used before the
 #: scheduler is asked again (at once if a block's future is no longer finished).

@@ -139,6 +139,15 @@ def kill_report(client: Client, prefix: str) -> dict[str, Any]:
     return report_
 
 
+def assert_one_copy_each(client: Client, X: da.Array, timeout: float = 0) -> None:
+    """Every persisted block of ``X`` on one worker: at once, or within ``timeout``
+    seconds (the scheduler's active memory manager drops extra copies every 2 s)."""
+    deadline = time.monotonic() + timeout
+    while (copies := Counter(len(h) for h in client.who_has(X).values())) != {1: N_CHUNKS}:
+        assert time.monotonic() < deadline, f"blocks by number of copies: {dict(copies)}"
+        time.sleep(0.2)
+
+
 def worker_pids(client: Client) -> dict[str, int]:
     pids: dict[str, int] = client.run(os.getpid)
     return pids
@@ -265,6 +274,9 @@ def test_worker_sigkilled_mid_fit_and_mid_write(kind, three_workers, undisturbed
         def arm_after_iteration_3(info: Any) -> None:
             seen.append(info.iteration)
             if info.iteration == KILL_AFTER:
+                # the passes moved each run of blocks to one worker once and fetch none:
+                # the worker killed holds blocks of its own
+                assert_one_copy_each(client, X)
                 arm(client, "dkm-estep")
 
         t0 = time.perf_counter()
@@ -273,7 +285,10 @@ def test_worker_sigkilled_mid_fit_and_mid_write(kind, three_workers, undisturbed
         in_fit = kill_report(client, "dkm-estep")
         after_fit = worker_pids(client)
 
-        # second fault: another worker dies while the labels are written
+        # second fault: another worker dies while the labels are written, holding blocks
+        # of its own: the blocks recomputed after the first are fetched by the task
+        # rerun in their place, and those copies dropped by the scheduler within seconds
+        assert_one_copy_each(client, X, timeout=30)
         client.register_plugin(worker_killer("dkm-write-labels", armed=True))
         url = str(tmp_path / "labels.zarr")
         io.write_labels(est.predict(X), url)
@@ -307,6 +322,9 @@ def test_worker_sigkilled_mid_fit_is_restarted_by_its_nanny(three_nanny_workers,
 
         def arm_after_iteration_3(info: Any) -> None:
             if info.iteration == KILL_AFTER:
+                # the passes moved each run of blocks to one worker once and fetch none:
+                # the worker killed holds blocks of its own
+                assert_one_copy_each(client, X)
                 arm(client, "dkm-estep")
 
         est = fit(make_estimator("kmeans", arm_after_iteration_3), X)
