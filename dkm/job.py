@@ -50,6 +50,7 @@ def build_estimator(
         "random_state": model.seed,
         "split_every": split_every,
         "init_sample_size": model.init_sample_size,
+        "schedule": model.schedule,
         "callback": callback,
         "nan_policy": nan_policy,
     }
@@ -249,6 +250,9 @@ class Checkpointer:
 
     def __call__(self, info: IterationInfo) -> None:
         self.history.append(info)
+        # a sample's iterations are redone by a new run; a resumed one starts after them
+        if info.sample is not None:
+            return
         if self.every and (info.iteration % self.every == 0 or info.converged):
             io.save_checkpoint(
                 self.url,
