@@ -526,6 +526,8 @@ def _summary(
         "data_fingerprint": points.fingerprint,
         "dropped_rows": int(est.n_dropped_),
         "n_iter": int(est.n_iter_),
+        # the sampled schedule's iterations before those (dkm.engine.schedule)
+        "sampled_iterations": sum(1 for info in est.history_ if info.sample is not None),
         "converged": bool(est.converged_),
         "objective_name": est.mixture_.objective_name,
         "objective": float(est.objective_),
@@ -561,7 +563,9 @@ def _write_report(
         weights = sizes / max(sizes.sum(), 1e-300)
     else:
         means, covariances, weights = est.means_, est.covariances_, est.weights_
-    history = [info.to_dict() for info in est.history_]
+    # the convergence figure and table: the iterations on all the data (the sampled
+    # schedule's are counted in the summary)
+    history = [info.to_dict() for info in est.history_ if info.sample is None]
     sample_labels = np.asarray(est.predict(sample)) if len(sample) else np.empty(0, np.int64)
     m = config.model
     k = _n_clusters(config, selection)

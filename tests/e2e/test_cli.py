@@ -416,6 +416,8 @@ def test_killed_job_resumes_from_its_checkpoint(tmp_path, mode):
     on_sample = [m["iteration"] for m in metrics if "sample" in m]
     if mode == "kmeans-sampled":
         assert on_sample == list(range(1, len(on_sample) + 1)) and on_sample
+        summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+        assert summary["sampled_iterations"] == len(on_sample)
         assert [h.to_dict() | {"seconds": 0} for h in model.history_] == [
             h.to_dict() | {"seconds": 0} for h in reference.history_
         ]
