@@ -19,6 +19,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import dask
@@ -90,8 +91,9 @@ def _name(key: Any) -> Any:
 def _fit(X: da.Array, C0: NDArray[Any], iters: int) -> Any:
     k = C0.shape[0]
     with quiet():
-        dkm.KMeans(k, init=C0, n_init=1, max_iter=min(iters, 5), tol=0.0).fit(X)  # warm-up
-        return timed(dkm.KMeans(k, init=C0, n_init=1, max_iter=iters, tol=0.0).fit, X)
+        km = partial(dkm.KMeans, k, init=C0, n_init=1, tol=0.0, schedule="full")
+        km(max_iter=min(iters, 5)).fit(X)  # warm-up
+        return timed(km(max_iter=iters).fit, X)
 
 
 def _row(

@@ -26,6 +26,8 @@ NanPolicy = Literal["raise", "drop"]
 Criterion = Literal["bic", "aic"]
 #: Keep the points in cluster memory: auto (if they take under half of it), always, never.
 PersistPolicy = Literal["auto", "always", "never"]
+#: The estimators' ``schedule`` (:mod:`dkm.engine.schedule`).
+ScheduleName = Literal["auto", "sampled", "full"]
 #: What a config's ``model.mode`` names: (identity, hard) or a mixture.
 Mode = Literal["kmeans", "gmm"]
 #: k-means‖ (Bahmani et al., 2012): candidates sampled over the whole data.
@@ -48,6 +50,9 @@ ON_DEGENERATE: Final[tuple[OnDegenerate, ...]] = get_args(OnDegenerate)
 NAN_POLICIES: Final[tuple[NanPolicy, ...]] = get_args(NanPolicy)
 CRITERIA: Final[tuple[Criterion, ...]] = get_args(Criterion)
 PERSIST_POLICIES: Final[tuple[PersistPolicy, ...]] = get_args(PersistPolicy)
+SCHEDULES: Final[tuple[ScheduleName, ...]] = get_args(ScheduleName)
+#: The schedules that may sample (the third, "full", never does).
+SAMPLING_SCHEDULES: Final[tuple[ScheduleName, ...]] = SCHEDULES[:2]
 MODES: Final[tuple[Mode, ...]] = get_args(Mode)
 KMEANS_INITS: Final[tuple[KMeansInit, ...]] = get_args(KMeansInit)
 MIXTURE_INITS: Final[tuple[MixtureInit, ...]] = get_args(MixtureInit)
@@ -90,6 +95,10 @@ def parse_criterion(value: object, name: str = "criterion") -> Criterion:
 
 def parse_persist_policy(value: object, name: str = "persist") -> PersistPolicy:
     return check_choice(name, value, PERSIST_POLICIES)  # type: ignore[return-value]
+
+
+def parse_schedule(value: object, name: str = "schedule") -> ScheduleName:
+    return check_choice(name, value, SCHEDULES)  # type: ignore[return-value]
 
 
 def parse_mode(value: object, name: str = "mode") -> Mode:

@@ -36,6 +36,7 @@ from dkm._typing import (
     NanPolicy,
     OnDegenerate,
     PersistPolicy,
+    ScheduleName,
 )
 from dkm.errors import UserError
 
@@ -186,6 +187,11 @@ class ModelConfig(_Strict):
     seed: int | None = Field(0, description="random seed of the initialisation")
     init_sample_size: PositiveInt | None = Field(
         None, description="points sampled for k-means++/random init; default max(10000, 100k)"
+    )
+    schedule: ScheduleName = Field(
+        "auto",
+        description="sampled: first iterations on growing samples, then all the data; "
+        "auto: sampled on data of at least 8 times the largest sample",
     )
 
     @field_validator("n_clusters")

@@ -112,6 +112,18 @@ class JobState:
         self.version += 1
 
     def _iteration(self, record: dict[str, Any]) -> None:
+        sample = record.get("sample")
+        if sample is not None:
+            # the sampled schedule's iterations: said in the status line; the figures
+            # are of the iterations on all the data
+            self.message = (
+                f"iteration {int(record['iteration'])} on a sample of {int(sample):,} rows"
+            )
+            self.seconds = _number(record.get("seconds"))
+            self.state = "running"
+            return
+        if self.message.startswith("iteration "):
+            self.message = ""
         model = self.models.setdefault(int(record.get("model") or 0), ModelTrace())
         model.iteration.append(int(record["iteration"]))
         model.objective.append(_number(record.get("objective")))

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar, cast
 
+import dask
 import dask.array as da
 import numpy as np
 from numpy.typing import NDArray
@@ -45,6 +46,7 @@ from dkm._typing import (
     parse_mixture_init,
     parse_nan_policy,
     parse_on_degenerate,
+    parse_schedule,
 )
 from dkm.engine import (
     ChunkedData,
@@ -65,6 +67,7 @@ from dkm.engine import (
     stats_pass_many,
     summarize,
 )
+from dkm.engine.schedule import Schedule, run_sampled, sample_data
 from dkm.errors import InvalidDataError
 from dkm.kernels import expectation as K
 from dkm.kernels.params import MixtureParams
@@ -194,6 +197,7 @@ class _DaskMixtureBase(BaseEstimator):
     chunk_size: int | str
     split_every: int
     init_sample_size: int | None
+    schedule: str
     random_state: Any
     verbose: int
     callback: Callable[[IterationInfo], None] | None
@@ -339,8 +343,15 @@ class _DaskMixtureBase(BaseEstimator):
             )
 
     def _summarize(
-        self, data: ChunkedData, n_clusters: int, rng: np.random.RandomState, name: str
+        self,
+        data: ChunkedData,
+        n_clusters: int,
+        rng: np.random.RandomState,
+        name: str,
+        schedule: Schedule | None = None,
     ) -> DataSummary:
+        """The data summary's pass; with a sampled ``schedule``, it draws the
+        schedule's sample too."""
         n = int(data.X.shape[0])
         size = self.init_sample_size
         if size is None:
@@ -352,7 +363,11 @@ class _DaskMixtureBase(BaseEstimator):
             else int(rng.randint(np.iinfo(np.int32).max))
         )
         summary = summarize(
-            data, sample_size=min(size, n), seed=seed, split_every=self._split_every()
+            data,
+            sample_size=min(size, n),
+            seed=seed,
+            split_every=self._split_every(),
+            rows_rate=0.0 if schedule is None else schedule.rate,
         )
         if summary.n_positive < n_clusters:
             raise InvalidDataError(
@@ -360,6 +375,14 @@ class _DaskMixtureBase(BaseEstimator):
                 "(counting only points with positive sample_weight)."
             )
         return summary
+
+    def _schedule(self, data: ChunkedData, k: int, resume: ResumeState | None) -> Schedule | None:
+        """The sampled schedule of this fit, or None (``schedule="full"``, ``"auto"`` on
+        data too small for it, or a resumed fit: it resumes the full data's iterations)."""
+        schedule = parse_schedule(self.schedule)
+        if resume is not None:
+            return None
+        return Schedule.plan(schedule, int(data.X.shape[0]), k, data.n_features)
 
     def _candidate(self, n_candidates: int, **params: Any) -> Any:
         """The estimator one candidate of a shared fit is stored in: ``self`` when it
@@ -438,6 +461,17 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
     chunk_size : "auto" or int, rows per chunk when X is a NumPy array.
     split_every : int, fan-in of the client's merge of a pass's task results.
     init_sample_size : int or None (max(10 000, 100 · n_clusters)).
+    schedule : {"auto", "sampled", "full"}, default "auto". "sampled" runs the first
+        iterations on growing samples of the data (drawn in the first pass, the same
+        rows for the same ``random_state`` whatever the chunking) and then iterates on
+        all of it from there, with ``max_iter`` and ``tol`` as without the schedule:
+        the result is a fixed point of the full data, reached in fewer full passes
+        (:mod:`dkm.engine.schedule`). "full" iterates on all the data from the start,
+        as scikit-learn does (and gives its results from the same start). "auto" is
+        "sampled" when the data has at least 8 times the largest sample's rows
+        (``min(4096 · n_clusters, 64 MB of float64 rows)``), else "full". The sample's
+        iterations are in ``history_`` (``IterationInfo.sample`` set), not in
+        ``n_iter_``.
     callback : called with an :class:`~dkm.engine.IterationInfo` after every iteration
         (iteration, objective, change, seconds, params): progress, metrics, checkpoints.
     nan_policy : "raise" (default): NaN or infinity in X is an error naming the first
@@ -459,8 +493,9 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
     cluster_centers_ : (n_clusters, n_features), in X's float dtype.
     labels_ : (n_samples,) NumPy array, or a lazy Dask array for Dask input.
     inertia_ : float, ``Σ w ‖x − μ_label‖²`` under the final centres.
-    n_iter_ : int.  converged_ : bool.
-    history_ : list of IterationInfo, one per iteration of the best run.
+    n_iter_ : int, iterations on all the data.  converged_ : bool.
+    history_ : list of IterationInfo, one per iteration of the best run (those on a
+        sample first, with ``sample`` set).
     mixture_ : :class:`Mixture`, the model as the kernels use it; ``objective_`` is
         ``inertia_``. :meth:`from_model` builds a fitted estimator from one.
     """
@@ -483,6 +518,7 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
         oversampling_factor: float = 2.0,
         init_rounds: int = 5,
         algorithm: str = "auto",
+        schedule: str = "auto",
     ) -> None:
         self.n_clusters = n_clusters
         self.init = init
@@ -496,8 +532,10 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
         self.init_sample_size = init_sample_size
         self.callback = callback
         self.nan_policy = nan_policy
+        self.schedule = schedule
         self.oversampling_factor = oversampling_factor
         self.init_rounds = init_rounds
+        self.schedule = schedule
         self.algorithm = algorithm
 
     def __sklearn_tags__(self) -> Any:
@@ -591,7 +629,8 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
             parse_kmeans_init(self.init)
         data, Xn = self._as_data(X, sample_weight, reset=True)
         rng = check_random_state(self.random_state)
-        summary = self._summarize(data, max(ks), rng, "n_clusters")
+        schedule = self._schedule(data, max(ks), resume)
+        summary = self._summarize(data, max(ks), rng, "n_clusters", schedule)
         data = data.with_origin(summary.mean)
         tol_abs = float(np.mean(summary.variance)) * tol
         options = EMOptions(
@@ -609,14 +648,27 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
             if resume is None
             else [resume.params_for(data.origin).means]
         )
+        starts = [MixtureParams.identity(c) for c in inits]
+        sampled = None
+        if schedule is not None and summary.rows_sample is not None:
+            sampled = run_sampled(
+                schedule,
+                summary.rows_sample,
+                data.origin,
+                starts,
+                options,
+                total_weight=summary.weight,
+                nan_policy=data.nan_policy,
+                tol_abs=tol_abs,
+                callback=self._callback(),
+            )
+            starts = sampled.params
         results = fit_em_many(
-            data,
-            [MixtureParams.identity(c) for c in inits],
-            options,
-            tol_abs=tol_abs,
-            callback=self._callback(),
-            resume=resume,
+            data, starts, options, tol_abs=tol_abs, callback=self._callback(), resume=resume
         )
+        if sampled is not None:
+            for result, history in zip(results, sampled.histories, strict=True):
+                result.history[:0] = history
         fitted = []
         for i, k in enumerate(ks):
             runs = results[i * n_init : (i + 1) * n_init]
@@ -784,7 +836,9 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
         fitted dkm model: warm start from its parameters (a mixture of the same
         covariance type) or from its centres (anything else).
     sample_weight : accepted by ``fit``.
-    chunk_size, split_every, init_sample_size, callback, nan_policy : as for :class:`KMeans`.
+    chunk_size, split_every, init_sample_size, callback, nan_policy, schedule : as for
+        :class:`KMeans` (the sample's iterations are EM's; with "sampled", the
+        ``init_params`` k-means and partition run on the first sample).
 
     Attributes
     ----------
@@ -817,6 +871,7 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
         init_sample_size: int | None = None,
         callback: Callable[[IterationInfo], None] | None = None,
         nan_policy: str = "raise",
+        schedule: str = "auto",
     ) -> None:
         self.n_components = n_components
         self.covariance_type = covariance_type
@@ -837,6 +892,7 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
         self.init_sample_size = init_sample_size
         self.callback = callback
         self.nan_policy = nan_policy
+        self.schedule = schedule
 
     # ----------------------------------------------------------------- init
 
@@ -1028,8 +1084,10 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
         reg_covar = _check_float("reg_covar", self.reg_covar, 0.0)
         data, _ = self._as_data(X, sample_weight, reset=True, min_samples=2)
         rng = check_random_state(self.random_state)
-        summary = self._summarize(data, max(ks), rng, "n_components")
+        schedule = self._schedule(data, max(ks), resume)
+        summary = self._summarize(data, max(ks), rng, "n_components", schedule)
         data = data.with_origin(summary.mean)
+        sample = None if schedule is None else summary.rows_sample
         options = EMOptions(
             self._ct,
             cast(Assignment, self.assignment),
@@ -1040,21 +1098,46 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
             self._policy,
         )
         _check_resume(resume, n_init * len(ks), ks[0], data.n_features, self._ct)
-        if resume is None:
+        if resume is None and sample is not None:
+            # the init's k-means and partition on the first sample, on this process
+            first = sample.nested().first(schedule.sizes[0] if schedule else sample.size)
+            with dask.config.set(scheduler="threads"):
+                inits = self._initial_params_many(
+                    sample_data(first, data.origin, data.nan_policy), summary, rng, ks, n_init
+                )
+        elif resume is None:
             inits = self._initial_params_many(data, summary, rng, ks, n_init)
         else:
             params = resume.params_for(data.origin)
             pc = params.precisions_cholesky
             cov = np.ones(ks[0]) if pc is None else covariance.of(self._ct).covariances(pc)
             inits = [(params, cov)]
+        starts, covs = [p for p, _ in inits], [c for _, c in inits]
+        sampled = None
+        if schedule is not None and sample is not None:
+            sampled = run_sampled(
+                schedule,
+                sample,
+                data.origin,
+                starts,
+                options,
+                total_weight=summary.weight,
+                nan_policy=data.nan_policy,
+                init_covariances=covs,
+                callback=self._callback(),
+            )
+            starts, covs = sampled.params, sampled.covariances
         results = fit_em_many(
             data,
-            [p for p, _ in inits],
+            starts,
             options,
-            init_covariances=[c for _, c in inits],
+            init_covariances=covs,
             callback=self._callback(),
             resume=resume,
         )
+        if sampled is not None:
+            for result, history in zip(results, sampled.histories, strict=True):
+                result.history[:0] = history
         fitted = []
         for i, k in enumerate(ks):
             best: EMResult | None = None
@@ -1127,7 +1210,9 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
         self.covariances_ = cov.astype(dtype, copy=False)
         self.lower_bound_ = float(objective)
         self.lower_bounds_ = (
-            [info.objective for info in history] if objectives is None else objectives
+            [info.objective for info in history if info.sample is None]
+            if objectives is None
+            else objectives
         )
 
     @property

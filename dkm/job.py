@@ -50,6 +50,7 @@ def build_estimator(
         "random_state": model.seed,
         "split_every": split_every,
         "init_sample_size": model.init_sample_size,
+        "schedule": model.schedule,
         "callback": callback,
         "nan_policy": nan_policy,
     }
@@ -249,6 +250,9 @@ class Checkpointer:
 
     def __call__(self, info: IterationInfo) -> None:
         self.history.append(info)
+        # a sample's iterations are redone by a new run; a resumed one starts after them
+        if info.sample is not None:
+            return
         if self.every and (info.iteration % self.every == 0 or info.converged):
             io.save_checkpoint(
                 self.url,
@@ -522,6 +526,8 @@ def _summary(
         "data_fingerprint": points.fingerprint,
         "dropped_rows": int(est.n_dropped_),
         "n_iter": int(est.n_iter_),
+        # the sampled schedule's iterations before those (dkm.engine.schedule)
+        "sampled_iterations": sum(1 for info in est.history_ if info.sample is not None),
         "converged": bool(est.converged_),
         "objective_name": est.mixture_.objective_name,
         "objective": float(est.objective_),
@@ -557,7 +563,9 @@ def _write_report(
         weights = sizes / max(sizes.sum(), 1e-300)
     else:
         means, covariances, weights = est.means_, est.covariances_, est.weights_
-    history = [info.to_dict() for info in est.history_]
+    # the convergence figure and table: the iterations on all the data (the sampled
+    # schedule's are counted in the summary)
+    history = [info.to_dict() for info in est.history_ if info.sample is None]
     sample_labels = np.asarray(est.predict(sample)) if len(sample) else np.empty(0, np.int64)
     m = config.model
     k = _n_clusters(config, selection)

@@ -76,6 +76,8 @@ class Progress:
             rel = "" if relative is None else f"{relative:11.3e}"
             it, obj, sec = info.iteration, info.objective, info.seconds
             model = f"  (model {info.run})" if len(self._previous) > 1 else ""
+            if info.sample is not None:
+                model += f"  (sample of {info.sample:,} rows)"
             self._write(f"{it:5d}  {obj:16.8g}  {rel:>11}  {sec:8.3f}{model}")
         else:
             self._emit(record)
@@ -164,13 +166,15 @@ class Progress:
         fields = " ".join(
             f"{k}={v:.8g}" if isinstance(v, float) else f"{k}={v}"
             for k, v in record.items()
-            if k not in ("time", "event", "job", "iteration")
+            if k not in ("time", "event", "job", "iteration", "sample")
             and v is not None
             and (k != "converged" or v)
             # which model: only when several iterate together (restarts, a sweep over k)
             and (k != "model" or len(self._previous) > 1)
         )
-        self._write(f"{record['time']} iteration {record['iteration']}: {fields}")
+        sample = record.get("sample")
+        on = "" if sample is None else f" on a sample of {sample:,} rows"
+        self._write(f"{record['time']} iteration {record['iteration']}{on}: {fields}")
 
     def _publish(self, record: dict[str, Any]) -> None:
         if self.publish is not None:

@@ -466,6 +466,82 @@ def uniform_from_rows(rows: I64, seed: int) -> F64:
 
 
 @dataclass(frozen=True, eq=False)
+class RowSample:
+    """The rows of positive weight whose uniform number (a hash of the seed and the
+    row's *global* index, :func:`uniform_from_rows`) falls below ``rate``: a Bernoulli
+    sample of the data drawn chunk by chunk, the same rows whatever the chunking, the
+    worker count or the merge order. Merging concatenates; :meth:`nested` reads the
+    rows in key order, so that the sample's first ``m`` rows are the Bernoulli sample
+    at the rate of the ``m``-th key: samples of growing size, each inside the next.
+
+    Attributes
+    ----------
+    keys : (m,) the rows' uniform numbers.  rows : (m,) global row indices.
+    points : (m, d) the rows (float64).  weights : (m,) their sample weights.
+    """
+
+    rate: float
+    keys: F64
+    rows: I64
+    points: F64
+    weights: F64
+
+    @classmethod
+    def empty(cls, rate: float, n_features: int) -> RowSample:
+        return cls(rate, np.empty(0), np.empty(0, np.int64), np.empty((0, n_features)), np.empty(0))
+
+    @classmethod
+    def from_chunk(
+        cls, rate: float, X: NDArray[Any], weights: NDArray[Any], row_offset: int, seed: int
+    ) -> RowSample:
+        """The chunk's rows in the sample; rows of zero weight are never in it."""
+        rows = np.arange(row_offset, row_offset + X.shape[0], dtype=np.int64)
+        w = np.asarray(weights, np.float64)
+        keep = np.flatnonzero(w > 0)
+        u = uniform_from_rows(rows[keep], seed)
+        chosen = u < rate
+        keep = keep[chosen]
+        return cls(rate, u[chosen], rows[keep], np.asarray(X[keep], np.float64), w[keep])
+
+    def merge(self, other: RowSample) -> RowSample:
+        return RowSample(
+            self.rate,
+            np.concatenate([self.keys, other.keys]),
+            np.concatenate([self.rows, other.rows]),
+            np.concatenate([self.points, other.points]),
+            np.concatenate([self.weights, other.weights]),
+        )
+
+    @property
+    def size(self) -> int:
+        return int(self.rows.size)
+
+    def nested(self) -> RowSample:
+        """The same rows in the order of their keys (ties by row): each prefix is the
+        sample at a lower rate."""
+        order = np.lexsort((self.rows, self.keys))
+        return RowSample(
+            self.rate, self.keys[order], self.rows[order], self.points[order], self.weights[order]
+        )
+
+    def first(self, m: int) -> RowSample:
+        """The ``m`` rows of lowest key (of a :meth:`nested` sample), in row order."""
+        order = np.argsort(self.rows[:m], kind="stable")
+        return RowSample(
+            self.rate,
+            self.keys[:m][order],
+            self.rows[:m][order],
+            self.points[:m][order],
+            self.weights[:m][order],
+        )
+
+
+#: The seed of a :class:`RowSample` is the summary's, mixed with this: its rows are not
+#: those of the summary's weighted sample.
+ROW_SAMPLE_SALT = 0x5DEECE66D
+
+
+@dataclass(frozen=True, eq=False)
 class DataSummary:
     """One pass over the data: counts, per-feature mean and variance, a sample, checks.
 
@@ -489,6 +565,8 @@ class DataSummary:
     n_positive: int
     sample: WeightedSample
     max_abs: float = 0.0
+    #: The rows of a :class:`RowSample` at the rate the pass was asked for (None: none).
+    rows_sample: RowSample | None = None
 
     @classmethod
     def from_chunk(
@@ -499,9 +577,34 @@ class DataSummary:
         sample_size: int,
         seed: int,
         drop_nonfinite: bool = False,
+        rows_rate: float = 0.0,
     ) -> DataSummary:
         """Summarise a chunk; ``drop_nonfinite`` leaves rows with NaN/inf out of it all
-        (they are still counted in ``n_nonfinite``)."""
+        (they are still counted in ``n_nonfinite``). ``rows_rate`` > 0 draws a
+        :class:`RowSample` at that rate too."""
+        summary = cls._from_chunk(X, weights, row_offset, sample_size, seed, drop_nonfinite)
+        if rows_rate <= 0:
+            return summary
+        d = X.shape[1]
+        if summary.n_bad_weights or (summary.n_nonfinite and not drop_nonfinite):
+            rows = RowSample.empty(rows_rate, d)
+        else:
+            finite = np.isfinite(X).all(axis=1)
+            w = np.where(finite, np.asarray(weights, np.float64), 0.0)
+            X0 = X if finite.all() else np.where(finite[:, None], X, 0.0)
+            rows = RowSample.from_chunk(rows_rate, X0, w, row_offset, seed ^ ROW_SAMPLE_SALT)
+        return replace(summary, rows_sample=rows)
+
+    @classmethod
+    def _from_chunk(
+        cls,
+        X: NDArray[Any],
+        weights: NDArray[Any],
+        row_offset: int,
+        sample_size: int,
+        seed: int,
+        drop_nonfinite: bool,
+    ) -> DataSummary:
         n, d = X.shape
         finite_rows = np.isfinite(X).all(axis=1)
         n_nonfinite = int(n - np.count_nonzero(finite_rows))
@@ -511,7 +614,7 @@ class DataSummary:
         n_bad_w = int(np.count_nonzero(bad_w))
         first_bad_w = int(np.argmax(bad_w)) + row_offset if n_bad_w else -1
         if drop_nonfinite and n_nonfinite and not n_bad_w:
-            kept = cls.from_chunk(X[finite_rows], w[finite_rows], 0, sample_size, seed)
+            kept = cls._from_chunk(X[finite_rows], w[finite_rows], 0, sample_size, seed, False)
             # the sample must name global rows: redo it with zero weight on dropped rows
             w0 = np.where(finite_rows, w, 0.0)
             X0 = np.where(finite_rows[:, None], X, 0.0)
@@ -545,6 +648,11 @@ class DataSummary:
             n_positive=self.n_positive + other.n_positive,
             sample=self.sample.merge(other.sample),
             max_abs=max(self.max_abs, other.max_abs),
+            rows_sample=(
+                None
+                if self.rows_sample is None or other.rows_sample is None
+                else self.rows_sample.merge(other.rows_sample)
+            ),
         )
 
     def _sums(self) -> ExactSum:

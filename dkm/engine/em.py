@@ -52,7 +52,8 @@ class IterationInfo:
     from) or the mean log-likelihood (the lower bound); ``change`` is the squared centre
     shift (k-means) or the change of the lower bound; ``params`` are the new
     parameters, in the data's coordinates; ``converged`` says whether this iteration
-    met the convergence rule (the last one of a converged run).
+    met the convergence rule (the last one of a converged run). Iterations on a sample
+    (``sample`` set) are numbered apart from those on all the data, each from 1.
     """
 
     iteration: int
@@ -73,24 +74,31 @@ class IterationInfo:
     shift: float | None = None
     #: k-means: the share of rows whose search the Hamerly bounds skipped.
     skipped: float | None = None
+    #: The rows of the sample this iteration ran on (a sampled schedule,
+    #: :mod:`dkm.engine.schedule`); None for an iteration on all the data.
+    sample: int | None = None
 
     def to_dict(self, nonfinite: NonFinite = "string") -> dict[str, Any]:
         """The iteration's numbers as JSON values: what the saved model, the checkpoint,
         the metrics and the report keep of it (see :mod:`dkm.codec` for ``nonfinite``)."""
-        return {
+        record: dict[str, Any] = {
             "iteration": int(self.iteration),
             "objective": float_to_json(self.objective, nonfinite),
             "change": float_to_json(self.change, nonfinite),
             "seconds": float_to_json(self.seconds, nonfinite),
             "converged": bool(self.converged),
         }
+        if self.sample is not None:
+            record["sample"] = int(self.sample)
+        return record
 
     @classmethod
     def from_dict(cls, record: dict[str, Any]) -> IterationInfo:
         """The iteration :meth:`to_dict` wrote (``params`` None: they are not kept);
         ValueError naming the key when it is not one. ``converged`` may be missing (models
-        saved before it was kept)."""
+        saved before it was kept), ``sample`` is there for iterations on a sample only."""
         try:
+            sample = record.get("sample")
             return cls(
                 int(record["iteration"]),
                 float_from_json(record["objective"]),
@@ -98,6 +106,7 @@ class IterationInfo:
                 float_from_json(record["seconds"]),
                 None,
                 bool(record.get("converged", False)),
+                sample=None if sample is None else int(sample),
             )
         except KeyError as e:
             raise ValueError(f"an iteration record without {e}") from None

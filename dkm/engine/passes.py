@@ -424,24 +424,34 @@ def _summary_chunk(
     sample_size: int,
     seed: int,
     drop_nonfinite: bool = False,
+    rows_rate: float = 0.0,
 ) -> DataSummary:
     weights = np.ones(X.shape[0]) if w is None else w
-    return DataSummary.from_chunk(X, weights, row_offset, sample_size, seed, drop_nonfinite)
+    return DataSummary.from_chunk(
+        X, weights, row_offset, sample_size, seed, drop_nonfinite, rows_rate
+    )
 
 
 def summarize(
-    data: ChunkedData, *, sample_size: int, seed: int, split_every: int = 8
+    data: ChunkedData,
+    *,
+    sample_size: int,
+    seed: int,
+    split_every: int = 8,
+    rows_rate: float = 0.0,
 ) -> DataSummary:
-    """One pass: counts, mean, variance, a weighted sample, and input checks.
+    """One pass: counts, mean, variance, a weighted sample, and input checks; with
+    ``rows_rate`` > 0, also the Bernoulli sample of rows at that rate
+    (:class:`~dkm.stats.RowSample`, ``rows_sample``) that a sampled schedule iterates on.
 
     Raises ValueError naming the first offending row for non-finite values or
     negative/non-finite weights, and for data without positive total weight.
     """
     weights_name = None if data.weights is None else data.weights.name
-    token = tokenize(data.X.name, weights_name, sample_size, seed, data.nan_policy)
+    token = tokenize(data.X.name, weights_name, sample_size, seed, data.nan_policy, rows_rate)
     summary = run_pass(
         data,
-        partial(_summary_chunk, sample_size=sample_size, seed=seed),
+        partial(_summary_chunk, sample_size=sample_size, seed=seed, rows_rate=rows_rate),
         name="dkm-summary",
         token=token,
         split_every=split_every,

@@ -393,6 +393,19 @@ def test_the_board_keeps_each_jobs_state_from_its_events():
     assert list(board.jobs) == ["a", "b", "d"] and board.jobs["d"].iteration == 0
 
 
+def test_iterations_on_a_sample_are_said_not_drawn():
+    """The sampled schedule's iterations go to the status line; the figures hold the
+    iterations on all the data, numbered from 1."""
+    job = dashboard.JobState("j", mode="kmeans")
+    for record in _events("j", (1, 9.0, False), (2, 8.0, False)):
+        job.update({**record, "sample": 16384})
+    assert job.models == {} and job.iteration == 0
+    assert job.message == "iteration 2 on a sample of 16,384 rows"
+    for record in _events("j", (1, 7.0, False)):
+        job.update(record)
+    assert job.models[0].iteration == [1] and job.iteration == 1 and job.message == ""
+
+
 def test_the_figures_of_one_model_show_the_chosen_one():
     """Restarts: the converged model with the best objective; a sweep: the chosen k's."""
     job = dashboard.JobState("j", mode="kmeans")

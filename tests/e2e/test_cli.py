@@ -363,9 +363,14 @@ def _slow_config(path: Path, **model) -> Path:
     return path
 
 
-@pytest.mark.parametrize("mode", ["kmeans", "gmm"])
+@pytest.mark.parametrize("mode", ["kmeans", "gmm", "kmeans-sampled"])
 def test_killed_job_resumes_from_its_checkpoint(tmp_path, mode):
-    model = {} if mode == "kmeans" else {"mode": "gmm", "covariance_type": "diag", "n_clusters": 8}
+    """Also with the sampled schedule: the sample's iterations (printed "iteration N on a
+    sample of M rows") are not checkpointed; the resumed run continues those on all the
+    data and keeps the sample's in its history."""
+    model: dict = {"mode": "gmm", "covariance_type": "diag", "n_clusters": 8}
+    if mode != "gmm":
+        model = {"schedule": "sampled"} if mode == "kmeans-sampled" else {}
     _slow_config(tmp_path / "c.yaml", **model)
     # the reference: an uninterrupted run elsewhere
     ref_dir = tmp_path / "ref"
@@ -399,14 +404,25 @@ def test_killed_job_resumes_from_its_checkpoint(tmp_path, mode):
     assert done == list(range(after + 1, reference.n_iter_ + 1))
     model = dkm.load_model(str(tmp_path / "out" / "model"))
     assert model.n_iter_ == reference.n_iter_
-    if mode == "kmeans":
+    if mode != "gmm":
         np.testing.assert_allclose(model.cluster_centers_, reference.cluster_centers_, rtol=1e-12)
         assert model.inertia_ == pytest.approx(reference.inertia_, rel=1e-12)
     else:
         np.testing.assert_allclose(model.means_, reference.means_, rtol=1e-12)
         np.testing.assert_allclose(model.covariances_, reference.covariances_, rtol=1e-12)
-    metrics = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(m)["iteration"] for m in metrics] == list(range(1, model.n_iter_ + 1))
+    metrics = [json.loads(m) for m in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    on_all = [m["iteration"] for m in metrics if "sample" not in m]
+    assert on_all == list(range(1, model.n_iter_ + 1))
+    on_sample = [m["iteration"] for m in metrics if "sample" in m]
+    if mode == "kmeans-sampled":
+        assert on_sample == list(range(1, len(on_sample) + 1)) and on_sample
+        summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+        assert summary["sampled_iterations"] == len(on_sample)
+        assert [h.to_dict() | {"seconds": 0} for h in model.history_] == [
+            h.to_dict() | {"seconds": 0} for h in reference.history_
+        ]
+    else:
+        assert not on_sample
     assert not (tmp_path / "out.checkpoint").exists()  # removed once the output is in place
 
 

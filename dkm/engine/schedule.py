@@ -1,0 +1,250 @@
+"""The sampled schedule: a fit's early iterations on growing samples of the data, the
+last ones on all of it.
+
+What exists: FAISS trains k-means on at most 256 points per centroid and never looks at
+the rest; Sculley's mini-batch k-means and stochastic (online) EM take every step on a
+small random batch and stop without a full-data fixed point; progressive ("coarse to
+fine") sampling fits on a sample and refits on a larger one from there. dkm takes the
+last: it iterates, to a tolerance set by each sample's own sampling error, on a nested
+sequence of Bernoulli samples drawn once, in the data summary's pass (the rows whose
+hashed uniform number falls below a rate: :class:`~dkm.stats.RowSample`, the same rows
+whatever the chunking or the workers), growing :data:`GROWTH`-fold from
+:data:`FIRST_ROWS_PER_COMPONENT` rows per component to the largest sample; then
+ordinary EM/Lloyd on all the data from there, with the fit's own ``max_iter`` and
+``tol``. The model is therefore a fixed point of the full data under the same rule as
+without the schedule; what changes is how many full passes it takes to get there,
+because it starts from a model as good as the largest sample can make it. Mini-batch
+steps would not give that fixed point, and stochastic EM's step sizes would need
+tuning per data set.
+
+The sample's iterations run on this process's threads (the sample is at most
+:data:`MAX_SAMPLE_BYTES` of float64 points), through the same pass builder as the full
+data's, and reach the callback and ``history_`` with ``IterationInfo.sample`` set to
+the sample's rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import dask
+import dask.array as da
+import numpy as np
+from numpy.typing import NDArray
+
+from dkm import covariance
+from dkm._typing import SAMPLING_SCHEDULES, parse_schedule
+from dkm.engine.data import ChunkedData
+from dkm.engine.em import Callback, EMOptions, IterationInfo, fit_em_many
+from dkm.kernels.params import MixtureParams
+from dkm.stats import RowSample
+
+F64 = NDArray[np.float64]
+
+#: Rows per component of the first sample (FAISS's training sample size).
+FIRST_ROWS_PER_COMPONENT = 256
+#: Rows per component of the largest sample, at most.
+LARGEST_ROWS_PER_COMPONENT = 4096
+#: Each sample this many times the previous one.
+GROWTH = 4
+#: The largest sample's float64 points, at most (it lives in the client's memory).
+MAX_SAMPLE_BYTES = 64 << 20
+#: ``"auto"`` samples when the data has at least this many times the largest sample's
+#: rows (below, the sample's iterations would save few full passes).
+AUTO_MIN_RATIO = 8
+#: A sample's iterations stop once a step is below this share of the sample's own
+#: sampling error (or, earlier, at the fit's ``tol``).
+NOISE_SHARE = 1 / 8
+#: Rows per chunk of a sample: chunks of about this many bytes (fixed by the sample and
+#: the width alone, so that a sample's passes give the same bits on any machine).
+SAMPLE_CHUNK_BYTES = 4 << 20
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The samples of a sampled fit: ``sizes``, the rows of each (increasing; the last
+    is the whole sample drawn), and ``rate``, the share of rows the summary pass draws."""
+
+    sizes: tuple[int, ...]
+    rate: float
+
+    @classmethod
+    def plan(cls, schedule: str, n: int, k: int, d: int) -> Schedule | None:
+        """The schedule of a fit of ``k`` components to ``n`` rows of ``d`` features;
+        None when it iterates on the full data only (``"full"``, or ``"auto"`` on data
+        smaller than :data:`AUTO_MIN_RATIO` times the largest sample)."""
+        if parse_schedule(schedule) not in SAMPLING_SCHEDULES or n <= 0:
+            return None
+        largest = min(LARGEST_ROWS_PER_COMPONENT * k, MAX_SAMPLE_BYTES // (8 * d))
+        if schedule == "auto" and n < AUTO_MIN_RATIO * largest:
+            return None
+        largest = max(min(largest, n // 2), min(n, 2 * k))
+        sizes = []
+        size = FIRST_ROWS_PER_COMPONENT * k
+        while size < largest:
+            sizes.append(size)
+            size *= GROWTH
+        sizes.append(largest)
+        return cls(tuple(sizes), min(1.0, largest / n))
+
+
+def sample_data(sample: RowSample, origin: F64, nan_policy: str) -> ChunkedData:
+    """A sample as the data of a fit, centred on the full data's ``origin``."""
+    d = sample.points.shape[1]
+    rows = max(256, SAMPLE_CHUNK_BYTES // (8 * max(d, 1)))
+    X = da.from_array(sample.points, chunks=(rows, -1))
+    w = da.from_array(sample.weights, chunks=rows)
+    data = ChunkedData.from_dask(X, w, nan_policy)
+    return data.with_origin(origin)
+
+
+@dataclass
+class SampledPhase:
+    """What the sampled iterations leave for the full data's: each model's parameters
+    (centred on the data's origin), covariances and iterations."""
+
+    params: list[MixtureParams]
+    covariances: list[F64 | None]
+    histories: list[list[IterationInfo]]
+
+
+def run_sampled(
+    schedule: Schedule,
+    sample: RowSample,
+    origin: F64,
+    inits: Sequence[MixtureParams],
+    options: EMOptions,
+    *,
+    total_weight: float,
+    nan_policy: str = "raise",
+    tol_abs: float | None = None,
+    init_covariances: Sequence[F64 | None] | None = None,
+    callback: Callback | None = None,
+) -> SampledPhase:
+    """EM (or Lloyd's k-means) from each of ``inits`` on the nested samples of
+    ``schedule``, on this process's threads: each sample's iterations start where the
+    previous sample's stopped and stop at the fit's tolerance or at a step below
+    :data:`NOISE_SHARE` of the sample's sampling error, whichever is larger (at most
+    ``options.max_iter`` each).
+
+    The iterations reach ``callback`` with ``sample`` set to the sample's rows, numbered
+    on from one sample to the next; a k-means inertia is scaled to the full data's
+    weight (``total_weight``), an estimate, so that the history reads on one scale.
+    """
+    nested = sample.nested()
+    params = list(inits)
+    covs: list[F64 | None] = (
+        list(init_covariances) if init_covariances is not None else [None] * len(inits)
+    )
+    histories: list[list[IterationInfo]] = [[] for _ in inits]
+    marker = _Marker(histories, callback, options.is_kmeans)
+    spread = [math.nan] * len(inits)  # k-means: the last mean squared distance to a centre
+    # the last sample is all the rows drawn (about the planned largest)
+    sizes = [m for m in schedule.sizes[:-1] if m < nested.size] + [nested.size]
+    for m in sizes:
+        part = nested.first(m)
+        data = sample_data(part, origin, nan_policy)
+        weight = float(part.weights.sum())
+        if weight <= 0:
+            continue
+        marker.start(m, total_weight / weight)
+        stage = dataclasses.replace(options, tol=_gmm_tol(options, params, m))
+        with dask.config.set(scheduler="threads"):
+            results = fit_em_many(
+                data,
+                params,
+                stage,
+                tol_abs=_kmeans_tol(options, tol_abs, params, spread, m),
+                init_covariances=covs,
+                callback=marker,
+            )
+        for i, result in enumerate(results):
+            info = marker.last.get(i)
+            if info is not None and info.centred is not None:
+                params[i] = info.centred
+            covs[i] = result.covariances
+            if result.final is not None and result.final.n > 0:
+                spread[i] = result.final.objective / max(float(result.final.nk.sum()), 1e-300)
+    return SampledPhase(params, covs, histories)
+
+
+class _Marker:
+    """The callback of a sample's iterations: marks each with the sample's rows,
+    numbers it on from the previous samples', keeps it in its model's history and
+    passes it on."""
+
+    def __init__(
+        self, histories: list[list[IterationInfo]], callback: Callback | None, kmeans: bool
+    ) -> None:
+        self.histories, self.callback, self.kmeans = histories, callback, kmeans
+        self.done = self.offset = self.rows = 0
+        self.scale = 1.0
+        self.last: dict[int, IterationInfo] = {}
+
+    def start(self, rows: int, scale: float) -> None:
+        """A new sample of ``rows`` rows, whose weight is the data's over ``scale``."""
+        self.offset, self.rows, self.scale = self.done, rows, scale
+        self.last = {}
+
+    def __call__(self, info: IterationInfo) -> None:
+        marked = dataclasses.replace(
+            info,
+            iteration=self.offset + info.iteration,
+            objective=info.objective * self.scale if self.kmeans else info.objective,
+            sample=self.rows,
+        )
+        self.done = max(self.done, marked.iteration)
+        self.last[info.run] = info
+        self.histories[info.run].append(marked)
+        if self.callback is not None:
+            self.callback(marked)
+
+
+def _kmeans_tol(
+    options: EMOptions,
+    tol_abs: float | None,
+    params: Sequence[MixtureParams],
+    spread: Sequence[float],
+    m: int,
+) -> float | None:
+    """k-means: the squared centre shift below which a sample's iterations stop. The
+    centres of a sample of ``m`` rows lie about ``k·s²/m`` (summed over the ``k``
+    centres: ``k²·s²/m``) from the full data's, ``s²`` the mean squared distance of a
+    row to its centre (the previous sample's, or the data's variance at first)."""
+    if not options.is_kmeans:
+        return tol_abs
+    base = 0.0 if tol_abs is None else tol_abs
+    k = max(p.n_components for p in params)
+    s2 = min((s for s in spread if math.isfinite(s)), default=math.nan)
+    if not math.isfinite(s2):
+        return base  # no estimate yet: the fit's own tolerance
+    return max(base, NOISE_SHARE * k * k * s2 / m)
+
+
+def _gmm_tol(options: EMOptions, params: Sequence[MixtureParams], m: int) -> float:
+    """Mixtures: the change of the mean log-likelihood below which a sample's iterations
+    stop. A maximum-likelihood fit to ``m`` rows lies about ``p/(2m)`` (``p`` free
+    parameters) above the full data's fixed point in mean log-likelihood."""
+    if options.is_kmeans:
+        return options.tol
+    k = max(p.n_components for p in params)
+    d = params[0].means.shape[1]
+    p = covariance.of(options.covariance_type).n_parameters(k, d)
+    return max(options.tol, NOISE_SHARE * p / (2 * m))
+
+
+def sampled_iterations(history: Sequence[IterationInfo]) -> int:
+    """How many of ``history``'s iterations ran on a sample."""
+    return sum(1 for info in history if info.sample is not None)
+
+
+__all__ = [
+    "SampledPhase",
+    "Schedule",
+    "run_sampled",
+    "sample_data",
+    "sampled_iterations",
+]
