@@ -1,0 +1,318 @@
+"""Spark MLlib as a contender: k-means and the full-covariance Gaussian mixture.
+
+Neither ``pyspark.ml.clustering.KMeans`` nor ``GaussianMixture`` takes initial parameters
+(pyspark 4.3: no ``initialModel``; k-means starts from ``initMode`` random or k-means||,
+the mixture from a random sample, both by ``seed``). Their RDD-based counterparts do:
+``org.apache.spark.mllib.clustering.KMeans.setInitialModel`` (the iterations
+``ml.KMeans(solver="row")`` runs: it delegates to this class) and
+``mllib.clustering.GaussianMixture.setInitialModel`` (weights, means and covariances; its
+own EM, older than ``ml``'s). Both are driven here through Py4J on an RDD cached in the
+JVM, so no Python runs inside a fit.
+
+Spark reports no per-iteration time: it is derived from pairs of fits, one of 1 iteration
+and one of ``iters``, ``tol`` 0: ``(t(iters) − t(1)) / (n_iter(iters) − n_iter(1))``,
+one estimate a pair, :data:`PAIRS` pairs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sklearn.mixture
+from numpy.typing import NDArray
+from sklearn.mixture._gaussian_mixture import _compute_precision_cholesky
+
+from benchmarks.common import Run, inertia, quiet
+
+#: pairs of fits (1 iteration, ``iters`` iterations) a per-iteration figure is taken from
+PAIRS = 3
+#: the JVM's heap: the cached RDD of KM-1's 2,000,000 × 32 float64 rows as Java objects
+#: takes ~0.8 GB, the Arrow table on its way in as much again
+DRIVER_MEMORY = "6g"
+#: set by ``.ci/run`` once it installed Java: a missing Spark is then a failure
+REQUIRE_VAR = "DKM_REQUIRE_SPARK"
+JAVA_PACKAGE = "openjdk-17-jre-headless"
+KMEANS = "Spark MLlib KMeans"
+GMM = "Spark MLlib GaussianMixture"
+
+_LOG4J2 = """\
+rootLogger.level = error
+rootLogger.appenderRef.stderr.ref = stderr
+appender.console.type = Console
+appender.console.name = stderr
+appender.console.target = SYSTEM_ERR
+appender.console.layout.type = PatternLayout
+appender.console.layout.pattern = %d{HH:mm:ss} %p %c{1}: %m%n%ex
+# Spark announces the shell's level when it differs from the root's
+logger.repl.name = org.apache.spark.repl.Main
+logger.repl.level = error
+"""
+
+
+def required() -> bool:
+    """Whether a missing Spark must fail the run: in CI, or where ``.ci/run`` installed Java."""
+    return os.environ.get(REQUIRE_VAR) == "1" or os.environ.get("CI", "").lower() == "true"
+
+
+def java() -> str | None:
+    """The ``java`` Spark would start: ``$JAVA_HOME/bin/java``, else the one on PATH."""
+    home = os.environ.get("JAVA_HOME")
+    if home:
+        candidate = Path(home, "bin", "java")
+        return str(candidate) if os.access(candidate, os.X_OK) else None
+    return shutil.which("java")
+
+
+def missing() -> str | None:
+    """Why Spark cannot run here, or None."""
+    reasons = []
+    if importlib.util.find_spec("pyspark") is None:
+        reasons.append('pyspark is not installed (python -m pip install -e ".[bench]")')
+    if java() is None:
+        where = "$JAVA_HOME/bin/java" if os.environ.get("JAVA_HOME") else "java on PATH"
+        reasons.append(
+            f"no Java runtime ({where} not found): install Java 17, e.g. Debian's "
+            f"{JAVA_PACKAGE} (apt-get install {JAVA_PACKAGE})"
+        )
+    return "; ".join(reasons) or None
+
+
+@contextmanager
+def _quiet_pyspark() -> Iterator[None]:
+    """Hide pyspark's warning that it does not yet support pandas 3 (no pandas is used)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="PySpark does not yet fully support pandas")
+        yield
+
+
+class Spark:
+    """One local SparkSession for a benchmark run (``local[2]``, no UI, errors only)."""
+
+    def __init__(self, cores: int = 2) -> None:
+        from pyspark.sql import SparkSession
+
+        self._dir = tempfile.TemporaryDirectory(prefix="dkm-bench-spark-")
+        log4j = Path(self._dir.name, "log4j2.properties")
+        log4j.write_text(_LOG4J2)
+        with _quiet_pyspark():
+            self.session = (
+                SparkSession.builder.master(f"local[{cores}]")
+                .appName("dkm benchmarks")
+                .config("spark.ui.enabled", "false")
+                .config("spark.ui.showConsoleProgress", "false")
+                .config("spark.driver.memory", DRIVER_MEMORY)
+                .config("spark.driver.extraJavaOptions", f"-Dlog4j.configurationFile={log4j}")
+                .config("spark.sql.shuffle.partitions", str(cores))
+                .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+                .config("spark.local.dir", self._dir.name)
+                .getOrCreate()
+            )
+        self.sc = self.session.sparkContext
+        self.sc.setLogLevel("ERROR")
+        self.jvm: Any = self.sc._jvm
+
+    def environment(self) -> list[str]:
+        """Spark's version, its JVM's and the BLAS its linear algebra uses."""
+        system = self.jvm.java.lang.System
+        blas = self.jvm.dev.ludovic.netlib.blas.BLAS.getInstance().getClass().getName()
+        lapack = self.jvm.dev.ludovic.netlib.lapack.LAPACK.getInstance().getClass().getName()
+        jre = f"{system.getProperty('java.version')} ({system.getProperty('java.vm.name')})"
+        return [
+            f"spark       {self.sc.version} {self.sc.master}, Java {jre}, heap {DRIVER_MEMORY}",
+            f"spark blas  {blas}, lapack {lapack}",
+        ]
+
+    def rows(self, X: NDArray[Any], partitions: int) -> tuple[Any, float]:
+        """X as float64 ``mllib`` vectors in an RDD cached in the JVM, ``partitions``
+        partitions, and the seconds taken: an Arrow table, a DataFrame of ``ml`` dense
+        vectors (``array_to_vector``), their RDD (``DatasetUtils.columnToOldVector``)."""
+        import pyarrow as pa
+        from pyspark.ml.functions import array_to_vector
+
+        t0 = time.perf_counter()
+        flat = np.ascontiguousarray(X, dtype=np.float64).ravel()
+        table = pa.table({"x": pa.FixedSizeListArray.from_arrays(pa.array(flat), X.shape[1])})
+        with _quiet_pyspark():
+            frame = self.session.createDataFrame(table)
+        features = frame.select(array_to_vector("x").alias("features")).coalesce(partitions)
+        rdd = self.jvm.org.apache.spark.ml.util.DatasetUtils.columnToOldVector(
+            features._jdf, "features"
+        )
+        rdd.cache()
+        if rdd.count() != X.shape[0]:
+            raise RuntimeError(f"Spark holds {rdd.count()} rows of {X.shape[0]}")
+        return rdd, time.perf_counter() - t0
+
+    def close(self) -> None:
+        self.session.stop()
+        self._dir.cleanup()
+
+    # ------------------------------------------------------------------ JVM values
+
+    def _doubles(self, values: NDArray[Any]) -> Any:
+        """A Java ``double[]`` of ``values``, passed as bytes (Py4J would take one call
+        an element)."""
+        flat = np.ascontiguousarray(values, np.float64).ravel()
+        out = self.sc._gateway.new_array(self.jvm.double, len(flat))
+        nio = self.jvm.java.nio
+        buffer = nio.ByteBuffer.wrap(bytearray(flat.tobytes())).order(nio.ByteOrder.nativeOrder())
+        buffer.asDoubleBuffer().get(out)
+        return out
+
+    def _vector(self, v: NDArray[Any]) -> Any:
+        return self.jvm.org.apache.spark.mllib.linalg.Vectors.dense(self._doubles(v))
+
+    def _array(self, java_class: Any, items: list[Any]) -> Any:
+        array = self.sc._gateway.new_array(java_class, len(items))
+        for i, item in enumerate(items):
+            array[i] = item
+        return array
+
+    def kmeans_model(self, C: NDArray[Any]) -> Any:
+        linalg = self.jvm.org.apache.spark.mllib.linalg
+        centres = self._array(linalg.Vector, [self._vector(c) for c in C])
+        return self.jvm.org.apache.spark.mllib.clustering.KMeansModel(centres)
+
+    def mixture_model(self, init: dict[str, Any]) -> Any:
+        """scikit-learn's ``*_init`` (full precisions) as an ``mllib`` mixture."""
+        weights = np.asarray(init["weights_init"], np.float64)
+        covariances = np.linalg.inv(np.asarray(init["precisions_init"], np.float64))
+        d = covariances.shape[1]
+        gaussian = self.jvm.org.apache.spark.mllib.stat.distribution.MultivariateGaussian
+        dense = self.jvm.org.apache.spark.mllib.linalg.DenseMatrix
+        gaussians = [
+            gaussian(self._vector(mu), dense(d, d, self._doubles(cov.ravel(order="F"))))
+            for mu, cov in zip(init["means_init"], covariances, strict=True)
+        ]
+        return self.jvm.org.apache.spark.mllib.clustering.GaussianMixtureModel(
+            self._doubles(weights), self._array(gaussian, gaussians)
+        )
+
+
+def _values(v: Any) -> NDArray[Any]:
+    """A JVM vector or matrix's values (column-major) as a NumPy array."""
+    return np.array(list(v.toArray()), np.float64)
+
+
+def _per_iteration(fit: Any, iters: int) -> tuple[tuple[float, ...], float, Any]:
+    """:data:`PAIRS` pairs of ``fit(1)`` and ``fit(iters)`` (each returning ``(n_iter,
+    result)``): the per-iteration estimates, the last long fit's seconds and its result."""
+    estimates = []
+    seconds, result = 0.0, None
+    for _ in range(PAIRS):
+        t0 = time.perf_counter()
+        n_short, _ = fit(1)
+        short = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        n_long, result = fit(iters)
+        seconds = time.perf_counter() - t0
+        if n_long > n_short:
+            estimates.append((seconds - short) / (n_long - n_short))
+    return tuple(estimates), seconds, result
+
+
+def kmeans(
+    spark: Spark, workload: str, rdd: Any, X: NDArray[Any], C0: NDArray[Any], iters: int
+) -> Run:
+    """``mllib`` KMeans from ``C0`` (``epsilon`` 0) on the cached ``rdd`` (X's rows)."""
+    clustering = spark.jvm.org.apache.spark.mllib.clustering
+    start = spark.kmeans_model(C0)
+
+    def fit(max_iter: int) -> tuple[int, Any]:
+        model = (
+            clustering.KMeans()
+            .setK(C0.shape[0])
+            .setMaxIterations(max_iter)
+            .setEpsilon(0.0)
+            .setInitialModel(start)
+            .run(rdd)
+        )
+        return int(model.numIter()), model
+
+    fit(1)  # warm-up: the JIT, on all the rows
+    per_iter, seconds, model = _per_iteration(fit, iters)
+    centres = np.array([_values(v) for v in model.clusterCenters()])
+    return Run(
+        workload,
+        KMEANS,
+        seconds,
+        int(model.numIter()),
+        per_iter,
+        inertia(X, centres),
+        "fits of 1 and n iterations, differenced",
+        extra={"own objective": float(model.trainingCost())},
+    )
+
+
+def mixture_score(
+    X: NDArray[Any], weights: NDArray[Any], means: NDArray[Any], covariances: NDArray[Any]
+) -> float:
+    """The mean log-likelihood of X under a full-covariance mixture (scikit-learn's score)."""
+    gm = sklearn.mixture.GaussianMixture(len(weights), covariance_type="full")
+    gm.weights_, gm.means_, gm.covariances_ = weights, means, covariances
+    gm.precisions_cholesky_ = _compute_precision_cholesky(covariances, "full")
+    return float(gm.score(X))
+
+
+def gmm(
+    spark: Spark, workload: str, rdd: Any, X: NDArray[Any], init: dict[str, Any], iters: int
+) -> Run:
+    """``mllib`` GaussianMixture from scikit-learn's full ``*_init`` (``convergenceTol``
+    0: it stops only when the log-likelihood repeats exactly, so it runs ``maxIterations``;
+    it does not report its count)."""
+    clustering = spark.jvm.org.apache.spark.mllib.clustering
+    k = len(init["weights_init"])
+    start = spark.mixture_model(init)
+
+    def fit(max_iter: int) -> tuple[int, Any]:
+        model = (
+            clustering.GaussianMixture()
+            .setK(k)
+            .setMaxIterations(max_iter)
+            .setConvergenceTol(0.0)
+            .setInitialModel(start)
+            .run(rdd)
+        )
+        return max_iter, model
+
+    fit(1)
+    per_iter, seconds, model = _per_iteration(fit, iters)
+    d = X.shape[1]
+    weights = np.array(list(model.weights()), np.float64)
+    means = np.array([_values(g.mu()) for g in model.gaussians()])
+    covariances = np.array(
+        [np.reshape(_values(g.sigma()), (d, d), order="F") for g in model.gaussians()]
+    )
+    # Spark adds nothing to the covariances' diagonal: its reference is scikit-learn's
+    # fit with reg_covar=0 from the same start, not the default 1e-6
+    with quiet():
+        reference = sklearn.mixture.GaussianMixture(
+            k,
+            covariance_type="full",
+            tol=0.0,
+            max_iter=iters,
+            reg_covar=0.0,
+            init_params="random_from_data",
+            random_state=0,
+            **init,
+        ).fit(X)
+    return Run(
+        workload,
+        GMM,
+        seconds,
+        iters,
+        per_iter,
+        mixture_score(X, weights, means, covariances),
+        "fits of 1 and n iterations, differenced",
+        reference_objective=float(reference.score(X)),
+    )
