@@ -46,16 +46,19 @@ KMEANS = "Spark MLlib KMeans"
 GMM = "Spark MLlib GaussianMixture"
 
 _LOG4J2 = """\
-rootLogger.level = error
+# warn, the level Spark gives the shell (else it announces the difference); the start-up
+# warnings of a local run (SPARK_LOCAL_IP, no native Hadoop) are not the benchmark's
+rootLogger.level = warn
 rootLogger.appenderRef.stderr.ref = stderr
 appender.console.type = Console
 appender.console.name = stderr
 appender.console.target = SYSTEM_ERR
 appender.console.layout.type = PatternLayout
 appender.console.layout.pattern = %d{HH:mm:ss} %p %c{1}: %m%n%ex
-# Spark announces the shell's level when it differs from the root's
-logger.repl.name = org.apache.spark.repl.Main
-logger.repl.level = error
+logger.utils.name = org.apache.spark.util.Utils
+logger.utils.level = error
+logger.hadoop.name = org.apache.hadoop
+logger.hadoop.level = error
 """
 
 
@@ -114,7 +117,6 @@ class Spark:
                 .config("spark.driver.extraJavaOptions", f"-Dlog4j.configurationFile={log4j}")
                 .config("spark.sql.shuffle.partitions", str(cores))
                 .config("spark.sql.execution.arrow.pyspark.enabled", "true")
-                .config("spark.local.dir", self._dir.name)
                 .getOrCreate()
             )
         self.sc = self.session.sparkContext

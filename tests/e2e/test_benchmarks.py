@@ -1,7 +1,10 @@
 """The benchmark harness's quick suite runs with every contender (so it cannot rot).
 
 No timing is asserted: only that every contender ran, that the final objectives agree
-(the harness exits 1 otherwise) and that the BLAS in use is reported.
+(the harness exits 1 otherwise) and that the BLAS in use is reported. Spark MLlib needs a
+Java runtime: where there is none the harness must say it left Spark out and why, unless
+``CI=true`` or ``DKM_REQUIRE_SPARK=1`` (set by ``.ci/run`` once it installed Java), where it
+must fail.
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ CONTENDERS = (
 
 
 @pytest.mark.slow
-def test_quick_suite_runs_every_contender_and_objectives_agree():
+def test_quick_suite_runs_every_contender_and_objectives_agree(bench_modules):
+    _, _, spark = bench_modules
     result = run_python(["-m", "benchmarks", "--suite", "quick"], timeout=600)
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
@@ -53,6 +57,18 @@ def test_quick_suite_runs_every_contender_and_objectives_agree():
         assert any(line.startswith(f"| {workload} ") for line in table), workload
     for contender in CONTENDERS:
         assert any(f"| {contender} |" in line for line in table), contender
+    reason = spark.missing()
+    if reason is None or spark.required():  # required and missing: the run failed above
+        assert any(
+            line.startswith(f"| KM-1 {''}") and "| Spark MLlib KMeans |" in line for line in table
+        )
+        (gmm,) = [line for line in table if "| Spark MLlib GaussianMixture |" in line]
+        assert gmm.startswith("| GMM-1-full ") and "(reg_covar=0)" in gmm
+        assert "spark blas  dev.ludovic.netlib.blas." in out
+        assert "left out" not in out
+    else:
+        assert f"Spark MLlib left out: {reason}" in out
+        assert not any("| Spark MLlib" in line for line in table)
     assert "| scaling: 4x points" in out
     assert "| overhead: KM-1 16 chunks, dkm threads |" in out
     (cluster,) = [line for line in table if "overhead: KM-1 16 chunks, dkm LocalCluster" in line]
@@ -76,16 +92,16 @@ def test_bad_arguments_exit_2():
 @pytest.fixture
 def bench_modules(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT))
-    from benchmarks import cli, common
+    from benchmarks import cli, common, spark
 
-    return cli, common
+    return cli, common, spark
 
 
 def test_harness_inertia_matches_scikit_learn(bench_modules):
     """The one evaluator of every k-means contender's final centres, against sklearn."""
     from sklearn.cluster import KMeans
 
-    _, common = bench_modules
+    _, common, _ = bench_modules
     X = common.make_blobs(5_000, 6, 7, np.float32, anisotropic=False)
     C0 = common.random_rows(X, 7)
     km = KMeans(7, init=C0, n_init=1, max_iter=3, tol=0.0).fit(X.astype(np.float64))
@@ -94,11 +110,13 @@ def test_harness_inertia_matches_scikit_learn(bench_modules):
 
 
 def test_a_disagreeing_objective_fails_the_run(bench_modules, capsys):
-    cli, common = bench_modules
+    cli, common, _ = bench_modules
 
-    def run(contender: str, objective: float, workload: str = "KM-1 tiny") -> object:
+    def run(
+        contender: str, objective: float, workload: str = "KM-1 tiny", **kwargs: object
+    ) -> object:
         return common.Run(
-            workload, contender, 1.0, 5, (0.2,) * 5, objective, is_dkm="dkm" in contender
+            workload, contender, 1.0, 5, (0.2,) * 5, objective, is_dkm="dkm" in contender, **kwargs
         )
 
     agreeing = [run("dkm threads", 100.0), run("scikit-learn KMeans lloyd", 100.00001)]
@@ -110,12 +128,21 @@ def test_a_disagreeing_objective_fails_the_run(bench_modules, capsys):
     ]
     assert not cli.print_results(gmm)  # 1e-5 > the 1e-6 GMM tolerance
     assert "MISMATCH" in capsys.readouterr().out
+    # a run with its own reference (Spark's mixture: scikit-learn with reg_covar=0) is
+    # checked against that, not against scikit-learn's run
+    agreeing_gmm = gmm[1:]
+    spark = "Spark MLlib GaussianMixture"
+    own = run(spark, -3.0006, "GMM-1-full tiny", reference_objective=-3.0006000001)
+    assert cli.print_results([*agreeing_gmm, own])
+    assert "(reg_covar=0)" in capsys.readouterr().out
+    far = run(spark, -3.00001, "GMM-1-full tiny", reference_objective=-3.0006)
+    assert not cli.print_results([*agreeing_gmm, far])  # matches scikit-learn's, not its own
 
 
 def test_a_missing_contender_is_named_with_the_install_command(bench_modules, monkeypatch, capsys):
     import importlib.util
 
-    cli, _ = bench_modules
+    cli, _, _ = bench_modules
     real = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "dask_ml" else real(name, *a)
@@ -123,6 +150,86 @@ def test_a_missing_contender_is_named_with_the_install_command(bench_modules, mo
     assert cli.main(["--suite", "quick"]) == 2
     err = capsys.readouterr().err
     assert "dask-ml (or pass --no-dask-ml)" in err and '".[bench]"' in err
+
+
+def _without_java(monkeypatch, tmp_path):
+    """No ``java`` on PATH and no JAVA_HOME; nor CI's requirement unless a test sets it."""
+    for var in ("JAVA_HOME", "CI", "DKM_REQUIRE_SPARK"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+
+
+def test_a_missing_java_is_named_with_the_package(bench_modules, monkeypatch, tmp_path):
+    _, _, spark = bench_modules
+    _without_java(monkeypatch, tmp_path)
+    reason = spark.missing()
+    assert reason is not None and "no Java runtime (java on PATH not found)" in reason
+    assert "apt-get install openjdk-17-jre-headless" in reason
+    monkeypatch.setenv("JAVA_HOME", str(tmp_path))  # a JAVA_HOME without bin/java
+    assert "$JAVA_HOME/bin/java not found" in str(spark.missing())
+    java = tmp_path / "bin" / "java"
+    java.parent.mkdir()
+    java.write_text("#!/bin/sh\n")
+    java.chmod(0o755)
+    assert spark.java() == str(java)
+
+
+@pytest.mark.parametrize("var", ["CI", "DKM_REQUIRE_SPARK"])
+def test_a_missing_spark_fails_where_it_is_required(
+    bench_modules, monkeypatch, tmp_path, capsys, var
+):
+    cli, _, _ = bench_modules
+    _without_java(monkeypatch, tmp_path)
+    monkeypatch.setenv(var, "true" if var == "CI" else "1")
+    assert cli.main(["--suite", "quick", "--workload", "km1"]) == 2
+    err = capsys.readouterr().err
+    assert "Spark MLlib cannot run: " in err and "openjdk-17-jre-headless" in err
+    assert "--no-spark" in err
+    # asked to leave Spark out, or no workload of it: nothing is required
+    monkeypatch.setattr(cli, "Bench", _NoBench)
+    for argv in (["--workload", "km1", "--no-spark"], ["--workload", "km2"]):
+        with pytest.raises(_NoBench.Reached):
+            cli.main(["--suite", "quick", *argv])
+
+
+class _NoBench:
+    """Stands in for the harness's Bench: the checks before the workloads have passed."""
+
+    class Reached(Exception):
+        pass
+
+    def __init__(self, options: object) -> None:
+        raise self.Reached(options)
+
+
+def test_without_java_spark_is_left_out_and_said_so(bench_modules, monkeypatch, tmp_path, capsys):
+    """Outside CI the run goes on without Spark and says why, at the top and the end."""
+    cli, _, _ = bench_modules
+    _without_java(monkeypatch, tmp_path)
+    argv = ["--suite", "quick", "--workload", "gmm1", "--covariance", "full"]
+    assert cli.main([*argv, "--no-local-cluster"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("Spark MLlib left out: no Java runtime (java on PATH not found)") == 2
+    assert "spark=False" in out and "| Spark MLlib" not in out
+    assert "| GMM-1-full " in out
+
+
+def test_spark_per_iteration_time_is_differenced_from_short_and_long_fits(bench_modules):
+    """(t(n) − t(1)) / (n_iter(n) − n_iter(1)) a pair; none where the long fit stopped
+    as early as the short one."""
+    import time
+
+    _, _, spark = bench_modules
+
+    def fit(max_iter: int) -> tuple[int, str]:
+        time.sleep(0.05 + 0.02 * max_iter)
+        return max_iter, f"model {max_iter}"
+
+    estimates, seconds, model = spark._per_iteration(fit, 4)
+    assert len(estimates) == spark.PAIRS and model == "model 4"
+    assert seconds == pytest.approx(0.13, abs=0.04)
+    assert all(e == pytest.approx(0.02, abs=0.01) for e in estimates)
+    assert spark._per_iteration(lambda m: (1, None), 4)[0] == ()
 
 
 @pytest.mark.slow
