@@ -164,16 +164,18 @@ def kmeans_warm(X: NDArray[Any], size: Size) -> da.Array:
     return persisted(X[: min(size.n, max(20 * size.k, size.n // 16))], 2)
 
 
-def on_spark(bench: Bench, X: NDArray[Any], run: Callable[..., Run]) -> Run:
-    """``run(spark=, rdd=)`` with X's rows cached in Spark (float64, ``--chunks``
-    partitions); the time taken to load them is printed, not counted."""
+def on_spark(bench: Bench, X: NDArray[Any], *runs: Callable[..., Run]) -> None:
+    """Each ``run(spark, rows)`` with X's rows cached in Spark (float64, ``--chunks``
+    partitions, ``benchmarks.spark.Rows``); the time taken to load them is printed, not
+    counted."""
     spark = bench.spark()
-    rdd, seconds = spark.rows(X, bench.options.chunks)
-    print(f"  Spark: {X.shape[0]:,} rows loaded and cached in {seconds:.2f} s", flush=True)
+    rows = spark.rows(X, bench.options.chunks)
+    print(f"  Spark: {X.shape[0]:,} rows loaded and cached in {rows.seconds:.2f} s", flush=True)
     try:
-        return run(spark=spark, rdd=rdd)
+        for run in runs:
+            bench.add(run(spark, rows))
     finally:
-        rdd.unpersist(True)
+        rows.unpersist()
 
 
 def kmeans_workload(bench: Bench, name: str, size: Size, spark: bool = False) -> None:
@@ -206,8 +208,12 @@ def kmeans_workload(bench: Bench, name: str, size: Size, spark: bool = False) ->
     if spark and opts.spark:
         from benchmarks import spark as S
 
-        run = functools.partial(S.kmeans, workload=workload, X=X, C0=C0, iters=opts.iters)
-        bench.add(on_spark(bench, X, run))
+        on_spark(
+            bench,
+            X,
+            functools.partial(S.kmeans, workload=workload, X=X, C0=C0, iters=opts.iters),
+            functools.partial(S.ml_kmeans, workload=workload, X=X, k=size.k, iters=opts.iters),
+        )
 
 
 # --------------------------------------------------------------------------- GMM
@@ -246,8 +252,12 @@ def gmm_workload(bench: Bench, name: str, size: Size, covariance_types: tuple[st
         if ct == "full" and opts.spark:
             from benchmarks import spark as S
 
-            run = functools.partial(S.gmm, workload=workload, X=X, init=init, iters=opts.iters)
-            bench.add(on_spark(bench, X, run))
+            on_spark(
+                bench,
+                X,
+                functools.partial(S.gmm, workload=workload, X=X, init=init, iters=opts.iters),
+                functools.partial(S.ml_gmm, workload=workload, X=X, k=size.k, iters=opts.iters),
+            )
 
 
 def _gmm_on_cluster(

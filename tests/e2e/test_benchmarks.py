@@ -63,7 +63,13 @@ def test_quick_suite_runs_every_contender_and_objectives_agree(bench_modules):
             line.startswith(f"| KM-1 {''}") and "| Spark MLlib KMeans |" in line for line in table
         )
         (gmm,) = [line for line in table if "| Spark MLlib GaussianMixture |" in line]
-        assert gmm.startswith("| GMM-1-full ") and "(reg_covar=0)" in gmm
+        assert gmm.startswith("| GMM-1-full ") and "(Spark's EM)" in gmm
+        for name, workload in (
+            ("Spark ml KMeans block, own start", "KM-1"),
+            ("Spark ml GaussianMixture, own start", "GMM-1-full"),
+        ):
+            (row,) = [line for line in table if f"| {name} |" in line]
+            assert row.startswith(f"| {workload} ") and "| own start: not compared |" in row
         assert "spark blas  dev.ludovic.netlib.blas." in out
         assert "Spark MLlib left out" not in out
     else:
@@ -128,15 +134,19 @@ def test_a_disagreeing_objective_fails_the_run(bench_modules, capsys):
     ]
     assert not cli.print_results(gmm)  # 1e-5 > the 1e-6 GMM tolerance
     assert "MISMATCH" in capsys.readouterr().out
-    # a run with its own reference (Spark's mixture: scikit-learn with reg_covar=0) is
-    # checked against that, not against scikit-learn's run
+    # a run with its own reference (Spark's mixture: the EM it runs, in NumPy) is checked
+    # against that, not against scikit-learn's run
     agreeing_gmm = gmm[1:]
     spark = "Spark MLlib GaussianMixture"
     own = run(spark, -3.0006, "GMM-1-full tiny", reference_objective=-3.0006000001)
     assert cli.print_results([*agreeing_gmm, own])
-    assert "(reg_covar=0)" in capsys.readouterr().out
+    assert "(Spark's EM)" in capsys.readouterr().out
     far = run(spark, -3.00001, "GMM-1-full tiny", reference_objective=-3.0006)
     assert not cli.print_results([*agreeing_gmm, far])  # matches scikit-learn's, not its own
+    # a run from the library's own start is not compared at all
+    own_start = run("Spark ml GaussianMixture, own start", -2.9, "GMM-1-full tiny", own_start=True)
+    assert cli.print_results([*agreeing_gmm, own_start])
+    assert "| own start: not compared |" in capsys.readouterr().out
 
 
 def test_a_missing_contender_is_named_with_the_install_command(bench_modules, monkeypatch, capsys):
@@ -230,6 +240,32 @@ def test_spark_per_iteration_time_is_differenced_from_short_and_long_fits(bench_
     assert seconds == pytest.approx(0.13, abs=0.04)
     assert all(e == pytest.approx(0.02, abs=0.01) for e in estimates)
     assert spark._per_iteration(lambda m: (1, None), 4)[0] == ()
+
+
+def test_spark_em_reference_is_scikit_learn_without_reg_covar_where_densities_exceed_eps(
+    bench_modules,
+):
+    """The reference of Spark's mixture: scikit-learn's EM with reg_covar=0 while every row
+    has a weighted density above ε; a row far from every component gets ε-dominated,
+    nearly uniform responsibilities instead of joining the nearest component."""
+    import sklearn.mixture
+
+    from benchmarks.workloads import gmm_init
+
+    _, common, spark = bench_modules
+    X = common.make_blobs(3_000, 3, 3, np.float64, anisotropic=True)
+    init = gmm_init(X, 3, "full")
+
+    def sklearn_score(X: np.ndarray) -> float:
+        gm = sklearn.mixture.GaussianMixture(
+            3, covariance_type="full", tol=0.0, max_iter=4, reg_covar=0.0, **init
+        )
+        with common.quiet():
+            return float(gm.fit(X).score(X))
+
+    assert spark.spark_em_score(X, init, 4) == pytest.approx(sklearn_score(X), abs=1e-10)
+    far = np.vstack([X, np.full((5, 3), 1e3)])
+    assert abs(spark.spark_em_score(far, init, 4) - sklearn_score(far)) > 1e-2
 
 
 @pytest.mark.slow
