@@ -11,20 +11,23 @@ JVM, so no Python runs inside a fit. The ``ml`` estimators run too, from their o
 (seed 0), timed but not compared: ``ml.KMeans`` picks its "block" solver for dense rows,
 which the RDD API does not have, and ``ml.GaussianMixture`` is its own EM.
 
-Spark reports no per-iteration time: it is derived from pairs of fits, one of 1 iteration
-and one of ``iters``, ``tol`` 0: ``(t(iters) − t(1)) / (n_iter(iters) − n_iter(1))``,
-one estimate a pair, :data:`PAIRS` pairs.
+Per-iteration times are Spark's own: every iteration is one Spark job (k-means'
+``collectAsMap``, the mixtures' ``treeAggregate`` / ``collect``), whose submission and
+completion times its status store keeps. As a cross-check, fits of 1 and ``iters``
+iterations (``tol`` 0) are differenced: ``(t(iters) − t(1)) / (n_iter(iters) − n_iter(1))``.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections import defaultdict
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,10 +44,7 @@ from sklearn.mixture._gaussian_mixture import (
 
 from benchmarks.common import Run, inertia
 
-#: pairs of fits (1 iteration, ``iters`` iterations) a per-iteration figure is taken from;
-#: after the first, only while the pairs so far took less than PAIRS_SECONDS
-PAIRS = 3
-PAIRS_SECONDS = 120.0
+TIMING = "Spark's job times"
 #: the JVM's heap: the cached RDD of KM-1's 2,000,000 × 32 float64 rows as Java objects
 #: takes ~0.8 GB, the Arrow table on its way in as much again
 DRIVER_MEMORY = "6g"
@@ -150,6 +150,7 @@ class Spark:
         self.sc = self.session.sparkContext
         self.sc.setLogLevel("ERROR")
         self.jvm: Any = self.sc._jvm
+        self._groups = 0
 
     def environment(self) -> list[str]:
         """Spark's version, its JVM's and the BLAS its linear algebra uses."""
@@ -181,6 +182,27 @@ class Spark:
         if rdd.count() != X.shape[0]:
             raise RuntimeError(f"Spark holds {rdd.count()} rows of {X.shape[0]}")
         return Rows(features, rdd, time.perf_counter() - t0)
+
+    @contextmanager
+    def job_group(self) -> Iterator[list[Job]]:
+        """Run the block's jobs in a job group of their own; on exit the list yielded holds
+        them (in order), once Spark's status store has seen them complete."""
+        self._groups += 1
+        group = f"dkm-bench-{self._groups}"
+        jobs: list[Job] = []
+        self.sc.setJobGroup(group, "dkm benchmarks")
+        try:
+            yield jobs
+        finally:
+            self.sc.setJobGroup("", "")
+        self.sc._jsc.sc().listenerBus().waitUntilEmpty(60_000)
+        store = self.sc._jsc.sc().statusStore()
+        for job_id in sorted(self.sc.statusTracker().getJobIdsForGroup(group)):
+            job = store.job(job_id)
+            start, end = job.submissionTime(), job.completionTime()
+            if start.isDefined() and end.isDefined():
+                seconds = (end.get().getTime() - start.get().getTime()) / 1e3
+                jobs.append(Job(str(job.name()), seconds))
 
     def close(self) -> None:
         self.session.stop()
@@ -233,25 +255,53 @@ def _values(v: Any) -> NDArray[Any]:
     return np.array(list(v.toArray()), np.float64)
 
 
-def _per_iteration(fit: Any, iters: int) -> tuple[tuple[float, ...], float, Any]:
-    """:data:`PAIRS` pairs of ``fit(1)`` and ``fit(iters)`` (each returning ``(n_iter,
-    result)``), fewer past :data:`PAIRS_SECONDS`: the per-iteration estimates, the last
-    long fit's seconds and its result."""
-    estimates = []
-    seconds, result = 0.0, None
-    started = time.perf_counter()
-    for _ in range(PAIRS):
-        if estimates and time.perf_counter() - started > PAIRS_SECONDS:
-            break
+@dataclass(frozen=True)
+class Job:
+    """One Spark job of a fit: its call site ("treeAggregate at GaussianMixture.scala:204")
+    and wall time (submission to completion, milliseconds)."""
+
+    name: str
+    seconds: float
+
+
+def iteration_seconds(jobs: list[Job], n_iter: int) -> tuple[float, ...]:
+    """A fit's iterations among its jobs: those of the call site that ran exactly ``n_iter``
+    times (one job an iteration: k-means' ``collectAsMap``, the mixtures' ``treeAggregate``
+    or ``collect``), the longest-running if several do; () if none does."""
+    by_site: dict[str, list[float]] = defaultdict(list)
+    for job in jobs:
+        by_site[job.name].append(job.seconds)
+    candidates = [times for times in by_site.values() if len(times) == n_iter]
+    return tuple(max(candidates, key=sum)) if n_iter > 0 and candidates else ()
+
+
+@dataclass(frozen=True)
+class Timing:
+    #: the n-iteration fit's iterations, Spark's job times
+    iter_seconds: tuple[float, ...]
+    #: the n-iteration fit's wall time
+    seconds: float
+    n_iter: int
+    #: the cross-check, (t(n) − t(1)) / (n_iter(n) − n_iter(1)); nan where n_iter did not grow
+    differenced: float
+    result: Any
+
+    def extra(self) -> dict[str, float]:
+        return {"differenced seconds": self.differenced}
+
+
+def _timed(spark: Spark, fit: Callable[[int], tuple[int, Any]], iters: int) -> Timing:
+    """``fit(1)``, then ``fit(iters)`` (each returning ``(n_iter, result)``), each in a job
+    group of its own, so the second's iterations are read from Spark's job times."""
+    t0 = time.perf_counter()
+    n_short, _ = fit(1)
+    short = time.perf_counter() - t0
+    with spark.job_group() as jobs:
         t0 = time.perf_counter()
-        n_short, _ = fit(1)
-        short = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        n_long, result = fit(iters)
+        n_iter, result = fit(iters)
         seconds = time.perf_counter() - t0
-        if n_long > n_short:
-            estimates.append((seconds - short) / (n_long - n_short))
-    return tuple(estimates), seconds, result
+    differenced = (seconds - short) / (n_iter - n_short) if n_iter > n_short else math.nan
+    return Timing(iteration_seconds(jobs, n_iter), seconds, n_iter, differenced, result)
 
 
 def kmeans(
@@ -273,17 +323,18 @@ def kmeans(
         return int(model.numIter()), model
 
     fit(1)  # warm-up: the JIT, on all the rows
-    per_iter, seconds, model = _per_iteration(fit, iters)
+    timing = _timed(spark, fit, iters)
+    model = timing.result
     centres = np.array([_values(v) for v in model.clusterCenters()])
     return Run(
         workload,
         KMEANS,
-        seconds,
-        int(model.numIter()),
-        per_iter,
+        timing.seconds,
+        timing.n_iter,
+        timing.iter_seconds,
         inertia(X, centres),
-        "fits of 1 and n iterations, differenced",
-        extra={"own objective": float(model.trainingCost())},
+        TIMING,
+        extra={"own objective": float(model.trainingCost()), **timing.extra()},
     )
 
 
@@ -325,9 +376,10 @@ def gmm(
     it does not report its count)."""
     clustering = spark.jvm.org.apache.spark.mllib.clustering
     k = len(init["weights_init"])
-    start = spark.mixture_model(init)
 
     def fit(max_iter: int) -> tuple[int, Any]:
+        # a new initial model each time: the fit updates its weights and Gaussians in place
+        start = spark.mixture_model(init)
         model = (
             clustering.GaussianMixture()
             .setK(k)
@@ -338,8 +390,9 @@ def gmm(
         )
         return max_iter, model
 
-    fit(1)
-    per_iter, seconds, model = _per_iteration(fit, iters)
+    fit(1)  # warm-up
+    timing = _timed(spark, fit, iters)
+    model = timing.result
     d = X.shape[1]
     weights = np.array(list(model.weights()), np.float64)
     means = np.array([_values(g.mu()) for g in model.gaussians()])
@@ -349,11 +402,12 @@ def gmm(
     return Run(
         workload,
         GMM,
-        seconds,
-        iters,
-        per_iter,
+        timing.seconds,
+        timing.n_iter,
+        timing.iter_seconds,
         mixture_score(X, weights, means, covariances),
-        "fits of 1 and n iterations, differenced",
+        TIMING,
+        extra=timing.extra(),
         reference_objective=spark_em_score(X, init, iters),
     )
 
@@ -371,18 +425,19 @@ def ml_kmeans(spark: Spark, rows: Rows, workload: str, X: NDArray[Any], k: int, 
         model = estimator.fit(rows.frame)
         return int(model.summary.numIter), model
 
-    fit(1)
-    per_iter, seconds, model = _per_iteration(fit, iters)
+    fit(1)  # warm-up
+    timing = _timed(spark, fit, iters)
+    model = timing.result
     centres = np.array([np.asarray(c, np.float64) for c in model.clusterCenters()])
     return Run(
         workload,
         ML_KMEANS,
-        seconds,
-        int(model.summary.numIter),
-        per_iter,
+        timing.seconds,
+        timing.n_iter,
+        timing.iter_seconds,
         inertia(X, centres),
-        "fits of 1 and n iterations, differenced",
-        extra={"own objective": float(model.summary.trainingCost)},
+        TIMING,
+        extra={"own objective": float(model.summary.trainingCost), **timing.extra()},
         own_start=True,
     )
 
@@ -397,8 +452,9 @@ def ml_gmm(spark: Spark, rows: Rows, workload: str, X: NDArray[Any], k: int, ite
         model = GaussianMixture(k=k, maxIter=max_iter, tol=0.0, seed=0).fit(rows.frame)
         return int(model.summary.numIter), model
 
-    fit(1)
-    per_iter, seconds, model = _per_iteration(fit, iters)
+    fit(1)  # warm-up
+    timing = _timed(spark, fit, iters)
+    model = timing.result
     d = X.shape[1]
     weights = np.asarray(model.weights, np.float64)
     means = np.array([np.asarray(g.mean, np.float64) for g in model.gaussians])
@@ -406,11 +462,14 @@ def ml_gmm(spark: Spark, rows: Rows, workload: str, X: NDArray[Any], k: int, ite
     return Run(
         workload,
         ML_GMM,
-        seconds,
-        int(model.summary.numIter),
-        per_iter,
+        timing.seconds,
+        timing.n_iter,
+        timing.iter_seconds,
         mixture_score(X, weights, means, covariances),
-        "fits of 1 and n iterations, differenced",
-        extra={"own objective": float(model.summary.logLikelihood) / X.shape[0]},
+        TIMING,
+        extra={
+            "own objective": float(model.summary.logLikelihood) / X.shape[0],
+            **timing.extra(),
+        },
         own_start=True,
     )

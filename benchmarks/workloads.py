@@ -113,9 +113,12 @@ class Measurement:
 
 def print_progress(run: Run) -> None:
     iters = ", ".join(f"{1e3 * s:.4g}" for s in run.iter_seconds)
+    differenced = run.extra.get("differenced seconds")
+    cross_check = "" if differenced is None else f" (differenced: {1e3 * differenced:.4g} ms)"
     print(
         f"  {run.workload:<14} {run.contender:<29} fit {run.fit_seconds:7.2f} s, "
-        f"n_iter {run.n_iter}, iterations [{iters}] ms, objective {run.objective:.10g}",
+        f"n_iter {run.n_iter}, iterations [{iters}] ms{cross_check}, "
+        f"objective {run.objective:.10g}",
         flush=True,
     )
 

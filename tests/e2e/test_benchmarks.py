@@ -224,22 +224,55 @@ def test_without_java_spark_is_left_out_and_said_so(bench_modules, monkeypatch, 
     assert "| GMM-1-full " in out
 
 
-def test_spark_per_iteration_time_is_differenced_from_short_and_long_fits(bench_modules):
-    """(t(n) − t(1)) / (n_iter(n) − n_iter(1)) a pair; none where the long fit stopped
-    as early as the short one."""
+def test_spark_iterations_are_the_jobs_of_the_call_site_run_once_an_iteration(bench_modules):
+    _, _, spark = bench_modules
+    Job = spark.Job
+    jobs = [
+        Job("first at GaussianMixture.scala:172", 1.0),
+        *(Job("treeAggregate at GaussianMixture.scala:204", t) for t in (0.5, 0.2, 0.3)),
+        Job("collect at X.scala:1", 9.0),
+    ]
+    assert spark.iteration_seconds(jobs, 3) == (0.5, 0.2, 0.3)
+    # another call site run as often: the longer-running one
+    assert spark.iteration_seconds([*jobs, *[Job("count at Y", 0.01)] * 3], 3) == (0.5, 0.2, 0.3)
+    assert spark.iteration_seconds(jobs, 4) == ()
+    assert spark.iteration_seconds([], 0) == ()
+
+
+def test_spark_fit_timing_reads_the_long_fits_jobs_and_differences_the_two(bench_modules):
+    """Iterations from the n-iteration fit's own jobs; the cross-check
+    (t(n) − t(1)) / (n_iter(n) − n_iter(1)); nan where the long fit stopped as early."""
+    import contextlib
+    import math
     import time
 
     _, _, spark = bench_modules
+    runs: list[int] = []
+
+    class FakeSpark:
+        @contextlib.contextmanager
+        def job_group(self):
+            jobs: list = []
+            yield jobs
+            jobs.extend(spark.Job("iteration", 0.001 * i) for i in range(runs[-1]))
+            jobs.append(spark.Job("setup", 1.0))
 
     def fit(max_iter: int) -> tuple[int, str]:
+        runs.append(max_iter)
         time.sleep(0.05 + 0.02 * max_iter)
         return max_iter, f"model {max_iter}"
 
-    estimates, seconds, model = spark._per_iteration(fit, 4)
-    assert len(estimates) == spark.PAIRS and model == "model 4"
-    assert seconds == pytest.approx(0.13, abs=0.04)
-    assert all(e == pytest.approx(0.02, abs=0.01) for e in estimates)
-    assert spark._per_iteration(lambda m: (1, None), 4)[0] == ()
+    timing = spark._timed(FakeSpark(), fit, 4)
+    assert runs == [1, 4] and timing.result == "model 4" and timing.n_iter == 4
+    assert timing.iter_seconds == (0.0, 0.001, 0.002, 0.003)
+    assert timing.seconds == pytest.approx(0.13, abs=0.04)
+    assert timing.differenced == pytest.approx(0.02, abs=0.01)
+
+    def stops_at_once(max_iter: int) -> tuple[int, None]:
+        runs.append(1)
+        return 1, None
+
+    assert math.isnan(spark._timed(FakeSpark(), stops_at_once, 4).differenced)
 
 
 def test_spark_em_reference_is_scikit_learn_without_reg_covar_where_densities_exceed_eps(
@@ -266,6 +299,32 @@ def test_spark_em_reference_is_scikit_learn_without_reg_covar_where_densities_ex
     assert spark.spark_em_score(X, init, 4) == pytest.approx(sklearn_score(X), abs=1e-10)
     far = np.vstack([X, np.full((5, 3), 1e3)])
     assert abs(spark.spark_em_score(far, init, 4) - sklearn_score(far)) > 1e-2
+
+
+@pytest.mark.slow
+def test_spark_mixture_runs_its_em_from_the_same_start_every_fit(bench_modules):
+    """Spark's mixture, refitted from one start (the warm-up, then 1 and 5 iterations),
+    lands where its EM does after 5 iterations from that start: its fit updates the
+    initial model in place, so each fit needs a new one. Without Java (outside CI) the
+    harness's reason is checked instead."""
+    from benchmarks.workloads import gmm_init
+
+    _, common, spark = bench_modules
+    reason = spark.missing()
+    if reason is not None and not spark.required():
+        assert "no Java runtime" in reason or "pyspark is not installed" in reason
+        return
+    X = common.make_blobs(20_000, 4, 4, np.float64, anisotropic=True)
+    init = gmm_init(X, 4, "full")
+    session = spark.Spark()
+    try:
+        rows = session.rows(X, 2)
+        run = spark.gmm(session, rows, "GMM tiny", X, init, 5)
+    finally:
+        session.close()
+    assert run.n_iter == 5 and len(run.iter_seconds) == 5
+    assert run.reference_objective == pytest.approx(spark.spark_em_score(X, init, 5), abs=0)
+    assert abs(run.objective - run.reference_objective) < 1e-9
 
 
 @pytest.mark.slow
