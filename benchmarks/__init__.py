@@ -1,4 +1,5 @@
-"""Per-iteration benchmarks of dkm against scikit-learn, FAISS and dask-ml (issue 5).
+"""Per-iteration benchmarks of dkm against scikit-learn, FAISS, dask-ml (issue 5) and
+Spark MLlib (issue 22).
 
 Run from the repository root, leaving OpenBLAS to detect the CPU itself::
 

@@ -53,6 +53,12 @@ class Run:
     timing: str = ""
     is_dkm: bool = False
     extra: dict[str, float] = field(default_factory=dict)
+    #: the objective this run must match, where scikit-learn's run of the workload is not
+    #: its reference (Spark's mixture, whose EM is not scikit-learn's)
+    reference_objective: float | None = None
+    #: started from the library's own initialisation (its API takes none): the objective
+    #: is shown, not compared
+    own_start: bool = False
 
     @property
     def iter_ms(self) -> float:

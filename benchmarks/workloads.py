@@ -10,6 +10,7 @@ core (``dkm LocalCluster``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -49,6 +50,7 @@ class Options:
     faiss: bool = True
     dask_ml: bool = True
     local_cluster: bool = True
+    spark: bool = True
 
 
 @dataclass
@@ -61,6 +63,17 @@ class Bench:
     #: the chunks workload's table (``benchmarks.bench_chunks.ChunkRow``)
     chunk_rows: list[Any] = field(default_factory=list)
     _cluster: Any = None
+    _spark: Any = None
+
+    def spark(self) -> Any:
+        """The run's one SparkSession (``benchmarks.spark.Spark``), started on first use."""
+        if self._spark is None:
+            from benchmarks.spark import Spark
+
+            self._spark = Spark()
+            for line in self._spark.environment():
+                print(line, flush=True)
+        return self._spark
 
     def cluster(self) -> Any:
         if self._cluster is None:
@@ -80,6 +93,9 @@ class Bench:
         if self._cluster is not None:
             self._cluster.close()
             self._cluster = None
+        if self._spark is not None:
+            self._spark.close()
+            self._spark = None
 
     def add(self, run: Run) -> None:
         self.runs.append(run)
@@ -97,9 +113,12 @@ class Measurement:
 
 def print_progress(run: Run) -> None:
     iters = ", ".join(f"{1e3 * s:.4g}" for s in run.iter_seconds)
+    differenced = run.extra.get("differenced seconds")
+    cross_check = "" if differenced is None else f" (differenced: {1e3 * differenced:.4g} ms)"
     print(
         f"  {run.workload:<14} {run.contender:<29} fit {run.fit_seconds:7.2f} s, "
-        f"n_iter {run.n_iter}, iterations [{iters}] ms, objective {run.objective:.10g}",
+        f"n_iter {run.n_iter}, iterations [{iters}] ms{cross_check}, "
+        f"objective {run.objective:.10g}",
         flush=True,
     )
 
@@ -148,8 +167,23 @@ def kmeans_warm(X: NDArray[Any], size: Size) -> da.Array:
     return persisted(X[: min(size.n, max(20 * size.k, size.n // 16))], 2)
 
 
-def kmeans_workload(bench: Bench, name: str, size: Size) -> None:
-    """All k-means contenders on float32 blobs, from the same k random rows."""
+def on_spark(bench: Bench, X: NDArray[Any], *runs: Callable[..., Run]) -> None:
+    """Each ``run(spark, rows)`` with X's rows cached in Spark (float64, ``--chunks``
+    partitions, ``benchmarks.spark.Rows``); the time taken to load them is printed, not
+    counted."""
+    spark = bench.spark()
+    rows = spark.rows(X, bench.options.chunks)
+    print(f"  Spark: {X.shape[0]:,} rows loaded and cached in {rows.seconds:.2f} s", flush=True)
+    try:
+        for run in runs:
+            bench.add(run(spark, rows))
+    finally:
+        rows.unpersist()
+
+
+def kmeans_workload(bench: Bench, name: str, size: Size, spark: bool = False) -> None:
+    """All k-means contenders on float32 blobs, from the same k random rows (Spark MLlib
+    too if ``spark`` and the options allow it)."""
     opts = bench.options
     X = make_blobs(size.n, size.d, size.k, np.float32, anisotropic=False)
     C0 = random_rows(X, size.k)
@@ -174,6 +208,15 @@ def kmeans_workload(bench: Bench, name: str, size: Size) -> None:
         bench.add(C.faiss_kmeans(workload, X, C0, opts.iters))
     if opts.dask_ml:
         bench.add(C.daskml_kmeans(workload, Xd, C0, opts.iters, X))
+    if spark and opts.spark:
+        from benchmarks import spark as S
+
+        on_spark(
+            bench,
+            X,
+            functools.partial(S.kmeans, workload=workload, X=X, C0=C0, iters=opts.iters),
+            functools.partial(S.ml_kmeans, workload=workload, X=X, k=size.k, iters=opts.iters),
+        )
 
 
 # --------------------------------------------------------------------------- GMM
@@ -195,7 +238,8 @@ def gmm_init(X: NDArray[Any], k: int, covariance_type: str) -> dict[str, Any]:
 
 
 def gmm_workload(bench: Bench, name: str, size: Size, covariance_types: tuple[str, ...]) -> None:
-    """scikit-learn's and dkm's mixtures on float64 anisotropic blobs, same start."""
+    """scikit-learn's and dkm's mixtures on float64 anisotropic blobs, same start; Spark
+    MLlib's too for the full covariances, unless the options leave it out."""
     opts = bench.options
     X = make_blobs(size.n, size.d, size.k, np.float64, anisotropic=True)
     Xd = persisted(X, opts.chunks)
@@ -208,6 +252,15 @@ def gmm_workload(bench: Bench, name: str, size: Size, covariance_types: tuple[st
         if opts.local_cluster:
             bench.add(on_local_cluster(bench, X, _gmm_on_cluster(workload, init, ct, opts.iters)))
         bench.add(C.sklearn_gmm(workload, X, init, ct, opts.iters))
+        if ct == "full" and opts.spark:
+            from benchmarks import spark as S
+
+            on_spark(
+                bench,
+                X,
+                functools.partial(S.gmm, workload=workload, X=X, init=init, iters=opts.iters),
+                functools.partial(S.ml_gmm, workload=workload, X=X, k=size.k, iters=opts.iters),
+            )
 
 
 def _gmm_on_cluster(

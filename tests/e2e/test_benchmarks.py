@@ -1,7 +1,10 @@
 """The benchmark harness's quick suite runs with every contender (so it cannot rot).
 
 No timing is asserted: only that every contender ran, that the final objectives agree
-(the harness exits 1 otherwise) and that the BLAS in use is reported.
+(the harness exits 1 otherwise) and that the BLAS in use is reported. Spark MLlib needs a
+Java runtime: where there is none the harness must say it left Spark out and why, unless
+``CI=true`` or ``DKM_REQUIRE_SPARK=1`` (set by ``.ci/run`` once it installed Java), where it
+must fail.
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ CONTENDERS = (
 
 
 @pytest.mark.slow
-def test_quick_suite_runs_every_contender_and_objectives_agree():
+def test_quick_suite_runs_every_contender_and_objectives_agree(bench_modules):
+    _, _, spark = bench_modules
     result = run_python(["-m", "benchmarks", "--suite", "quick"], timeout=600)
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
@@ -53,6 +57,24 @@ def test_quick_suite_runs_every_contender_and_objectives_agree():
         assert any(line.startswith(f"| {workload} ") for line in table), workload
     for contender in CONTENDERS:
         assert any(f"| {contender} |" in line for line in table), contender
+    reason = spark.missing()
+    if reason is None or spark.required():  # required and missing: the run failed above
+        assert any(
+            line.startswith(f"| KM-1 {''}") and "| Spark MLlib KMeans |" in line for line in table
+        )
+        (gmm,) = [line for line in table if "| Spark MLlib GaussianMixture |" in line]
+        assert gmm.startswith("| GMM-1-full ") and "(Spark's EM)" in gmm
+        for name, workload in (
+            ("Spark ml KMeans block, own start", "KM-1"),
+            ("Spark ml GaussianMixture, own start", "GMM-1-full"),
+        ):
+            (row,) = [line for line in table if f"| {name} |" in line]
+            assert row.startswith(f"| {workload} ") and "| own start: not compared |" in row
+        assert "spark blas  dev.ludovic.netlib.blas." in out
+        assert "Spark MLlib left out" not in out
+    else:
+        assert f"Spark MLlib left out: {reason}" in out
+        assert not any("| Spark MLlib" in line for line in table)
     assert "| scaling: 4x points" in out
     assert "| overhead: KM-1 16 chunks, dkm threads |" in out
     (cluster,) = [line for line in table if "overhead: KM-1 16 chunks, dkm LocalCluster" in line]
@@ -76,16 +98,16 @@ def test_bad_arguments_exit_2():
 @pytest.fixture
 def bench_modules(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT))
-    from benchmarks import cli, common
+    from benchmarks import cli, common, spark
 
-    return cli, common
+    return cli, common, spark
 
 
 def test_harness_inertia_matches_scikit_learn(bench_modules):
     """The one evaluator of every k-means contender's final centres, against sklearn."""
     from sklearn.cluster import KMeans
 
-    _, common = bench_modules
+    _, common, _ = bench_modules
     X = common.make_blobs(5_000, 6, 7, np.float32, anisotropic=False)
     C0 = common.random_rows(X, 7)
     km = KMeans(7, init=C0, n_init=1, max_iter=3, tol=0.0).fit(X.astype(np.float64))
@@ -94,11 +116,13 @@ def test_harness_inertia_matches_scikit_learn(bench_modules):
 
 
 def test_a_disagreeing_objective_fails_the_run(bench_modules, capsys):
-    cli, common = bench_modules
+    cli, common, _ = bench_modules
 
-    def run(contender: str, objective: float, workload: str = "KM-1 tiny") -> object:
+    def run(
+        contender: str, objective: float, workload: str = "KM-1 tiny", **kwargs: object
+    ) -> object:
         return common.Run(
-            workload, contender, 1.0, 5, (0.2,) * 5, objective, is_dkm="dkm" in contender
+            workload, contender, 1.0, 5, (0.2,) * 5, objective, is_dkm="dkm" in contender, **kwargs
         )
 
     agreeing = [run("dkm threads", 100.0), run("scikit-learn KMeans lloyd", 100.00001)]
@@ -110,12 +134,25 @@ def test_a_disagreeing_objective_fails_the_run(bench_modules, capsys):
     ]
     assert not cli.print_results(gmm)  # 1e-5 > the 1e-6 GMM tolerance
     assert "MISMATCH" in capsys.readouterr().out
+    # a run with its own reference (Spark's mixture: the EM it runs, in NumPy) is checked
+    # against that, not against scikit-learn's run
+    agreeing_gmm = gmm[1:]
+    spark = "Spark MLlib GaussianMixture"
+    own = run(spark, -3.0006, "GMM-1-full tiny", reference_objective=-3.0006000001)
+    assert cli.print_results([*agreeing_gmm, own])
+    assert "(Spark's EM)" in capsys.readouterr().out
+    far = run(spark, -3.00001, "GMM-1-full tiny", reference_objective=-3.0006)
+    assert not cli.print_results([*agreeing_gmm, far])  # matches scikit-learn's, not its own
+    # a run from the library's own start is not compared at all
+    own_start = run("Spark ml GaussianMixture, own start", -2.9, "GMM-1-full tiny", own_start=True)
+    assert cli.print_results([*agreeing_gmm, own_start])
+    assert "| own start: not compared |" in capsys.readouterr().out
 
 
 def test_a_missing_contender_is_named_with_the_install_command(bench_modules, monkeypatch, capsys):
     import importlib.util
 
-    cli, _ = bench_modules
+    cli, _, _ = bench_modules
     real = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "dask_ml" else real(name, *a)
@@ -123,6 +160,171 @@ def test_a_missing_contender_is_named_with_the_install_command(bench_modules, mo
     assert cli.main(["--suite", "quick"]) == 2
     err = capsys.readouterr().err
     assert "dask-ml (or pass --no-dask-ml)" in err and '".[bench]"' in err
+
+
+def _without_java(monkeypatch, tmp_path):
+    """No ``java`` on PATH and no JAVA_HOME; nor CI's requirement unless a test sets it."""
+    for var in ("JAVA_HOME", "CI", "DKM_REQUIRE_SPARK"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+
+
+def test_a_missing_java_is_named_with_the_package(bench_modules, monkeypatch, tmp_path):
+    _, _, spark = bench_modules
+    _without_java(monkeypatch, tmp_path)
+    reason = spark.missing()
+    assert reason is not None and "no Java runtime (java on PATH not found)" in reason
+    assert "apt-get install openjdk-17-jre-headless" in reason
+    monkeypatch.setenv("JAVA_HOME", str(tmp_path))  # a JAVA_HOME without bin/java
+    assert "$JAVA_HOME/bin/java not found" in str(spark.missing())
+    java = tmp_path / "bin" / "java"
+    java.parent.mkdir()
+    java.write_text("#!/bin/sh\n")
+    java.chmod(0o755)
+    assert spark.java() == str(java)
+
+
+@pytest.mark.parametrize("var", ["CI", "DKM_REQUIRE_SPARK"])
+def test_a_missing_spark_fails_where_it_is_required(
+    bench_modules, monkeypatch, tmp_path, capsys, var
+):
+    cli, _, _ = bench_modules
+    _without_java(monkeypatch, tmp_path)
+    monkeypatch.setenv(var, "true" if var == "CI" else "1")
+    assert cli.main(["--suite", "quick", "--workload", "km1"]) == 2
+    err = capsys.readouterr().err
+    assert "Spark MLlib cannot run: " in err and "openjdk-17-jre-headless" in err
+    assert "--no-spark" in err
+    # asked to leave Spark out, or no workload of it: nothing is required
+    monkeypatch.setattr(cli, "Bench", _NoBench)
+    for argv in (["--workload", "km1", "--no-spark"], ["--workload", "km2"]):
+        with pytest.raises(_NoBench.Reached):
+            cli.main(["--suite", "quick", *argv])
+
+
+class _NoBench:
+    """Stands in for the harness's Bench: the checks before the workloads have passed."""
+
+    class Reached(Exception):
+        pass
+
+    def __init__(self, options: object) -> None:
+        raise self.Reached(options)
+
+
+def test_without_java_spark_is_left_out_and_said_so(bench_modules, monkeypatch, tmp_path, capsys):
+    """Outside CI the run goes on without Spark and says why, at the top and the end."""
+    cli, _, _ = bench_modules
+    _without_java(monkeypatch, tmp_path)
+    argv = ["--suite", "quick", "--workload", "gmm1", "--covariance", "full"]
+    assert cli.main([*argv, "--no-local-cluster"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("Spark MLlib left out: no Java runtime (java on PATH not found)") == 2
+    assert "spark=False" in out and "| Spark MLlib" not in out
+    assert "| GMM-1-full " in out
+
+
+def test_spark_iterations_are_the_jobs_of_the_call_site_run_once_an_iteration(bench_modules):
+    _, _, spark = bench_modules
+    Job = spark.Job
+    jobs = [
+        Job("first at GaussianMixture.scala:172", 1.0),
+        *(Job("treeAggregate at GaussianMixture.scala:204", t) for t in (0.5, 0.2, 0.3)),
+        Job("collect at X.scala:1", 9.0),
+    ]
+    assert spark.iteration_seconds(jobs, 3) == (0.5, 0.2, 0.3)
+    # another call site run as often: the longer-running one
+    assert spark.iteration_seconds([*jobs, *[Job("count at Y", 0.01)] * 3], 3) == (0.5, 0.2, 0.3)
+    assert spark.iteration_seconds(jobs, 4) == ()
+    assert spark.iteration_seconds([], 0) == ()
+
+
+def test_spark_fit_timing_reads_the_long_fits_jobs_and_differences_the_two(bench_modules):
+    """Iterations from the n-iteration fit's own jobs; the cross-check
+    (t(n) − t(1)) / (n_iter(n) − n_iter(1)); nan where the long fit stopped as early."""
+    import contextlib
+    import math
+    import time
+
+    _, _, spark = bench_modules
+    runs: list[int] = []
+
+    class FakeSpark:
+        @contextlib.contextmanager
+        def job_group(self):
+            jobs: list = []
+            yield jobs
+            jobs.extend(spark.Job("iteration", 0.001 * i) for i in range(runs[-1]))
+            jobs.append(spark.Job("setup", 1.0))
+
+    def fit(max_iter: int) -> tuple[int, str]:
+        runs.append(max_iter)
+        time.sleep(0.05 + 0.02 * max_iter)
+        return max_iter, f"model {max_iter}"
+
+    timing = spark._timed(FakeSpark(), fit, 4)
+    assert runs == [1, 4] and timing.result == "model 4" and timing.n_iter == 4
+    assert timing.iter_seconds == (0.0, 0.001, 0.002, 0.003)
+    assert timing.seconds == pytest.approx(0.13, abs=0.04)
+    assert timing.differenced == pytest.approx(0.02, abs=0.01)
+
+    def stops_at_once(max_iter: int) -> tuple[int, None]:
+        runs.append(1)
+        return 1, None
+
+    assert math.isnan(spark._timed(FakeSpark(), stops_at_once, 4).differenced)
+
+
+def test_spark_em_reference_is_scikit_learn_without_reg_covar_where_densities_exceed_eps(
+    bench_modules,
+):
+    """The reference of Spark's mixture: scikit-learn's EM with reg_covar=0 while every row
+    has a weighted density above ε; a row far from every component gets ε-dominated,
+    nearly uniform responsibilities instead of joining the nearest component."""
+    import sklearn.mixture
+
+    from benchmarks.workloads import gmm_init
+
+    _, common, spark = bench_modules
+    X = common.make_blobs(3_000, 3, 3, np.float64, anisotropic=True)
+    init = gmm_init(X, 3, "full")
+
+    def sklearn_score(X: np.ndarray) -> float:
+        gm = sklearn.mixture.GaussianMixture(
+            3, covariance_type="full", tol=0.0, max_iter=4, reg_covar=0.0, **init
+        )
+        with common.quiet():
+            return float(gm.fit(X).score(X))
+
+    assert spark.spark_em_score(X, init, 4) == pytest.approx(sklearn_score(X), abs=1e-10)
+    far = np.vstack([X, np.full((5, 3), 1e3)])
+    assert abs(spark.spark_em_score(far, init, 4) - sklearn_score(far)) > 1e-2
+
+
+@pytest.mark.slow
+def test_spark_mixture_runs_its_em_from_the_same_start_every_fit(bench_modules):
+    """Spark's mixture, refitted from one start (the warm-up, then 1 and 5 iterations),
+    lands where its EM does after 5 iterations from that start: its fit updates the
+    initial model in place, so each fit needs a new one. Without Java (outside CI) the
+    harness's reason is checked instead."""
+    from benchmarks.workloads import gmm_init
+
+    _, common, spark = bench_modules
+    reason = spark.missing()
+    if reason is not None and not spark.required():
+        assert "no Java runtime" in reason or "pyspark is not installed" in reason
+        return
+    X = common.make_blobs(20_000, 4, 4, np.float64, anisotropic=True)
+    init = gmm_init(X, 4, "full")
+    session = spark.Spark()
+    try:
+        rows = session.rows(X, 2)
+        run = spark.gmm(session, rows, "GMM tiny", X, init, 5)
+    finally:
+        session.close()
+    assert run.n_iter == 5 and len(run.iter_seconds) == 5
+    assert run.reference_objective == pytest.approx(spark.spark_em_score(X, init, 5), abs=0)
+    assert abs(run.objective - run.reference_objective) < 1e-9
 
 
 @pytest.mark.slow
