@@ -14,6 +14,7 @@ from typing import Any
 
 import dask.array as da
 import numpy as np
+from dask.sizeof import sizeof
 from numpy.typing import NDArray
 
 from dkm._typing import parse_nan_policy
@@ -175,6 +176,50 @@ class ChunkedData:
             groups += [[i for run in members[t::n] for i in run] for t in range(n)]
         return groups
 
+    def block_bundles(self, client: Any, plans: PassPlans) -> list[Any] | None:
+        """One :class:`BlockBundle` future per task of ``plans`` (the persisted blocks
+        its plan receives, in ``plan.inputs`` order), so that a pass's task depends on
+        one key instead of one per block; None unless every input of every plan is a
+        block persisted on ``client``'s cluster.
+
+        Made once per grouping by one small task each, which the scheduler places on
+        the worker holding the group's blocks (where its dependencies' bytes are), and
+        kept until another grouping is asked, :meth:`release_bundles` or this object
+        goes away. A worker that dies loses its bundles: the scheduler computes them
+        again from the blocks (and the blocks from their lineage) as it does any lost
+        key the client holds.
+        """
+        cached = self.__dict__.get("_bundles")
+        if cached is not None:
+            client_id, token, futures = cached
+            if client_id == client.id and token == plans.token:
+                return futures
+            self.release_bundles()
+        persisted = self.block_futures()
+        if not all(k in persisted for plan in plans.plans for k in plan.inputs):
+            return None
+        from dask.base import tokenize
+
+        from dkm.engine import _dask
+
+        name = f"dkm-blocks-{tokenize(plans.token, [plan.inputs for plan in plans.plans])}"
+        graph: dict[Any, Any] = {}
+        keys = []
+        for g, plan in enumerate(plans.plans):
+            key = (name, g)
+            graph[key] = _dask.task(key, _bundle, *(_dask.Ref(k) for k in plan.inputs))
+            keys.append(key)
+        futures = list(_dask.submit(client, _dask.base(graph, lambda: persisted), keys, name))
+        self.__dict__["_bundles"] = (client.id, plans.token, futures)  # frozen: as cached_property
+        return futures
+
+    def release_bundles(self) -> None:
+        """Release the futures of :meth:`block_bundles` (the blocks stay persisted)."""
+        cached = self.__dict__.pop("_bundles", None)
+        if cached is not None:
+            for future in cached[2]:
+                future.release()
+
     def block_futures(self) -> dict[Any, Any]:
         """The futures of the blocks of X and the weights persisted on a distributed
         cluster, by key (none when they are not)."""
@@ -194,6 +239,37 @@ class ChunkedData:
                 if block is not None and block.key not in graph:
                     graph.update(block.__dask_graph__())
         return graph
+
+
+@dataclass(frozen=True, eq=False)
+class BlockBundle:
+    """The persisted blocks one task of a pass receives (``values``, in its plan's
+    ``inputs`` order): references to the worker's arrays, not copies.
+
+    :func:`dask.sizeof.sizeof` counts it as :data:`BUNDLE_NBYTES`: its arrays are
+    counted already, as the blocks' own keys, and counting them twice would make the
+    worker spill. If the worker spills a block all the same (memory short of the
+    persisted data), the bundle keeps the array alive, so spilling it frees nothing
+    until the bundle is released (another grouping, the fit's end): persisted blocks
+    are data held in memory by choice, read in every pass; data larger than the
+    workers' memory is read from its store inside the pass's tasks, without bundles.
+    A bundle sent to another worker (a stolen task) carries its arrays.
+    """
+
+    values: tuple[Any, ...]
+
+
+#: What :func:`dask.sizeof.sizeof` says a :class:`BlockBundle` holds.
+BUNDLE_NBYTES = 1024
+
+
+def _bundle(*values: Any) -> BlockBundle:
+    return BlockBundle(values)
+
+
+@sizeof.register(BlockBundle)
+def _sizeof_bundle(bundle: BlockBundle) -> int:
+    return BUNDLE_NBYTES
 
 
 #: A chunk in a :class:`ChunkPlan`: (steps, X key, weights key, row offset, keys to
