@@ -182,11 +182,11 @@ class ChunkedData:
         one key instead of one per block; None unless every input of every plan is a
         block persisted on ``client``'s cluster.
 
-        Made once per grouping by one small task each, which the scheduler places on
-        the worker holding the group's blocks (where its dependencies' bytes are), and
-        kept until another grouping is asked, :meth:`release_bundles` or this object
-        goes away. A worker that dies loses its bundles: the scheduler computes them
-        again from the blocks (and the blocks from their lineage) as it does any lost
+        Made once per grouping by one small task each, run on the worker holding most
+        of the group's blocks (any other if that one is gone), and kept until another
+        grouping is asked, :meth:`release_bundles` or this object goes away. A worker
+        that dies loses its bundles: the scheduler computes them again from the blocks
+        (and the blocks from their lineage) as it does any lost
         key the client holds.
         """
         cached = self.__dict__.get("_bundles")
@@ -200,16 +200,21 @@ class ChunkedData:
             return None
         from dask.base import tokenize
 
-        from dkm.engine import _dask
-
+        # named by the blocks and the grouping: datasets over the same blocks share them
         name = f"dkm-blocks-{tokenize(plans.token, [plan.inputs for plan in plans.plans])}"
-        graph: dict[Any, Any] = {}
-        keys = []
+        who_has = client.who_has(list(persisted.values()))
+        futures = []
         for g, plan in enumerate(plans.plans):
-            key = (name, g)
-            graph[key] = _dask.task(key, _bundle, *(_dask.Ref(k) for k in plan.inputs))
-            keys.append(key)
-        futures = list(_dask.submit(client, _dask.base(graph, lambda: persisted), keys, name))
+            held = Counter(w for k in plan.inputs for w in who_has.get(k, ())[:1])
+            # on the worker holding most of its blocks (the group's, by design)
+            workers = [max(held, key=held.__getitem__)] if held else None
+            args = [persisted[k] for k in plan.inputs]
+            key = f"{name}-{g}"
+            futures.append(
+                client.submit(
+                    _bundle, *args, key=key, workers=workers, allow_other_workers=bool(workers)
+                )
+            )
         self.__dict__["_bundles"] = (client.id, plans.token, futures)  # frozen: as cached_property
         return futures
 
