@@ -186,8 +186,7 @@ class ChunkedData:
         of the group's blocks (any other if that one is gone), and kept until another
         grouping is asked, :meth:`release_bundles` or this object goes away. A worker
         that dies loses its bundles: the scheduler computes them again from the blocks
-        (and the blocks from their lineage) as it does any lost
-        key the client holds.
+        (and the blocks from their lineage) as it does any lost key the client holds.
         """
         cached = self.__dict__.get("_bundles")
         if cached is not None:
@@ -258,7 +257,8 @@ class BlockBundle:
     until the bundle is released (another grouping, the fit's end): persisted blocks
     are data held in memory by choice, read in every pass; data larger than the
     workers' memory is read from its store inside the pass's tasks, without bundles.
-    A bundle sent to another worker (a stolen task) carries its arrays.
+    A bundle sent to another worker (a stolen task) or spilled to disk carries its
+    arrays.
     """
 
     values: tuple[Any, ...]
