@@ -7,7 +7,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any
@@ -164,7 +164,7 @@ class ChunkedData:
             return None
         by_worker: dict[str, list[range]] = {}
         for run in runs:
-            held = Counter(who_has[keys[i]][0] for i in run)
+            held = _holders(who_has[keys[i]] for i in run)
             by_worker.setdefault(max(held, key=held.__getitem__), []).append(run)
         if any(worker not in by_worker for worker in threads):
             # a worker holding none of the blocks (one that joined after the persist, say)
@@ -204,7 +204,7 @@ class ChunkedData:
         who_has = client.who_has(list(persisted.values()))
         futures = []
         for g, plan in enumerate(plans.plans):
-            held = Counter(w for k in plan.inputs for w in who_has.get(k, ())[:1])
+            held = _holders(who_has.get(k, ()) for k in plan.inputs)
             # on the worker holding most of its blocks (the group's, by design)
             workers = [max(held, key=held.__getitem__)] if held else None
             args = [persisted[k] for k in plan.inputs]
@@ -243,6 +243,12 @@ class ChunkedData:
                 if block is not None and block.key not in graph:
                     graph.update(block.__dask_graph__())
         return graph
+
+
+def _holders(who_has: Iterable[Sequence[str]]) -> Counter[str]:
+    """How many of the blocks whose holders are ``who_has`` each worker holds: every
+    copy counts (a block a pass fetched is on two workers, either listed first)."""
+    return Counter(w for holders in who_has for w in holders)
 
 
 @dataclass(frozen=True, eq=False)

@@ -225,3 +225,32 @@ def test_a_task_of_a_pass_on_persisted_blocks_has_one_dependency(dask_processes,
     # they stand for the blocks of X and of the weights, each block in one bundle
     blocks = [k for b in bundles for k in seen[b]]
     assert len(set(blocks)) == 2 * n_chunks and len(blocks) == n_chunks * len(bundles)
+
+
+@pytest.mark.distributed
+def test_a_bundle_runs_where_most_of_its_blocks_are_whichever_copy_is_listed_first(
+    dask_processes,
+):
+    """A block a pass fetched is on two workers, either listed first by ``who_has``: the
+    bundle goes to the worker holding most of its blocks, counting every copy, and takes
+    them from there without copying any to another worker."""
+    from distributed import Client, wait
+
+    with Client(dask_processes) as client:
+        holder, other = client.scheduler_info()["workers"]
+        Xp = client.persist(da.from_array(X, chunks=(ROWS, -1), name="on-holder"), workers=[holder])
+        wait(Xp)
+        data = ChunkedData.from_dask(Xp)
+        plans = data.pass_plans([list(range(N_CHUNKS))])
+        real = client.who_has(Xp)
+        assert set(real.values()) == {(holder,)}
+        # as if the other worker had fetched half of them, and were listed first for those
+        keys = sorted(real, key=lambda k: k[1])
+        copies = {k: (other, holder) if i % 2 == 0 else (holder,) for i, k in enumerate(keys)}
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(client, "who_has", lambda futures=None, **kw: copies)
+            (bundle,) = data.block_bundles(client, plans)
+        wait(bundle)
+        assert client.who_has([bundle]) == {bundle.key: (holder,)}
+        assert client.who_has(Xp) == real  # no block was copied
+        data.release_bundles()
