@@ -139,6 +139,16 @@ def kill_report(client: Client, prefix: str) -> dict[str, Any]:
     return report_
 
 
+def assert_one_copy_each(client: Client, X: da.Array, timeout: float = 30) -> None:
+    """Every persisted block of ``X`` on one worker, once the scheduler's active memory
+    manager has dropped the copies a pass fetched (a run of chunks spread over several
+    workers is joined on one: :attr:`dkm.engine.data.ChunkedData.runs`)."""
+    deadline = time.monotonic() + timeout
+    while (copies := Counter(len(h) for h in client.who_has(X).values())) != {1: N_CHUNKS}:
+        assert time.monotonic() < deadline, f"blocks by number of copies: {dict(copies)}"
+        time.sleep(0.2)
+
+
 def worker_pids(client: Client) -> dict[str, int]:
     pids: dict[str, int] = client.run(os.getpid)
     return pids
@@ -265,6 +275,7 @@ def test_worker_sigkilled_mid_fit_and_mid_write(kind, three_workers, undisturbed
         def arm_after_iteration_3(info: Any) -> None:
             seen.append(info.iteration)
             if info.iteration == KILL_AFTER:
+                assert_one_copy_each(client, X)  # the worker killed holds blocks of its own
                 arm(client, "dkm-estep")
 
         t0 = time.perf_counter()
@@ -273,7 +284,9 @@ def test_worker_sigkilled_mid_fit_and_mid_write(kind, three_workers, undisturbed
         in_fit = kill_report(client, "dkm-estep")
         after_fit = worker_pids(client)
 
-        # second fault: another worker dies while the labels are written
+        # second fault: another worker dies while the labels are written, holding blocks
+        # of its own (the copies the fit's passes fetched are dropped by then)
+        assert_one_copy_each(client, X)
         client.register_plugin(worker_killer("dkm-write-labels", armed=True))
         url = str(tmp_path / "labels.zarr")
         io.write_labels(est.predict(X), url)
