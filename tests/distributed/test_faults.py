@@ -229,7 +229,8 @@ def undisturbed() -> dict[str, tuple[Any, np.ndarray]]:
             assert est.n_iter_ > KILL_AFTER + 1
             # the pass armed for is a new graph: its parameters (M-step KILL_AFTER) are
             # not those of the pass before, or its objective would be the same
-            after, before = est.history_[KILL_AFTER], est.history_[KILL_AFTER - 1]
+            on_all = [h for h in est.history_ if h.sample is None]  # not the sample's
+            after, before = on_all[KILL_AFTER], on_all[KILL_AFTER - 1]
             assert after.objective != before.objective, kind
             out[kind] = (est, np.asarray(est.predict(X).compute()))
     return out
@@ -272,6 +273,8 @@ def test_worker_sigkilled_mid_fit_and_mid_write(kind, three_workers, undisturbed
         client.register_plugin(worker_killer("dkm-estep", armed=False))
 
         def arm_after_iteration_3(info: Any) -> None:
+            if info.sample is not None:
+                return  # the sampled schedule's iterations (the mixture's): on the client
             seen.append(info.iteration)
             if info.iteration == KILL_AFTER:
                 # the passes moved each run of blocks to one worker once and fetch none:
@@ -284,6 +287,8 @@ def test_worker_sigkilled_mid_fit_and_mid_write(kind, three_workers, undisturbed
         fit_seconds = time.perf_counter() - t0
         in_fit = kill_report(client, "dkm-estep")
         after_fit = worker_pids(client)
+        # the mixture's data is large enough for the default schedule: it sampled first
+        assert any(h.sample is not None for h in est.history_) == (kind == "gmm")
 
         # second fault: another worker dies while the labels are written, holding blocks
         # of its own: the blocks recomputed after the first are fetched by the task
@@ -321,7 +326,7 @@ def test_worker_sigkilled_mid_fit_is_restarted_by_its_nanny(three_nanny_workers,
         client.register_plugin(worker_killer("dkm-estep", armed=False))
 
         def arm_after_iteration_3(info: Any) -> None:
-            if info.iteration == KILL_AFTER:
+            if info.sample is None and info.iteration == KILL_AFTER:
                 # the passes moved each run of blocks to one worker once and fetch none:
                 # the worker killed holds blocks of its own
                 assert_one_copy_each(client, X)
