@@ -7,13 +7,14 @@ from __future__ import annotations
 import itertools
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any
 
 import dask.array as da
 import numpy as np
+from dask.sizeof import sizeof
 from numpy.typing import NDArray
 
 from dkm._typing import parse_nan_policy
@@ -199,6 +200,54 @@ class ChunkedData:
             groups += [[i for r in members[t::n] for i in runs[r]] for t in range(n)]
         return groups
 
+    def block_bundles(self, client: Any, plans: PassPlans) -> list[Any] | None:
+        """One :class:`BlockBundle` future per task of ``plans`` (the persisted blocks
+        its plan receives, in ``plan.inputs`` order), so that a pass's task depends on
+        one key instead of one per block; None unless every input of every plan is a
+        block persisted on ``client``'s cluster.
+
+        Made once per grouping by one small task each, run on the worker holding most
+        of the group's blocks (any other if that one is gone), and kept until another
+        grouping is asked, :meth:`release_bundles` or this object goes away. A worker
+        that dies loses its bundles: the scheduler computes them again from the blocks
+        (and the blocks from their lineage) as it does any lost key the client holds.
+        """
+        cached = self.__dict__.get("_bundles")
+        if cached is not None:
+            client_id, token, futures = cached
+            if client_id == client.id and token == plans.token:
+                return futures
+            self.release_bundles()
+        persisted = self.block_futures()
+        if not all(k in persisted for plan in plans.plans for k in plan.inputs):
+            return None
+        from dask.base import tokenize
+
+        # named by the blocks and the grouping: datasets over the same blocks share them
+        name = f"dkm-blocks-{tokenize(plans.token, [plan.inputs for plan in plans.plans])}"
+        who_has = client.who_has(list(persisted.values()))
+        futures = []
+        for g, plan in enumerate(plans.plans):
+            held = _holders(who_has.get(k, ()) for k in plan.inputs)
+            # on the worker holding most of its blocks (the group's, by design)
+            workers = [max(held, key=held.__getitem__)] if held else None
+            args = [persisted[k] for k in plan.inputs]
+            key = f"{name}-{g}"
+            futures.append(
+                client.submit(
+                    _bundle, *args, key=key, workers=workers, allow_other_workers=bool(workers)
+                )
+            )
+        self.__dict__["_bundles"] = (client.id, plans.token, futures)  # frozen: as cached_property
+        return futures
+
+    def release_bundles(self) -> None:
+        """Release the futures of :meth:`block_bundles` (the blocks stay persisted)."""
+        cached = self.__dict__.pop("_bundles", None)
+        if cached is not None:
+            for future in cached[2]:
+                future.release()
+
     def block_futures(self) -> dict[Any, Any]:
         """The futures of the blocks of X and the weights persisted on a distributed
         cluster, by key (none when they are not)."""
@@ -218,6 +267,44 @@ class ChunkedData:
                 if block is not None and block.key not in graph:
                     graph.update(block.__dask_graph__())
         return graph
+
+
+def _holders(who_has: Iterable[Sequence[str]]) -> Counter[str]:
+    """How many of the blocks whose holders are ``who_has`` each worker holds: every
+    copy counts (a block a pass fetched is on two workers, either listed first)."""
+    return Counter(w for holders in who_has for w in holders)
+
+
+@dataclass(frozen=True, eq=False)
+class BlockBundle:
+    """The persisted blocks one task of a pass receives (``values``, in its plan's
+    ``inputs`` order): references to the worker's arrays, not copies.
+
+    :func:`dask.sizeof.sizeof` counts it as :data:`BUNDLE_NBYTES`: its arrays are
+    counted already, as the blocks' own keys, and counting them twice would make the
+    worker spill. If the worker spills a block all the same (memory short of the
+    persisted data), the bundle keeps the array alive, so spilling it frees nothing
+    until the bundle is released (another grouping, the fit's end): persisted blocks
+    are data held in memory by choice, read in every pass; data larger than the
+    workers' memory is read from its store inside the pass's tasks, without bundles.
+    A bundle sent to another worker (a stolen task) or spilled to disk carries its
+    arrays.
+    """
+
+    values: tuple[Any, ...]
+
+
+#: What :func:`dask.sizeof.sizeof` says a :class:`BlockBundle` holds.
+BUNDLE_NBYTES = 1024
+
+
+def _bundle(*values: Any) -> BlockBundle:
+    return BlockBundle(values)
+
+
+@sizeof.register(BlockBundle)
+def _sizeof_bundle(bundle: BlockBundle) -> int:
+    return BUNDLE_NBYTES
 
 
 #: A chunk in a :class:`ChunkPlan`: (steps, X key, weights key, row offset, keys to

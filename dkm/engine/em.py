@@ -389,6 +389,7 @@ def fit_em_many(
                 run.final = final
     finally:
         release_held(held)
+        data.release_bundles()
         if any(r.bounds for r in runs):  # else no bounds were kept: nothing to drop
             fit.release()
     return [

@@ -27,7 +27,13 @@ from dkm._typing import Assignment, Moments
 from dkm.engine import _dask
 from dkm.engine import data as data_module
 from dkm.engine._dask import Ref
-from dkm.engine.data import ChunkedData, ChunkPlan, NonFiniteInputError, without_nonfinite
+from dkm.engine.data import (
+    BlockBundle,
+    ChunkedData,
+    ChunkPlan,
+    NonFiniteInputError,
+    without_nonfinite,
+)
 from dkm.errors import InvalidDataError
 from dkm.kernels import expectation as K
 from dkm.kernels.params import MixtureParams
@@ -79,7 +85,10 @@ def run_pass(
     (:meth:`ChunkedData.worker_groups`); otherwise contiguous ranges of chunks, one per
     thread of the cluster or of the local scheduler, whose tasks compute their blocks
     themselves (the blocks' own graph, e.g. the reads from a store, runs inside the
-    task, one block at a time: :class:`~dkm.engine.data.PassPlans`). The client merges
+    task, one block at a time: :class:`~dkm.engine.data.PassPlans`). A task of the
+    former depends on one key standing for its persisted blocks
+    (:meth:`ChunkedData.block_bundles`), not one per block: the scheduler's work per
+    pass does not grow with the chunks. The client merges
     the tasks' results by a tree of fan-in ``split_every``. Keys are
     ``(name-token-grouping, g)``; ``token`` must name everything the pass computes.
 
@@ -105,10 +114,15 @@ def run_pass(
     client = getattr(schedule, "__self__", None)
     on_client = is_client(client)
     groups = data.worker_groups(client) if on_client else None
+    by_worker = groups is not None
     if groups is None:
         groups = data.range_groups(_cluster_threads(client) if on_client else _threads(schedule))
     plans = data.pass_plans(groups)
-    graph = _dask.base(plans.graph, data.block_futures)
+    bundles = data.block_bundles(client, plans) if by_worker else None
+    if bundles is None:
+        graph = _dask.base(plans.graph, data.block_futures)
+    else:
+        graph = _dask.base(plans.graph, lambda: {f.key: f for f in bundles})
     inputs: dict[str, Any] = {}
     if shared_nbytes * len(groups) <= EMBED_PARAMS_BYTES:
         fn: Callable[..., M] = partial(_run_chunks, chunk, **{s.keyword: s.value for s in shared})
@@ -118,14 +132,19 @@ def run_pass(
             shared_key = f"{s.prefix}-{token}"
             graph[shared_key] = _dask.data(shared_key, s.value)
             inputs[s.keyword] = Ref(shared_key)
+    unbundled = partial(_unbundled, fn)
     # the grouping is part of the keys: a key never names two different tasks
     gtoken = f"{token}-{plans.token}"
     keys = []
     drop = data.nan_policy == "drop"
     for g, plan in enumerate(plans.plans):
         key = (f"{name}-{gtoken}", g)
-        refs = [Ref(k) for k in plan.inputs]
-        graph[key] = _dask.task(key, fn, plan, *refs, drop_nonfinite=drop, **inputs)
+        if bundles is None:
+            refs = [Ref(k) for k in plan.inputs]
+            graph[key] = _dask.task(key, fn, plan, *refs, drop_nonfinite=drop, **inputs)
+        else:
+            bundle = Ref(bundles[g].key)
+            graph[key] = _dask.task(key, unbundled, plan, bundle, drop_nonfinite=drop, **inputs)
         keys.append(key)
     with _blas_limit(data.X.numblocks[0]):  # by chunks, as ever: the same BLAS, the same bits
         if on_client:
@@ -133,6 +152,11 @@ def run_pass(
         else:
             parts = schedule(graph, keys)
     return merge_all(tree_top(parts, split_every, "", lambda group, _key: merge_all(group)))
+
+
+def _unbundled(fn: Callable[..., M], plan: ChunkPlan, bundle: BlockBundle, **kwargs: Any) -> M:
+    """``fn(plan, *values)`` on the values of ``plan.inputs`` held by ``bundle``."""
+    return fn(plan, *bundle.values, **kwargs)
 
 
 def _run_chunks(chunk: Callable[..., M], plan: ChunkPlan, *values: Any, **kwargs: Any) -> M:

@@ -251,9 +251,14 @@ def test_persisted_blocks_run_as_one_task_per_worker_thread(dask_processes):
         assert len(groups) == len({h[0] for h in holders})  # one single-threaded each
         with get_task_stream(client) as stream:
             total = stats_pass(data, params, options, split_every=3)
+        with get_task_stream(client) as again:
+            assert_same_bits(stats_pass(data, params, options, split_every=3), total)
         km = fit_kmeans(Xp)
     names = [str(t["key"]) for t in stream.data]
-    assert sum("dkm-estep" in n for n in names) == len(groups) == len(names)
+    # the first pass also makes one bundle of blocks per task, which the next reuses
+    assert sum("dkm-estep" in n for n in names) == len(groups)
+    assert sum("dkm-blocks" in n for n in names) == len(groups) == len(names) // 2
+    assert all("dkm-estep" in str(t["key"]) for t in again.data) and len(again.data) == len(groups)
     # a task per worker thread, each on the blocks its worker holds
     assert sum("dkm-estep" in str(t["key"]) for t in one_stream.data) == 2
     np.testing.assert_array_equal(on_one_total.sx, unweighted.sx, strict=True)

@@ -156,3 +156,101 @@ def test_one_two_or_four_workers_give_the_same_bits(reference, n_workers):
         wait([Xp, wp])
         assert_same_bits(totals(Xp, wp, split_every=8), reference)
         assert_same_bits(totals(*arrays(), split_every=2), reference)  # read in the tasks
+
+
+def dependency_recorder() -> object:
+    """A scheduler plugin recording the dependencies of every task that starts, by key.
+
+    Made inside this function so that cloudpickle sends the class by value: the
+    scheduler cannot import this test module.
+    """
+    from distributed.diagnostics.plugin import SchedulerPlugin
+
+    class RecordDependencies(SchedulerPlugin):
+        name = "dkm-test-dependencies"
+
+        def __init__(self) -> None:
+            self.seen: dict[object, list[object]] = {}
+
+        def start(self, scheduler) -> None:
+            self.scheduler = scheduler
+
+        def transition(self, key, start, finish, *args, **kwargs) -> None:
+            if finish == "processing":
+                ts = self.scheduler.tasks[key]
+                self.seen[key] = [dts.key for dts in ts.dependencies]
+
+    return RecordDependencies()
+
+
+def chunked(n_chunks: int) -> tuple[tuple[int, ...], ...]:
+    """X's rows in ``n_chunks`` chunks of nearly equal sizes."""
+    sizes = np.diff(np.linspace(0, len(X), n_chunks + 1).round().astype(int))
+    return (tuple(sizes.tolist()),)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("n_chunks", [16, 256])
+def test_a_task_of_a_pass_on_persisted_blocks_has_one_dependency(dask_processes, n_chunks):
+    """On a cluster holding the blocks, each E-step task depends on one key standing for
+    its worker's blocks, made once for the fit's passes, not on one key per block; the
+    totals are the threaded scheduler's bits."""
+    from dask.utils import key_split
+    from distributed import Client, wait
+
+    chunks = chunked(n_chunks)
+    Xd, wd = da.from_array(X, chunks=(chunks[0], -1)), da.from_array(W, chunks=chunks)
+    with dask.config.set(scheduler="threads", num_workers=4):
+        expected = totals(Xd, wd, split_every=8)
+    with Client(dask_processes) as client:
+        Xp, wp = client.persist([Xd, wd])
+        wait([Xp, wp])
+        assert ChunkedData.from_dask(Xp, wp).worker_groups(client) is not None
+        client.register_plugin(dependency_recorder())
+        try:
+            assert_same_bits(totals(Xp, wp, split_every=8), expected)
+            assert_same_bits(totals(Xp, wp, split_every=2), expected)
+            seen = client.run_on_scheduler(
+                lambda dask_scheduler: dask_scheduler.plugins["dkm-test-dependencies"].seen
+            )
+        finally:
+            client.unregister_scheduler_plugin("dkm-test-dependencies")
+    tasks = {k: deps for k, deps in seen.items() if key_split(k) in ("dkm-estep", "dkm-summary")}
+    estep = [k for k in tasks if key_split(k) == "dkm-estep"]
+    assert len(estep) == 4  # two passes, one task per worker
+    for key, deps in tasks.items():
+        assert [key_split(d) for d in deps] == ["dkm-blocks"], key
+    bundles = {d for deps in tasks.values() for d in deps}
+    assert len(bundles) % 2 == 0  # one per worker (again only if the grouping changed)
+    # they stand for the blocks of X and of the weights, each block in one bundle
+    blocks = [k for b in bundles for k in seen[b]]
+    assert len(set(blocks)) == 2 * n_chunks and len(blocks) == n_chunks * len(bundles)
+
+
+@pytest.mark.distributed
+def test_a_bundle_runs_where_most_of_its_blocks_are_whichever_copy_is_listed_first(
+    dask_processes,
+):
+    """A block a pass fetched is on two workers, either listed first by ``who_has``: the
+    bundle goes to the worker holding most of its blocks, counting every copy, and takes
+    them from there without copying any to another worker."""
+    from distributed import Client, wait
+
+    with Client(dask_processes) as client:
+        holder, other = client.scheduler_info()["workers"]
+        Xp = client.persist(da.from_array(X, chunks=(ROWS, -1), name="on-holder"), workers=[holder])
+        wait(Xp)
+        data = ChunkedData.from_dask(Xp)
+        plans = data.pass_plans([list(range(N_CHUNKS))])
+        real = client.who_has(Xp)
+        assert set(real.values()) == {(holder,)}
+        # as if the other worker had fetched half of them, and were listed first for those
+        keys = sorted(real, key=lambda k: k[1])
+        copies = {k: (other, holder) if i % 2 == 0 else (holder,) for i, k in enumerate(keys)}
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(client, "who_has", lambda futures=None, **kw: copies)
+            (bundle,) = data.block_bundles(client, plans)
+        wait(bundle)
+        assert client.who_has([bundle]) == {bundle.key: (holder,)}
+        assert client.who_has(Xp) == real  # no block was copied
+        data.release_bundles()
