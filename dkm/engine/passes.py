@@ -7,11 +7,12 @@ passes (:mod:`dkm.kmeans_parallel`) are each a per-chunk function and what it ne
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from functools import cache, partial
+from functools import partial
 from typing import Any, TypeVar
 
 import dask
@@ -305,12 +306,20 @@ def one_blas_thread() -> AbstractContextManager[Any]:
     return _blas_controller().limit(limits=1, user_api="blas")
 
 
-@cache
 def _blas_controller() -> ThreadpoolController:
-    """The process's thread pools, found once: ``threadpool_limits`` searches the loaded
-    libraries on every call; by the first pass NumPy's and SciPy's BLAS are loaded (the
-    kernels import both)."""
-    return ThreadpoolController()
+    """The process's thread pools, found again only when Python has imported modules
+    since the last search: ``threadpool_limits`` searches the loaded libraries on every
+    call (milliseconds), but a library imported later may bring a BLAS of its own (FAISS
+    does), which a controller found before would leave unlimited."""
+    n_modules = len(sys.modules)
+    found = _CONTROLLER.get("blas")
+    if found is None or found[0] != n_modules:
+        found = (n_modules, ThreadpoolController())
+        _CONTROLLER["blas"] = found
+    return found[1]
+
+
+_CONTROLLER: dict[str, tuple[int, ThreadpoolController]] = {}
 
 
 # --------------------------------------------------------------------------- E-step

@@ -629,6 +629,31 @@ def test_blas_limit_one_thread_per_task_then_restored() -> None:
             assert blas_threads() == before
 
 
+def test_blas_limit_reaches_a_blas_loaded_after_the_first_pass() -> None:
+    """A library imported after dkm's first pass may bring a BLAS of its own (FAISS's
+    OpenBLAS): the pass's limit covers it too (the pools are searched again)."""
+    import json
+    import subprocess
+    import sys
+
+    script = """
+import json, numpy as np, dask.array as da
+from threadpoolctl import threadpool_info, threadpool_limits
+import dkm
+from dkm.engine.passes import _blas_limit
+X = da.from_array(np.random.default_rng(0).normal(size=(4000, 3)), chunks=(1000, -1))
+dkm.KMeans(2, n_init=1, random_state=0, max_iter=2).fit(X)  # the pools are found
+import faiss  # noqa: F401  (its own OpenBLAS)
+with threadpool_limits(limits=2, user_api="blas"):
+    with _blas_limit(4):
+        print(json.dumps([p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    counts = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(counts) >= 3 and counts == [1] * len(counts)  # NumPy's, SciPy's, FAISS's
+
+
 @pytest.mark.parametrize("kind", ["kmeans", "gmm"])
 def test_each_iteration_tells_sizes_and_centre_movement(kind):
     """The cluster sizes of the E-step (summing to the weight) and the centres' squared
