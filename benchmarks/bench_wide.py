@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import sklearn.cluster
 from numpy.typing import NDArray
+from threadpoolctl import threadpool_limits
 
 from benchmarks import contenders as C
 from benchmarks.common import SEED, Size, make_blobs, random_rows
@@ -128,10 +129,13 @@ def plusplus_rows(X: NDArray[Any], k: int, rows: int = 50_000) -> NDArray[Any]:
     """k rows of X picked by scikit-learn's k-means++ on a random subsample. KM-4's blobs
     from k random rows leave clusters empty after the first update (3 of 64), which
     scikit-learn and dkm re-seed from the farthest points and FAISS by splitting large
-    clusters: their fits part ways (5 % apart) and no longer compare one iteration."""
+    clusters: their fits part ways (5 % apart) and no longer compare one iteration.
+    On one BLAS thread: its k steps are small GEMMs, and at KM-3's k = 8,192 OpenBLAS's
+    two spinning threads took minutes on a shared 2-core machine (~30 s on one)."""
     rng = np.random.default_rng(SEED + 2)
     sub = X[np.sort(rng.choice(X.shape[0], size=min(rows, X.shape[0]), replace=False))]
-    centres, _ = sklearn.cluster.kmeans_plusplus(sub, k, random_state=SEED)
+    with threadpool_limits(1):
+        centres, _ = sklearn.cluster.kmeans_plusplus(sub, k, random_state=SEED)
     return np.asarray(centres)
 
 
