@@ -73,6 +73,13 @@ def make_blobs(
     n: int, d: int, k: int, dtype: type[np.floating[Any]], *, anisotropic: bool, seed: int = SEED
 ) -> NDArray[Any]:
     """k Gaussian blobs of equal expected size; unit or random full covariances."""
+    return blobs(n, d, k, dtype, anisotropic=anisotropic, seed=seed)[0]
+
+
+def blobs(
+    n: int, d: int, k: int, dtype: type[np.floating[Any]], *, anisotropic: bool, seed: int = SEED
+) -> tuple[NDArray[Any], NDArray[np.int64]]:
+    """:func:`make_blobs`'s rows and the blob each was drawn from."""
     rng = np.random.default_rng(seed)
     centres = rng.normal(scale=3.0, size=(k, d)).astype(dtype)
     labels = rng.integers(k, size=n)
@@ -83,7 +90,19 @@ def make_blobs(
             A = (np.eye(d) + rng.normal(scale=0.4, size=(d, d))).astype(dtype)
             X[rows] = X[rows] @ A
     X += centres[labels]
-    return X
+    return X, labels
+
+
+def first_rows(labels: NDArray[np.int64], n_blobs: int, per_blob: int) -> NDArray[np.int64]:
+    """The first ``per_blob`` rows drawn from each of the ``n_blobs`` blobs, in row order."""
+    order = np.argsort(labels, kind="stable")
+    counts = np.bincount(labels, minlength=n_blobs)
+    if counts.min() < per_blob:
+        raise ValueError(
+            f"a blob drew {counts.min()} rows, fewer than {per_blob}: use more rows or fewer blobs"
+        )
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    return np.sort(order[(starts[:, None] + np.arange(per_blob)).ravel()])
 
 
 def random_rows(X: NDArray[Any], k: int, seed: int = SEED + 1) -> NDArray[Any]:

@@ -114,6 +114,21 @@ def test_harness_inertia_bounds_its_distance_blocks_by_k(bench_modules, monkeypa
     assert peak < 8 << 20, peak  # one 2,000-row block: 65 MB a temporary
 
 
+def test_km3_starts_from_the_first_rows_of_each_blob(bench_modules):
+    """KM-3's centres: the first rows drawn from each blob, as many from each."""
+    _, common = bench_modules
+    X, labels = common.blobs(3_000, 4, 10, np.float32, anisotropic=False)
+    np.testing.assert_array_equal(X, common.make_blobs(3_000, 4, 10, np.float32, anisotropic=False))
+    rows = common.first_rows(labels, 10, 3)
+    assert rows.shape == (30,) and np.all(np.diff(rows) > 0)
+    for blob in range(10):
+        np.testing.assert_array_equal(
+            rows[labels[rows] == blob], np.flatnonzero(labels == blob)[:3]
+        )
+    with pytest.raises(ValueError, match="fewer than 400"):
+        common.first_rows(labels, 10, 400)
+
+
 def test_a_disagreeing_objective_fails_the_run(bench_modules, capsys):
     cli, common = bench_modules
 
