@@ -138,8 +138,8 @@ def plusplus_rows(X: NDArray[Any], k: int, rows: int = 50_000) -> NDArray[Any]:
     from k random rows leave clusters empty after the first update (3 of 64), which
     scikit-learn and dkm re-seed from the farthest points and FAISS by splitting large
     clusters: their fits part ways (5 % apart) and no longer compare one iteration.
-    On one BLAS thread: its k steps are small GEMMs, and at KM-3's k = 8,192 OpenBLAS's
-    two spinning threads took minutes on a shared 2-core machine (~30 s on one)."""
+    On one BLAS thread: its k steps are small GEMMs, and at k = 8,192 OpenBLAS's
+    two spinning threads took minutes on a shared 2-core machine (~40 s on one)."""
     rng = np.random.default_rng(SEED + 2)
     sub = X[np.sort(rng.choice(X.shape[0], size=min(rows, X.shape[0]), replace=False))]
     with threadpool_limits(1):
