@@ -79,6 +79,13 @@ def make_blobs(
     n: int, d: int, k: int, dtype: type[np.floating[Any]], *, anisotropic: bool, seed: int = SEED
 ) -> NDArray[Any]:
     """k Gaussian blobs of equal expected size; unit or random full covariances."""
+    return blobs(n, d, k, dtype, anisotropic=anisotropic, seed=seed)[0]
+
+
+def blobs(
+    n: int, d: int, k: int, dtype: type[np.floating[Any]], *, anisotropic: bool, seed: int = SEED
+) -> tuple[NDArray[Any], NDArray[np.int64]]:
+    """:func:`make_blobs`'s rows and the blob each was drawn from."""
     rng = np.random.default_rng(seed)
     centres = rng.normal(scale=3.0, size=(k, d)).astype(dtype)
     labels = rng.integers(k, size=n)
@@ -89,7 +96,19 @@ def make_blobs(
             A = (np.eye(d) + rng.normal(scale=0.4, size=(d, d))).astype(dtype)
             X[rows] = X[rows] @ A
     X += centres[labels]
-    return X
+    return X, labels
+
+
+def first_rows(labels: NDArray[np.int64], n_blobs: int, per_blob: int) -> NDArray[np.int64]:
+    """The first ``per_blob`` rows drawn from each of the ``n_blobs`` blobs, in row order."""
+    order = np.argsort(labels, kind="stable")
+    counts = np.bincount(labels, minlength=n_blobs)
+    if counts.min() < per_blob:
+        raise ValueError(
+            f"a blob drew {counts.min()} rows, fewer than {per_blob}: use more rows or fewer blobs"
+        )
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    return np.sort(order[(starts[:, None] + np.arange(per_blob)).ravel()])
 
 
 def random_rows(X: NDArray[Any], k: int, seed: int = SEED + 1) -> NDArray[Any]:
@@ -116,11 +135,19 @@ def timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[float, Any]:
     return time.perf_counter() - t0, result
 
 
-def inertia(X: NDArray[Any], centres: NDArray[Any], block: int = 65_536) -> float:
+#: Elements of the (rows, k) float64 distance block of :func:`inertia` (128 MB).
+INERTIA_BLOCK_ELEMENTS = 1 << 24
+
+
+def inertia(X: NDArray[Any], centres: NDArray[Any], block: int | None = None) -> float:
     """Σ_i min_k ‖x_i − c_k‖² in float64: one evaluator for every k-means contender's
     final centres (each library's own figure differs in precision and, for dask-ml, in
-    meaning: its ``inertia_`` after a run that did not converge sums unsquared distances)."""
+    meaning: its ``inertia_`` after a run that did not converge sums unsquared distances).
+    ``block`` rows at a time; default: :data:`INERTIA_BLOCK_ELEMENTS` distances (KM-3's
+    k = 8,192 made the former 65,536-row blocks 4 GB each)."""
     C = np.asarray(centres, np.float64)
+    if block is None:
+        block = max(1, INERTIA_BLOCK_ELEMENTS // max(C.shape[0], 1))
     c2 = (C * C).sum(axis=1)
     total = 0.0
     for start in range(0, X.shape[0], block):

@@ -52,7 +52,7 @@ def test_quick_suite_runs_every_contender_and_objectives_agree(bench_modules):
     table = [line for line in out.splitlines() if line.startswith("| ")]
     for workload in (
         *("KM-1", "KM-2", "GMM-1-full", "GMM-1-tied", "GMM-1-diag", "GMM-1-spherical"),
-        *("KM-4", "GMM-2-full", "GMM-2-diag", "GMM-3-full", "WIDE"),
+        *("KM-3", "KM-4", "GMM-2-full", "GMM-2-diag", "GMM-3-full", "WIDE"),
     ):
         assert any(line.startswith(f"| {workload} ") for line in table), workload
     for contender in CONTENDERS:
@@ -113,6 +113,42 @@ def test_harness_inertia_matches_scikit_learn(bench_modules):
     km = KMeans(7, init=C0, n_init=1, max_iter=3, tol=0.0).fit(X.astype(np.float64))
     got = common.inertia(X, km.cluster_centers_, block=999)  # several blocks
     np.testing.assert_allclose(got, -km.score(X.astype(np.float64)), rtol=1e-10)
+
+
+def test_harness_inertia_bounds_its_distance_blocks_by_k(bench_modules, monkeypatch):
+    """Blocks of at most INERTIA_BLOCK_ELEMENTS distances, however many centres: KM-3's
+    k = 8,192 in 65,536-row blocks made temporaries of 4 GB each."""
+    import tracemalloc
+
+    _, common = bench_modules
+    monkeypatch.setattr(common, "INERTIA_BLOCK_ELEMENTS", 1 << 16, raising=False)
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((2_000, 4)).astype(np.float32)
+    C = rng.standard_normal((4_096, 4))
+    expected = common.inertia(X, C, block=2_000)
+    tracemalloc.start()
+    try:
+        got = common.inertia(X, C)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+    assert peak < 8 << 20, peak  # one 2,000-row block: 65 MB a temporary
+
+
+def test_km3_starts_from_the_first_rows_of_each_blob(bench_modules):
+    """KM-3's centres: the first rows drawn from each blob, as many from each."""
+    _, common = bench_modules
+    X, labels = common.blobs(3_000, 4, 10, np.float32, anisotropic=False)
+    np.testing.assert_array_equal(X, common.make_blobs(3_000, 4, 10, np.float32, anisotropic=False))
+    rows = common.first_rows(labels, 10, 3)
+    assert rows.shape == (30,) and np.all(np.diff(rows) > 0)
+    for blob in range(10):
+        np.testing.assert_array_equal(
+            rows[labels[rows] == blob], np.flatnonzero(labels == blob)[:3]
+        )
+    with pytest.raises(ValueError, match="fewer than 400"):
+        common.first_rows(labels, 10, 400)
 
 
 def test_a_disagreeing_objective_fails_the_run(bench_modules, capsys):
