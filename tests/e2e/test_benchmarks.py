@@ -120,7 +120,7 @@ def test_harness_inertia_bounds_its_distance_blocks_by_k(bench_modules, monkeypa
     k = 8,192 in 65,536-row blocks made temporaries of 4 GB each."""
     import tracemalloc
 
-    _, common = bench_modules
+    _, common, _ = bench_modules
     monkeypatch.setattr(common, "INERTIA_BLOCK_ELEMENTS", 1 << 16, raising=False)
     rng = np.random.default_rng(0)
     X = rng.standard_normal((2_000, 4)).astype(np.float32)
@@ -138,7 +138,7 @@ def test_harness_inertia_bounds_its_distance_blocks_by_k(bench_modules, monkeypa
 
 def test_km3_starts_from_the_first_rows_of_each_blob(bench_modules):
     """KM-3's centres: the first rows drawn from each blob, as many from each."""
-    _, common = bench_modules
+    _, common, _ = bench_modules
     X, labels = common.blobs(3_000, 4, 10, np.float32, anisotropic=False)
     np.testing.assert_array_equal(X, common.make_blobs(3_000, 4, 10, np.float32, anisotropic=False))
     rows = common.first_rows(labels, 10, 3)
