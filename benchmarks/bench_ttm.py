@@ -510,6 +510,9 @@ def dkm_gmm(workload: str, X: NDArray[Any], k: int) -> TtmRow:
     assert labels.shape == (X.shape[0],)
     n_iter, profile = _dkm_profile(est, clock, fit_end, labels_s)
     passes = counter.passes()
+    sampled = any(h.sample is not None for h in est.history_)
+    # sampled, the init's k-means and partition run on the first sample; else on all of X
+    init = "" if sampled else f" + k-means init and partition {fit_passes - 1 - est.n_iter_:g}"
     return TtmRow(
         workload,
         "dkm GaussianMixture",
@@ -517,8 +520,8 @@ def dkm_gmm(workload: str, X: NDArray[Any], k: int) -> TtmRow:
         fit_end - clock.t0,
         labels_s,
         passes,
-        f"{fit_passes:g} fit + {passes - fit_passes:g} labels "
-        f"(summary 1 + {est.n_iter_} it. + labels 1 = {1 + est.n_iter_ + 1})",
+        f"{fit_passes:g} fit + {passes - fit_passes:g} labels (summary 1{init} "
+        f"+ {est.n_iter_} it. + labels 1)",
         mixture_score(X, est.weights_, est.means_, est.covariances_),
         n_iter,
         profile,

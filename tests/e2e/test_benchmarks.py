@@ -417,6 +417,7 @@ def test_ttm_counts_dkm_passes_as_its_schedule_makes_them(bench_modules):
     gmm = bench_ttm.dkm_gmm("TTM-GMM tiny", X.astype(np.float64), 2)
     iterations, sampled = (int(v) for v in re.findall(r"\d+", gmm.n_iter))
     assert sampled > 0 and gmm.passes == 1 + iterations + 1
+    assert "init" not in gmm.passes_detail  # the init ran on the first sample
 
 
 def test_ttm_targets_compare_dkm_with_the_fastest_contender_near_the_best(bench_modules):
