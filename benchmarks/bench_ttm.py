@@ -78,7 +78,6 @@ SUITES = {
     "full": TtmSuite(
         kmeans=Size(8_000_000, 32, 64),
         gmm=Size(2_000_000, 16, 16),
-        spark_gmm=Size(200_000, 16, 16),
     ),
     # large enough for dkm's default ("auto") to take the sampled schedule on both
     "quick": TtmSuite(kmeans=Size(200_000, 8, 4), gmm=Size(150_000, 4, 4)),
