@@ -15,7 +15,7 @@ import numpy as np
 import sklearn
 
 import dkm
-from benchmarks import bench_wide
+from benchmarks import bench_ttm, bench_wide
 from benchmarks import spark as spark_contender
 from benchmarks.bench_chunks import chunks_workload, print_chunk_table
 from benchmarks.common import Run, Size, print_environment, rel_diff
@@ -30,7 +30,16 @@ from benchmarks.workloads import (
     scaling_workload,
 )
 
-WORKLOADS = ("km1", "km2", "gmm1", "scaling", "overhead", "chunks", *bench_wide.WORKLOADS)
+WORKLOADS = (
+    "km1",
+    "km2",
+    "gmm1",
+    "scaling",
+    "overhead",
+    "chunks",
+    *bench_wide.WORKLOADS,
+    *bench_ttm.WORKLOADS,
+)
 
 #: k-means inertia (float32 arithmetic, every library its own order of sums).
 KMEANS_RTOL = 1e-4
@@ -123,6 +132,8 @@ def _agrees(run: Run, reference: float) -> tuple[bool, str]:
 
 def print_results(runs: Sequence[Run]) -> bool:
     """The results table (markdown); returns whether every objective agrees."""
+    if not runs:
+        return True
     print(
         "| workload | contender | n_iter | iter ms (median) | fit/iter ms | contender/dkm "
         "| dkm/contender | target | met | objective | vs scikit-learn | own objective |"
@@ -204,7 +215,10 @@ def print_measurements(measurements: Sequence[Measurement]) -> None:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
-        description="Per-iteration time of dkm against scikit-learn, FAISS, dask-ml and Spark.",
+        description=(
+            "Per-iteration time of dkm against scikit-learn, FAISS, dask-ml and Spark; "
+            "the time to a labelled model with their defaults (ttm)."
+        ),
     )
     parser.add_argument("--suite", choices=sorted(SUITES), default="quick")
     parser.add_argument(
@@ -274,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         faiss=not args.no_faiss,
         dask_ml=not args.no_dask_ml,
         local_cluster=not args.no_local_cluster,
-        spark=not args.no_spark and ("km1" in args.workload or "gmm1" in args.workload),
+        spark=not args.no_spark and any(w in args.workload for w in ("km1", "gmm1", "ttm")),
     )
     missing = [
         f"{package} (or pass {flag})"
@@ -322,12 +336,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             workers = suite.cluster_workers if options.local_cluster else ()
             chunks_workload(bench, suite.chunks_km1, suite.chunk_counts, workers)
         bench_wide.run(bench, args.suite, args.workload)
+        bench_ttm.run(bench, args.suite, args.workload)
     finally:
         bench.close()
     print()
     ok = print_results(bench.runs)
     print_measurements(bench.measurements)
     print_chunk_table(bench.chunk_rows)
+    bench_ttm.print_ttm_table(bench.ttm_rows)
     if spark_left_out is not None:
         print(f"Spark MLlib left out: {spark_left_out}")
     if not ok:

@@ -129,9 +129,10 @@ class Rows:
 class Spark:
     """One local SparkSession for a benchmark run (``local[2]``, no UI, errors only)."""
 
-    def __init__(self, cores: int = 2) -> None:
+    def __init__(self, cores: int = 2, driver_memory: str | None = None) -> None:
         from pyspark.sql import SparkSession
 
+        self.driver_memory = driver_memory or DRIVER_MEMORY
         self._dir = tempfile.TemporaryDirectory(prefix="dkm-bench-spark-")
         log4j = Path(self._dir.name, "log4j2.properties")
         log4j.write_text(_LOG4J2)
@@ -141,7 +142,7 @@ class Spark:
                 .appName("dkm benchmarks")
                 .config("spark.ui.enabled", "false")
                 .config("spark.ui.showConsoleProgress", "false")
-                .config("spark.driver.memory", DRIVER_MEMORY)
+                .config("spark.driver.memory", self.driver_memory)
                 .config("spark.driver.extraJavaOptions", f"-Dlog4j.configurationFile={log4j}")
                 .config("spark.sql.shuffle.partitions", str(cores))
                 .config("spark.sql.execution.arrow.pyspark.enabled", "true")
@@ -158,8 +159,9 @@ class Spark:
         blas = self.jvm.dev.ludovic.netlib.blas.BLAS.getInstance().getClass().getName()
         lapack = self.jvm.dev.ludovic.netlib.lapack.LAPACK.getInstance().getClass().getName()
         jre = f"{system.getProperty('java.version')} ({system.getProperty('java.vm.name')})"
+        heap = self.driver_memory
         return [
-            f"spark       {self.sc.version} {self.sc.master}, Java {jre}, heap {DRIVER_MEMORY}",
+            f"spark       {self.sc.version} {self.sc.master}, Java {jre}, heap {heap}",
             f"spark blas  {blas}, lapack {lapack}",
         ]
 

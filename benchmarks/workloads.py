@@ -62,15 +62,18 @@ class Bench:
     measurements: list[Measurement] = field(default_factory=list)
     #: the chunks workload's table (``benchmarks.bench_chunks.ChunkRow``)
     chunk_rows: list[Any] = field(default_factory=list)
+    #: the time-to-model table (``benchmarks.bench_ttm.TtmRow``)
+    ttm_rows: list[Any] = field(default_factory=list)
     _cluster: Any = None
     _spark: Any = None
 
-    def spark(self) -> Any:
-        """The run's one SparkSession (``benchmarks.spark.Spark``), started on first use."""
+    def spark(self, driver_memory: str | None = None) -> Any:
+        """The run's one SparkSession (``benchmarks.spark.Spark``), started on first use
+        (with a JVM heap of ``driver_memory``, default ``spark.DRIVER_MEMORY``)."""
         if self._spark is None:
             from benchmarks.spark import Spark
 
-            self._spark = Spark()
+            self._spark = Spark(driver_memory=driver_memory)
             for line in self._spark.environment():
                 print(line, flush=True)
         return self._spark

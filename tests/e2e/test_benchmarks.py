@@ -9,6 +9,7 @@ must fail.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -44,7 +45,7 @@ CONTENDERS = (
 @pytest.mark.slow
 def test_quick_suite_runs_every_contender_and_objectives_agree(bench_modules):
     _, _, spark = bench_modules
-    result = run_python(["-m", "benchmarks", "--suite", "quick"], timeout=600)
+    result = run_python(["-m", "benchmarks", "--suite", "quick"], timeout=900)
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
     assert "final objectives agree everywhere" in out
@@ -84,6 +85,26 @@ def test_quick_suite_runs_every_contender_and_objectives_agree(bench_modules):
         for chunks in (2, 16):
             assert any(line.startswith(f"| {scheduler} | {chunks} |") for line in table)
     assert "| cost: LocalCluster 2x1 per byte gathered |" in out
+    # the time-to-model workload: every contender with its own defaults, its targets
+    ttm = [line for line in table if line.startswith("| TTM-")]
+    for workload, contenders in (
+        ("TTM-KM", ("dkm KMeans", "scikit-learn KMeans", "FAISS Kmeans", "dask-ml KMeans")),
+        ("TTM-GMM", ("dkm GaussianMixture", "scikit-learn GaussianMixture")),
+    ):
+        for contender in contenders:
+            assert any(
+                line.startswith(f"| {workload} ") and f"| {contender} |" in line for line in ttm
+            )
+        assert any(
+            line.startswith(f"| {workload} ")
+            and "time-to-model" not in line
+            and ("| met |" in line or "| MISSED |" in line)
+            for line in ttm
+        ), workload
+    spark_ttm = [line for line in ttm if "| Spark ml " in line and "time-to-model" not in line]
+    assert bool(spark_ttm) == (reason is None or spark.required())
+    for line in spark_ttm:  # the labels: one pass over the cached rows
+        assert " fit + 1 labels (" in line, line
     assert "openblas" in out.lower() or "mkl" in out.lower()
     # the harness reads the OpenBLAS variables but never sets them
     assert "env         OPENBLAS_CORETYPE=" in out
@@ -416,3 +437,57 @@ def test_a_file_that_is_not_idx_images_is_named(bench_modules, tmp_path):
     bad.write_bytes(gzip.compress((0x0801).to_bytes(4, "big") + bytes(8)))
     with pytest.raises(ValueError, match=r"labels\.gz is not an idx3 image file"):
         bench_wide._idx_images(bad)
+
+
+def test_ttm_counts_dkm_passes_as_its_schedule_makes_them(bench_modules):
+    """Rows read through the counting array / n: the summary pass, the iterations on all
+    the data, k-means' final pass and the labels pass, none for the sample's iterations
+    (the sample is drawn in the summary pass)."""
+    from benchmarks import bench_ttm
+
+    _, common, _ = bench_modules
+    X = common.make_blobs(70_000, 3, 2, np.float32, anisotropic=False)  # 8 x 4096 k rows
+    row = bench_ttm.dkm_kmeans("TTM-KM tiny", X, 2)
+    iterations, sampled = (int(v) for v in re.findall(r"\d+", row.n_iter))
+    assert sampled > 0  # the default schedule sampled
+    assert row.passes == 1 + iterations + 1 + 1
+    assert f"= {int(row.passes)})" in row.passes_detail
+    gmm = bench_ttm.dkm_gmm("TTM-GMM tiny", X.astype(np.float64), 2)
+    iterations, sampled = (int(v) for v in re.findall(r"\d+", gmm.n_iter))
+    assert sampled > 0 and gmm.passes == 1 + iterations + 1
+    assert "init" not in gmm.passes_detail  # the init ran on the first sample
+
+
+def test_ttm_targets_compare_dkm_with_the_fastest_contender_near_the_best(bench_modules):
+    from benchmarks.bench_ttm import TtmRow, targets
+
+    def row(contender: str, seconds: float, objective: float, passes: float = 4) -> TtmRow:
+        workload = "TTM-GMM tiny" if "Mixture" in contender else "TTM-KM tiny"
+        return TtmRow(
+            workload,
+            contender,
+            0.0,
+            seconds,
+            0.0,
+            passes,
+            "",
+            objective,
+            "1",
+            "",
+            "dkm" in contender,
+        )
+
+    fast_but_poor = row("FAISS Kmeans", 0.5, 110.0)  # outside 0.5 % of the best
+    sklearn = row("scikit-learn KMeans", 3.0, 100.2)
+    (line,) = targets([row("dkm KMeans", 1.0, 100.0), sklearn, fast_but_poor])
+    assert "(scikit-learn KMeans)" in line and "| 0.333;" in line and line.endswith("| met |")
+    for dkm_row in (row("dkm KMeans", 1.6, 100.0), row("dkm KMeans", 1.0, 100.0, passes=6)):
+        (line,) = targets([dkm_row, sklearn, fast_but_poor])
+        assert line.endswith("| MISSED |")
+    (line,) = targets([row("dkm KMeans", 1.0, 100.6), sklearn, row("FAISS Kmeans", 9.0, 100.0)])
+    assert line.endswith("| MISSED |")  # dkm's own inertia 0.6 % off the best
+    mixture = row("scikit-learn GaussianMixture", 5.0, -1.0)
+    (line,) = targets([row("dkm GaussianMixture", 1.0, -1.0005), mixture])
+    assert "| 0.200;" in line and line.endswith("| met |")
+    (line,) = targets([row("dkm GaussianMixture", 1.0, -1.002), mixture])
+    assert line.endswith("| MISSED |")
