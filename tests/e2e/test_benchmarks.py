@@ -296,15 +296,20 @@ def test_spark_iterations_are_the_jobs_of_the_call_site_run_once_an_iteration(be
     assert spark.iteration_seconds([], 0) == ()
 
 
-def test_spark_fit_timing_reads_the_long_fits_jobs_and_differences_the_two(bench_modules):
+def test_spark_fit_timing_reads_the_long_fits_jobs_and_differences_the_two(
+    bench_modules, monkeypatch
+):
     """Iterations from the n-iteration fit's own jobs; the cross-check
-    (t(n) − t(1)) / (n_iter(n) − n_iter(1)); nan where the long fit stopped as early."""
+    (t(n) − t(1)) / (n_iter(n) − n_iter(1)); nan where the long fit stopped as early.
+    The fits advance a clock of the test's own (no sleeping, no wall-clock figures)."""
     import contextlib
     import math
-    import time
+    import types
 
     _, _, spark = bench_modules
     runs: list[int] = []
+    now = [0.0]
+    monkeypatch.setattr(spark, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
 
     class FakeSpark:
         @contextlib.contextmanager
@@ -316,7 +321,7 @@ def test_spark_fit_timing_reads_the_long_fits_jobs_and_differences_the_two(bench
 
     def fit(max_iter: int) -> tuple[int, str]:
         runs.append(max_iter)
-        time.sleep(0.05 + 0.02 * max_iter)
+        now[0] += 0.05 + 0.02 * max_iter
         return max_iter, f"model {max_iter}"
 
     timing = spark._timed(FakeSpark(), fit, 4)
