@@ -384,6 +384,51 @@ class _DaskMixtureBase(BaseEstimator):
             return None
         return Schedule.plan(schedule, int(data.X.shape[0]), k, data.n_features)
 
+    def _fit_em(
+        self,
+        data: ChunkedData,
+        summary: DataSummary,
+        schedule: Schedule | None,
+        starts: list[MixtureParams],
+        options: EMOptions,
+        *,
+        tol_abs: float | None = None,
+        covariances: list[F64 | None] | None = None,
+        resume: ResumeState | None = None,
+    ) -> list[EMResult]:
+        """EM from each of ``starts`` on all of ``data``; with a sampled ``schedule``,
+        after the iterations on the summary's samples, whose history comes first."""
+        callback = self._callback()
+        sample = None if schedule is None else summary.rows_sample
+        sampled = None
+        if schedule is not None and sample is not None:
+            sampled = run_sampled(
+                schedule,
+                sample,
+                data.origin,
+                starts,
+                options,
+                total_weight=summary.weight,
+                nan_policy=data.nan_policy,
+                tol_abs=tol_abs,
+                init_covariances=covariances,
+                callback=callback,
+            )
+            starts, covariances = sampled.params, sampled.covariances
+        results = fit_em_many(
+            data,
+            starts,
+            options,
+            tol_abs=tol_abs,
+            init_covariances=covariances,
+            callback=callback,
+            resume=resume,
+        )
+        if sampled is not None:
+            for result, history in zip(results, sampled.histories, strict=True):
+                result.history[:0] = history
+        return results
+
     def _candidate(self, n_candidates: int, **params: Any) -> Any:
         """The estimator one candidate of a shared fit is stored in: ``self`` when it
         is the only one, else a clone with ``params`` and the fitted feature count."""
@@ -648,27 +693,15 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
             if resume is None
             else [resume.params_for(data.origin).means]
         )
-        starts = [MixtureParams.identity(c) for c in inits]
-        sampled = None
-        if schedule is not None and summary.rows_sample is not None:
-            sampled = run_sampled(
-                schedule,
-                summary.rows_sample,
-                data.origin,
-                starts,
-                options,
-                total_weight=summary.weight,
-                nan_policy=data.nan_policy,
-                tol_abs=tol_abs,
-                callback=self._callback(),
-            )
-            starts = sampled.params
-        results = fit_em_many(
-            data, starts, options, tol_abs=tol_abs, callback=self._callback(), resume=resume
+        results = self._fit_em(
+            data,
+            summary,
+            schedule,
+            [MixtureParams.identity(c) for c in inits],
+            options,
+            tol_abs=tol_abs,
+            resume=resume,
         )
-        if sampled is not None:
-            for result, history in zip(results, sampled.histories, strict=True):
-                result.history[:0] = history
         fitted = []
         for i, k in enumerate(ks):
             runs = results[i * n_init : (i + 1) * n_init]
@@ -1112,32 +1145,15 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
             pc = params.precisions_cholesky
             cov = np.ones(ks[0]) if pc is None else covariance.of(self._ct).covariances(pc)
             inits = [(params, cov)]
-        starts, covs = [p for p, _ in inits], [c for _, c in inits]
-        sampled = None
-        if schedule is not None and sample is not None:
-            sampled = run_sampled(
-                schedule,
-                sample,
-                data.origin,
-                starts,
-                options,
-                total_weight=summary.weight,
-                nan_policy=data.nan_policy,
-                init_covariances=covs,
-                callback=self._callback(),
-            )
-            starts, covs = sampled.params, sampled.covariances
-        results = fit_em_many(
+        results = self._fit_em(
             data,
-            starts,
+            summary,
+            schedule,
+            [p for p, _ in inits],
             options,
-            init_covariances=covs,
-            callback=self._callback(),
+            covariances=[c for _, c in inits],
             resume=resume,
         )
-        if sampled is not None:
-            for result, history in zip(results, sampled.histories, strict=True):
-                result.history[:0] = history
         fitted = []
         for i, k in enumerate(ks):
             best: EMResult | None = None
