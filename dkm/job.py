@@ -19,6 +19,7 @@ from dkm._version import __version__
 from dkm.cluster import cluster_memory, connect
 from dkm.config import ConfigError, JobConfig, ModelConfig, ModelInit
 from dkm.engine import IterationInfo, ResumeState
+from dkm.engine.schedule import sampled_iterations
 from dkm.estimators import GaussianMixture, KMeans
 from dkm.models import load_model, save_model
 from dkm.monitor import Progress, scheduler_publisher
@@ -527,7 +528,7 @@ def _summary(
         "dropped_rows": int(est.n_dropped_),
         "n_iter": int(est.n_iter_),
         # the sampled schedule's iterations before those (dkm.engine.schedule)
-        "sampled_iterations": sum(1 for info in est.history_ if info.sample is not None),
+        "sampled_iterations": sampled_iterations(est.history_),
         "converged": bool(est.converged_),
         "objective_name": est.mixture_.objective_name,
         "objective": float(est.objective_),

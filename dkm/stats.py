@@ -519,20 +519,16 @@ class RowSample:
     def nested(self) -> RowSample:
         """The same rows in the order of their keys (ties by row): each prefix is the
         sample at a lower rate."""
-        order = np.lexsort((self.rows, self.keys))
-        return RowSample(
-            self.rate, self.keys[order], self.rows[order], self.points[order], self.weights[order]
-        )
+        return self._taken(np.lexsort((self.rows, self.keys)))
 
     def first(self, m: int) -> RowSample:
         """The ``m`` rows of lowest key (of a :meth:`nested` sample), in row order."""
-        order = np.argsort(self.rows[:m], kind="stable")
+        return self._taken(np.argsort(self.rows[:m], kind="stable"))
+
+    def _taken(self, order: NDArray[np.intp]) -> RowSample:
+        """The rows at ``order``, in that order."""
         return RowSample(
-            self.rate,
-            self.keys[:m][order],
-            self.rows[:m][order],
-            self.points[:m][order],
-            self.weights[:m][order],
+            self.rate, self.keys[order], self.rows[order], self.points[order], self.weights[order]
         )
 
 
