@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar
 
 import dask
@@ -180,37 +181,59 @@ def _dkm_profile(est: Any, clock: _Clock, fit_end: float, labels: float) -> tupl
 # --------------------------------------------------------------------------- k-means
 
 
-def dkm_kmeans(workload: str, X: NDArray[Any], k: int) -> TtmRow:
-    """``dkm.KMeans(k)`` with its defaults (k-means++, ``tol`` 1e-4, the sampled schedule
-    where ``"auto"`` picks it) on X as a Dask array chunked as dkm chunks a NumPy X,
-    the threaded scheduler; then its lazy ``labels_`` computed."""
+@dataclass
+class _DkmRun:
+    """A dkm estimator's default fit and labels, its passes counted."""
+
+    est: Any
+    fit_s: float
+    labels_s: float
+    fit_passes: float
+    passes: float
+    n_iter: str
+    profile: str
+
+
+def _dkm_run(
+    X: NDArray[Any], make: Callable[..., Any], labels_of: Callable[[Any, Any], Any]
+) -> _DkmRun:
+    """``make(random_state=SEED)``'s fit on X as a Dask array chunked as dkm chunks a NumPy
+    X, the threaded scheduler, after a warm-up; then ``labels_of(est, X)`` computed."""
     counter = CountingArray(X)
     Xd = counter.dask(dkm_chunk_rows(X))
     clock = _Clock()
     with dask.config.set(scheduler="threads"), quiet():
-        _warm_dkm(lambda **kw: dkm.KMeans(k, random_state=SEED, **kw), X)
-        est = dkm.KMeans(k, random_state=SEED, callback=clock)
+        _warm_dkm(partial(make, random_state=SEED), X)
+        est = make(random_state=SEED, callback=clock)
         clock.t0 = time.perf_counter()
         est.fit(Xd)
         fit_end = time.perf_counter()
         fit_passes = counter.passes()
-        labels_s, labels = timed(lambda: np.asarray(est.labels_.compute()))
+        labels_s, labels = timed(lambda: np.asarray(labels_of(est, Xd).compute()))
     assert labels.shape == (X.shape[0],)
     n_iter, profile = _dkm_profile(est, clock, fit_end, labels_s)
-    passes = counter.passes()
+    return _DkmRun(est, fit_end - clock.t0, labels_s, fit_passes, counter.passes(), n_iter, profile)
+
+
+def dkm_kmeans(workload: str, X: NDArray[Any], k: int) -> TtmRow:
+    """``dkm.KMeans(k)`` with its defaults (k-means++, ``tol`` 1e-4, the sampled schedule
+    where ``"auto"`` picks it) on X as a Dask array chunked as dkm chunks a NumPy X,
+    the threaded scheduler; then its lazy ``labels_`` computed."""
+    run = _dkm_run(X, partial(dkm.KMeans, k), lambda est, Xd: est.labels_)
+    est, fit_passes, passes = run.est, run.fit_passes, run.passes
     expected = 1 + est.n_iter_ + 1 + 1
     return TtmRow(
         workload,
         "dkm KMeans",
         0.0,
-        fit_end - clock.t0,
-        labels_s,
+        run.fit_s,
+        run.labels_s,
         passes,
         f"{fit_passes:g} fit + {passes - fit_passes:g} labels "
         f"(summary 1 + {est.n_iter_} it. + final 1 + labels 1 = {expected})",
         inertia(X, est.cluster_centers_),
-        n_iter,
-        profile,
+        run.n_iter,
+        run.profile,
         is_dkm=True,
     )
 
@@ -306,21 +329,6 @@ def daskml_kmeans(workload: str, X: NDArray[Any], k: int) -> TtmRow:
 # --------------------------------------------------------------------------- Spark
 
 
-@contextmanager
-def _spark_group(spark: Any) -> Iterator[list[int]]:
-    """The block's Spark jobs' ids, once they have completed (a job group of their own)."""
-    spark._groups += 1
-    group = f"dkm-ttm-{spark._groups}"
-    ids: list[int] = []
-    spark.sc.setJobGroup(group, "dkm ttm")
-    try:
-        yield ids
-    finally:
-        spark.sc.setJobGroup("", "")
-    spark.sc._jsc.sc().listenerBus().waitUntilEmpty(60_000)
-    ids.extend(sorted(spark.sc.statusTracker().getJobIdsForGroup(group)))
-
-
 def spark_passes(spark: Any, job_ids: list[int], partitions: int) -> float:
     """The passes over the cached data that the jobs made: every stage that read cached
     input, weighted by the share of ``partitions`` its tasks covered (a ``take`` of one
@@ -366,7 +374,7 @@ def spark_frame(spark: Any, X: NDArray[Any]) -> tuple[Any, int, float]:
 def _spark_labels(spark: Any, model: Any, frame: Any, n: int) -> tuple[float, list[int], Any]:
     """(seconds, the jobs, labels): the model's predictions computed in Spark and
     collected to NumPy through Arrow, one job over the cached rows."""
-    with _spark_group(spark) as jobs:
+    with spark.job_ids() as jobs:
         t0 = time.perf_counter()
         table = model.transform(frame).select("prediction").toArrow()
         labels = np.asarray(table.column("prediction"))
@@ -392,7 +400,7 @@ def spark_row(
     try:
         with quiet():
             fit(frame.limit(min(X.shape[0], 20_000)))  # warm-up: the JIT
-        with _spark_group(spark) as fit_jobs:
+        with spark.job_ids() as fit_jobs:
             seconds, model = timed(fit, frame)
         labels_s, label_jobs, _ = _spark_labels(spark, model, frame, X.shape[0])
         fit_passes = spark_passes(spark, fit_jobs, partitions)
@@ -488,20 +496,8 @@ def dkm_gmm(workload: str, X: NDArray[Any], k: int) -> TtmRow:
     """``dkm.GaussianMixture(k)`` with its defaults (full, k-means init, ``tol`` 1e-3, the
     sampled schedule where ``"auto"`` picks it) on X as a Dask array chunked as dkm
     chunks a NumPy X; labels by ``predict``, computed."""
-    counter = CountingArray(X)
-    Xd = counter.dask(dkm_chunk_rows(X))
-    clock = _Clock()
-    with dask.config.set(scheduler="threads"), quiet():
-        _warm_dkm(lambda **kw: dkm.GaussianMixture(k, random_state=SEED, **kw), X)
-        est = dkm.GaussianMixture(k, random_state=SEED, callback=clock)
-        clock.t0 = time.perf_counter()
-        est.fit(Xd)
-        fit_end = time.perf_counter()
-        fit_passes = counter.passes()
-        labels_s, labels = timed(lambda: np.asarray(est.predict(Xd).compute()))
-    assert labels.shape == (X.shape[0],)
-    n_iter, profile = _dkm_profile(est, clock, fit_end, labels_s)
-    passes = counter.passes()
+    run = _dkm_run(X, partial(dkm.GaussianMixture, k), lambda est, Xd: est.predict(Xd))
+    est, fit_passes, passes = run.est, run.fit_passes, run.passes
     sampled = any(h.sample is not None for h in est.history_)
     # sampled, the init's k-means and partition run on the first sample; else on all of X
     init = "" if sampled else f" + k-means init and partition {fit_passes - 1 - est.n_iter_:g}"
@@ -509,14 +505,14 @@ def dkm_gmm(workload: str, X: NDArray[Any], k: int) -> TtmRow:
         workload,
         "dkm GaussianMixture",
         0.0,
-        fit_end - clock.t0,
-        labels_s,
+        run.fit_s,
+        run.labels_s,
         passes,
         f"{fit_passes:g} fit + {passes - fit_passes:g} labels (summary 1{init} "
         f"+ {est.n_iter_} it. + labels 1)",
         mixture_score(X, est.weights_, est.means_, est.covariances_),
-        n_iter,
-        profile,
+        run.n_iter,
+        run.profile,
         is_dkm=True,
     )
 

@@ -186,20 +186,28 @@ class Spark:
         return Rows(features, rdd, time.perf_counter() - t0)
 
     @contextmanager
-    def job_group(self) -> Iterator[list[Job]]:
+    def job_ids(self) -> Iterator[list[int]]:
         """Run the block's jobs in a job group of their own; on exit the list yielded holds
-        them (in order), once Spark's status store has seen them complete."""
+        their ids (in order), once Spark's status store has seen them complete."""
         self._groups += 1
         group = f"dkm-bench-{self._groups}"
-        jobs: list[Job] = []
+        ids: list[int] = []
         self.sc.setJobGroup(group, "dkm benchmarks")
         try:
-            yield jobs
+            yield ids
         finally:
             self.sc.setJobGroup("", "")
         self.sc._jsc.sc().listenerBus().waitUntilEmpty(60_000)
+        ids.extend(sorted(self.sc.statusTracker().getJobIdsForGroup(group)))
+
+    @contextmanager
+    def job_group(self) -> Iterator[list[Job]]:
+        """As :meth:`job_ids`, the list yielded holding the jobs' names and seconds."""
+        jobs: list[Job] = []
+        with self.job_ids() as ids:
+            yield jobs
         store = self.sc._jsc.sc().statusStore()
-        for job_id in sorted(self.sc.statusTracker().getJobIdsForGroup(group)):
+        for job_id in ids:
             job = store.job(job_id)
             start, end = job.submissionTime(), job.completionTime()
             if start.isDefined() and end.isDefined():
