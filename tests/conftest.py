@@ -27,6 +27,29 @@ def blobs(n: int = 3000, d: int = 4, k: int = 5, seed: int = 0, dtype: type = np
     return (centres[labels] + rng.normal(size=(n, d)) * scales[labels]).astype(dtype)
 
 
+def chunk_estep(X, w, offset, moments, assignment, means, n_farthest):
+    """A chunk's E-step statistics under a fixed model of ``means``: spherical
+    (variance 0.7, equal weights), or k-means' identity for hard assignment without
+    moments; ``row_offset`` is the chunk's first global row."""
+    from dkm.kernels.expectation import estep
+    from dkm.kernels.params import MixtureParams
+
+    k = len(means)
+    params = MixtureParams("spherical", np.full(k, 1 / k), means, np.full(k, 0.7))
+    if moments == "none" and assignment == "hard":
+        params = MixtureParams.identity(means)
+    return estep(
+        X,
+        params,
+        assignment=assignment,
+        moments=moments,
+        shift=means,
+        sample_weight=w,
+        n_farthest=n_farthest,
+        row_offset=offset,
+    )
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

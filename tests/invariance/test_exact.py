@@ -12,12 +12,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import chunk_estep
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dkm import stats
 from dkm.exact import MAX_PARTS, ExactSum
-from dkm.kernels import MixtureParams, estep
 from dkm.stats import (
     CandidateSample,
     DataSummary,
@@ -160,23 +160,6 @@ def _chunk_bounds(n: int, data: st.DataObject) -> list[int]:
     return [0, *sorted(cuts), n]
 
 
-def _stats(X, w, offset, moments, assignment, means, n_farthest):
-    k = len(means)
-    params = MixtureParams("spherical", np.full(k, 1 / k), means, np.full(k, 0.7))
-    if moments == "none" and assignment == "hard":
-        params = MixtureParams.identity(means)
-    return estep(
-        X,
-        params,
-        assignment=assignment,
-        moments=moments,
-        shift=means,
-        sample_weight=w,
-        n_farthest=n_farthest,
-        row_offset=offset,
-    )
-
-
 def _suffstats_bits(s: SuffStats) -> list[Any]:
     out = [_bits(s.nk), _bits(s.sx), _bits(s.objective), _bits(s.n), s.count, s.searched]
     out.append(None if s.sxx is None else _bits(s.sxx))
@@ -212,7 +195,7 @@ def test_suffstats_totals_do_not_depend_on_grouping(seed, moments, assignment, s
     far = 3 if moments == "none" and assignment == "hard" else 0
     bounds = _chunk_bounds(n, data)
     parts = [
-        _stats(X[a:b], w[a:b], a, moments, assignment, means, far)
+        chunk_estep(X[a:b], w[a:b], a, moments, assignment, means, far)
         for a, b in itertools.pairwise(bounds)
     ]
     reference = _suffstats_bits(merge_all(parts))
@@ -232,7 +215,7 @@ def test_merged_total_with_zero_keeps_the_chunk_bits_and_round_trips():
     rng = np.random.default_rng(3)
     X, w, means = rng.normal(size=(50, 3)), rng.uniform(size=50), rng.normal(size=(4, 3))
     for moments in MOMENTS:
-        a = _stats(X, w, 0, moments, "soft", means, 0)
+        a = chunk_estep(X, w, 0, moments, "soft", means, 0)
         zero = SuffStats.zero(4, 3, moments)
         _assert_identical(_suffstats_bits(zero.merge(a)), _suffstats_bits(a))
         total = a.merge(zero).merge(a)
@@ -345,7 +328,8 @@ def test_merge_all_deposits_in_batches_with_the_same_bits(monkeypatch):
     rng = np.random.default_rng(11)
     X, w, means = rng.normal(size=(90, 3)) * 1e3, rng.uniform(size=90), rng.normal(size=(4, 3))
     parts = [
-        _stats(X[a : a + 10], w[a : a + 10], a, "full", "soft", means, 0) for a in range(0, 90, 10)
+        chunk_estep(X[a : a + 10], w[a : a + 10], a, "full", "soft", means, 0)
+        for a in range(0, 90, 10)
     ]
     whole = _suffstats_bits(merge_all(parts))
     monkeypatch.setattr(stats, "_BATCH_SUMS", 1)  # one chunk per batch

@@ -6,10 +6,10 @@ import itertools
 
 import numpy as np
 import pytest
+from conftest import chunk_estep
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dkm.kernels import MixtureParams, estep
 from dkm.stats import DataSummary, FarthestPoints, SuffStats, WeightedSample, uniform_from_rows
 
 MOMENTS = ["none", "spherical", "diag", "tied", "full"]
@@ -47,21 +47,9 @@ def chunked_problem(draw: st.DrawFn):
 
 
 def _stats(X, w, offset, moments, assignment, means):
-    params = MixtureParams(
-        "spherical", np.full(len(means), 1 / len(means)), means, np.full(len(means), 0.7)
-    )
-    if moments == "none" and assignment == "hard":
-        params = MixtureParams.identity(means)
-    return estep(
-        X,
-        params,
-        assignment=assignment,
-        moments=moments,
-        shift=means,
-        sample_weight=w,
-        n_farthest=3 if params.covariance_type == "identity" else 0,
-        row_offset=offset,
-    )
+    # the farthest rows are collected for k-means (identity, hard) only
+    far = 3 if moments == "none" and assignment == "hard" else 0
+    return chunk_estep(X, w, offset, moments, assignment, means, far)
 
 
 @settings(max_examples=60, deadline=None)
