@@ -511,9 +511,12 @@ def place_runs(
     placed: dict[str, list[int]] = {w: [] for w in sorted(threads)}
     for r in sorted(range(len(runs)), key=wholeness):
         size = run_sizes[r]
-        by_held = sorted(threads, key=lambda w: (-held[r][w], load[w] / threads[w], w))
-        fits = (w for w in by_held if load[w] + size <= cap[w])
-        worker = next(fits, None) or min(threads, key=lambda w: (load[w] / threads[w], w))
+        # the run's holders first (a few workers, not all of them for each run)
+        ranked = sorted(held[r], key=lambda w: (-held[r][w], load[w] / threads[w], w))
+        worker = next((w for w in ranked if load[w] + size <= cap[w]), None)
+        if worker is None:
+            others = [w for w in threads if w not in held[r] and load[w] + size <= cap[w]]
+            worker = min(others or threads, key=lambda w: (load[w] / threads[w], w))
         placed[worker].append(r)
         load[worker] += size
     # no thread idle while another worker has more runs than threads: that worker's
