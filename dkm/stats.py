@@ -584,11 +584,13 @@ class DataSummary:
         d = X.shape[1]
         if summary.n_bad_weights or (summary.n_nonfinite and not drop_nonfinite):
             rows = RowSample.empty(rows_rate, d)
-        else:
+        elif summary.n_nonfinite:  # dropped rows: no weight, so never drawn
             finite = np.isfinite(X).all(axis=1)
             w = np.where(finite, np.asarray(weights, np.float64), 0.0)
-            X0 = X if finite.all() else np.where(finite[:, None], X, 0.0)
+            X0 = np.where(finite[:, None], X, 0.0)
             rows = RowSample.from_chunk(rows_rate, X0, w, row_offset, seed ^ ROW_SAMPLE_SALT)
+        else:  # the summary has checked every row already
+            rows = RowSample.from_chunk(rows_rate, X, weights, row_offset, seed ^ ROW_SAMPLE_SALT)
         return replace(summary, rows_sample=rows)
 
     @classmethod
