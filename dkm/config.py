@@ -193,6 +193,11 @@ class ModelConfig(_Strict):
         description="sampled: first iterations on growing samples, then all the data; "
         "auto: sampled on data of at least 8 times the largest sample",
     )
+    sample_trials: PositiveInt | Literal["auto"] = Field(
+        "auto",
+        description="when sampled: initialisations tried on the first sample per run, the "
+        "best goes on; auto: as many as cost about one pass (at most 16)",
+    )
 
     @field_validator("n_clusters")
     @classmethod

@@ -67,7 +67,7 @@ from dkm.engine import (
     stats_pass_many,
     summarize,
 )
-from dkm.engine.schedule import Schedule, run_sampled, sample_data
+from dkm.engine.schedule import Schedule, auto_trials, run_sampled, sample_data
 from dkm.errors import InvalidDataError
 from dkm.kernels import expectation as K
 from dkm.kernels.params import MixtureParams
@@ -198,6 +198,7 @@ class _DaskMixtureBase(BaseEstimator):
     split_every: int
     init_sample_size: int | None
     schedule: str
+    sample_trials: int | str
     random_state: Any
     verbose: int
     callback: Callable[[IterationInfo], None] | None
@@ -384,6 +385,22 @@ class _DaskMixtureBase(BaseEstimator):
             return None
         return Schedule.plan(schedule, int(data.X.shape[0]), k, data.n_features)
 
+    def _trials(
+        self, schedule: Schedule | None, summary: DataSummary, k: int, drawn: bool, cheap: bool
+    ) -> int:
+        """Initialisations tried on the first sample per run: ``sample_trials``, whose
+        ``"auto"`` is :func:`~dkm.engine.schedule.auto_trials` (as many as cost about
+        one pass) when the init is ``cheap`` (made from samples, not from passes over
+        all the data), else 1. Always 1 without a sampled ``schedule``, or when the init
+        is not ``drawn`` at random (given centres, a warm start)."""
+        value = self.sample_trials
+        if isinstance(value, str) and value == "auto":
+            if schedule is None or not (drawn and cheap):
+                return 1
+            return auto_trials(schedule, int(summary.count), k, summary.sample.capacity)
+        trials = _check_int("sample_trials", value, 1)
+        return trials if schedule is not None and drawn else 1
+
     def _fit_em(
         self,
         data: ChunkedData,
@@ -395,9 +412,12 @@ class _DaskMixtureBase(BaseEstimator):
         tol_abs: float | None = None,
         covariances: list[F64 | None] | None = None,
         resume: ResumeState | None = None,
+        trials: int = 1,
     ) -> list[EMResult]:
         """EM from each of ``starts`` on all of ``data``; with a sampled ``schedule``,
-        after the iterations on the summary's samples, whose history comes first."""
+        after the iterations on the summary's samples, whose history comes first (with
+        ``trials`` > 1, ``starts`` are groups of that many, and the best of each group
+        on the first sample is the run that goes on)."""
         callback = self._callback()
         sample = None if schedule is None else summary.rows_sample
         sampled = None
@@ -413,6 +433,7 @@ class _DaskMixtureBase(BaseEstimator):
                 tol_abs=tol_abs,
                 init_covariances=covariances,
                 callback=callback,
+                trials=trials,
             )
             starts, covariances = sampled.params, sampled.covariances
         results = fit_em_many(
@@ -517,6 +538,14 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
         (``min(4096 · n_clusters, 64 MB of float64 rows)``), else "full". The sample's
         iterations are in ``history_`` (``IterationInfo.sample`` set), not in
         ``n_iter_``.
+    sample_trials : "auto" or int. When the schedule samples, each of the ``n_init``
+        runs draws this many initialisations, iterates each on the first sample, and
+        goes on from the best (lowest inertia on that sample); the others cost no pass
+        over the data. "auto", for "k-means++" and "random": as many as cost about one
+        pass over the data in all, at most 16 (k-means++ on ``init_sample_size`` rows
+        and about 20 iterations on the first sample each); 1 for "k-means||" (it reads
+        all the data). Given centres and warm starts are tried once. Without sampling
+        it has no effect.
     callback : called with an :class:`~dkm.engine.IterationInfo` after every iteration
         (iteration, objective, change, seconds, params): progress, metrics, checkpoints.
     nan_policy : "raise" (default): NaN or infinity in X is an error naming the first
@@ -564,6 +593,7 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
         init_rounds: int = 5,
         algorithm: str = "auto",
         schedule: str = "auto",
+        sample_trials: int | str = "auto",
     ) -> None:
         self.n_clusters = n_clusters
         self.init = init
@@ -577,10 +607,10 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
         self.init_sample_size = init_sample_size
         self.callback = callback
         self.nan_policy = nan_policy
-        self.schedule = schedule
         self.oversampling_factor = oversampling_factor
         self.init_rounds = init_rounds
         self.schedule = schedule
+        self.sample_trials = sample_trials
         self.algorithm = algorithm
 
     def __sklearn_tags__(self) -> Any:
@@ -687,9 +717,17 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
             algorithm=parse_kmeans_algorithm(self.algorithm),
         )
         _check_resume(resume, n_init * len(ks), ks[0], data.n_features, "identity")
-        # initial centres drawn in the order separate fits would draw them
+        drawn = isinstance(self.init, str) or callable(self.init)
+        cheap = isinstance(self.init, str) and self.init != PARALLEL_INIT
+        trials = self._trials(schedule, summary, max(ks), drawn, cheap)
+        # initial centres drawn in the order separate fits would draw them (each run's
+        # trials in turn)
         inits = (
-            [self._initial_centres(summary, data, k, rng) for k in ks for _ in range(n_init)]
+            [
+                self._initial_centres(summary, data, k, rng)
+                for k in ks
+                for _ in range(n_init * trials)
+            ]
             if resume is None
             else [resume.params_for(data.origin).means]
         )
@@ -701,6 +739,7 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
             options,
             tol_abs=tol_abs,
             resume=resume,
+            trials=trials,
         )
         fitted = []
         for i, k in enumerate(ks):
@@ -872,6 +911,11 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
     chunk_size, split_every, init_sample_size, callback, nan_policy, schedule : as for
         :class:`KMeans` (the sample's iterations are EM's; with "sampled", the
         ``init_params`` k-means and partition run on the first sample).
+    sample_trials : "auto" or int, as for :class:`KMeans`: when the schedule samples,
+        each run tries this many initialisations by ``init_params`` (all made on the
+        first sample), iterates EM on the first sample from each, and goes on from the
+        highest lower bound there. "auto": as for :class:`KMeans`; with ``means_init`` or
+        a warm start, 1.
 
     Attributes
     ----------
@@ -905,6 +949,7 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
         callback: Callable[[IterationInfo], None] | None = None,
         nan_policy: str = "raise",
         schedule: str = "auto",
+        sample_trials: int | str = "auto",
     ) -> None:
         self.n_components = n_components
         self.covariance_type = covariance_type
@@ -926,6 +971,7 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
         self.callback = callback
         self.nan_policy = nan_policy
         self.schedule = schedule
+        self.sample_trials = sample_trials
 
     # ----------------------------------------------------------------- init
 
@@ -1131,12 +1177,20 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
             self._policy,
         )
         _check_resume(resume, n_init * len(ks), ks[0], data.n_features, self._ct)
+        drawn = isinstance(self.init_params, str) and self.means_init is None
+        trials = self._trials(
+            schedule if sample is not None else None, summary, max(ks), drawn, drawn
+        )
         if resume is None and sample is not None:
             # the init's k-means and partition on the first sample, on this process
             first = sample.nested().first(schedule.sizes[0] if schedule else sample.size)
             with dask.config.set(scheduler="threads"):
                 inits = self._initial_params_many(
-                    sample_data(first, data.origin, data.nan_policy), summary, rng, ks, n_init
+                    sample_data(first, data.origin, data.nan_policy),
+                    summary,
+                    rng,
+                    ks,
+                    n_init * trials,
                 )
         elif resume is None:
             inits = self._initial_params_many(data, summary, rng, ks, n_init)
@@ -1153,6 +1207,7 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
             options,
             covariances=[c for _, c in inits],
             resume=resume,
+            trials=trials,
         )
         fitted = []
         for i, k in enumerate(ks):

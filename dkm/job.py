@@ -52,6 +52,7 @@ def build_estimator(
         "split_every": split_every,
         "init_sample_size": model.init_sample_size,
         "schedule": model.schedule,
+        "sample_trials": model.sample_trials,
         "callback": callback,
         "nan_policy": nan_policy,
     }

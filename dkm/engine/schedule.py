@@ -58,6 +58,10 @@ AUTO_MIN_RATIO = 8
 #: A sample's iterations stop once a step is below this share of the sample's own
 #: sampling error (or, earlier, at the fit's ``tol``).
 NOISE_SHARE = 1 / 8
+#: ``sample_trials="auto"``: at most this many initialisations tried per run.
+MAX_AUTO_TRIALS = 16
+#: ``sample_trials="auto"``: the iterations a trial is reckoned to make on the first sample.
+TRIAL_ITERATIONS = 20
 #: Rows per chunk of a sample: chunks of about this many bytes (fixed by the sample and
 #: the width alone, so that a sample's passes give the same bits on any machine).
 SAMPLE_CHUNK_BYTES = 4 << 20
@@ -89,6 +93,16 @@ class Schedule:
             size *= GROWTH
         sizes.append(largest)
         return cls(tuple(sizes), min(1.0, largest / n))
+
+
+def auto_trials(schedule: Schedule, n: int, k: int, init_rows: int) -> int:
+    """``sample_trials="auto"``: as many initialisations per run as fit in about one
+    pass over the ``n`` rows, at most :data:`MAX_AUTO_TRIALS`. A trial is reckoned as
+    a greedy k-means++ on ``init_rows`` rows (``2 + ln k`` candidate centres each, as a
+    pass over those rows: the work of ``(2 + ln k) · init_rows`` rows of a pass) and
+    :data:`TRIAL_ITERATIONS` iterations on the schedule's first sample."""
+    cost = (2 + math.log(max(k, 1))) * init_rows + TRIAL_ITERATIONS * schedule.sizes[0]
+    return int(min(MAX_AUTO_TRIALS, max(1, n // max(cost, 1))))
 
 
 def sample_data(sample: RowSample, origin: F64, nan_policy: str) -> ChunkedData:
@@ -123,6 +137,7 @@ def run_sampled(
     tol_abs: float | None = None,
     init_covariances: Sequence[F64 | None] | None = None,
     callback: Callback | None = None,
+    trials: int = 1,
 ) -> SampledPhase:
     """EM (or Lloyd's k-means) from each of ``inits`` on the nested samples of
     ``schedule``, on this process's threads: each sample's iterations start where the
@@ -133,7 +148,15 @@ def run_sampled(
     The iterations reach ``callback`` with ``sample`` set to the sample's rows, numbered
     on from one sample to the next; a k-means inertia is scaled to the full data's
     weight (``total_weight``), an estimate, so that the history reads on one scale.
+
+    ``trials`` > 1: ``inits`` are groups of that many consecutive starts, one group per
+    run. Every start iterates on the first sample; the best of each group on that
+    sample (the lowest inertia, the highest lower bound; the first of equals) goes on
+    as its run, and the others are dropped, their iterations in no history and not
+    passed to ``callback`` (the winners' are, once chosen, numbered as its run).
     """
+    if trials < 1 or len(inits) % trials:
+        raise ValueError(f"{len(inits)} starts do not make groups of {trials} trials")
     nested = sample.nested()
     params = list(inits)
     covs: list[F64 | None] = (
@@ -150,7 +173,7 @@ def run_sampled(
         weight = float(part.weights.sum())
         if weight <= 0:
             continue
-        marker.start(m, total_weight / weight)
+        marker.start(m, total_weight / weight, hold=trials > 1)
         stage = dataclasses.replace(options, tol=_gmm_tol(options, params, m))
         with dask.config.set(scheduler="threads"):
             results = fit_em_many(
@@ -168,7 +191,42 @@ def run_sampled(
             covs[i] = result.covariances
             if result.final is not None and result.final.n > 0:
                 spread[i] = result.final.objective / max(float(result.final.nk.sum()), 1e-300)
+        if trials > 1:
+            keep = _best_of_groups([r.objective for r in results], trials, options.is_kmeans)
+            params, covs, spread, histories = _kept(keep, params, covs, spread, marker)
+            trials = 1
+    if trials > 1:  # no sample had weight: the first start of each group
+        keep = list(range(0, len(params), trials))
+        params, covs, spread, histories = _kept(keep, params, covs, spread, marker)
     return SampledPhase(params, covs, histories)
+
+
+def _kept(
+    keep: Sequence[int],
+    params: list[MixtureParams],
+    covs: list[F64 | None],
+    spread: list[float],
+    marker: _Marker,
+) -> tuple[list[MixtureParams], list[F64 | None], list[float], list[list[IterationInfo]]]:
+    return (
+        [params[i] for i in keep],
+        [covs[i] for i in keep],
+        [spread[i] for i in keep],
+        marker.choose(keep),
+    )
+
+
+def _best_of_groups(objectives: Sequence[float], trials: int, kmeans: bool) -> list[int]:
+    """The index of the best start of each group of ``trials`` consecutive ones: the
+    lowest inertia (k-means) or the highest lower bound, the first of equals; a NaN
+    objective is the worst."""
+    keep = []
+    for first in range(0, len(objectives), trials):
+        group = range(first, first + trials)
+        score = [-o if kmeans else o for o in (objectives[i] for i in group)]
+        score = [s if not math.isnan(s) else -math.inf for s in score]
+        keep.append(group[max(range(trials), key=lambda j: (score[j], -j))])
+    return keep
 
 
 class _Marker:
@@ -182,12 +240,31 @@ class _Marker:
         self.histories, self.callback, self.kmeans = histories, callback, kmeans
         self.done = self.offset = self.rows = 0
         self.scale = 1.0
+        self.hold = False
         self.last: dict[int, IterationInfo] = {}
 
-    def start(self, rows: int, scale: float) -> None:
-        """A new sample of ``rows`` rows, whose weight is the data's over ``scale``."""
-        self.offset, self.rows, self.scale = self.done, rows, scale
+    def start(self, rows: int, scale: float, hold: bool = False) -> None:
+        """A new sample of ``rows`` rows, whose weight is the data's over ``scale``;
+        ``hold``: keep its iterations from the callback until :meth:`choose`."""
+        self.offset, self.rows, self.scale, self.hold = self.done, rows, scale, hold
         self.last = {}
+
+    def choose(self, keep: Sequence[int]) -> list[list[IterationInfo]]:
+        """Keep the histories of the runs ``keep`` (renumbered as 0, 1, ...), pass their
+        held iterations on to the callback, and return the kept histories."""
+        self.histories = [
+            [dataclasses.replace(info, run=run) for info in self.histories[i]]
+            for run, i in enumerate(keep)
+        ]
+        self.last = {run: self.last[i] for run, i in enumerate(keep) if i in self.last}
+        self.done = max((h[-1].iteration for h in self.histories if h), default=self.offset)
+        if self.callback is not None and self.hold:
+            for info in sorted(
+                (i for h in self.histories for i in h), key=lambda i: (i.iteration, i.run)
+            ):
+                self.callback(info)
+        self.hold = False
+        return self.histories
 
     def __call__(self, info: IterationInfo) -> None:
         marked = dataclasses.replace(
@@ -199,7 +276,7 @@ class _Marker:
         self.done = max(self.done, marked.iteration)
         self.last[info.run] = info
         self.histories[info.run].append(marked)
-        if self.callback is not None:
+        if self.callback is not None and not self.hold:
             self.callback(marked)
 
 
@@ -244,6 +321,7 @@ def sampled_iterations(history: Sequence[IterationInfo]) -> int:
 __all__ = [
     "SampledPhase",
     "Schedule",
+    "auto_trials",
     "run_sampled",
     "sample_data",
     "sampled_iterations",

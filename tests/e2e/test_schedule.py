@@ -154,3 +154,112 @@ def test_weights_and_dropped_rows_stay_out_of_the_sample():
     dropped = kmeans(nan_policy="drop").fit(da.from_array(Xn, chunks=(5_000, -1)), sample_weight=w)
     assert np.isfinite(dropped.cluster_centers_).all() and sampled(dropped.history_)
     assert dropped.n_dropped_ == len(range(0, N, 7))
+
+
+# --- trials: several starts on the first sample, the best goes on ------------------
+
+TRIAL_X = blobs(60_000, 2, 16, seed=4)  # k-means++ lands in different optima by seed
+
+
+def trial_data() -> da.Array:
+    return da.from_array(TRIAL_X, chunks=(10_000, -1))
+
+
+@pytest.fixture
+def choices(monkeypatch) -> list[tuple[list[float], list[int]]]:
+    """Each choice the schedule makes among trials: the objectives and the kept starts."""
+    from dkm.engine import schedule
+
+    seen: list[tuple[list[float], list[int]]] = []
+    real = schedule._best_of_groups
+
+    def spy(objectives, trials, kmeans):
+        keep = real(objectives, trials, kmeans)
+        seen.append((list(objectives), keep))
+        return keep
+
+    monkeypatch.setattr(schedule, "_best_of_groups", spy)
+    return seen
+
+
+def test_trials_go_on_from_the_best_start_on_the_first_sample(choices):
+    rng = np.random.default_rng(1)
+    starts = [TRIAL_X[rng.choice(len(TRIAL_X), 16, replace=False)] for _ in range(4)]
+    given = iter(starts)
+    seen: list[IterationInfo] = []
+    km = dkm.KMeans(
+        16,
+        init=lambda sample, k, rng: next(given),
+        random_state=1,
+        schedule="sampled",
+        sample_trials=4,
+        callback=seen.append,
+    ).fit(trial_data())
+    ((objectives, keep),) = choices
+    assert len(objectives) == 4 and len(set(objectives)) == 4
+    (best,) = keep
+    assert objectives[best] == min(objectives) and best != 0  # a choice was made
+    # the fit is the one from that start alone (an array is tried once: no choice)
+    alone = dkm.KMeans(16, init=starts[best], random_state=1, schedule="sampled")
+    alone.fit(trial_data())
+    assert len(choices) == 1
+    assert records(km.history_) == records(alone.history_)
+    np.testing.assert_array_equal(km.cluster_centers_, alone.cluster_centers_, strict=True)
+    # the callback saw the kept start's iterations only, as history_ has them
+    assert records(seen) == records(km.history_)
+
+
+def test_trials_find_better_optima_than_one_start():
+    one = [
+        dkm.KMeans(16, random_state=s, schedule="sampled", sample_trials=1).fit(trial_data())
+        for s in range(6)
+    ]
+    eight = [
+        dkm.KMeans(16, random_state=s, schedule="sampled", sample_trials=8).fit(trial_data())
+        for s in range(6)
+    ]
+    pairs = list(zip(eight, one, strict=True))
+    assert sum(e.inertia_ < o.inertia_ * (1 - 1e-3) for e, o in pairs) >= 3
+    assert all(e.inertia_ <= o.inertia_ * 1.005 for e, o in pairs)
+    again = dkm.KMeans(16, random_state=2, schedule="sampled", sample_trials=8)
+    np.testing.assert_array_equal(again.fit(trial_data()).cluster_centers_,
+                                  eight[2].cluster_centers_, strict=True)  # fmt: skip
+
+
+def test_trials_per_restart_and_for_mixtures(choices):
+    km = dkm.KMeans(16, n_init=2, random_state=0, schedule="sampled", sample_trials=3)
+    km.fit(trial_data())
+    ((objectives, keep),) = choices
+    assert len(objectives) == 6 and len(keep) == 2
+    assert keep[0] in range(3) and keep[1] in range(3, 6)
+    assert objectives[keep[0]] == min(objectives[:3]) and objectives[keep[1]] == min(objectives[3:])
+    choices.clear()
+    gm = dkm.GaussianMixture(
+        8, covariance_type="diag", random_state=0, schedule="sampled", sample_trials=4
+    ).fit(trial_data())
+    ((bounds, (best,)),) = choices
+    assert len(bounds) == 4 and bounds[best] == max(bounds)  # the highest lower bound
+    assert gm.converged_ and sampled(gm.history_)
+    assert {h.run for h in gm.history_} == {0}
+
+
+def test_what_is_tried_once(choices):
+    data = trial_data()
+    dkm.KMeans(16, init=TRIAL_X[:16], schedule="sampled", sample_trials=4).fit(data)
+    dkm.GaussianMixture(4, means_init=TRIAL_X[:4], schedule="sampled", sample_trials=4).fit(data)
+    dkm.KMeans(16, random_state=0, schedule="full", sample_trials=4).fit(data)
+    # "auto": as many as cost about one pass; k-means|| reads all the data for each
+    dkm.KMeans(16, random_state=0, schedule="sampled").fit(data)
+    assert choices == []
+    with pytest.raises(ValueError, match="sample_trials must be an integer >= 1"):
+        dkm.KMeans(16, schedule="sampled", sample_trials=0).fit(data)
+
+
+def test_auto_trials_cost_about_one_pass():
+    from dkm.engine.schedule import MAX_AUTO_TRIALS, auto_trials
+
+    ttm = Schedule.plan("auto", 8_000_000, 64, 32)
+    assert ttm is not None and auto_trials(ttm, 8_000_000, 64, 10_000) == MAX_AUTO_TRIALS
+    edge = Schedule.plan("auto", 2_100_000, 64, 16)
+    assert edge is not None and auto_trials(edge, 2_100_000, 64, 10_000) == 5
+    assert auto_trials(PLAN, N, 4, 10_000) == 1

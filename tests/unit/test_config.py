@@ -365,3 +365,14 @@ def test_what_the_shipped_configs_write_is_ignored_by_git():
     tops = {Path(p).parts[0] for p in written if p and "://" not in p}
     assert tops == {"out", "registry", "data"}, tops
     assert tops <= ignored, f".gitignore lacks {sorted(tops - ignored)}"
+
+
+def test_sample_trials_reach_the_estimator():
+    from dkm import job
+
+    config = load_config(ROOT / "configs" / "kmeans.yaml", ["model.sample_trials=3"])
+    assert job.build_estimator(config.model, 8, None).sample_trials == 3
+    gmm = load_config(ROOT / "configs" / "gmm.yaml", [])
+    assert job.build_estimator(gmm.model, 8, None).sample_trials == "auto"
+    with pytest.raises(ConfigError, match="sample_trials"):
+        load_config(ROOT / "configs" / "kmeans.yaml", ["model.sample_trials=0"])
