@@ -411,3 +411,26 @@ def test_estep_centring_rows_as_read_equals_centred_copy(ct, dtype):
     assert a.farthest is not None and b.farthest is not None
     np.testing.assert_array_equal(a.farthest.points, b.farthest.points)
     np.testing.assert_array_equal(a.farthest.rows, b.farthest.rows)
+
+
+@pytest.mark.parametrize("ct", TYPES)
+@pytest.mark.parametrize("d", [4, 30], ids=["narrow", "wide"])
+@pytest.mark.parametrize("block", [None, 7], ids=["one-block", "blocks"])
+def test_score_samples_and_predict_proba_match_scipy(ct, d, block, monkeypatch):
+    """The per-row log-density and responsibilities (the E-step's log-densities, in
+    blocks, with its compiled softmax) against SciPy's densities and log-sum-exp."""
+    from scipy.special import logsumexp
+
+    from dkm.kernels import expectation as E
+
+    if block is not None:  # several blocks, the last one short
+        monkeypatch.setattr(E, "SOFT_BLOCK_ELEMENTS", block)
+        monkeypatch.setattr(E, "MIN_BLOCK_ROWS", block)
+    params, dense = random_params(ct, k=3, d=d, seed=5)
+    X = np.random.default_rng(6).normal(scale=3, size=(61, d))
+    log_prob = naive_log_prob(params, dense, X)
+    expected = logsumexp(log_prob, axis=1)
+    np.testing.assert_allclose(E.score_samples(X, params), expected, rtol=1e-11, atol=1e-11)
+    np.testing.assert_allclose(
+        E.predict_proba(X, params), np.exp(log_prob - expected[:, None]), rtol=1e-9, atol=1e-12
+    )
