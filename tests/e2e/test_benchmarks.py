@@ -10,6 +10,7 @@ must fail.
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -223,6 +224,11 @@ def _without_java(monkeypatch, tmp_path):
     """No ``java`` on PATH and no JAVA_HOME; nor CI's requirement unless a test sets it."""
     for var in ("JAVA_HOME", "CI", "DKM_REQUIRE_SPARK"):
         monkeypatch.delenv(var, raising=False)
+    # joblib's loky counts physical cores with `cat` once per process and warns (an
+    # error here) without it: keep it on the PATH that has no java
+    cat = shutil.which("cat")
+    if cat is not None and not (tmp_path / "cat").exists():
+        (tmp_path / "cat").symlink_to(cat)
     monkeypatch.setenv("PATH", str(tmp_path))
 
 
