@@ -160,8 +160,10 @@ class _Clock:
 
 def _dkm_profile(est: Any, clock: _Clock, fit_end: float, labels: float) -> tuple[str, str]:
     """(iterations, profile) of a dkm fit: the summary pass and initialisation (start to
-    the first iteration's start), the sample phase, the iterations on all the data, the
-    rest (k-means' final pass), the labels."""
+    the first iteration's start; with ``sample_trials`` > 1 this includes the trials on
+    the first sample, whose iterations reach the callback once the best is chosen), the
+    sample phase, the iterations on all the data, the rest (k-means' final pass), the
+    labels."""
     history = est.history_
     sampled = [h for h in history if h.sample is not None]
     full = [h for h in history if h.sample is None]
@@ -170,7 +172,7 @@ def _dkm_profile(est: Any, clock: _Clock, fit_end: float, labels: float) -> tupl
     full_s = sum(h.seconds for h in full)
     last = clock.calls[-1] if clock.calls else fit_end
     profile = (
-        f"summary+init {first - clock.t0:.2f} s, sample phase {sample_s:.2f} s "
+        f"summary+init+trials {first - clock.t0:.2f} s, sample phase {sample_s:.2f} s "
         f"({len(sampled)} it., up to {max((h.sample for h in sampled), default=0):,} rows), "
         f"full passes {full_s:.2f} s ({len(full)} it.), final {fit_end - last:.2f} s, "
         f"labels {labels:.2f} s"

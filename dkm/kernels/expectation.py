@@ -980,22 +980,23 @@ def predict_labels(X: NDArray[Any], params: MixtureParams) -> NDArray[np.int64]:
             search.nearest(Xb, index)
             out[rows] = index
         return out
-    for rows in row_blocks(n, _per_row(params, "none")):
-        Xb = np.asarray(X[rows], dtype=cdtype)
-        out[rows] = weighted_log_prob(Xb, params).argmax(axis=1)
+    for rows, L, _ in _log_prob_blocks(X, params):
+        out[rows] = L.argmax(axis=1)
     return out
 
 
-def _normalised_blocks(X: NDArray[Any], params: MixtureParams) -> Iterator[tuple[slice, F64, F64]]:
-    """The rows of a mixture's ``X`` in blocks, each with its responsibilities (b, k)
-    and ``log p(x_i)`` (b,), both valid until the next block.
+def _log_prob_blocks(
+    X: NDArray[Any], params: MixtureParams
+) -> Iterator[tuple[slice, F64, Workspace]]:
+    """The rows of a mixture's ``X`` in blocks, each with its ``log π_k + log N(x | k)``
+    (b, k) in the workspace's buffers (valid until the next block).
 
     The log-densities are the soft E-step's: from the moments' features by one GEMM
     (:class:`QuadraticForm`, :class:`DiagonalQuadraticForm`) where it takes them so,
     else :func:`_log_density`, in blocks of bounded temporaries reused through a
-    workspace; the log-sum-exp and softmax are its compiled row passes. (A
-    ``logsumexp`` over :func:`weighted_log_prob` of the whole chunk made ``score`` on
-    10,000,000 × 16, k=8 full take ~6× an EM iteration.)
+    workspace. (:func:`weighted_log_prob` of a whole chunk, then NumPy's or SciPy's
+    reductions over it, made ``score`` on 10,000,000 × 16, k=8 full take ~6× an EM
+    iteration.)
     """
     n, d = X.shape
     k = params.n_components
@@ -1014,7 +1015,6 @@ def _normalised_blocks(X: NDArray[Any], params: MixtureParams) -> Iterator[tuple
     else:
         per_row = _per_row(params, "none")
     ws = Workspace()
-    nk, total = np.zeros(k), np.zeros(1)
     for rows in row_blocks(n, per_row, SOFT_BLOCK_ELEMENTS, MIN_BLOCK_ROWS):
         X64 = np.ascontiguousarray(X[rows], np.float64)
         if quadratic is None:
@@ -1023,7 +1023,15 @@ def _normalised_blocks(X: NDArray[Any], params: MixtureParams) -> Iterator[tuple
             L = quadratic.log_density(X64, _full_features(X64, ws), ws)
         else:
             L = quadratic.log_density(X64, _diag_features(X64, ws), ws)
-        b = X64.shape[0]
+        yield rows, L, ws
+
+
+def _normalised_blocks(X: NDArray[Any], params: MixtureParams) -> Iterator[tuple[slice, F64, F64]]:
+    """:func:`_log_prob_blocks` through the E-step's compiled softmax: each block's
+    responsibilities (b, k) and ``log p(x_i)`` (b,), valid until the next block."""
+    nk, total = np.zeros(params.n_components), np.zeros(1)
+    for rows, L, ws in _log_prob_blocks(X, params):
+        b = L.shape[0]
         norm = ws.get("norm", (b,))
         ones = ws.get("ones", (b,))
         ones.fill(1.0)

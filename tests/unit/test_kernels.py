@@ -417,8 +417,8 @@ def test_estep_centring_rows_as_read_equals_centred_copy(ct, dtype):
 @pytest.mark.parametrize("d", [4, 30], ids=["narrow", "wide"])
 @pytest.mark.parametrize("block", [None, 7], ids=["one-block", "blocks"])
 def test_score_samples_and_predict_proba_match_scipy(ct, d, block, monkeypatch):
-    """The per-row log-density and responsibilities (the E-step's log-densities, in
-    blocks, with its compiled softmax) against SciPy's densities and log-sum-exp."""
+    """The per-row log-density, responsibilities and labels (the E-step's log-densities,
+    in blocks, with its compiled softmax) against SciPy's densities and log-sum-exp."""
     from scipy.special import logsumexp
 
     from dkm.kernels import expectation as E
@@ -434,3 +434,4 @@ def test_score_samples_and_predict_proba_match_scipy(ct, d, block, monkeypatch):
     np.testing.assert_allclose(
         E.predict_proba(X, params), np.exp(log_prob - expected[:, None]), rtol=1e-9, atol=1e-12
     )
+    np.testing.assert_array_equal(predict_labels(X, params), log_prob.argmax(axis=1))
