@@ -543,11 +543,13 @@ class DataSummary:
 
     Mean and variance are unweighted (scikit-learn's k-means tolerance uses
     ``np.var(X, axis=0)``). A chunk has its float64 mean ``m_c`` and ``m2_c =
-    Σ (x − m_c)²``; a merged total keeps, exactly, ``A = Σ n_c m_c``, ``B = Σ n_c m_c²``
-    (products split into floats without error) and ``Q = Σ m2_c``, and reads ``mean =
-    A / n`` and ``m2 = Q + B − A² / n`` (Chan's parallel update, in exact arithmetic),
-    each rounded once: the same bits in any grouping, and a chunk's own floats when
-    merged with empty ones. ``weight`` is ``Σ w``, exact.
+    Σ (x − m_c)²``, NumPy's bits without a float64 copy of the chunk
+    (:func:`_chunk_moments`; a finite mean also says that every value is finite, else
+    every row is checked); a merged total keeps, exactly, ``A = Σ n_c m_c``,
+    ``B = Σ n_c m_c²`` (products split into floats without error) and ``Q = Σ m2_c``, and
+    reads ``mean = A / n`` and ``m2 = Q + B − A² / n`` (Chan's parallel update, in exact
+    arithmetic), each rounded once: the same bits in any grouping, and a chunk's own
+    floats when merged with empty ones. ``weight`` is ``Σ w``, exact.
     """
 
     count: int
@@ -584,11 +586,10 @@ class DataSummary:
         d = X.shape[1]
         if summary.n_bad_weights or (summary.n_nonfinite and not drop_nonfinite):
             rows = RowSample.empty(rows_rate, d)
-        elif summary.n_nonfinite:  # dropped rows: no weight, so never drawn
+        elif summary.n_nonfinite:  # dropped rows: no weight, so never drawn (nor read)
             finite = np.isfinite(X).all(axis=1)
             w = np.where(finite, np.asarray(weights, np.float64), 0.0)
-            X0 = np.where(finite[:, None], X, 0.0)
-            rows = RowSample.from_chunk(rows_rate, X0, w, row_offset, seed ^ ROW_SAMPLE_SALT)
+            rows = RowSample.from_chunk(rows_rate, X, w, row_offset, seed ^ ROW_SAMPLE_SALT)
         else:  # the summary has checked every row already
             rows = RowSample.from_chunk(rows_rate, X, weights, row_offset, seed ^ ROW_SAMPLE_SALT)
         return replace(summary, rows_sample=rows)
@@ -603,10 +604,16 @@ class DataSummary:
         seed: int,
         drop_nonfinite: bool,
     ) -> DataSummary:
+        X = _float_rows(X)
         n, d = X.shape
-        finite_rows = np.isfinite(X).all(axis=1)
-        n_nonfinite = int(n - np.count_nonzero(finite_rows))
-        first_bad = int(np.argmin(finite_rows)) + row_offset if n_nonfinite else -1
+        mean, m2, max_abs = _chunk_moments(X) if n else (np.zeros(d), np.zeros(d), 0.0)
+        finite_sums = bool(np.isfinite(mean).all())
+        if finite_sums:  # NaN and ±inf propagate: every value is finite
+            n_nonfinite, first_bad = 0, -1
+        else:  # a NaN or inf, or finite values whose sum overflows: check every row
+            finite_rows = np.isfinite(X).all(axis=1)
+            n_nonfinite = int(n - np.count_nonzero(finite_rows))
+            first_bad = int(np.argmin(finite_rows)) + row_offset if n_nonfinite else -1
         w = np.asarray(weights, np.float64)
         bad_w = ~np.isfinite(w) | (w < 0)
         n_bad_w = int(np.count_nonzero(bad_w))
@@ -614,9 +621,9 @@ class DataSummary:
         if drop_nonfinite and n_nonfinite and not n_bad_w:
             kept = cls._from_chunk(X[finite_rows], w[finite_rows], 0, sample_size, seed, False)
             # the sample must name global rows: redo it with zero weight on dropped rows
+            # (rows of zero weight are never drawn, nor read)
             w0 = np.where(finite_rows, w, 0.0)
-            X0 = np.where(finite_rows[:, None], X, 0.0)
-            sample = WeightedSample.from_chunk(sample_size, X0, w0, row_offset, seed)
+            sample = WeightedSample.from_chunk(sample_size, X, w0, row_offset, seed)
             return replace(kept, n_nonfinite=n_nonfinite, first_nonfinite_row=first_bad,
                            sample=sample)  # fmt: skip
         if n_nonfinite or n_bad_w or n == 0:
@@ -624,12 +631,10 @@ class DataSummary:
             mean, m2 = np.zeros(d), np.zeros(d)
             sample = WeightedSample.empty(sample_size, d)
             return cls(n, 0.0, mean, m2, n_nonfinite, first_bad, n_bad_w, first_bad_w, 0, sample)
-        X64 = np.asarray(X, np.float64)
-        mean = X64.mean(axis=0)
-        m2 = ((X64 - mean) ** 2).sum(axis=0)
+        if not finite_sums:  # finite values whose sum overflows float64
+            mean, m2 = _scaled_moments(X)
         sample = WeightedSample.from_chunk(sample_size, X, w, row_offset, seed)
         n_pos = int(np.count_nonzero(w > 0))
-        max_abs = float(np.abs(X64).max(initial=0.0))
         return cls(n, float(w.sum()), mean, m2, 0, -1, 0, -1, n_pos, sample, max_abs)
 
     def merge(self, other: DataSummary) -> DataSummary:
@@ -689,6 +694,68 @@ class DataSummary:
 
 
 _rounded_fields(DataSummary, ("weight", "mean", "m2"))
+
+
+def _float_rows(X: NDArray[Any]) -> NDArray[Any]:
+    """``X`` as the compiled summary passes read it in place: float32 or float64 in
+    native byte order, any layout; other dtypes as a float64 copy."""
+    X = np.asarray(X)
+    if X.dtype in (np.dtype(np.float32), np.dtype(np.float64)):
+        return X
+    return X.astype(np.float64)
+
+
+#: float64 bytes per block of columns that :func:`_chunk_moments` converts at a time
+_BLOCK_BYTES = 1 << 20
+
+
+def _chunk_moments(X: NDArray[Any]) -> tuple[F64, F64, float]:
+    """``(mean, m2, max |x|)`` per column of a chunk of at least one row, the bits of
+    ``m = X64.mean(axis=0)`` and ``((X64 − m)²).sum(axis=0)`` for ``X64`` the chunk in
+    float64 (NumPy's, so scikit-learn's), without that copy. ``mean`` is non-finite
+    where a column holds a NaN or inf or its sum overflows (``m2`` is then meaningless).
+
+    Rows whose features are the inner axis, which NumPy sums row after row: two compiled
+    reads (:func:`dkm.kernels._fused.column_sums`). Columns contiguous (or one feature),
+    which NumPy sums pairwise down each column: blocks of columns in float64, of at most
+    :data:`_BLOCK_BYTES` (a column at the least).
+    """
+    from dkm.kernels import _fused
+
+    n, d = X.shape
+    if d > 1 and abs(X.strides[1]) < abs(X.strides[0]):
+        sums, amax = np.full(d, -0.0), np.zeros(d, X.dtype)
+        _fused.column_sums(X, 1.0, sums, amax)
+        mean = sums / n
+        m2 = np.zeros(d)
+        if np.isfinite(mean).all():
+            _fused.centred_square_sums(X, mean, m2)
+        return mean, m2, float(amax.max(initial=0.0))
+    mean, m2 = np.empty(d), np.empty(d)
+    step = max(1, _BLOCK_BYTES // (8 * n))
+    with np.errstate(all="ignore"):  # non-finite values: mean says so
+        for a in range(0, d, step):
+            block = np.asarray(X[:, a : a + step], np.float64)
+            mean[a : a + step] = m = block.mean(axis=0)
+            dev = np.subtract(block, m)
+            m2[a : a + step] = np.square(dev, out=dev).sum(axis=0)
+    max_abs = max(float(X.max(initial=0.0)), -float(X.min(initial=0.0)))
+    return mean, m2, max_abs
+
+
+def _scaled_moments(X: NDArray[Any]) -> tuple[F64, F64]:
+    """``(mean, m2)`` per column of finite values whose sums overflow float64: summed
+    scaled by ``2^-k`` (exact), in row order; ``m2`` is +inf where it overflows."""
+    from dkm.kernels import _fused
+
+    n, d = X.shape
+    scale = 2.0 ** -(n.bit_length() + 1)  # |Σ scale·x| <= max|x| / 2
+    sums, amax = np.full(d, -0.0), np.zeros(d, X.dtype)
+    _fused.column_sums(X, scale, sums, amax)
+    mean = sums / n / scale
+    m2 = np.zeros(d)
+    _fused.centred_square_sums(X, mean, m2)
+    return mean, m2
 
 
 def _summary_sums(count: int, mean: F64, m2: F64, weight: float) -> ExactSum:

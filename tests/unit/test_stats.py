@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import math
+import tracemalloc
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -10,7 +13,14 @@ from conftest import chunk_estep
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dkm.stats import DataSummary, FarthestPoints, SuffStats, WeightedSample, uniform_from_rows
+from dkm.stats import (
+    DataSummary,
+    FarthestPoints,
+    RowSample,
+    SuffStats,
+    WeightedSample,
+    uniform_from_rows,
+)
 
 MOMENTS = ["none", "spherical", "diag", "tied", "full"]
 
@@ -157,3 +167,108 @@ def test_summary_reports_first_bad_row():
     X[7, 1] = np.nan
     s = DataSummary.from_chunk(X, np.ones(10), 100, 5, 0)
     assert s.n_nonfinite == 1 and s.first_nonfinite_row == 107
+
+
+def _laid_out(X: np.ndarray, layout: str) -> np.ndarray:
+    if layout == "strided":  # every other column of a wider array: neither C nor F
+        wide = np.zeros((X.shape[0], 2 * X.shape[1]), X.dtype)
+        wide[:, ::2] = X
+        return wide[:, ::2]
+    return np.asarray(X, order=layout)
+
+
+def _bits(a: object) -> bytes:
+    return np.asarray(a, np.float64).tobytes()
+
+
+@pytest.mark.parametrize("layout", ["C", "F", "strided"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1, 3), (2, 1), (997, 5), (4099, 33)])
+def test_summary_moments_are_numpys_float64_ones(shape, dtype, layout, monkeypatch):
+    monkeypatch.setattr("dkm.stats._BLOCK_BYTES", 8 * 3 * shape[0])  # 3 columns a block
+    rng = np.random.default_rng(shape[0])
+    scales = rng.choice([1e-3, 1.0, 1e3], size=shape[1])
+    offsets = rng.choice([0.0, 1e4, -3e6], size=shape[1])
+    X = _laid_out((rng.normal(size=shape) * scales + offsets).astype(dtype), layout)
+    s = DataSummary.from_chunk(X, np.ones(shape[0]), 0, 10, 1)
+    # the bits of the float64 copy's (scikit-learn centres the data by this mean and
+    # takes its tolerance from np.var, both in float64)
+    X64 = np.asarray(X, np.float64)
+    mean = X64.mean(axis=0)
+    assert _bits(s.mean) == _bits(mean)
+    assert _bits(s.m2) == _bits(((X64 - mean) ** 2).sum(axis=0))
+    assert _bits(s.variance) == _bits(np.var(X64, axis=0))
+    assert s.max_abs == np.abs(X64).max()
+    assert (s.count, s.n_nonfinite, s.first_nonfinite_row) == (shape[0], 0, -1)
+    # and near correctly rounded sums (math.fsum); plain running sums err by up to
+    # (n − 1)ε Σ|x|, and the mean's error shifts m2 by n·δ² (the squares are summed
+    # about the summary's own mean here)
+    exact = np.array([math.fsum(col) / shape[0] for col in X64.T])
+    assert np.all(np.abs(s.mean - exact) <= 1e-13 * np.abs(X64).mean(axis=0))
+    m2 = np.array([math.fsum((col - m) ** 2) for col, m in zip(X64.T, s.mean, strict=True)])
+    np.testing.assert_allclose(s.m2, m2, rtol=1e-12, atol=1e-300)
+
+
+@pytest.mark.parametrize("layout", ["C", "F", "strided"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        [(-1, 2, np.nan)],  # the last row
+        [(0, 0, np.nan)],  # the first
+        [(5, 1, np.inf), (9, 1, -np.inf)],  # inf and -inf in one column
+        [(7, 0, -np.inf), (7, 3, np.nan), (30, 3, np.inf)],
+    ],
+)
+def test_summary_finds_every_nonfinite_row(bad, dtype, layout, monkeypatch):
+    monkeypatch.setattr("dkm.stats._BLOCK_BYTES", 8 * 3 * 41)  # 3 columns a block
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(41, 4)).astype(dtype)
+    for i, j, v in bad:
+        X[i, j] = v
+    X = _laid_out(X, layout)
+    w = rng.uniform(0.5, 2, size=41)
+    finite = np.isfinite(X).all(axis=1)
+    s = DataSummary.from_chunk(X, w, 100, 10, 1)
+    assert s.n_nonfinite == np.count_nonzero(~finite)
+    assert s.first_nonfinite_row == 100 + np.flatnonzero(~finite)[0]
+    assert s.sample.rows.size == 0
+    dropped = DataSummary.from_chunk(X, w, 100, 10, 1, drop_nonfinite=True, rows_rate=0.5)
+    kept = DataSummary.from_chunk(X[finite], w[finite], 0, 10, 1)
+    assert (dropped.count, dropped.n_nonfinite) == (kept.count, s.n_nonfinite)
+    assert _bits(dropped.mean) == _bits(kept.mean) and _bits(dropped.m2) == _bits(kept.m2)
+    assert dropped.max_abs == kept.max_abs
+    # the samples of the rows with zero weight and zeros in place of the dropped ones
+    w0, X0 = np.where(finite, w, 0.0), np.where(finite[:, None], X, 0.0)
+    ref = WeightedSample.from_chunk(10, X0, w0, 100, 1)
+    assert dropped.rows_sample is not None
+    ref_rows = RowSample.from_chunk(0.5, X0, w0, 100, 1 ^ 0x5DEECE66D)
+    for got, want in ((dropped.sample, ref), (dropped.rows_sample, ref_rows)):
+        for name in ("keys", "rows", "points", "weights"):
+            np.testing.assert_array_equal(getattr(got, name), getattr(want, name))
+
+
+@pytest.mark.parametrize("layout", ["C", "F"])
+def test_summary_of_finite_values_whose_sums_overflow_float64(layout):
+    X = np.array([[1.5e308, 1.0], [1.7e308, 2.0], [1.6e308, 4.0], [-1e308, 8.0]], order=layout)
+    s = DataSummary.from_chunk(X, np.ones(4), 0, 10, 1)
+    assert (s.n_nonfinite, s.first_nonfinite_row) == (0, -1)
+    assert s.max_abs == 1.7e308
+    want = [float(sum(Fraction(v) for v in col) / 4) for col in X.T]
+    np.testing.assert_allclose(s.mean, want, rtol=1e-15)
+    assert s.m2[0] == np.inf  # Σ (x − mean)² is beyond float64: its rounding
+    assert s.m2[1] == float(sum((Fraction(v) - Fraction(15, 4)) ** 2 for v in X[:, 1]))
+
+
+@pytest.mark.parametrize("layout", ["C", "F"])
+def test_summary_makes_no_float64_copy_of_the_chunk(layout):
+    X = np.asarray(np.random.default_rng(0).normal(size=(50_000, 64)), np.float32, order=layout)
+    w = np.ones(len(X))
+    DataSummary.from_chunk(X, w, 0, 1000, 1, rows_rate=0.05)  # compiled before measuring
+    tracemalloc.start()
+    try:
+        DataSummary.from_chunk(X, w, 0, 1000, 1, rows_rate=0.05)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < X.nbytes / 2  # a float64 copy is 2 X.nbytes; the row-sized arrays less
