@@ -19,7 +19,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 from numpy.typing import NDArray
 
-from dkm import covariance
+from dkm import _compiled, covariance
 from dkm._typing import Moments, parse_moments
 from dkm.codec import float_from_json, float_to_json
 from dkm.exact import ExactSum
@@ -716,20 +716,18 @@ def _chunk_moments(X: NDArray[Any]) -> tuple[F64, F64, float]:
     where a column holds a NaN or inf or its sum overflows (``m2`` is then meaningless).
 
     Rows whose features are the inner axis, which NumPy sums row after row: two compiled
-    reads (:func:`dkm.kernels._fused.column_sums`). Columns contiguous (or one feature),
+    reads (:func:`dkm._compiled.column_sums`). Columns contiguous (or one feature),
     which NumPy sums pairwise down each column: blocks of columns in float64, of at most
     :data:`_BLOCK_BYTES` (a column at the least).
     """
-    from dkm.kernels import _fused
-
     n, d = X.shape
     if d > 1 and abs(X.strides[1]) < abs(X.strides[0]):
         sums, amax = np.full(d, -0.0), np.zeros(d, X.dtype)
-        _fused.column_sums(X, 1.0, sums, amax)
+        _compiled.column_sums(X, 1.0, sums, amax)
         mean = sums / n
         m2 = np.zeros(d)
         if np.isfinite(mean).all():
-            _fused.centred_square_sums(X, mean, m2)
+            _compiled.centred_square_sums(X, mean, m2)
         return mean, m2, float(amax.max(initial=0.0))
     mean, m2 = np.empty(d), np.empty(d)
     step = max(1, _BLOCK_BYTES // (8 * n))
@@ -746,15 +744,13 @@ def _chunk_moments(X: NDArray[Any]) -> tuple[F64, F64, float]:
 def _scaled_moments(X: NDArray[Any]) -> tuple[F64, F64]:
     """``(mean, m2)`` per column of finite values whose sums overflow float64: summed
     scaled by ``2^-k`` (exact), in row order; ``m2`` is +inf where it overflows."""
-    from dkm.kernels import _fused
-
     n, d = X.shape
     scale = 2.0 ** -(n.bit_length() + 1)  # |Σ scale·x| <= max|x| / 2
     sums, amax = np.full(d, -0.0), np.zeros(d, X.dtype)
-    _fused.column_sums(X, scale, sums, amax)
+    _compiled.column_sums(X, scale, sums, amax)
     mean = sums / n / scale
     m2 = np.zeros(d)
-    _fused.centred_square_sums(X, mean, m2)
+    _compiled.centred_square_sums(X, mean, m2)
     return mean, m2
 
 

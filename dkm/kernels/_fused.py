@@ -38,19 +38,9 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from dkm._compiled import _jit
+
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _jit(fn: F | None = None, **options: Any) -> Any:
-    """``numba.njit(nogil=True, cache=True, **options)``; uncached if nowhere to cache."""
-
-    def wrap(fn: F) -> F:
-        try:
-            return numba.njit(nogil=True, cache=True, **options)(fn)
-        except RuntimeError:  # "cannot cache function …: no locator available"
-            return numba.njit(nogil=True, **options)(fn)
-
-    return wrap if fn is None else wrap(fn)
 
 
 @_jit
@@ -800,41 +790,3 @@ def square_rows(X: Any, F: Any) -> None:
             x = X[i, f]
             F[i, f] = x * x
             F[i, d + f] = x
-
-
-# ----------------------------------------------------------------------- data summary
-# The first pass's per-feature moments (dkm.stats.DataSummary), read straight from the
-# chunk in its own dtype: no float64 copy, no temporaries. The sums are NumPy's for rows
-# whose features are the inner axis (``X.sum(axis=0)`` of such an array adds the rows in
-# order, one running float64 sum per column, from −0.0), so a one-chunk summary's mean
-# is scikit-learn's ``X.mean(axis=0)`` bit for bit, and its variance ``np.var``'s.
-# No fastmath: reassociation would change the order of the additions.
-
-
-@_jit
-def column_sums(X: Any, scale: float, s: Any, amax: Any) -> None:
-    """Per column ``f``: ``s[f] += scale·x_if`` for the rows in order (float64) and
-    ``amax[f] = max(amax[f], |x_if|)`` in X's dtype.
-
-    A NaN or ±inf in a column leaves ``s[f]`` non-finite, and so do finite values whose
-    sum overflows (``scale``, a power of two, keeps that sum in range).
-    """
-    n, d = X.shape
-    for i in range(n):
-        for f in range(d):
-            x = X[i, f]
-            a = abs(x)
-            if a > amax[f]:
-                amax[f] = a
-            s[f] += np.float64(x) * scale
-
-
-@_jit
-def centred_square_sums(X: Any, mean: Any, s: Any) -> None:
-    """Per column ``f``: ``s[f] += (x_if − mean[f])²`` for the rows in order, the
-    difference taken in float64."""
-    n, d = X.shape
-    for i in range(n):
-        for f in range(d):
-            dx = np.float64(X[i, f]) - mean[f]
-            s[f] += dx * dx
