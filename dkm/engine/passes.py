@@ -8,6 +8,7 @@ passes (:mod:`dkm.kmeans_parallel`) are each a per-chunk function and what it ne
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -22,7 +23,7 @@ import numpy as np
 from dask.base import get_scheduler, tokenize
 from dask.system import CPU_COUNT
 from numpy.typing import NDArray
-from threadpoolctl import ThreadpoolController
+from threadpoolctl import OpenBLASController, ThreadpoolController
 
 from dkm._typing import Assignment, Moments
 from dkm.engine import _dask
@@ -320,6 +321,61 @@ def _blas_controller() -> ThreadpoolController:
 
 
 _CONTROLLER: dict[str, tuple[int, ThreadpoolController]] = {}
+
+
+class SharedBlasLimit:
+    """One BLAS thread while any of the chunk tasks that enter it runs in this process.
+
+    For tasks that Dask's threaded scheduler runs side by side (the per-row outputs,
+    :mod:`dkm.engine.outputs`): a limit entered and left by each task would race (a
+    task leaving restores BLAS's threads while another still runs); this one is set by
+    the first task in and lifted by the last one out, whichever threads those are.
+    threadpoolctl lets one thread at a time set a pthreads OpenBLAS's threads (other
+    threads' calls do nothing), so each change takes that control and gives it back
+    (:func:`_set_blas_threads`). Under a ``distributed`` worker BLAS has one thread
+    already.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._inside = 0
+        self._saved: list[tuple[Any, int | None]] = []
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._inside == 0:
+                self._saved = _set_blas_threads(1)
+            self._inside += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._inside -= 1
+            if self._inside == 0:
+                _restore_blas_threads(self._saved)
+                self._saved = []
+
+
+def _set_blas_threads(n: int) -> list[tuple[Any, int | None]]:
+    """Every BLAS pool of this process to ``n`` threads, from whichever thread calls;
+    returns each pool with the threads it had."""
+    libs = _blas_controller().select(user_api="blas").lib_controllers
+    saved = [(lib, lib.num_threads) for lib in libs]
+    _restore_blas_threads([(lib, n) for lib in libs])
+    return saved
+
+
+def _restore_blas_threads(saved: list[tuple[Any, int | None]]) -> None:
+    OpenBLASController.clear_controlling_thread(force=True)  # this thread may set them
+    try:
+        for lib, threads in saved:
+            if threads is not None:
+                lib.set_num_threads(threads)
+    finally:
+        OpenBLASController.clear_controlling_thread(force=True)
+
+
+#: The per-row outputs' shared limit (:class:`SharedBlasLimit`).
+SHARED_BLAS_LIMIT = SharedBlasLimit()
 
 
 # --------------------------------------------------------------------------- E-step

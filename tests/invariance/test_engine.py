@@ -796,3 +796,63 @@ def test_only_one_module_imports_dask_private_api():
             if any(n.split(".")[0] == "dask" and "._" in n for n in names):
                 importers.add(path.relative_to(root).as_posix())
     assert importers == {"engine/_dask.py"}
+
+
+def test_per_row_outputs_share_one_blas_thread_while_their_tasks_run(monkeypatch) -> None:
+    """The per-row outputs' chunk tasks run on one BLAS thread while any of them runs,
+    however their entries and exits interleave, and BLAS's own count comes back after
+    the last (one limit entered and left by each task would restore it while another
+    still runs, or leave the limit behind). (No outer ``threadpool_limits`` here: under
+    one set by the main thread, OpenBLAS shows other threads' limits differently.)"""
+    import threading
+
+    from threadpoolctl import threadpool_info
+
+    from dkm.engine.passes import SharedBlasLimit
+    from dkm.kernels import expectation as K
+
+    def blas_threads() -> list[int]:
+        return [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+
+    before = blas_threads()
+    assert before and max(before) >= 2  # CI's machine has 2 cores
+    shared = SharedBlasLimit()
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+    seen: dict[str, list[int]] = {}
+
+    def first() -> None:
+        with shared:
+            first_in.set()
+            second_in.wait(10)
+            seen["both"] = blas_threads()
+        first_out.set()
+
+    def second() -> None:
+        first_in.wait(10)
+        with shared:
+            second_in.set()
+            first_out.wait(10)
+            seen["after the first left"] = blas_threads()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert set(seen["both"]) == {1} and set(seen["after the first left"]) == {1}
+    assert blas_threads() == before
+    # a lazy output computed on the threaded scheduler: the same, and restored after
+    X = da.from_array(np.random.default_rng(0).normal(size=(4000, 3)), chunks=(500, -1))
+    gm = dkm.GaussianMixture(2, random_state=0).fit(X)
+    inside: list[list[int]] = []
+    kernel = K.predict_proba
+
+    def recording(*args):
+        inside.append(blas_threads())
+        return kernel(*args)
+
+    monkeypatch.setattr(K, "predict_proba", recording)
+    with dask.config.set(scheduler="threads"):
+        gm.predict_proba(X).compute()
+    assert len(inside) >= 8 and all(set(t) == {1} for t in inside)  # 8 chunks
+    assert blas_threads() == before
