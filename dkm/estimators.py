@@ -63,6 +63,7 @@ from dkm.engine import (
     lazy_labels,
     lazy_proba,
     lazy_score_samples,
+    one_blas_thread,
     sample_points,
     stats_pass_many,
     summarize,
@@ -1184,7 +1185,7 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
         if resume is None and sample is not None:
             # the init's k-means and partition on the first sample, on this process
             first = sample.nested().first(schedule.sizes[0] if schedule else sample.size)
-            with dask.config.set(scheduler="threads"):
+            with dask.config.set(scheduler="threads"), one_blas_thread():
                 inits = self._initial_params_many(
                     sample_data(first, data.origin, data.nan_policy),
                     summary,

@@ -39,6 +39,7 @@ from dkm import covariance
 from dkm._typing import SAMPLING_SCHEDULES, parse_schedule
 from dkm.engine.data import ChunkedData
 from dkm.engine.em import Callback, EMOptions, IterationInfo, fit_em_many
+from dkm.engine.passes import one_blas_thread
 from dkm.kernels.params import MixtureParams
 from dkm.stats import RowSample
 
@@ -175,7 +176,10 @@ def run_sampled(
             continue
         marker.start(m, total_weight / weight, hold=trials > 1)
         stage = dataclasses.replace(options, tol=_gmm_tol(options, params, m))
-        with dask.config.set(scheduler="threads"):
+        # the sample's passes: this process's threads, BLAS on one thread (a small
+        # sample is one chunk, whose small products gain nothing from BLAS's threads
+        # and lose a time slice each when the OS has descheduled one on a busy machine)
+        with dask.config.set(scheduler="threads"), one_blas_thread():
             results = fit_em_many(
                 data,
                 params,
