@@ -417,8 +417,9 @@ class FitBounds:
 
     ``algorithm``: "lloyd", never (every row searched in every pass, as scikit-learn's
     Lloyd); "hamerly", for rows of any width (wider rows are searched by BLAS, whose bits
-    for a few gathered rows are not the block GEMM's, so a block with a gathered row
-    within rounding of a tie is searched whole); "auto", where the compiled row pass
+    for a row depend on the product's shape and the row's place in it, so the rows the
+    bounds leave unsettled are searched at their places in products of their blocks'
+    shape); "auto", where the compiled row pass
     searches (each row's bits its own), i.e. for :func:`dkm.kernels.searches_rows` rows.
     """
 

@@ -641,7 +641,12 @@ def _kmeans_estep(
     scale = bounds.margin_scale(d, cdtype)
     c2max = bounds.margin_c2(float(c2.max()) if k else 0.0, cdtype)
     zeros = X.zeros
-    for rows in row_blocks(n, search.per_row, search.block_elements):
+    blocks = list(row_blocks(n, search.per_row, search.block_elements))
+    packed = None
+    if kept and not search.row_exact:  # the GEMM: settle every block first, then pack
+        assert state is not None
+        packed = _packed_search(X, search, C, state, blocks, drift, scale, c2max)
+    for b, rows in enumerate(blocks):
         # read once, uncentred, where the bounds may settle every row or the fused
         # search centres the rows as it reads them (no centred copy)
         Xb, origin = X.raw(rows) if kept or search.row_exact else (X(rows), zeros)
@@ -655,27 +660,28 @@ def _kmeans_estep(
         else:
             assert state is not None
             index, upper, lower = state.labels[rows], state.upper[rows], state.lower[rows]
-            todo, count = X.ws.get("todo", (m,), np.int64), m
-            if kept:  # move the bounds by the drift; exact distances where unsettled
-                count = fused.filter_bounds(
-                    index, upper, lower, drift.moved, *moves, scale, c2max, todo
-                )
-                if 0 < count <= PROMOTE * m:
-                    count = fused.tighten_bounds(
-                        Xb, origin, todo, count, C, *moves, index, upper, lower, scale, c2max
+            if packed is not None:  # labels and runner-ups of the block's unsettled rows
+                gbest, gsecond, plans = packed
+                picked = plans[b]
+                whole = picked is None
+                if picked is not None and picked.size:
+                    found = (gbest[rows][picked], gsecond[rows][picked], picked)
+            else:
+                todo, count = X.ws.get("todo", (m,), np.int64), m
+                if kept:  # move the bounds by the drift; exact distances where unsettled
+                    count = fused.filter_bounds(
+                        index, upper, lower, drift.moved, *moves, scale, c2max, todo
                     )
-                state.searched += count
-            whole = count > PROMOTE * m or not kept  # one GEMM on the block as it is
-            if count and not whole:
-                picked = todo[:count]
-                Xs = np.subtract(Xb[picked], origin, dtype=cdtype)  # centre_rows' bits
-                best, second, nearest = search.nearest2(Xs)
-                # BLAS's bits for a few gathered rows are not the block's (other kernels,
-                # GEMV for one row): a row within rounding of a tie could get another
-                # label, so the block's own GEMM decides, as without bounds; clear
-                # winners are the same whichever GEMM
-                whole = not search.row_exact and fused.near_tie(Xs, best, second, scale, c2max)
-                if not whole:
+                    if 0 < count <= PROMOTE * m:
+                        count = fused.tighten_bounds(
+                            Xb, origin, todo, count, C, *moves, index, upper, lower, scale, c2max
+                        )
+                    state.searched += count
+                whole = count > PROMOTE * m or not kept  # one GEMM on the block as it is
+                if count and not whole:  # the fused search: each row's bits its own
+                    picked = todo[:count]
+                    Xs = np.subtract(Xb[picked], origin, dtype=cdtype)  # centre_rows' bits
+                    best, second, nearest = search.nearest2(Xs)
                     index[picked] = nearest
                     found = (best, second, picked)
             if whole:  # into the bounds' labels directly
@@ -740,6 +746,74 @@ def _kmeans_estep(
     return SuffStats(
         moments, nk, sx, sxx, float(objective[0]), float(w.sum()), n, farthest, searched
     )
+
+
+def _packed_search(
+    X: _Rows,
+    search: _Search,
+    C: NDArray[Any],
+    state: bounds.Bounds,
+    blocks: list[slice],
+    drift: bounds.Drift,
+    scale: float,
+    c2max: float,
+) -> tuple[NDArray[Any], NDArray[Any], list[NDArray[np.int64] | None]]:
+    """The bounds of every block of a chunk moved, and the rows they leave unsettled
+    searched by the GEMM, for :func:`_kmeans_estep` (rows of more than
+    :data:`dkm.kernels._fused.SMALL_D` features).
+
+    BLAS's bits for a row depend on the product's shape and on the row's place in it
+    (not on the other rows): a row searched with a few others, or alone (GEMV), can get
+    another label than in its block's GEMM where two centres are within rounding, and
+    the rows the bounds leave unsettled are those near a bisector. So each unsettled row
+    is searched at its own place in a product of its block's shape, and the unsettled
+    rows of all the chunk's blocks share such products wherever their places differ:
+    about as many products as the most rows unsettled at one place, not one per block.
+    A block with more than :data:`PROMOTE` of its rows unsettled is left to be searched
+    whole (None).
+
+    Returns ``(best, second, plans)``: the chunk's ``‖c‖² − 2 c·x`` of the labels and
+    runner-ups (set at the searched rows), and per block its searched rows (indices in
+    the block) or None; the labels go into ``state.labels``.
+    """
+    fused = _fused()
+    moves = (drift.other, drift.rest, drift.near, drift.near_movers)
+    n = state.labels.shape[0]
+    plans: list[NDArray[np.int64] | None] = []
+    for rows in blocks:
+        Xb, origin = X.raw(rows)
+        m = Xb.shape[0]
+        index, upper, lower = state.labels[rows], state.upper[rows], state.lower[rows]
+        todo = X.ws.get("todo", (m,), np.int64)
+        count = fused.filter_bounds(index, upper, lower, drift.moved, *moves, scale, c2max, todo)
+        if 0 < count <= PROMOTE * m:
+            count = fused.tighten_bounds(
+                Xb, origin, todo, count, C, *moves, index, upper, lower, scale, c2max
+            )
+        state.searched += count
+        plans.append(None if count > PROMOTE * m else todo[:count].copy())
+    best, second = np.empty(n, search.dtype), np.empty(n, search.dtype)
+    shapes: dict[int, list[tuple[int, NDArray[np.int64]]]] = {}
+    for rows, picked in zip(blocks, plans, strict=True):
+        if picked is not None and picked.size:
+            shapes.setdefault(rows.stop - rows.start, []).append((rows.start, picked))
+    for m, parts in shapes.items():
+        places = np.concatenate([p for _, p in parts])
+        chunk_rows = np.concatenate([start + p for start, p in parts])
+        order = np.argsort(places, kind="stable")
+        first = np.searchsorted(places[order], places[order])  # a place's first in order
+        rank = np.empty_like(places)
+        rank[order] = np.arange(places.size) - first  # rows before it at its place
+        for r in range(int(rank.max()) + 1):
+            sel = rank == r
+            at, rows_r = places[sel], chunk_rows[sel]
+            pack = X.ws.get("pack", (m, X.shape[1]), search.dtype)
+            pack.fill(0)
+            pack[at] = X(rows_r)
+            got_best, got_second, got = search.nearest2(pack)
+            state.labels[rows_r] = got[at]
+            best[rows_r], second[rows_r] = got_best[at], got_second[at]
+    return best, second, plans
 
 
 class _Search:

@@ -407,3 +407,38 @@ def test_each_iteration_tells_the_share_of_rows_the_bounds_skipped():
     seen.clear()
     fit(Xd, "lloyd", seen.append)
     assert {i.skipped for i in seen} == {0.0}
+
+
+def test_wide_rows_near_a_bisector_do_not_send_their_blocks_to_the_gemm(monkeypatch):
+    """Rows of more than SMALL_D features that the bounds leave unsettled lie near a
+    bisector, within the GEMM's rounding allowance of a tie: searched in a product of
+    their block's shape, at their place in it, they have the block GEMM's bits, and the
+    blocks' other rows are not searched again (they were, whole, on KM-4's blobs: a
+    pass with 98 % of the rows settled cost as much as Lloyd's)."""
+    from dkm.kernels import expectation
+
+    d, k = _fused.SMALL_D + 136, 9
+    monkeypatch.setattr(expectation, "FUSED_BLOCK_ELEMENTS", 60 * (k + d))  # 60-row blocks
+    X = blobs(6000, d, 8, seed=13, dtype=np.float32)
+    X = X - X.mean(axis=0)
+    C0 = np.concatenate([X[:8], X[8:9] + 0.5])  # two centres share a blob: a bisector in it
+    columns = []
+    real = expectation._Search.gemm
+
+    def spy(self, Xb):
+        columns.append(Xb.shape[0])
+        return real(self, Xb)
+
+    monkeypatch.setattr(expectation._Search, "gemm", spy)
+    key = ("wide", 0, 0)
+    C = np.asarray(C0, np.float64)
+    for _ in range(10):
+        params = MixtureParams.identity(C)
+        ref = estep(X, params, assignment="hard", moments="none")
+        columns.clear()
+        got = estep(X, params, assignment="hard", moments="none", bounds_key=key)
+        assert_same_stats(got, ref)
+        C, _ = kmeans_centres(ref)
+    held = bounds.CACHE.peek(key)
+    assert held.passes == 9 and 0 < held.searched < 0.3 * len(X)
+    assert sum(columns) < 0.4 * len(X)  # before: more than len(X), every block and more
