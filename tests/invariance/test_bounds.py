@@ -442,3 +442,47 @@ def test_wide_rows_near_a_bisector_do_not_send_their_blocks_to_the_gemm(monkeypa
     held = bounds.CACHE.peek(key)
     assert held.passes == 9 and 0 < held.searched < 0.3 * len(X)
     assert sum(columns) < 0.4 * len(X)  # before: more than len(X), every block and more
+
+
+def test_wide_rows_mostly_unsettled_are_searched_in_whole_blocks(monkeypatch):
+    """Two centres in every blob: at d = 200 in float32 the rounding allowance leaves
+    most rows near the bisectors unsettled. The blocks are then searched whole, as
+    without bounds (no exact distances first, no product per place in a block), so
+    keeping the bounds costs a pass little more than Lloyd's; the bits stay the same."""
+    from dkm.kernels import expectation
+
+    d, k = _fused.SMALL_D + 136, 8
+    monkeypatch.setattr(expectation, "FUSED_BLOCK_ELEMENTS", 60 * (k + d))  # 60-row blocks
+    rng = np.random.default_rng(14)
+    means = rng.normal(scale=8.0, size=(4, d))
+    X = (means[rng.integers(0, 4, 6000)] + rng.normal(size=(6000, d))).astype(np.float32)
+    mean = X.mean(axis=0)
+    X, means = X - mean, means - mean
+    tightened, columns = [], []
+    real_tighten, real_gemm = _fused.tighten_bounds, expectation._Search.gemm
+
+    def tighten(*args):
+        tightened.append(args[3])
+        return real_tighten(*args)
+
+    def gemm(self, Xb):
+        columns.append(Xb.shape[0])
+        return real_gemm(self, Xb)
+
+    monkeypatch.setattr(_fused, "tighten_bounds", tighten)
+    monkeypatch.setattr(expectation._Search, "gemm", gemm)
+    key = ("halves", 0, 0)
+    apart = rng.normal(size=(4, d))
+    apart *= 3.0 / np.linalg.norm(apart, axis=1, keepdims=True)
+    C = np.concatenate([means - apart, means + apart])
+    for _ in range(6):
+        params = MixtureParams.identity(C)
+        ref = estep(X, params, assignment="hard", moments="none")
+        tightened.clear()
+        columns.clear()
+        got = estep(X, params, assignment="hard", moments="none", bounds_key=key)
+        assert_same_stats(got, ref)
+        C = C + rng.normal(scale=1e-3, size=C.shape)  # centres that creep
+    assert not tightened and sum(columns) == len(X)
+    held = bounds.CACHE.peek(key)
+    assert not held.off and held.searched > expectation.TIGHTEN_SHARE * len(X)
