@@ -230,16 +230,17 @@ def test_fit_with_bounds_is_the_fit_without():
     np.testing.assert_array_equal(with_bounds.labels_.compute(), without.labels_.compute())
 
 
-@pytest.mark.parametrize("d", [6, _fused.SMALL_D, _fused.SMALL_D + 1])
-def test_by_default_the_bounds_are_kept_where_rows_are_searched_alone(d):
+@pytest.mark.parametrize("d", [6, _fused.SMALL_D, _fused.SMALL_D + 1, 300])
+def test_by_default_the_bounds_are_kept_for_rows_of_any_width(d):
     """algorithm="auto" (the default): bounds where the compiled row pass searches
-    (each row's bits its own), not for wider rows that BLAS's GEMM searches."""
+    (each row's bits its own) and for wider rows that BLAS's GEMM searches, with the
+    bits of searching every row."""
     assert dkm.KMeans().algorithm == "auto"
     X = blobs(4000, d, 8, seed=11, dtype=np.float32)
     Xd = da.from_array(X, chunks=(1000, -1))
     held = []
     by_default = fit(Xd, "auto", lambda info: held.append(bounds.CACHE.nbytes))
-    assert (max(held) > 0) == (d <= _fused.SMALL_D)
+    assert max(held) > 0
     without = fit(Xd, "lloyd")
     np.testing.assert_array_equal(by_default.cluster_centers_, without.cluster_centers_)
     assert by_default.inertia_ == without.inertia_
