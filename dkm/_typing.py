@@ -18,7 +18,7 @@ Moments = Literal["none", "spherical", "diag", "tied", "full"]
 OnDegenerate = Literal["error", "reseed", "drop"]
 #: How k-means searches rows: "lloyd" every row in every pass; "hamerly" keeps Hamerly's
 #: bounds between passes once the centres settle (the same results, bit for bit); "auto"
-#: keeps them where the compiled row pass searches (at most 64 features).
+#: is "hamerly".
 KMeansAlgorithm = Literal["auto", "lloyd", "hamerly"]
 #: Rows with NaN or infinity: an error naming the row, or left out (labelled -1).
 NanPolicy = Literal["raise", "drop"]

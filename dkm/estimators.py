@@ -560,8 +560,8 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
     algorithm : {"auto", "lloyd", "hamerly"}, default "auto". "lloyd" searches every row
         in every pass; "hamerly" keeps Hamerly's bounds between passes once the centres
         settle, and searches only the rows they leave unsettled; "auto" is "hamerly"
-        where rows are searched by the compiled row pass (at most 64 features), else
-        "lloyd". The results are the same, bit for bit (see :class:`dkm.engine.FitBounds`).
+        (it was "lloyd" for rows of more than 64 features until they paid there). The
+        results are the same, bit for bit (see :class:`dkm.engine.FitBounds`).
 
     Attributes
     ----------

@@ -36,7 +36,6 @@ from dkm.engine.passes import (
     stats_pass_many,
 )
 from dkm.kernels import bounds
-from dkm.kernels import expectation as K
 from dkm.kernels.mstep import gaussian_mstep, kmeans_centres
 from dkm.kernels.params import MixtureParams
 from dkm.stats import SuffStats
@@ -337,7 +336,7 @@ def fit_em_many(
                     stalled = bool(reseeded) and objective >= run.previous
                     run.previous = objective
                     run.bounds = run.bounds or (
-                        fit.wanted(centres.shape[1]) and _worth_keeping(run.params.means, centres)
+                        fit.wanted() and _worth_keeping(run.params.means, centres)
                     )
                     run.params = MixtureParams.identity(centres)
                     run.converged = change <= tol or stalled
@@ -416,21 +415,19 @@ class FitBounds:
     end of the fit. The results are the same, bit for bit, as searching every row.
 
     ``algorithm``: "lloyd", never (every row searched in every pass, as scikit-learn's
-    Lloyd); "hamerly", for rows of any width (wider rows are searched by BLAS, whose bits
-    for a few gathered rows are not the block GEMM's, so a block with a gathered row
-    within rounding of a tie is searched whole); "auto", where the compiled row pass
-    searches (each row's bits its own), i.e. for :func:`dkm.kernels.searches_rows` rows.
+    Lloyd); "hamerly" and "auto", for rows of any width (rows of more than
+    :data:`dkm.kernels._fused.SMALL_D` features are searched by BLAS, whose bits for a
+    row depend on the product's shape and the row's place in it, so the rows the bounds
+    leave unsettled are searched at their places in products of their blocks' shape).
     """
 
     def __init__(self, algorithm: KMeansAlgorithm = "auto") -> None:
         self.algorithm = parse_kmeans_algorithm(algorithm)
         self.name = uuid.uuid4().hex
 
-    def wanted(self, d: int) -> bool:
-        """Whether the fit keeps bounds for rows of ``d`` features once centres settle."""
-        if self.algorithm == "auto":
-            return K.searches_rows(d)
-        return self.algorithm == "hamerly"
+    def wanted(self) -> bool:
+        """Whether the fit keeps bounds once the centres settle."""
+        return self.algorithm != "lloyd"
 
     def key(self, run: _Run) -> tuple[str, int] | None:
         """The cache key of ``run``'s bounds; None while it keeps none."""

@@ -470,21 +470,6 @@ def set_bounds(
         lower[i] = np.sqrt(max(d2, 0.0))
 
 
-@_jit(fastmath=_REASSOC)
-def near_tie(X: Any, best: Any, second: Any, scale: float, c2max: float) -> bool:
-    """Whether some row's runner-up is within the rounding allowance of its best
-    (``second − best ≤ scale · (‖x‖² + max ‖c‖²)``, ``‖x‖²`` in float64)."""
-    n, d = X.shape
-    for i in range(n):
-        s = 0.0
-        for f in range(d):
-            x = np.float64(X[i, f])
-            s += x * x
-        if np.float64(second[i]) - np.float64(best[i]) <= scale * (s + c2max):
-            return True
-    return False
-
-
 @_jit
 def set_bounds_all(
     best: Any, second: Any, dists: Any, upper: Any, lower: Any, scale: float, c2max: float

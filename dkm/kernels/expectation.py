@@ -43,6 +43,18 @@ ROW_SEARCH_BLOCKS = 4
 #: is searched whole (one GEMM on the block as it is) rather than gathered.
 PROMOTE = 0.8
 
+#: k-means with bounds on rows the GEMM searches: the unsettled rows of a chunk's blocks
+#: are searched in products of a block's shape (:func:`_packed_search`) while they need
+#: at most this share of the blocks' products, else the blocks are searched whole (the
+#: products' gathered rows cost more than a block read in order).
+PACKED_SHARE = 0.5
+
+#: Rows the GEMM searches: where the drift of the centres leaves more than this share of
+#: a chunk's rows unsettled, its blocks that have any are searched whole at once, without
+#: the exact distances that would settle some (a read of those rows; the packed products
+#: would hardly be fewer than the blocks).
+TIGHTEN_SHARE = 0.5
+
 #: Elements of the widest per-block temporary of the mixture E-step (``X @ [P_1 … P_k]``
 #: for full covariances, the second-moment features): 4 MB in float64, cache-sized.
 SOFT_BLOCK_ELEMENTS = 1 << 19
@@ -641,10 +653,18 @@ def _kmeans_estep(
     scale = bounds.margin_scale(d, cdtype)
     c2max = bounds.margin_c2(float(c2.max()) if k else 0.0, cdtype)
     zeros = X.zeros
-    for rows in row_blocks(n, search.per_row, search.block_elements):
-        # read once, uncentred, where the bounds may settle every row or the fused
-        # search centres the rows as it reads them (no centred copy)
-        Xb, origin = X.raw(rows) if kept or search.row_exact else (X(rows), zeros)
+    blocks = list(row_blocks(n, search.per_row, search.block_elements))
+    packed = None
+    if kept and not search.row_exact:  # the GEMM: settle every block first, then pack
+        assert state is not None
+        packed = _packed_search(X, search, C, state, blocks, drift, scale, c2max)
+    for b, rows in enumerate(blocks):
+        # read once, uncentred, where the bounds may settle every row of few features or
+        # the fused search centres the rows as it reads them (no centred copy); wide
+        # rows are centred into a block that stays in cache, which the pass after it
+        # reads faster than the chunk (12 against 15 ms a settled 31,250 × 784 chunk)
+        uncentred = (kept and packed is None) or search.row_exact
+        Xb, origin = X.raw(rows) if uncentred else (X(rows), zeros)
         m = Xb.shape[0]
         dists = X.ws.get("dists", (m,), np.float64)
         found: tuple[NDArray[Any], NDArray[Any], NDArray[np.int64] | None] | None = None
@@ -655,27 +675,28 @@ def _kmeans_estep(
         else:
             assert state is not None
             index, upper, lower = state.labels[rows], state.upper[rows], state.lower[rows]
-            todo, count = X.ws.get("todo", (m,), np.int64), m
-            if kept:  # move the bounds by the drift; exact distances where unsettled
-                count = fused.filter_bounds(
-                    index, upper, lower, drift.moved, *moves, scale, c2max, todo
-                )
-                if 0 < count <= PROMOTE * m:
-                    count = fused.tighten_bounds(
-                        Xb, origin, todo, count, C, *moves, index, upper, lower, scale, c2max
+            if packed is not None:  # labels and runner-ups of the block's unsettled rows
+                gbest, gsecond, plans = packed
+                picked = plans[b]
+                whole = picked is None
+                if picked is not None and picked.size:
+                    found = (gbest[rows][picked], gsecond[rows][picked], picked)
+            else:
+                todo, count = X.ws.get("todo", (m,), np.int64), m
+                if kept:  # move the bounds by the drift; exact distances where unsettled
+                    count = fused.filter_bounds(
+                        index, upper, lower, drift.moved, *moves, scale, c2max, todo
                     )
-                state.searched += count
-            whole = count > PROMOTE * m or not kept  # one GEMM on the block as it is
-            if count and not whole:
-                picked = todo[:count]
-                Xs = np.subtract(Xb[picked], origin, dtype=cdtype)  # centre_rows' bits
-                best, second, nearest = search.nearest2(Xs)
-                # BLAS's bits for a few gathered rows are not the block's (other kernels,
-                # GEMV for one row): a row within rounding of a tie could get another
-                # label, so the block's own GEMM decides, as without bounds; clear
-                # winners are the same whichever GEMM
-                whole = not search.row_exact and fused.near_tie(Xs, best, second, scale, c2max)
-                if not whole:
+                    if 0 < count <= PROMOTE * m:
+                        count = fused.tighten_bounds(
+                            Xb, origin, todo, count, C, *moves, index, upper, lower, scale, c2max
+                        )
+                    state.searched += count
+                whole = count > PROMOTE * m or not kept  # one GEMM on the block as it is
+                if count and not whole:  # the fused search: each row's bits its own
+                    picked = todo[:count]
+                    Xs = np.subtract(Xb[picked], origin, dtype=cdtype)  # centre_rows' bits
+                    best, second, nearest = search.nearest2(Xs)
                     index[picked] = nearest
                     found = (best, second, picked)
             if whole:  # into the bounds' labels directly
@@ -740,6 +761,89 @@ def _kmeans_estep(
     return SuffStats(
         moments, nk, sx, sxx, float(objective[0]), float(w.sum()), n, farthest, searched
     )
+
+
+def _packed_search(
+    X: _Rows,
+    search: _Search,
+    C: NDArray[Any],
+    state: bounds.Bounds,
+    blocks: list[slice],
+    drift: bounds.Drift,
+    scale: float,
+    c2max: float,
+) -> tuple[NDArray[Any], NDArray[Any], list[NDArray[np.int64] | None]]:
+    """The bounds of every block of a chunk moved, and the rows they leave unsettled
+    searched by the GEMM, for :func:`_kmeans_estep` (rows of more than
+    :data:`dkm.kernels._fused.SMALL_D` features).
+
+    BLAS's bits for a row depend on the product's shape and on the row's place in it
+    (not on the other rows): a row searched with a few others, or alone (GEMV), can get
+    another label than in its block's GEMM where two centres are within rounding, and
+    the rows the bounds leave unsettled are those near a bisector. So each unsettled row
+    is searched at its own place in a product of its block's shape, and the unsettled
+    rows of all the chunk's blocks share such products wherever their places differ:
+    about as many products as the most rows unsettled at one place, not one per block.
+    A block with more than :data:`PROMOTE` of its rows unsettled is left to be searched
+    whole (None), and so are all those with any where more than :data:`TIGHTEN_SHARE`
+    of the chunk's rows are, or where packing would save too few products
+    (:data:`PACKED_SHARE`).
+
+    Returns ``(best, second, plans)``: the chunk's ``‖c‖² − 2 c·x`` of the labels and
+    runner-ups (set at the searched rows), and per block its searched rows (indices in
+    the block) or None; the labels go into ``state.labels``.
+    """
+    fused = _fused()
+    moves = (drift.other, drift.rest, drift.near, drift.near_movers)
+    n = state.labels.shape[0]
+    unsettled = []
+    for rows in blocks:
+        index, upper, lower = state.labels[rows], state.upper[rows], state.lower[rows]
+        todo = X.ws.get("todo", (rows.stop - rows.start,), np.int64)
+        count = fused.filter_bounds(index, upper, lower, drift.moved, *moves, scale, c2max, todo)
+        unsettled.append(todo[:count].copy())
+    plans: list[NDArray[np.int64] | None] = []
+    tighten = sum(u.size for u in unsettled) <= TIGHTEN_SHARE * n
+    for rows, todo in zip(blocks, unsettled, strict=True):
+        count = todo.size
+        if count and (not tighten or count > PROMOTE * (rows.stop - rows.start)):
+            plans.append(None)  # searched whole
+        else:
+            if count:  # exact distances to the labels' centres; the rest to be searched
+                Xb, origin = X.raw(rows)
+                index, upper, lower = state.labels[rows], state.upper[rows], state.lower[rows]
+                count = fused.tighten_bounds(
+                    Xb, origin, todo, count, C, *moves, index, upper, lower, scale, c2max
+                )
+            plans.append(todo[:count])
+        state.searched += count
+    best, second = np.empty(n, search.dtype), np.empty(n, search.dtype)
+    shapes: dict[int, list[tuple[int, int, NDArray[np.int64]]]] = {}
+    for b, (rows, picked) in enumerate(zip(blocks, plans, strict=True)):
+        if picked is not None and picked.size:
+            shapes.setdefault(rows.stop - rows.start, []).append((b, rows.start, picked))
+    for m, parts in shapes.items():
+        places = np.concatenate([p for _, _, p in parts])
+        chunk_rows = np.concatenate([start + p for _, start, p in parts])
+        order = np.argsort(places, kind="stable")
+        first = np.searchsorted(places[order], places[order])  # a place's first in order
+        rank = np.empty_like(places)
+        rank[order] = np.arange(places.size) - first  # rows before it at its place
+        products = int(rank.max()) + 1
+        if products > PACKED_SHARE * len(parts):  # hardly fewer: the blocks whole
+            for b, _, _ in parts:
+                plans[b] = None
+            continue
+        for r in range(products):
+            sel = rank == r
+            at, rows_r = places[sel], chunk_rows[sel]
+            pack = X.ws.get("pack", (m, X.shape[1]), search.dtype)
+            pack.fill(0)
+            pack[at] = X(rows_r)
+            got_best, got_second, got = search.nearest2(pack)
+            state.labels[rows_r] = got[at]
+            best[rows_r], second[rows_r] = got_best[at], got_second[at]
+    return best, second, plans
 
 
 class _Search:
