@@ -387,18 +387,26 @@ class _DaskMixtureBase(BaseEstimator):
         return Schedule.plan(schedule, int(data.X.shape[0]), k, data.n_features)
 
     def _trials(
-        self, schedule: Schedule | None, summary: DataSummary, k: int, drawn: bool, cheap: bool
+        self,
+        schedule: Schedule | None,
+        summary: DataSummary,
+        k: int,
+        runs: int,
+        drawn: bool,
+        cheap: bool,
     ) -> int:
         """Initialisations tried on the first sample per run: ``sample_trials``, whose
         ``"auto"`` is :func:`~dkm.engine.schedule.auto_trials` (as many as cost about
-        one pass) when the init is ``cheap`` (made from samples, not from passes over
-        all the data), else 1. Always 1 without a sampled ``schedule``, or when the init
-        is not ``drawn`` at random (given centres, a warm start)."""
+        one pass for all ``runs`` together) when the init is ``cheap`` (made from
+        samples, not from passes over all the data), else 1. Always 1 without a sampled
+        ``schedule``, or when the init is not ``drawn`` at random (given centres, a warm
+        start)."""
         value = self.sample_trials
         if isinstance(value, str) and value == "auto":
             if schedule is None or not (drawn and cheap):
                 return 1
-            return auto_trials(schedule, int(summary.count), k, summary.sample.capacity)
+            n, rows = int(summary.count), summary.sample.capacity
+            return auto_trials(schedule, n, k, rows, runs)
         trials = _check_int("sample_trials", value, 1)
         return trials if schedule is not None and drawn else 1
 
@@ -543,10 +551,10 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
         runs draws this many initialisations, iterates each on the first sample, and
         goes on from the best (lowest inertia on that sample); the others cost no pass
         over the data. "auto", for "k-means++" and "random": as many as cost about one
-        pass over the data in all, at most 16 (k-means++ on ``init_sample_size`` rows
-        and about 20 iterations on the first sample each); 1 for "k-means||" (it reads
-        all the data). Given centres and warm starts are tried once. Without sampling
-        it has no effect.
+        pass over the data for all the runs together, at most 16 a run (k-means++ on
+        ``init_sample_size`` rows and about 20 iterations on the first sample each); 1
+        for "k-means||" (it reads all the data). Given centres and warm starts are
+        tried once. Without sampling it has no effect.
     callback : called with an :class:`~dkm.engine.IterationInfo` after every iteration
         (iteration, objective, change, seconds, params): progress, metrics, checkpoints.
     nan_policy : "raise" (default): NaN or infinity in X is an error naming the first
@@ -720,7 +728,7 @@ class KMeans(ClassNamePrefixFeaturesOutMixin, TransformerMixin, ClusterMixin, _D
         _check_resume(resume, n_init * len(ks), ks[0], data.n_features, "identity")
         drawn = isinstance(self.init, str) or callable(self.init)
         cheap = isinstance(self.init, str) and self.init != PARALLEL_INIT
-        trials = self._trials(schedule, summary, max(ks), drawn, cheap)
+        trials = self._trials(schedule, summary, max(ks), n_init * len(ks), drawn, cheap)
         # initial centres drawn in the order separate fits would draw them (each run's
         # trials in turn)
         inits = (
@@ -1180,7 +1188,12 @@ class GaussianMixture(DensityMixin, _DaskMixtureBase):
         _check_resume(resume, n_init * len(ks), ks[0], data.n_features, self._ct)
         drawn = isinstance(self.init_params, str) and self.means_init is None
         trials = self._trials(
-            schedule if sample is not None else None, summary, max(ks), drawn, drawn
+            schedule if sample is not None else None,
+            summary,
+            max(ks),
+            n_init * len(ks),
+            drawn,
+            drawn,
         )
         if resume is None and sample is not None:
             # the init's k-means and partition on the first sample, on this process

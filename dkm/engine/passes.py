@@ -303,8 +303,11 @@ def _blas_limit(n_tasks: int) -> AbstractContextManager[Any]:
 
 
 def one_blas_thread() -> AbstractContextManager[Any]:
-    """BLAS on one thread in this process, within the ``with`` block."""
-    return _blas_controller().limit(limits=1, user_api="blas")
+    """BLAS on one thread in this process, within the ``with`` block: the process's one
+    :class:`SharedBlasLimit`, so that limits entered by several threads (a pass's, the
+    per-row outputs' tasks) overlap without one restoring BLAS's threads under another
+    or leaving the limit behind."""
+    return SHARED_BLAS_LIMIT
 
 
 def _blas_controller() -> ThreadpoolController:
@@ -324,12 +327,14 @@ _CONTROLLER: dict[str, tuple[int, ThreadpoolController]] = {}
 
 
 class SharedBlasLimit:
-    """One BLAS thread while any of the chunk tasks that enter it runs in this process.
+    """One BLAS thread while anything that entered it is inside, in any thread.
 
     For tasks that Dask's threaded scheduler runs side by side (the per-row outputs,
-    :mod:`dkm.engine.outputs`): a limit entered and left by each task would race (a
-    task leaving restores BLAS's threads while another still runs); this one is set by
-    the first task in and lifted by the last one out, whichever threads those are.
+    :mod:`dkm.engine.outputs`) and the client's own limits (:func:`one_blas_thread`):
+    limits entered and left independently would race (one leaving restores BLAS's
+    threads while another is inside, or restores the one it found, leaving it for good);
+    this one is set by the first in and lifted by the last out, whichever threads those
+    are, and may be entered again by a thread inside it.
     threadpoolctl lets one thread at a time set a pthreads OpenBLAS's threads (other
     threads' calls do nothing), so each change takes that control and gives it back
     (:func:`_set_blas_threads`). Under a ``distributed`` worker BLAS has one thread
@@ -374,7 +379,7 @@ def _restore_blas_threads(saved: list[tuple[Any, int | None]]) -> None:
         OpenBLASController.clear_controlling_thread(force=True)
 
 
-#: The per-row outputs' shared limit (:class:`SharedBlasLimit`).
+#: The process's BLAS limit (:class:`SharedBlasLimit`, :func:`one_blas_thread`).
 SHARED_BLAS_LIMIT = SharedBlasLimit()
 
 

@@ -37,8 +37,9 @@ from numpy.typing import NDArray
 
 from dkm import covariance
 from dkm._typing import SAMPLING_SCHEDULES, parse_schedule
+from dkm.covariance import DegenerateComponentError
 from dkm.engine.data import ChunkedData
-from dkm.engine.em import Callback, EMOptions, IterationInfo, fit_em_many
+from dkm.engine.em import Callback, EMOptions, EMResult, IterationInfo, fit_em_many
 from dkm.engine.passes import one_blas_thread
 from dkm.kernels.params import MixtureParams
 from dkm.stats import RowSample
@@ -96,14 +97,15 @@ class Schedule:
         return cls(tuple(sizes), min(1.0, largest / n))
 
 
-def auto_trials(schedule: Schedule, n: int, k: int, init_rows: int) -> int:
-    """``sample_trials="auto"``: as many initialisations per run as fit in about one
-    pass over the ``n`` rows, at most :data:`MAX_AUTO_TRIALS`. A trial is reckoned as
-    a greedy k-means++ on ``init_rows`` rows (``2 + ln k`` candidate centres each, as a
-    pass over those rows: the work of ``(2 + ln k) · init_rows`` rows of a pass) and
-    :data:`TRIAL_ITERATIONS` iterations on the schedule's first sample."""
+def auto_trials(schedule: Schedule, n: int, k: int, init_rows: int, runs: int = 1) -> int:
+    """``sample_trials="auto"``: as many initialisations per run as fit, for all the
+    fit's ``runs`` together, in about one pass over the ``n`` rows, at most
+    :data:`MAX_AUTO_TRIALS`. A trial is reckoned as a greedy k-means++ on ``init_rows``
+    rows (``2 + ln k`` candidate centres each, as a pass over those rows: the work of
+    ``(2 + ln k) · init_rows`` rows of a pass) and :data:`TRIAL_ITERATIONS` iterations on
+    the schedule's first sample."""
     cost = (2 + math.log(max(k, 1))) * init_rows + TRIAL_ITERATIONS * schedule.sizes[0]
-    return int(min(MAX_AUTO_TRIALS, max(1, n // max(cost, 1))))
+    return int(min(MAX_AUTO_TRIALS, max(1, n // max(cost * max(runs, 1), 1))))
 
 
 def sample_data(sample: RowSample, origin: F64, nan_policy: str) -> ChunkedData:
@@ -174,20 +176,22 @@ def run_sampled(
         weight = float(part.weights.sum())
         if weight <= 0:
             continue
-        marker.start(m, total_weight / weight, hold=trials > 1)
         stage = dataclasses.replace(options, tol=_gmm_tol(options, params, m))
-        # the sample's passes: this process's threads, BLAS on one thread (a small
-        # sample is one chunk, whose small products gain nothing from BLAS's threads
-        # and lose a time slice each when the OS has descheduled one on a busy machine)
-        with dask.config.set(scheduler="threads"), one_blas_thread():
-            results = fit_em_many(
-                data,
-                params,
-                stage,
-                tol_abs=_kmeans_tol(options, tol_abs, params, spread, m),
-                init_covariances=covs,
-                callback=marker,
-            )
+        marker.start(m, total_weight / weight, hold=trials > 1)
+        try:
+            results = _iterate(data, params, stage, options, tol_abs, spread, m, covs, marker)
+        except DegenerateComponentError:
+            if trials == 1:
+                raise
+            # a trial collapsed on the small first sample (on_degenerate="error"): go on
+            # from each run's first start alone, as without trials, which raises if that
+            # one collapses too
+            marker.restart()  # nothing of it was passed on: it was held
+            keep = list(range(0, len(params), trials))
+            params, covs, spread, histories = _kept(keep, params, covs, spread, marker)
+            trials = 1
+            marker.start(m, total_weight / weight)
+            results = _iterate(data, params, stage, options, tol_abs, spread, m, covs, marker)
         for i, result in enumerate(results):
             info = marker.last.get(i)
             if info is not None and info.centred is not None:
@@ -203,6 +207,32 @@ def run_sampled(
         keep = list(range(0, len(params), trials))
         params, covs, spread, histories = _kept(keep, params, covs, spread, marker)
     return SampledPhase(params, covs, histories)
+
+
+def _iterate(
+    data: ChunkedData,
+    params: list[MixtureParams],
+    stage: EMOptions,
+    options: EMOptions,
+    tol_abs: float | None,
+    spread: list[float],
+    m: int,
+    covs: list[F64 | None],
+    marker: _Marker,
+) -> list[EMResult]:
+    """One sample's iterations from ``params``: on this process's threads, BLAS on one
+    thread (a small sample is one chunk, whose small products gain nothing from BLAS's
+    threads and lose a time slice each when the OS has descheduled one on a busy
+    machine)."""
+    with dask.config.set(scheduler="threads"), one_blas_thread():
+        return fit_em_many(
+            data,
+            params,
+            stage,
+            tol_abs=_kmeans_tol(options, tol_abs, params, spread, m),
+            init_covariances=covs,
+            callback=marker,
+        )
 
 
 def _kept(
@@ -252,6 +282,11 @@ class _Marker:
         ``hold``: keep its iterations from the callback until :meth:`choose`."""
         self.offset, self.rows, self.scale, self.hold = self.done, rows, scale, hold
         self.last = {}
+
+    def restart(self) -> None:
+        """Forget the iterations of the sample begun (none passed on yet: held)."""
+        self.histories = [[i for i in h if i.iteration <= self.offset] for h in self.histories]
+        self.done, self.last = self.offset, {}
 
     def choose(self, keep: Sequence[int]) -> list[list[IterationInfo]]:
         """Keep the histories of the runs ``keep`` (renumbered as 0, 1, ...), pass their

@@ -263,3 +263,43 @@ def test_auto_trials_cost_about_one_pass():
     edge = Schedule.plan("auto", 2_100_000, 64, 16)
     assert edge is not None and auto_trials(edge, 2_100_000, 64, 10_000) == 5
     assert auto_trials(PLAN, N, 4, 10_000) == 1
+
+
+def test_a_trial_that_collapses_leaves_the_fit_as_without_trials(monkeypatch):
+    """A start collapsing on the small first sample (on_degenerate="error") does not fail
+    the fit: it goes on from each run's first start alone, as with one trial."""
+    from dkm.covariance import DegenerateComponentError
+    from dkm.engine import schedule
+
+    real = schedule.fit_em_many
+    collapsed: list[int] = []
+
+    def one_trial_collapses(data, params, *args, **kwargs):
+        if len(params) == 4:  # the trials' sample: one of them collapses
+            collapsed.append(len(params))
+            raise DegenerateComponentError([1], "no points (a test's)")
+        return real(data, params, *args, **kwargs)
+
+    seen: list[IterationInfo] = []
+    with monkeypatch.context() as m:
+        m.setattr(schedule, "fit_em_many", one_trial_collapses)
+        tried = dkm.GaussianMixture(
+            8, covariance_type="diag", random_state=0, schedule="sampled", sample_trials=4,
+            callback=seen.append,
+        ).fit(trial_data())  # fmt: skip
+    assert collapsed == [4]
+    one = dkm.GaussianMixture(
+        8, covariance_type="diag", random_state=0, schedule="sampled", sample_trials=1
+    ).fit(trial_data())
+    assert records(tried.history_) == records(one.history_)
+    assert records(seen) == records(tried.history_)  # nothing of the failed trials
+    np.testing.assert_array_equal(tried.means_, one.means_, strict=True)
+
+
+def test_auto_trials_share_one_pass_among_the_runs():
+    from dkm.engine.schedule import auto_trials
+
+    ttm = Schedule.plan("auto", 8_000_000, 64, 32)
+    assert ttm is not None
+    assert auto_trials(ttm, 8_000_000, 64, 10_000, runs=2) == 10  # 20 for the fit
+    assert auto_trials(ttm, 8_000_000, 64, 10_000, runs=10) == 2  # init="random": 10 runs

@@ -862,3 +862,42 @@ def test_per_row_outputs_share_one_blas_thread_while_their_tasks_run(monkeypatch
         gm.predict_proba(X).compute()
     assert len(inside) >= 8 and all(set(t) == {1} for t in inside)  # 8 chunks
     assert blas_threads() == before
+
+
+def test_a_pass_limit_and_an_output_task_overlapping_leave_blas_as_found() -> None:
+    """A client-thread limit (a pass's, :func:`one_blas_thread`) entered while an output
+    task holds the shared limit, the task leaving first: one thread to the end of the
+    client's block, BLAS's own count after it (with separate limits the task restored
+    two threads under the client's block, whose exit then left one for good)."""
+    import threading
+
+    from threadpoolctl import threadpool_info
+
+    from dkm.engine.passes import SHARED_BLAS_LIMIT, one_blas_thread
+
+    def blas_threads() -> list[int]:
+        return [
+            p["num_threads"]
+            for p in threadpool_info()
+            if p["user_api"] == "blas" and p.get("threading_layer") == "pthreads"
+        ]
+
+    before = blas_threads()
+    assert before and max(before) >= 2
+    in_task, client_in, task_out = threading.Event(), threading.Event(), threading.Event()
+
+    def task() -> None:
+        with SHARED_BLAS_LIMIT:
+            in_task.set()
+            client_in.wait(10)
+        task_out.set()
+
+    t = threading.Thread(target=task)
+    t.start()
+    in_task.wait(10)
+    with one_blas_thread():
+        client_in.set()
+        task_out.wait(10)
+        assert set(blas_threads()) == {1}
+    t.join(10)
+    assert blas_threads() == before
