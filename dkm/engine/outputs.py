@@ -5,6 +5,7 @@ over a Dask array, chunk by chunk, or at once on an in-memory array.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import dask.array as da
@@ -19,7 +20,7 @@ from dkm.engine.data import (
     NonFiniteInputError,
     nonfinite_rows,
 )
-from dkm.engine.passes import SHARED_BLAS_LIMIT
+from dkm.engine.passes import one_blas_thread
 from dkm.kernels import expectation as K
 from dkm.kernels.params import MixtureParams
 
@@ -50,24 +51,15 @@ def _map_chunks(
     else:
         kwargs["chunks"] = (data.X.chunks[0], (n_columns,))
     return da.map_blocks(
-        _apply_chunk, data.X, fn, centred_params, data.origin, data.nan_policy, **kwargs
+        _apply_kernel,
+        data.X,
+        fn,
+        centred_params,
+        data.origin,
+        data.nan_policy,
+        shared_blas=True,
+        **kwargs,
     )
-
-
-def _apply_chunk(
-    X: NDArray[Any],
-    fn: Callable[..., NDArray[Any]],
-    params: MixtureParams,
-    origin: F64,
-    nan_policy: str = "raise",
-    block_info: Any = None,
-) -> NDArray[Any]:
-    """:func:`_apply_kernel` as a Dask task: on one BLAS thread while chunk tasks run in
-    this process (the threaded scheduler runs one per core; each GEMM's own BLAS
-    threads on top oversubscribed the cores: a mixture's labels of 2,000,000 × 16 rows
-    took longer than its fit)."""
-    with SHARED_BLAS_LIMIT:
-        return _apply_kernel(X, fn, params, origin, nan_policy, block_info)
 
 
 def _apply_kernel(
@@ -77,23 +69,30 @@ def _apply_kernel(
     origin: F64,
     nan_policy: str = "raise",
     block_info: Any = None,
+    shared_blas: bool = False,
 ) -> NDArray[Any]:
     """``fn`` on one chunk. Rows with NaN/inf: under "drop" label -1 (NaN for floats);
     under "raise" a :class:`NonFiniteInputError` naming them by global row index and the
-    chunk (from Dask's ``block_info``; an in-memory array is one chunk, from row 0)."""
-    bad = nonfinite_rows(X)
-    if bad is not None:
-        if nan_policy != "drop":
-            offset, chunk = 0, None
-            if isinstance(block_info, dict) and 0 in block_info:
-                offset = int(block_info[0]["array-location"][0][0])
-                chunk = int(block_info[0]["chunk-location"][0])
-            rows = tuple(int(r) + offset for r in np.flatnonzero(bad)[:NAMED_ROWS])
-            raise NonFiniteInputError(
-                int(np.count_nonzero(bad)), rows, chunk, in_chunk=True, remedy=LABEL_REMEDY
-            )
-        X = np.where(bad[:, None], origin.astype(X.dtype), X)
-    out = fn(K.centred(X, origin, params.covariance_type), params)
+    chunk (from Dask's ``block_info``; an in-memory array is one chunk, from row 0).
+
+    ``shared_blas`` (a Dask task): on one BLAS thread while chunk tasks run in this
+    process (:func:`dkm.engine.passes.one_blas_thread`). The threaded scheduler runs one
+    task per core, and each GEMM's own BLAS threads on top oversubscribed the cores: a
+    mixture's labels of 2,000,000 × 16 rows took longer than its fit."""
+    with one_blas_thread() if shared_blas else nullcontext():
+        bad = nonfinite_rows(X)
+        if bad is not None:
+            if nan_policy != "drop":
+                offset, chunk = 0, None
+                if isinstance(block_info, dict) and 0 in block_info:
+                    offset = int(block_info[0]["array-location"][0][0])
+                    chunk = int(block_info[0]["chunk-location"][0])
+                rows = tuple(int(r) + offset for r in np.flatnonzero(bad)[:NAMED_ROWS])
+                raise NonFiniteInputError(
+                    int(np.count_nonzero(bad)), rows, chunk, in_chunk=True, remedy=LABEL_REMEDY
+                )
+            X = np.where(bad[:, None], origin.astype(X.dtype), X)
+        out = fn(K.centred(X, origin, params.covariance_type), params)
     if bad is not None:  # dropped rows: label -1, no probabilities, distances or density
         out[bad] = -1 if out.dtype.kind == "i" else np.nan
     return out

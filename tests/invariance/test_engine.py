@@ -798,6 +798,19 @@ def test_only_one_module_imports_dask_private_api():
     assert importers == {"engine/_dask.py"}
 
 
+def _shared_blas_threads() -> list[int]:
+    """The threads of the BLAS pools the process's threads share (an OpenMP build's
+    limits are each thread's own, e.g. the OpenBLAS FAISS brings, which dkm's kernels
+    do not use)."""
+    from threadpoolctl import threadpool_info
+
+    return [
+        p["num_threads"]
+        for p in threadpool_info()
+        if p["user_api"] == "blas" and p.get("threading_layer") == "pthreads"
+    ]
+
+
 def test_per_row_outputs_share_one_blas_thread_while_their_tasks_run(monkeypatch) -> None:
     """The per-row outputs' chunk tasks run on one BLAS thread while any of them runs,
     however their entries and exits interleave, and BLAS's own count comes back after
@@ -806,20 +819,10 @@ def test_per_row_outputs_share_one_blas_thread_while_their_tasks_run(monkeypatch
     one set by the main thread, OpenBLAS shows other threads' limits differently.)"""
     import threading
 
-    from threadpoolctl import threadpool_info
-
     from dkm.engine.passes import SharedBlasLimit
     from dkm.kernels import expectation as K
 
-    def blas_threads() -> list[int]:
-        # the pools shared by the process's threads (an OpenMP build's limits are each
-        # thread's own, e.g. the OpenBLAS FAISS brings, which dkm's kernels do not use)
-        return [
-            p["num_threads"]
-            for p in threadpool_info()
-            if p["user_api"] == "blas" and p.get("threading_layer") == "pthreads"
-        ]
-
+    blas_threads = _shared_blas_threads
     before = blas_threads()
     assert before and max(before) >= 2  # CI's machine has 2 cores
     shared = SharedBlasLimit()
@@ -871,17 +874,9 @@ def test_a_pass_limit_and_an_output_task_overlapping_leave_blas_as_found() -> No
     two threads under the client's block, whose exit then left one for good)."""
     import threading
 
-    from threadpoolctl import threadpool_info
-
     from dkm.engine.passes import SHARED_BLAS_LIMIT, one_blas_thread
 
-    def blas_threads() -> list[int]:
-        return [
-            p["num_threads"]
-            for p in threadpool_info()
-            if p["user_api"] == "blas" and p.get("threading_layer") == "pthreads"
-        ]
-
+    blas_threads = _shared_blas_threads
     before = blas_threads()
     assert before and max(before) >= 2
     in_task, client_in, task_out = threading.Event(), threading.Event(), threading.Event()
