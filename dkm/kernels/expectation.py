@@ -90,6 +90,21 @@ WIDE_D = 24
 #: differences and products are of its rows.
 WIDE_BLOCK_BYTES = 8 << 20
 
+#: :class:`_Screen` from this many features up: below, a row's k triangular products
+#: cost too little for the bounds and the gathered rows to pay (even at d = 48 with
+#: 60 % of the pairs left out; ``benchmarks/README.md``).
+SCREEN_MIN_D = 64
+
+#: :class:`_Screen`: the columns of each precision factor its bounds take, ``d //
+#: SCREEN_COLUMN_RATIO`` but at least SCREEN_MIN_COLUMNS (all of them up to that).
+SCREEN_COLUMN_RATIO = 32
+SCREEN_MIN_COLUMNS = 4
+
+#: :class:`_Screen`: a block whose bounds leave out less than this share of the
+#: (row, component) pairs they could (all but each row's most likely) ends the screening
+#: for the rest of the chunk.
+SCREEN_MIN_PRUNED = 0.25
+
 
 def row_blocks(
     n: int, per_row: int, elements: int = BLOCK_ELEMENTS, min_rows: int = 1
@@ -347,14 +362,19 @@ def _wide_full_estep(
     sxx = np.zeros((k, d, d)) if full_moments else None
     farthest = FarthestPoints.empty(n_farthest, d) if n_farthest else None
     step = max(MIN_BLOCK_ROWS, WIDE_BLOCK_BYTES // (8 * d))
-    for rows in row_blocks(n, 1, step):
+    screen = _Screen(means, pc, const, hard) if k > 1 and d >= SCREEN_MIN_D else None
+    probe = min(n, MIN_BLOCK_ROWS) if screen is not None and screen.active else 0
+    blocks = [slice(0, probe)] if probe else []
+    blocks += [slice(probe + b.start, probe + b.stop) for b in row_blocks(n - probe, 1, step)]
+    for rows in blocks:
         Xb = X(rows)
         m = Xb.shape[0]
         L = ws.get("L", (m, k))
-        for j in range(k):
-            B = np.subtract(Xb, means[j], out=ws.get("B", (m, d)))
-            Y = products[j](B)
-            L[:, j] = const[j] - 0.5 * np.einsum("ij,ij->i", Y, Y)
+        if screen is not None and screen.active:
+            screen.log_densities(Xb, L, products, ws)
+        else:
+            for j in range(k):
+                _mahalanobis_terms(Xb, None, j, means, const, products, L, ws)
         wb = w[rows]
         if hard:
             labels = L.argmax(axis=1)
@@ -388,6 +408,138 @@ def _wide_full_estep(
                 D *= np.sqrt(rj)[:, None]
                 sxx[j] += D.T @ D  # NumPy's syrk for a product with its own transpose
     return SuffStats(moments, nk, sx, sxx, float(objective[0]), float(w.sum()), n, farthest)
+
+
+def _mahalanobis_terms(
+    Xb: F64,
+    rows: NDArray[np.intp] | None,
+    j: int,
+    means: F64,
+    const: F64,
+    products: list[Any],
+    L: F64,
+    ws: Workspace,
+) -> None:
+    """``L[rows, j] = const_j − ½‖(x − μ_j) P_j‖²`` for the block's ``rows`` (None: all),
+    the differences times the triangular ``P_j`` (``products[j]``)."""
+    if rows is None:
+        B = np.subtract(Xb, means[j], out=ws.get("B", Xb.shape))
+    else:
+        B = Xb[rows]
+        B -= means[j]
+    Y = products[j](B)
+    terms = const[j] - 0.5 * np.einsum("ij,ij->i", Y, Y)
+    if rows is None:
+        L[:, j] = terms
+    else:
+        L[rows, j] = terms
+
+
+def _separation(means: F64, pc: F64) -> F64:
+    """(k, d): how much of the Mahalanobis distances from component j's mean to the
+    others' each column of ``P_j`` carries: ``Σ_i ((μ_i − μ_j)·p_c)² / ‖(μ_i − μ_j) P_j‖²``
+    (each other component counts once, however far). A column of large norm may carry
+    none: a feature constant in the data has a huge precision (``reg_covar``'s) and the
+    same value in every mean."""
+    k = means.shape[0]
+    out = np.zeros(means.shape)
+    for j in range(k):
+        proj = (means - means[j]) @ pc[j]  # (k, d)
+        proj *= proj
+        total = proj.sum(axis=1, keepdims=True)
+        np.divide(proj, total, out=proj, where=total > 0)
+        proj[total[:, 0] <= 0] = 0.0
+        out[j] = proj.sum(axis=0)
+    return out
+
+
+class _Screen:
+    """Which of a wide block's log-densities :func:`_wide_full_estep` must compute.
+
+    Component j's Mahalanobis term ``‖(x − μ_j) P_j‖²`` is a sum over the columns of
+    ``P_j``; any r of them give a lower bound, and with it an upper bound ``U_j`` on the
+    log-density, for all k components in one GEMM of ``k·r`` columns (r/d of a
+    triangular product's work per component; r = d / :data:`SCREEN_COLUMN_RATIO`, at
+    least :data:`SCREEN_MIN_COLUMNS`). The r columns taken are those that carry most of
+    the distances between the means (:func:`_separation`).
+    The component of the highest bound is computed exactly first; then only the
+    components whose bound reaches within :data:`~dkm.kernels._fused.NEGLIGIBLE_LOG` of
+    that log-density (soft assignments; for hard ones, that reach it): any other one's
+    responsibility is exactly 0 and its log-density cannot be a row's maximum, so
+    leaving it at −∞ changes no bit of the statistics (the softmax clamps both the same
+    way). On well-separated components, ~2 of k triangular products a row instead of k.
+
+    The bound allows for rounding: the GEMM's and the exact terms' errors are each at
+    most ``γ (‖x‖ + ‖μ_j‖) ‖P_j‖_F`` in ``‖(x − μ_j) P_j‖`` (γ a generous ``(d + r)·u``),
+    and the comparison for a slack far above the last bits of the log-densities.
+    A chunk's first block is :data:`MIN_BLOCK_ROWS` rows, a probe: where a block leaves out
+    less than :data:`SCREEN_MIN_PRUNED` of its pairs, the rest of the chunk is computed
+    whole (the screen would cost more than it saves, as on overlapping components).
+    """
+
+    def __init__(self, means: F64, pc: F64, const: F64, hard: bool) -> None:
+        k, d = means.shape
+        r = min(d, max(SCREEN_MIN_COLUMNS, d // SCREEN_COLUMN_RATIO))
+        norms = np.einsum("jab,jab->jb", pc, pc)  # (k, d): squared column norms
+        cols = np.argsort(-_separation(means, pc), axis=1, kind="stable")[:, :r]
+        W = np.concatenate([pc[j][:, cols[j]] for j in range(k)], axis=1)  # (d, k r)
+        self.W = np.ascontiguousarray(W)
+        self.bias = np.einsum("jd,jdc->jc", means, W.reshape(d, k, r).transpose(1, 0, 2))
+        self.bias = self.bias.reshape(k * r)
+        self.gamma = 4.0 * (d + r + 4) * 2.0**-53
+        self.reach = self.gamma * np.sqrt(norms.sum(axis=1))  # γ ‖P_j‖_F
+        self.mean_norms = np.linalg.norm(means, axis=1)
+        self.means, self.const, self.hard, self.r, self.k = means, const, hard, r, k
+        self.active = bool(np.isfinite(W).all() and np.isfinite(self.bias).all())
+
+    def upper(self, Xb: F64, ws: Workspace) -> F64:
+        """(m, k) upper bounds on the rows' log-densities (NaN where a row is not finite)."""
+        m = Xb.shape[0]
+        Z = np.matmul(Xb, self.W, out=ws.get("screen", (m, self.k * self.r)))
+        Z -= self.bias
+        Z *= Z
+        partial = Z.reshape(m, self.k, self.r).sum(axis=2)
+        row_norms = np.sqrt(np.einsum("ij,ij->i", Xb, Xb)) * (1.0 + self.gamma)
+        low = np.sqrt(partial) * (1.0 - self.gamma)
+        low -= (row_norms[:, None] + self.mean_norms) * self.reach
+        np.maximum(low, 0.0, out=low)
+        return self.const - 0.5 * low * low
+
+    def log_densities(self, Xb: F64, L: F64, products: list[Any], ws: Workspace) -> None:
+        """``L`` (m, k): the block's log-densities where they can matter, −∞ elsewhere."""
+        from dkm.kernels._fused import NEGLIGIBLE_LOG
+
+        m, k = L.shape
+        bound = self.upper(Xb, ws)
+        first = bound.argmax(axis=1)  # a row with NaN bounds keeps every component below
+        L.fill(-np.inf)
+        for j in range(k):
+            self._exact(Xb, np.flatnonzero(first == j), j, L, products, ws)
+        best = L[np.arange(m), first]
+        below = 0.0 if self.hard else -NEGLIGIBLE_LOG
+        slack = 1.0 + 1e-9 * (np.abs(bound) + np.abs(best)[:, None])
+        threshold = (best - below)[:, None] - slack
+        needed = ~(bound < threshold)  # NaN bounds: needed
+        needed[np.arange(m), first] = False
+        for j in range(k):
+            self._exact(Xb, np.flatnonzero(needed[:, j]), j, L, products, ws)
+        pruned = m * (k - 1) - int(np.count_nonzero(needed))
+        if pruned < SCREEN_MIN_PRUNED * m * (k - 1):
+            self.active = False
+
+    def _exact(
+        self,
+        Xb: F64,
+        rows: NDArray[np.intp],
+        j: int,
+        L: F64,
+        products: list[Any],
+        ws: Workspace,
+    ) -> None:
+        if not rows.size:
+            return
+        whole = rows.size * 2 > Xb.shape[0]  # gathering most of the block costs more
+        _mahalanobis_terms(Xb, None if whole else rows, j, self.means, self.const, products, L, ws)
 
 
 def _n_features(d: int) -> int:

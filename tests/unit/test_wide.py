@@ -253,3 +253,168 @@ def test_diagonal_log_densities_of_a_tight_far_component_stay_exact(ct, limit, m
     else:
         assert form.exact.size == 0
         assert not exact  # what the limit is for
+
+
+def _screened_and_whole(X, params, monkeypatch, **kwargs):
+    """The wide E-step with its screen and without it, and the (component, rows) pairs
+    the screened one computed exactly."""
+    computed = []
+    exact = E._mahalanobis_terms
+
+    def counting(Xb, rows, j, *args):
+        computed.append((j, Xb.shape[0] if rows is None else rows.size))
+        return exact(Xb, rows, j, *args)
+
+    monkeypatch.setattr(E, "_mahalanobis_terms", counting)
+    screened = estep(X, params, **kwargs)
+    monkeypatch.setattr(E, "_mahalanobis_terms", exact)
+    monkeypatch.setattr(E, "SCREEN_MIN_D", 10**9)
+    whole = estep(X, params, **kwargs)
+    monkeypatch.undo()
+    return screened, whole, sum(rows for _j, rows in computed)
+
+
+def _assert_same_stats(a, b):
+    np.testing.assert_allclose(a.nk, b.nk, rtol=1e-13, atol=0)
+    np.testing.assert_allclose(a.sx, b.sx, rtol=1e-13, atol=1e-13 * np.abs(b.sx).max())
+    np.testing.assert_allclose(a.sxx, b.sxx, rtol=1e-13, atol=1e-13 * np.abs(b.sxx).max())
+    assert a.objective == pytest.approx(b.objective, rel=1e-14)
+
+
+@pytest.mark.parametrize("assignment", ["soft", "hard"])
+@pytest.mark.parametrize("d", [200, 784])
+def test_wide_screen_computes_few_log_densities_on_separated_components(d, assignment, monkeypatch):
+    """Well-separated components: the screen's bounds leave out most (row, component)
+    pairs (each row's own component and a few more are computed), and the statistics,
+    the objective and the farthest points are those of computing every pair."""
+    k, n = 8, 2000
+    params = anisotropic_params(k, d, seed=11)
+    X = sample_rows(params, n, seed=12)
+    w = np.random.default_rng(13).uniform(0.5, 1.5, size=n)
+    kwargs = dict(
+        assignment=assignment, moments="full", shift=params.means, sample_weight=w, n_farthest=3
+    )
+    screened, whole, computed = _screened_and_whole(X, params, monkeypatch, **kwargs)
+    assert computed <= 1.5 * n  # of n·k = 8n
+    _assert_same_stats(screened, whole)
+    np.testing.assert_array_equal(screened.farthest.rows, whole.farthest.rows)
+    logp = direct_log_prob(params, X)
+    if assignment == "soft":
+        norm = logsumexp(logp, axis=1)
+        assert screened.objective == pytest.approx(float(w @ norm), rel=1e-12)
+    else:
+        labels = logp.argmax(axis=1)
+        np.testing.assert_allclose(screened.nk, np.bincount(labels, w, minlength=k), rtol=1e-12)
+
+
+def anisotropic_params(k: int, d: int, seed: int) -> MixtureParams:
+    """Means 3 apart per feature and covariances ``A Aᵀ``, ``A = I + 0.4 G`` (G standard
+    normal): the spread spectra of the benchmarks' blobs, whose precision factors have a
+    few columns far larger than the rest (the screen's bounds take those)."""
+    rng = np.random.default_rng(seed)
+    A = np.eye(d) + rng.normal(scale=0.4, size=(k, d, d))
+    cov = A @ A.transpose(0, 2, 1)
+    pc = covariance.of("full").precision_cholesky(cov)
+    weights, means = rng.dirichlet(np.full(k, 5.0)), rng.normal(scale=3, size=(k, d))
+    return MixtureParams("full", weights, means, pc)
+
+
+def sample_rows(params: MixtureParams, n: int, seed: int) -> np.ndarray:
+    """Rows drawn from the mixture's own components (equally often)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, params.n_components, size=n)
+    kind = covariance.of("full")
+    chol = np.linalg.cholesky(kind.covariances(params.precisions_cholesky))
+    X = rng.normal(size=(n, params.n_features))
+    for j in range(params.n_components):
+        X[labels == j] = X[labels == j] @ chol[j].T
+    return params.means[labels] + X
+
+
+def _two_components(d: int, distance: float) -> MixtureParams:
+    """Unit covariances, equal weights, the second mean ``distance`` along the first axis."""
+    means = np.zeros((2, d))
+    means[1, 0] = distance
+    pc = covariance.of("full").precision_cholesky(np.stack([np.eye(d)] * 2))
+    return MixtureParams("full", np.full(2, 0.5), means, pc)
+
+
+def test_wide_screen_keeps_every_responsibility_the_softmax_keeps(monkeypatch):
+    """Rows whose second component is within 8 nats of NEGLIGIBLE_LOG less likely than
+    the first, and rows far beyond that: the responsibilities down to exp(NEGLIGIBLE_LOG)
+    of a row's largest are all kept (the second component's total is made of nothing
+    else), the ones below left out, as the softmax zeroes them; the far rows' second
+    component is not computed."""
+    from dkm.kernels._fused import NEGLIGIBLE_LOG
+
+    d, distance, n = 200, 100.0, 1200
+    params = _two_components(d, distance)
+    rng = np.random.default_rng(14)
+    # the gap is ½(‖x − μ₂‖² − ‖x‖²) = ½ D² − D x₁: the other features cancel
+    near = rng.uniform(-NEGLIGIBLE_LOG - 8, -NEGLIGIBLE_LOG + 8, size=n // 2)
+    near = near[np.abs(near + NEGLIGIBLE_LOG) > 1e-4]  # no row within rounding of the cut
+    gaps = rng.permutation(np.concatenate([near, rng.uniform(3000, 4000, n)]))
+    X = rng.normal(scale=0.01, size=(gaps.size, d))
+    X[:, 0] = (0.5 * distance**2 - gaps) / distance
+    kwargs = dict(assignment="soft", moments="full", shift=params.means)
+    screened, whole, computed = _screened_and_whole(X, params, monkeypatch, **kwargs)
+    assert computed < 1.5 * gaps.size  # the far rows' second component is left out
+    kept = gaps < -NEGLIGIBLE_LOG
+    expected = np.exp(-gaps[kept] - np.log1p(np.exp(-gaps[kept])))
+    # each 1 nat of gaps just below the cut holds over a third of the total
+    np.testing.assert_allclose(screened.nk[1], expected.sum(), rtol=1e-7)
+    np.testing.assert_allclose(screened.nk[1], whole.nk[1], rtol=1e-13)
+    _assert_same_stats(screened, whole)
+
+
+def test_wide_screen_hard_assignments_keep_the_first_of_tied_components(monkeypatch):
+    """Two identical components: every row's label is the first, as NumPy's argmax
+    gives, with and without the screen."""
+    d, n = 128, 600
+    base = wide_params("full", 3, d, seed=15, scale=0.05)
+    pc = np.concatenate([base.precisions_cholesky[:1], base.precisions_cholesky])
+    params = MixtureParams(
+        "full", np.array([0.2, 0.2, 0.3, 0.3]), np.concatenate([base.means[:1], base.means]), pc
+    )
+    X = mixture_rows(base, n, seed=16, spread=0.2)
+    labels = direct_log_prob(params, X).argmax(axis=1)
+    assert not (labels == 1).any() and (labels == 0).any()
+    kwargs = dict(assignment="hard", moments="full", shift=params.means)
+    screened, whole, _computed = _screened_and_whole(X, params, monkeypatch, **kwargs)
+    np.testing.assert_allclose(screened.nk, np.bincount(labels, minlength=4), rtol=0)
+    _assert_same_stats(screened, whole)
+
+
+def test_wide_screen_stops_on_overlapping_components(monkeypatch):
+    """Components that overlap leave nothing out: after the probe block of MIN_BLOCK_ROWS
+    rows, the chunk is computed whole, and the statistics are the same."""
+    d, k, n = 128, 4, 3000
+    params = wide_params("full", k, d, seed=17)
+    params = MixtureParams("full", params.weights, params.means * 0.01, params.precisions_cholesky)
+    X = mixture_rows(params, n, seed=18, spread=1.0)
+    kwargs = dict(assignment="soft", moments="full", shift=params.means)
+    screened, whole, computed = _screened_and_whole(X, params, monkeypatch, **kwargs)
+    assert n * k <= computed <= n * k + E.MIN_BLOCK_ROWS  # the probe's first components
+    _assert_same_stats(screened, whole)
+
+
+def test_wide_screen_bounds_from_the_columns_that_separate_the_means(monkeypatch):
+    """Features constant in the data (pixels always 0) have the largest precisions
+    (``reg_covar``'s) and the same value in every mean: the screen's columns are those
+    that separate the means, and it still leaves out most pairs."""
+    k, d, n, constant = 6, 96, 1500, 32
+    base = anisotropic_params(k, d - constant, seed=19)
+    X = np.zeros((n, d))
+    X[:, constant:] = sample_rows(base, n, seed=20)
+    cov = np.zeros((k, d, d))
+    cov[:, :constant, :constant] = 1e-6 * np.eye(constant)
+    cov[:, constant:, constant:] = covariance.of("full").covariances(base.precisions_cholesky)
+    means = np.zeros((k, d))
+    means[:, constant:] = base.means
+    params = MixtureParams(
+        "full", base.weights, means, covariance.of("full").precision_cholesky(cov)
+    )
+    kwargs = dict(assignment="soft", moments="full", shift=params.means)
+    screened, whole, computed = _screened_and_whole(X, params, monkeypatch, **kwargs)
+    assert computed <= 1.5 * n  # of n·k = 6n
+    _assert_same_stats(screened, whole)
