@@ -351,30 +351,17 @@ def _wide_full_estep(
     """
     n, d = X.shape
     k = params.n_components
-    means, pc = params.means, params.precisions_cholesky
-    assert pc is not None
     full_moments = covariance.of_moments(moments).dense
     around = np.zeros((k, d)) if shift is None else shift
-    const = -0.5 * d * LOG_2PI + covariance.FULL.log_det(pc, d) + np.log(params.weights)
-    products = [_triangular_product(pc[j]) for j in range(k)]
     ws = X.ws
     nk, sx, objective = np.zeros(k), np.zeros((k, d)), np.zeros(1)
     sxx = np.zeros((k, d, d)) if full_moments else None
     farthest = FarthestPoints.empty(n_farthest, d) if n_farthest else None
-    step = max(MIN_BLOCK_ROWS, WIDE_BLOCK_BYTES // (8 * d))
-    screen = _Screen(means, pc, const, hard) if k > 1 and d >= SCREEN_MIN_D else None
-    probe = min(n, MIN_BLOCK_ROWS) if screen is not None and screen.active else 0
-    blocks = [slice(0, probe)] if probe else []
-    blocks += [slice(probe + b.start, probe + b.stop) for b in row_blocks(n - probe, 1, step)]
-    for rows in blocks:
+    wide = _WideLogDensity(params, np.log(params.weights), hard)
+    for rows in wide.blocks(n):
         Xb = X(rows)
         m = Xb.shape[0]
-        L = ws.get("L", (m, k))
-        if screen is not None and screen.active:
-            screen.log_densities(Xb, L, products, ws)
-        else:
-            for j in range(k):
-                _mahalanobis_terms(Xb, None, j, means, const, products, L, ws)
+        L = wide.log_density(Xb, ws)
         wb = w[rows]
         if hard:
             labels = L.argmax(axis=1)
@@ -408,6 +395,47 @@ def _wide_full_estep(
                 D *= np.sqrt(rj)[:, None]
                 sxx[j] += D.T @ D  # NumPy's syrk for a product with its own transpose
     return SuffStats(moments, nk, sx, sxx, float(objective[0]), float(w.sum()), n, farthest)
+
+
+class _WideLogDensity:
+    """``log N(x | μ_j, Σ_j) + offset_j`` of full covariances on wide rows (more than
+    :data:`WIDE_D` features), as :func:`_wide_full_estep` and the per-row outputs take
+    them: component j's Mahalanobis terms ``‖(x − μ_j) P_j‖²`` from the exact
+    differences times the triangular ``P_j`` (``trmm``), only where they can matter
+    (:class:`_Screen`, from :data:`SCREEN_MIN_D` features). ``hard``: only each row's
+    most likely component matters (labels), else every one within
+    ``exp(NEGLIGIBLE_LOG)`` of it (the softmax zeroes the others)."""
+
+    def __init__(self, params: MixtureParams, offset: F64, hard: bool) -> None:
+        pc = params.precisions_cholesky
+        assert params.kind.dense and pc is not None
+        k, d = params.n_components, params.n_features
+        self.means, self.k, self.d = params.means, k, d
+        self.const = -0.5 * d * LOG_2PI + covariance.FULL.log_det(pc, d) + offset
+        self.products = [_triangular_product(pc[j]) for j in range(k)]
+        screened = k > 1 and d >= SCREEN_MIN_D
+        self.screen = _Screen(self.means, pc, self.const, hard) if screened else None
+
+    def blocks(self, n: int) -> list[slice]:
+        """Row blocks of :data:`WIDE_BLOCK_BYTES` (at least :data:`MIN_BLOCK_ROWS` rows),
+        after a first block of MIN_BLOCK_ROWS where the screen is on: its probe."""
+        step = max(MIN_BLOCK_ROWS, WIDE_BLOCK_BYTES // (8 * self.d))
+        probe = min(n, MIN_BLOCK_ROWS) if self.screen is not None and self.screen.active else 0
+        blocks = [slice(0, probe)] if probe else []
+        return blocks + [
+            slice(probe + b.start, probe + b.stop) for b in row_blocks(n - probe, 1, step)
+        ]
+
+    def log_density(self, Xb: F64, ws: Workspace) -> F64:
+        """(m, k) for the block's float64 rows, in the workspace's ``L`` buffer; −∞ where
+        the screen left a term out."""
+        L = ws.get("L", (Xb.shape[0], self.k))
+        if self.screen is not None and self.screen.active:
+            self.screen.log_densities(Xb, L, self.products, ws)
+        else:
+            for j in range(self.k):
+                _mahalanobis_terms(Xb, None, j, self.means, self.const, self.products, L, ws)
+        return L
 
 
 def _mahalanobis_terms(
@@ -1236,27 +1264,35 @@ def predict_labels(X: NDArray[Any], params: MixtureParams) -> NDArray[np.int64]:
             search.nearest(Xb, index)
             out[rows] = index
         return out
-    for rows, L, _ in _log_prob_blocks(X, params):
+    for rows, L, _ in _log_prob_blocks(X, params, hard=True):
         out[rows] = L.argmax(axis=1)
     return out
 
 
 def _log_prob_blocks(
-    X: NDArray[Any], params: MixtureParams
+    X: NDArray[Any], params: MixtureParams, hard: bool = False
 ) -> Iterator[tuple[slice, F64, Workspace]]:
     """The rows of a mixture's ``X`` in blocks, each with its ``log π_k + log N(x | k)``
     (b, k) in the workspace's buffers (valid until the next block).
 
     The log-densities are the soft E-step's: from the moments' features by one GEMM
-    (:class:`QuadraticForm`, :class:`DiagonalQuadraticForm`) where it takes them so,
-    else :func:`_log_density`, in blocks of bounded temporaries reused through a
-    workspace. (:func:`weighted_log_prob` of a whole chunk, then NumPy's or SciPy's
-    reductions over it, made ``score`` on 10,000,000 × 16, k=8 full take ~6× an EM
-    iteration.)
+    (:class:`QuadraticForm`, :class:`DiagonalQuadraticForm`) where it takes them so, of
+    full covariances on wide rows :class:`_WideLogDensity`'s (−∞ where they cannot
+    matter: below ``exp(NEGLIGIBLE_LOG)`` of the row's largest, or with ``hard``, for
+    labels only, below the largest), else :func:`_log_density`, in blocks of bounded
+    temporaries reused through a workspace. (:func:`weighted_log_prob` of a whole
+    chunk, then NumPy's or SciPy's reductions over it, made ``score`` on 10,000,000 ×
+    16, k=8 full take ~6× an EM iteration.)
     """
     n, d = X.shape
     k = params.n_components
     offset = np.log(params.weights)
+    if params.kind.dense and d > WIDE_D:
+        wide = _WideLogDensity(params, offset, hard)
+        ws = Workspace()
+        for rows in wide.blocks(n):
+            yield rows, wide.log_density(np.ascontiguousarray(X[rows], np.float64), ws), ws
+        return
     quadratic: QuadraticForm | DiagonalQuadraticForm | None = None
     if params.kind.dense and d <= WIDE_D:
         quadratic = QuadraticForm(params, offset)

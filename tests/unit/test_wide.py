@@ -418,3 +418,40 @@ def test_wide_screen_bounds_from_the_columns_that_separate_the_means(monkeypatch
     screened, whole, computed = _screened_and_whole(X, params, monkeypatch, **kwargs)
     assert computed <= 1.5 * n  # of n·k = 6n
     _assert_same_stats(screened, whole)
+
+
+@pytest.mark.parametrize("d", [200, 784])
+def test_wide_outputs_take_the_screened_log_densities(d, monkeypatch):
+    """``score_samples``, ``predict_proba`` and the labels of full covariances on wide
+    rows: the fit's screened log-densities (few components computed a row), in several
+    blocks, equal to those computed whole and to SciPy's densities and log-sum-exp (to
+    the accuracy of the inverse covariances, ill-conditioned here)."""
+    k, n = 6, 900
+    params = anisotropic_params(k, d, seed=21)
+    X = sample_rows(params, n, seed=22)
+    monkeypatch.setattr(E, "WIDE_BLOCK_BYTES", 1)  # blocks of MIN_BLOCK_ROWS rows
+    outputs = (E.score_samples, E.predict_proba, predict_labels)
+    with monkeypatch.context() as whole:
+        whole.setattr(E, "SCREEN_MIN_D", 10**9)
+        score, proba, labels = (f(X, params) for f in outputs)
+    computed = []
+    exact = E._mahalanobis_terms
+
+    def counting(Xb, rows, j, *args):
+        computed.append(Xb.shape[0] if rows is None else rows.size)
+        return exact(Xb, rows, j, *args)
+
+    monkeypatch.setattr(E, "_mahalanobis_terms", counting)
+    np.testing.assert_allclose(E.score_samples(X, params), score, rtol=1e-14)
+    np.testing.assert_allclose(E.predict_proba(X, params), proba, rtol=1e-13, atol=1e-300)
+    assert sum(computed) <= 2 * 1.5 * n  # two passes over X, of n·k = 6n each
+    computed.clear()
+    np.testing.assert_array_equal(predict_labels(X, params), labels)
+    assert sum(computed) <= 1.5 * n
+    logp = direct_log_prob(params, X)
+    norm = logsumexp(logp, axis=1)
+    np.testing.assert_allclose(score, norm, rtol=1e-8)
+    np.testing.assert_allclose(proba, np.exp(logp - norm[:, None]), atol=1e-8)
+    np.testing.assert_array_equal(labels, logp.argmax(axis=1))
+    fit = estep(X, params, assignment="hard", moments="full", shift=params.means)
+    np.testing.assert_array_equal(fit.nk, np.bincount(labels, minlength=k))
