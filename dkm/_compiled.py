@@ -9,6 +9,7 @@ cache directory (see :mod:`dkm.kernels._fused`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -66,3 +67,174 @@ def centred_square_sums(X: Any, mean: Any, s: Any) -> None:
         for f in range(d):
             dx = np.float64(X[i, f]) - mean[f]
             s[f] += dx * dx
+
+
+# ------------------------------------------------------------------------ exact sums
+# The per-element arithmetic of dkm.exact.ExactSum (its docstring has the grid), for
+# finite values and K = 3 bins: the same integers and the same rounding as its NumPy
+# code, one element at a time with no temporaries (on a (k, d, d) array of full
+# moments at d = 784 the NumPy code's temporaries made the exact sums most of a pass).
+# Every function leaves non-finite values to the NumPy code.
+
+#: an element holding only zeros (dkm.exact._NONE)
+EXACT_NONE = -64
+
+
+#: 2^s for s in [−EXACT_HALF, EXACT_HALF] (normal numbers): x·2^s as two exact products
+EXACT_HALF = 560
+EXACT_POW2 = np.ldexp(1.0, np.arange(-EXACT_HALF, EXACT_HALF + 1))
+
+
+@_jit(inline="always")
+def _exact_level(x: float, bits: int) -> int:
+    """p with ``2^p ≤ |x| < 2^(p+1)`` for finite x ≠ 0, from its exponent bits (frexp's
+    exponent less one; subnormals by frexp)."""
+    e = (bits >> 52) & 0x7FF
+    if e == 0:
+        return math.frexp(x)[1] - 1
+    return e - 1023
+
+
+@_jit
+def exact_deposit(X: Any, Xbits: Any, w: int, pow2: Any, top: Any, bins: Any) -> None:
+    """``ExactSum.of(X).total()`` of finite float64 ``X`` (P, N) (``Xbits``: its bits,
+    ``X.view(np.int64)``; ``pow2``: :data:`EXACT_POW2`): ``top`` (N,) int16 and ``bins``
+    (3, N) int64, out. A deposit at level t has the digits ``floor(y)``,
+    ``floor((y − d0)·2^w)``, … of ``y = x·2^(−tw)`` (two exact products by powers of
+    two: |y| is in [1, 2^w)); a total at level T adds digit j of a deposit at level t to
+    bin ``j + T − t`` (those below bin 2 dropped)."""
+    P, N = X.shape
+    half = (pow2.shape[0] - 1) // 2
+    scale = 2.0**w
+    for i in range(N):
+        T = EXACT_NONE
+        for p in range(P):
+            x = X[p, i]
+            if x != 0.0:
+                T = max(T, _exact_level(x, Xbits[p, i]) // w)
+        top[i] = T
+        b0 = np.int64(0)
+        b1 = np.int64(0)
+        b2 = np.int64(0)
+        for p in range(P):
+            x = X[p, i]
+            if x == 0.0:
+                continue
+            t = _exact_level(x, Xbits[p, i]) // w
+            s = T - t
+            if s >= 3:
+                continue
+            e = -t * w
+            e1 = e // 2
+            y = (x * pow2[half + e1]) * pow2[half + e - e1]
+            d0 = math.floor(y)
+            y = (y - d0) * scale
+            d1 = math.floor(y)
+            y = (y - d1) * scale
+            d2 = math.floor(y)
+            if s == 0:
+                b0 += d0
+                b1 += d1
+                b2 += d2
+            elif s == 1:
+                b1 += d0
+                b2 += d1
+            else:
+                b2 += d0
+        bins[0, i] = b0
+        bins[1, i] = b1
+        bins[2, i] = b2
+
+
+@_jit
+def exact_merge(top_a: Any, bins_a: Any, top_b: Any, bins_b: Any, top: Any, bins: Any) -> None:
+    """``ExactSum.sum_of([a, b])`` of finite sums (flat, N elements): the higher level,
+    each side's bins moved down to it (those below bin 2 dropped), added."""
+    N = top_a.shape[0]
+    for i in range(N):
+        ta = np.int64(top_a[i])
+        tb = np.int64(top_b[i])
+        T = max(ta, tb)
+        top[i] = T
+        sa = T - ta
+        sb = T - tb
+        for j in range(3):
+            v = np.int64(0)
+            if j >= sa:
+                v += bins_a[j - sa, i]
+            if j >= sb:
+                v += bins_b[j - sb, i]
+            bins[j, i] = v
+
+
+@_jit
+def exact_to_float(top: Any, bins: Any, w: int, out: Any) -> None:
+    """``ExactSum.to_float`` of finite sums (flat, N elements): each rounded to nearest
+    float64 (ties to even) once. The bins are carried into four limbs of w bits of the
+    magnitude (``base``: the lowest bin's weight), then the bits above the result's last
+    place are taken and rounded by the bit below it and the sticky bits under that."""
+    N = top.shape[0]
+    mask = np.int64((1 << w) - 1)
+    wu = np.uint64(w)
+    one = np.uint64(1)
+    limbs = np.zeros(7, np.int64)
+    lower = np.zeros(5, np.bool_)
+    for i in range(N):
+        b0 = bins[0, i]
+        b1 = bins[1, i]
+        b2 = bins[2, i]
+        c0 = b2 & mask
+        carry = b2 >> w
+        t = b1 + carry
+        c1 = t & mask
+        carry = t >> w
+        t = b0 + carry
+        c2 = t & mask
+        c3 = t >> w
+        negative = c3 < 0
+        if negative:
+            n0 = -c0
+            limbs[0] = n0 & mask
+            carry = n0 >> w
+            n1 = carry - c1
+            limbs[1] = n1 & mask
+            carry = n1 >> w
+            n2 = carry - c2
+            limbs[2] = n2 & mask
+            carry = n2 >> w
+            limbs[3] = carry - c3
+        else:
+            limbs[0] = c0
+            limbs[1] = c1
+            limbs[2] = c2
+            limbs[3] = c3
+        if limbs[0] == 0 and limbs[1] == 0 and limbs[2] == 0 and limbs[3] == 0:
+            out[i] = 0.0
+            continue
+        base = (int(top[i]) - 2) * w
+        h = 3 if limbs[3] != 0 else (2 if limbs[2] != 0 else (1 if limbs[1] != 0 else 0))
+        n_bits = w * h + math.frexp(np.float64(limbs[h]))[1]
+        q = max(n_bits - 1 + base - 52, -1074)
+        sh = q - base
+        if sh <= 0:  # nothing below the last place: the magnitude is below 2^53
+            small = np.float64(np.uint64(limbs[0]) + (np.uint64(limbs[1]) << wu))
+            mag = math.ldexp(small, base)
+        else:
+            i0 = min(max(sh // w, 0), 4)
+            r0 = np.uint64(sh % w)
+            g0 = np.uint64(limbs[i0])
+            g1 = np.uint64(limbs[i0 + 1])
+            g2 = np.uint64(limbs[i0 + 2])
+            R = (g0 >> r0) + (g1 << (wu - r0)) + (g2 << min(np.uint64(2) * wu - r0, np.uint64(63)))
+            below = max(sh - 1, 0)
+            j = min(max(below // w, 0), 4)
+            k = np.uint64(below % w)
+            at = np.uint64(limbs[j])
+            round_bit = (at >> k) & one
+            lower[0] = False
+            for m in range(4):
+                lower[m + 1] = lower[m] or limbs[m] != 0
+            sticky = (at & ((one << k) - one)) != 0 or lower[j]
+            up = round_bit == one and (sticky or (R & one) == one)
+            mag = math.ldexp(np.float64(R + (one if up else np.uint64(0))), q)
+        out[i] = -mag if negative else mag

@@ -395,7 +395,9 @@ class _Full(Covariance):
         return np.array([linalg.cholesky(p, lower=True) for p in precisions])
 
     def precisions(self, prec_chol: F64) -> F64:
-        return np.einsum("kij,klj->kil", prec_chol, prec_chol)
+        # a product per component, as scikit-learn's ``P @ P.T`` (BLAS's syrk);
+        # einsum's loops took a second for k = 10 at d = 784
+        return np.array([p @ p.T for p in prec_chol]).reshape(prec_chol.shape)
 
     def covariances(self, prec_chol: F64) -> F64:
         return np.array([np.linalg.inv(p @ p.T) for p in prec_chol])

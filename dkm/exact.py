@@ -23,11 +23,14 @@ Precision: with ``P`` the exponent of the largest ``|deposit|`` of an element
 each deposit loses less than ``2^(P − 80)`` in magnitude; the exact sum ``S`` of ``n``
 deposits and the value ``V`` read satisfy ``|V − S| ≤ ½ ulp(S) + n · 2^−80 · max|x|``.
 
-NumPy only; non-finite deposits propagate as in IEEE arithmetic (see :meth:`ExactSum.of`).
+Finite values go through compiled loops (:mod:`dkm._compiled`: the same integers and
+the same rounding, element by element, without NumPy's temporaries); non-finite deposits
+propagate as in IEEE arithmetic through the NumPy code below (see :meth:`ExactSum.of`).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -36,13 +39,19 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from dkm import _compiled
+
 #: bits per bin of the global grid
 W = 40
-#: bins kept per element
+#: bins kept per element (the compiled loops of :mod:`dkm._compiled` take three)
 K = 3
 #: deposits one accumulator can hold: each adds at most ``2^W`` in magnitude to each int64
 #: bin, and reading carries between bins, so ``MAX_PARTS · (2^W + 1)`` must stay below 2^63
 MAX_PARTS = 2 ** (63 - W) - 1
+
+#: finite values through the compiled loops (False: the NumPy code alone, which the tests
+#: compare them with bit for bit)
+COMPILED = True
 
 _MASK = np.int64(2**W - 1)
 #: level of an element that holds only zeros: any merge moves its (zero) bins out
@@ -88,6 +97,10 @@ class ExactSum:
         non-finite values deposited in it (``inf + −inf`` is NaN).
         """
         x = np.asarray(x, np.float64)
+        if np.ndim(exponent) == 0 and int(exponent) == 0:
+            compiled = cls._compiled_total(x[None])
+            if compiled is not None:
+                return compiled
         finite = np.isfinite(x)
         special = not bool(finite.all())
         if special:
@@ -112,6 +125,27 @@ class ExactSum:
             bins[1:] = np.where(finite, bins[1:], 0)
         return cls(top16, bins, 1, special)
 
+    @classmethod
+    def total_of(cls, xs: Any) -> ExactSum:
+        """The exact sum of the deposits ``xs[0], xs[1], …`` (``of(xs).total()``)."""
+        xs = np.asarray(xs, np.float64)
+        compiled = cls._compiled_total(xs)
+        return cls.of(xs).total() if compiled is None else compiled
+
+    @classmethod
+    def _compiled_total(cls, xs: NDArray[np.float64]) -> ExactSum | None:
+        """``of(xs).total()`` by :func:`dkm._compiled.exact_deposit`; None if some value
+        is not finite (the NumPy code keeps those)."""
+        _check_parts(xs.shape[0])
+        if not COMPILED or not np.isfinite(xs).all():
+            return None
+        shape = xs.shape[1:]
+        flat = np.ascontiguousarray(xs.reshape(xs.shape[0], -1))
+        top = np.empty(flat.shape[1], np.int16)
+        bins = np.empty((K, flat.shape[1]), np.int64)
+        _compiled.exact_deposit(flat, flat.view(np.int64), W, _compiled.EXACT_POW2, top, bins)
+        return cls(top.reshape(shape), bins.reshape((K, *shape)), xs.shape[0])
+
     def merge(self, other: ExactSum) -> ExactSum:
         """The exact sum of both (associative and commutative bit for bit)."""
         return ExactSum.sum_of([self, other])
@@ -126,6 +160,22 @@ class ExactSum:
             raise ValueError(f"cannot sum exact accumulators of shapes {[p.shape for p in parts]}")
         n = sum(p.parts for p in parts)
         _check_parts(n)
+        if COMPILED and not any(p.special for p in parts):  # pairwise, compiled: same bits
+            size = int(np.prod(shape, dtype=np.int64))
+            top_a = np.ascontiguousarray(parts[0].top.reshape(size))
+            bins_a = np.ascontiguousarray(parts[0].bins.reshape(K, size))
+            for p in parts[1:]:
+                top_m, bins_m = np.empty(size, np.int16), np.empty((K, size), np.int64)
+                _compiled.exact_merge(
+                    top_a,
+                    bins_a,
+                    np.ascontiguousarray(p.top.reshape(size)),
+                    np.ascontiguousarray(p.bins.reshape(K, size)),
+                    top_m,
+                    bins_m,
+                )
+                top_a, bins_a = top_m, bins_m
+            return ExactSum(top_a.reshape(shape), bins_a.reshape((K, *shape)), n)
         top = parts[0].top
         for p in parts[1:]:
             top = np.maximum(top, p.top)
@@ -166,6 +216,18 @@ class ExactSum:
 
     def to_float(self) -> NDArray[np.float64]:
         """The exact sums rounded to nearest float64 (ties to even), once."""
+        if COMPILED and not self.special:
+            size = self.top.size
+            out = np.empty(size, np.float64)
+            _compiled.exact_to_float(
+                np.ascontiguousarray(self.top.reshape(size)),
+                np.ascontiguousarray(self.bins.reshape(K, size)),
+                W,
+                out,
+            )
+            if np.isinf(out).any():  # finite sums past float64's range, as NumPy warns
+                warnings.warn("overflow encountered in to_float", RuntimeWarning, stacklevel=2)
+            return out.reshape(self.shape)
         acc = self
         if self.special:  # read apart, below
             finite = self.top != _SPECIAL

@@ -325,7 +325,7 @@ class SuffStats:
         # chunks' results: deposited a batch at a time (a few million sums per batch)
         step = max(1, _BATCH_SUMS // max(floats[0].size, 1)) if floats else 1
         for i in range(0, len(floats), step):
-            held.append(ExactSum.of(np.stack(floats[i : i + step])).total())
+            held.append(ExactSum.total_of(np.stack(floats[i : i + step])))
         return _merged(
             SuffStats,
             ExactSum.sum_of(held),
