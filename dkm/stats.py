@@ -189,6 +189,42 @@ def sxx_shape(moments: Moments, k: int, d: int) -> tuple[int, ...] | None:
     return covariance.of_moments(moments).sxx_shape(k, d)
 
 
+#: Moments whose matrices are symmetric: their sums keep one triangle (half the exact
+#: sums' work and bytes on a (k, d, d) array of full moments).
+SYMMETRIC_MOMENTS = ("full", "tied")
+
+
+def _deposited_sxx(moments: Moments, sxx: F64) -> F64:
+    if moments not in SYMMETRIC_MOMENTS:
+        return sxx.ravel()
+    rows, cols = np.tril_indices(sxx.shape[-1])
+    return sxx[..., rows, cols].ravel()
+
+
+def _read_sxx(moments: Moments, flat: F64, shape: tuple[int, ...]) -> F64:
+    if moments not in SYMMETRIC_MOMENTS:
+        return flat.reshape(shape)
+    rows, cols = np.tril_indices(shape[-1])
+    sxx = np.empty(shape)
+    tri = flat.reshape((*shape[:-2], rows.size))
+    sxx[..., rows, cols] = tri
+    sxx[..., cols, rows] = tri
+    return sxx
+
+
+def symmetric(stats: SuffStats) -> SuffStats:
+    """``stats`` with full or tied second moments exactly symmetric: each matrix's upper
+    triangle set to its lower one (a product ``Aᵀ B`` or a moment shift can leave them a
+    last bit apart). The engine's chunk results are: a merge keeps one triangle, so a
+    chunk's statistics merged with zero keep their bits."""
+    if stats.sxx is None or stats.moments not in SYMMETRIC_MOMENTS:
+        return stats
+    rows, cols = np.tril_indices(stats.sxx.shape[-1], -1)
+    sxx = np.array(stats.sxx, np.float64)
+    sxx[..., cols, rows] = sxx[..., rows, cols]
+    return replace(stats, sxx=sxx)
+
+
 @dataclass(frozen=True, eq=False)
 class SuffStats:
     """Sufficient statistics of a mixture E-step over some rows.
@@ -255,7 +291,10 @@ class SuffStats:
         return ExactSum.of(self._flat()) if exact is None else exact
 
     def _flat(self) -> F64:
-        sxx = [] if self.sxx is None else [self.sxx.ravel()]
+        """The sums deposited: ``nk``, ``sx``, ``sxx`` (of full and tied moments, the
+        lower triangle of each matrix: they are symmetric, see :func:`symmetric`),
+        ``objective``, ``n``."""
+        sxx = [] if self.sxx is None else [_deposited_sxx(self.moments, self.sxx)]
         tail = np.array([self.objective, self.n])
         return np.concatenate([self.nk.ravel(), self.sx.ravel(), *sxx, tail])
 
@@ -264,7 +303,7 @@ class SuffStats:
         flat = self.__dict__["_exact"].to_float()
         shape = sxx_shape(self.moments, k, d)
         end = k + k * d
-        sxx = None if shape is None else flat[end:-2].reshape(shape)
+        sxx = None if shape is None else _read_sxx(self.moments, flat[end:-2], shape)
         _set(self, nk=flat[:k], sx=flat[k:end].reshape(k, d), sxx=sxx)
         _set(self, objective=float(flat[-2]), n=float(flat[-1]))
 

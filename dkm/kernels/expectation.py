@@ -21,7 +21,7 @@ from dkm._typing import Assignment, Moments
 from dkm.covariance import Covariance
 from dkm.kernels import bounds
 from dkm.kernels.params import MixtureParams
-from dkm.stats import FarthestPoints, SuffStats
+from dkm.stats import FarthestPoints, SuffStats, symmetric
 
 F64 = NDArray[np.float64]
 LOG_2PI = float(np.log(2.0 * np.pi))
@@ -258,7 +258,8 @@ def estep(
     X : (n, d) centred points (float32 or float64).
     params : current parameters (centred coordinates).
     assignment : ``hard`` (each point to its most likely component) or ``soft``.
-    moments : second moments to accumulate (``none`` for k-means).
+    moments : second moments to accumulate (``none`` for k-means); full and tied ones
+        exactly symmetric (:func:`dkm.stats.symmetric`).
     shift : (k, d) centres the moments are taken around; None for zero.
     sample_weight : (n,) non-negative weights, or None for ones.
     n_farthest : keep this many points for re-seeding: farthest from their centre
@@ -270,6 +271,36 @@ def estep(
     bounds_key : k-means only: where this chunk's Hamerly bounds are kept between the
         passes of a fit, ``(fit, model, chunk)`` (see :func:`_kmeans_estep`).
     """
+    return symmetric(
+        _estep(
+            X,
+            params,
+            assignment=assignment,
+            moments=moments,
+            shift=shift,
+            sample_weight=sample_weight,
+            n_farthest=n_farthest,
+            row_offset=row_offset,
+            origin=origin,
+            bounds_key=bounds_key,
+        )
+    )
+
+
+def _estep(
+    X: NDArray[Any],
+    params: MixtureParams,
+    *,
+    assignment: Assignment,
+    moments: Moments,
+    shift: F64 | None = None,
+    sample_weight: NDArray[Any] | None = None,
+    n_farthest: int = 0,
+    row_offset: int = 0,
+    origin: F64 | None = None,
+    bounds_key: tuple[Hashable, ...] | None = None,
+) -> SuffStats:
+    """:func:`estep` before its second moments are made symmetric."""
     n, d = X.shape
     k = params.n_components
     w = np.ones(n) if sample_weight is None else np.asarray(sample_weight, np.float64)

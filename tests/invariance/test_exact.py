@@ -405,3 +405,35 @@ def test_compiled_exact_sums_on_adversarial_arrays():
             warnings.simplefilter("ignore", RuntimeWarning)
             compiled, numpy_code = _compiled_and_numpy(lambda c=chunks: _sums_of(c))
         _assert_same_sums(compiled, numpy_code)
+
+
+@pytest.mark.parametrize("d", [5, 40])
+@pytest.mark.parametrize("assignment", ["soft", "hard"])
+@pytest.mark.parametrize("moments", ["full", "tied"])
+def test_symmetric_moments_keep_one_triangle(moments, assignment, d):
+    """Full and tied second moments leave the E-step exactly symmetric (a moment shift
+    or a product ``Aᵀ B`` can leave the two triangles a last bit apart before), their
+    exact sums hold one triangle (k·d(d+1)/2 sums for full moments), a chunk merged with
+    zero keeps its bits, and totals are symmetric whatever the grouping."""
+    from dkm import covariance
+    from dkm.kernels import MixtureParams, estep
+
+    rng = np.random.default_rng(d)
+    k = 3
+    cov = np.stack([np.eye(d) * (1 + j) for j in range(k)])
+    params = MixtureParams(
+        "full", np.full(k, 1 / k), rng.normal(size=(k, d)), covariance.FULL.precision_cholesky(cov)
+    )
+    shift = params.means + 1e3  # a far shift: the moment shift's subtractions round
+    chunks = [rng.normal(size=(60, d)) * 3 for _ in range(4)]
+    parts = [estep(X, params, assignment=assignment, moments=moments, shift=shift) for X in chunks]
+    for p in parts:
+        assert _same_bits(p.sxx, np.swapaxes(p.sxx, -1, -2))
+    pair = d * (d + 1) // 2 * (k if moments == "full" else 1)
+    assert parts[0]._flat().size == k + k * d + pair + 2
+    zero = SuffStats.zero(k, d, moments)
+    assert _same_bits(SuffStats.merge_many([parts[0], zero]).sxx, parts[0].sxx)
+    total = merge_all(parts)
+    again = SuffStats.merge_many([parts[2], SuffStats.merge_many([parts[3], parts[0]]), parts[1]])
+    assert _same_bits(total.sxx, again.sxx)
+    assert _same_bits(total.sxx, np.swapaxes(total.sxx, -1, -2))
