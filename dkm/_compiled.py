@@ -78,6 +78,9 @@ def centred_square_sums(X: Any, mean: Any, s: Any) -> None:
 
 #: an element holding only zeros (dkm.exact._NONE)
 EXACT_NONE = -64
+#: bits per bin (dkm.exact.W), a compile-time constant of the loops: a division by it is
+#: a multiplication, not an integer division (~40 cycles) per element
+EXACT_W = 40
 
 
 #: 2^s for s in [−EXACT_HALF, EXACT_HALF] (normal numbers): x·2^s as two exact products
@@ -96,7 +99,7 @@ def _exact_level(x: float, bits: int) -> int:
 
 
 @_jit
-def exact_deposit(X: Any, Xbits: Any, w: int, pow2: Any, top: Any, bins: Any) -> None:
+def exact_deposit(X: Any, Xbits: Any, pow2: Any, top: Any, bins: Any) -> None:
     """``ExactSum.of(X).total()`` of finite float64 ``X`` (P, N) (``Xbits``: its bits,
     ``X.view(np.int64)``; ``pow2``: :data:`EXACT_POW2`): ``top`` (N,) int16 and ``bins``
     (3, N) int64, out. A deposit at level t has the digits ``floor(y)``,
@@ -104,6 +107,7 @@ def exact_deposit(X: Any, Xbits: Any, w: int, pow2: Any, top: Any, bins: Any) ->
     two: |y| is in [1, 2^w)); a total at level T adds digit j of a deposit at level t to
     bin ``j + T − t`` (those below bin 2 dropped)."""
     P, N = X.shape
+    w = EXACT_W
     half = (pow2.shape[0] - 1) // 2
     scale = 2.0**w
     for i in range(N):
@@ -168,12 +172,13 @@ def exact_merge(top_a: Any, bins_a: Any, top_b: Any, bins_b: Any, top: Any, bins
 
 
 @_jit
-def exact_to_float(top: Any, bins: Any, w: int, out: Any) -> None:
+def exact_to_float(top: Any, bins: Any, out: Any) -> None:
     """``ExactSum.to_float`` of finite sums (flat, N elements): each rounded to nearest
     float64 (ties to even) once. The bins are carried into four limbs of w bits of the
     magnitude (``base``: the lowest bin's weight), then the bits above the result's last
     place are taken and rounded by the bit below it and the sticky bits under that."""
     N = top.shape[0]
+    w = EXACT_W
     mask = np.int64((1 << w) - 1)
     wu = np.uint64(w)
     one = np.uint64(1)
@@ -238,3 +243,45 @@ def exact_to_float(top: Any, bins: Any, w: int, out: Any) -> None:
             up = round_bit == one and (sticky or (R & one) == one)
             mag = math.ldexp(np.float64(R + (one if up else np.uint64(0))), q)
         out[i] = -mag if negative else mag
+
+
+# ------------------------------------------------------------- symmetric moments
+# Full and tied second moments (dkm.stats.symmetric): (m, d, d) stacks of symmetric
+# matrices, kept as their lower triangles (``np.tril_indices(d)``'s order: row by row,
+# each row's columns up to the diagonal).
+
+
+@_jit
+def mirror_lower(A: Any) -> None:
+    """Each matrix's upper triangle set to its lower one, in place."""
+    m, d, _ = A.shape
+    for t in range(m):
+        for i in range(d):
+            for j in range(i):
+                A[t, j, i] = A[t, i, j]
+
+
+@_jit
+def lower_triangles(A: Any, out: Any) -> None:
+    """``out[t] = A[t][np.tril_indices(d)]``; out (m, d(d+1)/2)."""
+    m, d, _ = A.shape
+    for t in range(m):
+        at = 0
+        for i in range(d):
+            for j in range(i + 1):
+                out[t, at] = A[t, i, j]
+                at += 1
+
+
+@_jit
+def from_lower_triangles(tri: Any, out: Any) -> None:
+    """The symmetric matrices (m, d, d) whose lower triangles are ``tri``."""
+    m, d, _ = out.shape
+    for t in range(m):
+        at = 0
+        for i in range(d):
+            for j in range(i + 1):
+                v = tri[t, at]
+                out[t, i, j] = v
+                out[t, j, i] = v
+                at += 1

@@ -45,6 +45,7 @@ from dkm import _compiled
 W = 40
 #: bins kept per element (the compiled loops of :mod:`dkm._compiled` take three)
 K = 3
+assert W == _compiled.EXACT_W and K == 3, "dkm._compiled's exact sums take W and K"
 #: deposits one accumulator can hold: each adds at most ``2^W`` in magnitude to each int64
 #: bin, and reading carries between bins, so ``MAX_PARTS · (2^W + 1)`` must stay below 2^63
 MAX_PARTS = 2 ** (63 - W) - 1
@@ -143,7 +144,7 @@ class ExactSum:
         flat = np.ascontiguousarray(xs.reshape(xs.shape[0], -1))
         top = np.empty(flat.shape[1], np.int16)
         bins = np.empty((K, flat.shape[1]), np.int64)
-        _compiled.exact_deposit(flat, flat.view(np.int64), W, _compiled.EXACT_POW2, top, bins)
+        _compiled.exact_deposit(flat, flat.view(np.int64), _compiled.EXACT_POW2, top, bins)
         return cls(top.reshape(shape), bins.reshape((K, *shape)), xs.shape[0])
 
     def merge(self, other: ExactSum) -> ExactSum:
@@ -222,7 +223,6 @@ class ExactSum:
             _compiled.exact_to_float(
                 np.ascontiguousarray(self.top.reshape(size)),
                 np.ascontiguousarray(self.bins.reshape(K, size)),
-                W,
                 out,
             )
             if np.isinf(out).any():  # finite sums past float64's range, as NumPy warns

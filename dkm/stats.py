@@ -194,21 +194,27 @@ def sxx_shape(moments: Moments, k: int, d: int) -> tuple[int, ...] | None:
 SYMMETRIC_MOMENTS = ("full", "tied")
 
 
+def _stacked(a: F64) -> F64:
+    """A (d, d) matrix or (k, d, d) stack as a C-contiguous float64 (m, d, d) stack."""
+    return np.ascontiguousarray(a, np.float64).reshape(-1, a.shape[-2], a.shape[-1])
+
+
 def _deposited_sxx(moments: Moments, sxx: F64) -> F64:
     if moments not in SYMMETRIC_MOMENTS:
         return sxx.ravel()
-    rows, cols = np.tril_indices(sxx.shape[-1])
-    return sxx[..., rows, cols].ravel()
+    stack = _stacked(sxx)
+    d = stack.shape[-1]
+    tri = np.empty((stack.shape[0], d * (d + 1) // 2))
+    _compiled.lower_triangles(stack, tri)
+    return tri.ravel()
 
 
 def _read_sxx(moments: Moments, flat: F64, shape: tuple[int, ...]) -> F64:
     if moments not in SYMMETRIC_MOMENTS:
         return flat.reshape(shape)
-    rows, cols = np.tril_indices(shape[-1])
     sxx = np.empty(shape)
-    tri = flat.reshape((*shape[:-2], rows.size))
-    sxx[..., rows, cols] = tri
-    sxx[..., cols, rows] = tri
+    stack = sxx.reshape(-1, shape[-2], shape[-1])
+    _compiled.from_lower_triangles(np.ascontiguousarray(flat).reshape(stack.shape[0], -1), stack)
     return sxx
 
 
@@ -219,9 +225,8 @@ def symmetric(stats: SuffStats) -> SuffStats:
     chunk's statistics merged with zero keep their bits."""
     if stats.sxx is None or stats.moments not in SYMMETRIC_MOMENTS:
         return stats
-    rows, cols = np.tril_indices(stats.sxx.shape[-1], -1)
-    sxx = np.array(stats.sxx, np.float64)
-    sxx[..., cols, rows] = sxx[..., rows, cols]
+    sxx = np.array(stats.sxx, np.float64)  # a copy, C-contiguous
+    _compiled.mirror_lower(sxx.reshape(-1, sxx.shape[-2], sxx.shape[-1]))
     return replace(stats, sxx=sxx)
 
 

@@ -775,3 +775,27 @@ def square_rows(X: Any, F: Any) -> None:
             x = X[i, f]
             F[i, f] = x * x
             F[i, d + f] = x
+
+
+@_jit
+def triangular_side(P: Any) -> int:
+    """1 if the square ``P`` is upper triangular (zeros below the diagonal), 2 if lower,
+    3 if diagonal, 0 if neither: stops at the first non-zero on each side."""
+    d = P.shape[0]
+    upper = True
+    for i in range(1, d):
+        for j in range(i):
+            if P[i, j] != 0.0:
+                upper = False
+                break
+        if not upper:
+            break
+    lower = True
+    for i in range(d - 1):
+        for j in range(i + 1, d):
+            if P[i, j] != 0.0:
+                lower = False
+                break
+        if not lower:
+            break
+    return (1 if upper else 0) + (2 if lower else 0)

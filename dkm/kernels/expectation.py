@@ -347,7 +347,8 @@ def _triangular_product(P: F64) -> Any:
     else the GEMM."""
     from scipy.linalg import blas
 
-    upper, lower = not np.tril(P, -1).any(), not np.triu(P, 1).any()
+    side = _fused().triangular_side(np.ascontiguousarray(P, np.float64))
+    upper, lower = bool(side & 1), bool(side & 2)
     if not (upper or lower):
         return lambda B: B @ P
     PF = np.asfortranarray(P)

@@ -457,3 +457,20 @@ def test_softmax_rows_give_numpys_argmax_of_the_rows_as_they_came() -> None:
         E._softmax_rows(L.copy(), np.ones(500), np.empty(500), np.zeros(7), np.zeros(1), labels)
     np.testing.assert_array_equal(labels, expected)
     assert expected[2] == 6 and expected[7] == 3
+
+
+def test_triangular_side():
+    """Which side of the diagonal a square matrix has zeros on (the wide E-step's
+    triangular products take ``trmm`` when one side is all zeros)."""
+    from dkm.kernels._fused import triangular_side
+
+    rng = np.random.default_rng(0)
+    A = rng.normal(size=(7, 7))
+    assert triangular_side(np.triu(A)) == 1
+    assert triangular_side(np.tril(A)) == 2
+    assert triangular_side(np.diag(np.diag(A))) == 3
+    assert triangular_side(A) == 0
+    B = np.triu(A)
+    B[6, 0] = 1e-300  # one non-zero far below the diagonal
+    assert triangular_side(B) == 0
+    assert triangular_side(np.ones((1, 1))) == 3
