@@ -47,7 +47,7 @@ from dkm.kernels.params import MixtureParams
 from dkm.models import load_model, save_model
 from dkm.monitor import Progress
 from dkm.registry import Registry
-from dkm.stats import FarthestPoints, SuffStats
+from dkm.stats import FarthestPoints, SuffStats, symmetric
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -101,7 +101,8 @@ def recentred(ms: io.ModelStatistics, shift: F64) -> io.ModelStatistics:
     sxx = s.sxx
     if sxx is not None:
         sxx = covariance.of_moments(s.moments).around(sxx, s.sx, s.nk, c)
-    return io.ModelStatistics(replace(s, sx=sx, sxx=sxx), shift.copy(), ms.updates)
+    # the shift leaves full and tied moments a last bit from symmetric: made exact again
+    return io.ModelStatistics(symmetric(replace(s, sx=sx, sxx=sxx)), shift.copy(), ms.updates)
 
 
 def decayed(ms: io.ModelStatistics, factor: float) -> io.ModelStatistics:

@@ -345,7 +345,9 @@ class SuffStats:
         want = sxx_shape(moments, sx.shape[0], sx.shape[1])
         if (sxx is None) != (want is None) or (sxx is not None and sxx.shape != want):
             raise ValueError(f"sxx has the wrong shape for {moments} moments")
-        return cls(moments, nk, sx, sxx, objective, n, int(record.get("count", 0)))
+        # full and tied moments made exactly symmetric (statistics written by an earlier
+        # dkm may be a last bit from it): their sums keep one triangle
+        return symmetric(cls(moments, nk, sx, sxx, objective, n, int(record.get("count", 0))))
 
     def merge(self, other: SuffStats) -> SuffStats:
         """The exact elementwise sum, rounded once when read (associative and commutative

@@ -445,8 +445,9 @@ class _WideLogDensity:
         self.means, self.k, self.d = params.means, k, d
         self.const = -0.5 * d * LOG_2PI + covariance.FULL.log_det(pc, d) + offset
         self.products = [_triangular_product(pc[j]) for j in range(k)]
+        self.original = _originals(self.means, pc, self.const)
         screened = k > 1 and d >= SCREEN_MIN_D
-        self.screen = _Screen(self.means, pc, self.const, hard) if screened else None
+        self.screen = _Screen(self.means, pc, self.const, hard, self.original) if screened else None
 
     def blocks(self, n: int) -> list[slice]:
         """Row blocks of :data:`WIDE_BLOCK_BYTES` (at least :data:`MIN_BLOCK_ROWS` rows),
@@ -465,9 +466,36 @@ class _WideLogDensity:
         if self.screen is not None and self.screen.active:
             self.screen.log_densities(Xb, L, self.products, ws)
         else:
-            for j in range(self.k):
+            for j in np.flatnonzero(self.original == np.arange(self.k)).tolist():
                 _mahalanobis_terms(Xb, None, j, self.means, self.const, self.products, L, ws)
+            _copy_duplicates(L, self.original)
         return L
+
+
+def _originals(means: F64, pc: F64, const: F64) -> NDArray[np.intp]:
+    """(k,): for each component, the first with the same mean, precision factor and
+    constant, bit for bit (itself if none): a duplicate's log-densities are copied from
+    it, so exactly equal components keep equal bits however their rows are gathered,
+    and ties go to the lowest index, as NumPy's argmax and scikit-learn give them."""
+    k = means.shape[0]
+    original = np.arange(k)
+    for j in range(1, k):
+        for i in range(j):
+            if (
+                original[i] == i
+                and const[i] == const[j]
+                and np.array_equal(means[i], means[j])
+                and np.array_equal(pc[i], pc[j])
+            ):
+                original[j] = i
+                break
+    return original
+
+
+def _copy_duplicates(L: F64, original: NDArray[np.intp]) -> None:
+    copies = np.flatnonzero(original != np.arange(original.size))
+    if copies.size:
+        L[:, copies] = L[:, original[copies]]
 
 
 def _mahalanobis_terms(
@@ -537,8 +565,12 @@ class _Screen:
     whole (the screen would cost more than it saves, as on overlapping components).
     """
 
-    def __init__(self, means: F64, pc: F64, const: F64, hard: bool) -> None:
+    def __init__(
+        self, means: F64, pc: F64, const: F64, hard: bool, original: NDArray[np.intp]
+    ) -> None:
         k, d = means.shape
+        self.original = original
+        self.copies = np.flatnonzero(original != np.arange(k))
         r = min(d, max(SCREEN_MIN_COLUMNS, d // SCREEN_COLUMN_RATIO))
         norms = np.einsum("jab,jab->jb", pc, pc)  # (k, d): squared column norms
         cols = np.argsort(-_separation(means, pc), axis=1, kind="stable")[:, :r]
@@ -571,20 +603,27 @@ class _Screen:
 
         m, k = L.shape
         bound = self.upper(Xb, ws)
-        first = bound.argmax(axis=1)  # a row with NaN bounds keeps every component below
+        # a duplicate's bound is its original's: argmax takes the original (lowest index);
+        # a row with NaN bounds keeps every component below
+        first = bound.argmax(axis=1)
         L.fill(-np.inf)
         for j in range(k):
             self._exact(Xb, np.flatnonzero(first == j), j, L, products, ws)
         best = L[np.arange(m), first]
         below = 0.0 if self.hard else -NEGLIGIBLE_LOG
-        slack = 1.0 + 1e-9 * (np.abs(bound) + np.abs(best)[:, None])
+        size = np.abs(bound) + np.abs(best)[:, None]
+        # a zero weight's −∞ bound is left out against a finite best
+        slack = 1.0 + 1e-9 * np.where(np.isfinite(size), size, 0.0)
         threshold = (best - below)[:, None] - slack
         needed = ~(bound < threshold)  # NaN bounds: needed
         needed[np.arange(m), first] = False
+        needed[:, self.copies] = False  # copied from their originals below
         for j in range(k):
             self._exact(Xb, np.flatnonzero(needed[:, j]), j, L, products, ws)
-        pruned = m * (k - 1) - int(np.count_nonzero(needed))
-        if pruned < SCREEN_MIN_PRUNED * m * (k - 1):
+        _copy_duplicates(L, self.original)
+        could = m * (k - 1 - self.copies.size)
+        pruned = could - int(np.count_nonzero(needed))
+        if could == 0 or pruned < SCREEN_MIN_PRUNED * could:
             self.active = False
 
     def _exact(

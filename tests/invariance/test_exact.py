@@ -437,3 +437,27 @@ def test_symmetric_moments_keep_one_triangle(moments, assignment, d):
     again = SuffStats.merge_many([parts[2], SuffStats.merge_many([parts[3], parts[0]]), parts[1]])
     assert _same_bits(total.sxx, again.sxx)
     assert _same_bits(total.sxx, np.swapaxes(total.sxx, -1, -2))
+
+
+def test_statistics_read_from_a_record_are_symmetric():
+    """Full moments written by an earlier dkm (a last bit from symmetric) are read
+    symmetric, the lower triangle kept: merged with zero they keep their bits."""
+    rng = np.random.default_rng(5)
+    k, d = 2, 4
+    A = rng.normal(size=(k, d, d))
+    sxx = A @ A.transpose(0, 2, 1)
+    sxx[0, 0, 1] = np.nextafter(sxx[0, 1, 0], np.inf)  # the upper triangle a bit off
+    record = {
+        "moments": "full",
+        "nk": np.ones(k),
+        "sx": rng.normal(size=(k, d)),
+        "sxx": sxx,
+        "objective": 1.0,
+        "n": 2.0,
+        "count": 2,
+    }
+    got = SuffStats.from_dict(record)
+    assert _same_bits(got.sxx, np.swapaxes(got.sxx, -1, -2))
+    assert _same_bits(np.tril(got.sxx), np.tril(sxx))
+    merged = SuffStats.merge_many([got, SuffStats.zero(k, d, "full")])
+    assert _same_bits(merged.sxx, got.sxx)

@@ -367,22 +367,69 @@ def test_wide_screen_keeps_every_responsibility_the_softmax_keeps(monkeypatch):
     _assert_same_stats(screened, whole)
 
 
-def test_wide_screen_hard_assignments_keep_the_first_of_tied_components(monkeypatch):
-    """Two identical components: every row's label is the first, as NumPy's argmax
-    gives, with and without the screen."""
-    d, n = 128, 600
-    base = wide_params("full", 3, d, seed=15, scale=0.05)
-    pc = np.concatenate([base.precisions_cholesky[:1], base.precisions_cholesky])
-    params = MixtureParams(
-        "full", np.array([0.2, 0.2, 0.3, 0.3]), np.concatenate([base.means[:1], base.means]), pc
+@pytest.mark.parametrize("assignment", ["hard", "soft"])
+def test_wide_screen_duplicate_components_keep_equal_bits(assignment, monkeypatch):
+    """Two identical components and rows between them and a third: the rows' needs
+    differ, so without care the two copies were computed on different gathered rows
+    (BLAS's bits for a row depend on the rows with it) and a row went to the second
+    copy. A duplicate's log-densities are its original's: ties go to the first, as
+    NumPy's argmax and scikit-learn give them, and soft responsibilities are equal."""
+    d, distance = 64, 10.0
+    rng = np.random.default_rng(0)
+    means = np.zeros((3, d))
+    means[2, 0] = distance
+    G = rng.normal(size=(d, d))
+    cov = np.stack([np.eye(d) + 0.3 * (G @ G.T / d)] * 3)
+    pc = covariance.FULL.precision_cholesky(cov)
+    params = MixtureParams("full", np.full(3, 1 / 3), means, pc)
+    r = np.random.default_rng(3)
+    between = r.normal(size=(100, d)) * 0.5
+    between[:, 0] = distance / 2 + r.normal(size=100) * 0.05
+    X = np.concatenate(
+        [r.normal(size=(60, d)) * 0.5, between, means[2] + r.normal(size=(96, d)) * 0.5]
     )
-    X = mixture_rows(base, n, seed=16, spread=0.2)
-    labels = direct_log_prob(params, X).argmax(axis=1)
-    assert not (labels == 1).any() and (labels == 0).any()
-    kwargs = dict(assignment="hard", moments="full", shift=params.means)
-    screened, whole, _computed = _screened_and_whole(X, params, monkeypatch, **kwargs)
-    np.testing.assert_allclose(screened.nk, np.bincount(labels, minlength=4), rtol=0)
+    kwargs = dict(assignment=assignment, moments="full", shift=params.means)
+    screened, whole, computed = _screened_and_whole(X, params, monkeypatch, **kwargs)
+    assert computed <= 2 * X.shape[0] + E.MIN_BLOCK_ROWS  # of 3n: the copy is not computed
+    if assignment == "hard":
+        labels = predict_labels(X, params)
+        assert not (labels == 1).any()
+        np.testing.assert_array_equal(screened.nk, np.bincount(labels, minlength=3))
+        np.testing.assert_array_equal(screened.nk, whole.nk)
+    else:
+        assert _same_bits(screened.nk[0], screened.nk[1])
+        assert _same_bits(screened.sxx[0], screened.sxx[1])
     _assert_same_stats(screened, whole)
+
+
+def test_wide_screen_leaves_out_zero_weights(monkeypatch):
+    """A component of zero weight (log-density −∞ everywhere) is not computed against a
+    finite best, and the statistics are those of computing it."""
+    k, d, n = 5, 128, 1200
+    base = anisotropic_params(k, d, seed=24)
+    weights = base.weights.copy()
+    weights[3] = 0.0
+    params = MixtureParams("full", weights / weights.sum(), base.means, base.precisions_cholesky)
+    X = sample_rows(base, n, seed=25)
+    computed = []
+    exact = E._mahalanobis_terms
+
+    def counting(Xb, rows, j, *args):
+        computed.append((j, Xb.shape[0] if rows is None else rows.size))
+        return exact(Xb, rows, j, *args)
+
+    monkeypatch.setattr(E, "_mahalanobis_terms", counting)
+    with np.errstate(divide="ignore"):  # log(0) for the zero weight
+        screened = estep(X, params, assignment="soft", moments="full", shift=params.means)
+        assert sum(rows for j, rows in computed if j == 3) == 0
+        monkeypatch.setattr(E, "SCREEN_MIN_D", 10**9)
+        whole = estep(X, params, assignment="soft", moments="full", shift=params.means)
+    assert screened.nk[3] == whole.nk[3] == 0.0
+    _assert_same_stats(screened, whole)
+
+
+def _same_bits(a, b) -> bool:
+    return np.array_equal(np.asarray(a).view(np.uint64), np.asarray(b).view(np.uint64))
 
 
 def test_wide_screen_stops_on_overlapping_components(monkeypatch):
