@@ -554,8 +554,13 @@ class _Screen:
     components whose bound reaches within :data:`~dkm.kernels._fused.NEGLIGIBLE_LOG` of
     that log-density (soft assignments; for hard ones, that reach it): any other one's
     responsibility is exactly 0 and its log-density cannot be a row's maximum, so
-    leaving it at −∞ changes no bit of the statistics (the softmax clamps both the same
-    way). On well-separated components, ~2 of k triangular products a row instead of k.
+    leaving it at −∞ adds nothing the computed term would have added (the softmax clamps
+    both the same way). The terms computed are computed on the rows gathered for them,
+    and BLAS's bits for a row depend on the rows in its product: equal to computing the
+    whole block to rounding, not bit for bit (a few rows in a hundred, a last bit); a
+    duplicate component (the same mean, factor and constant) is copied from its
+    original, so exact ties still go to the lowest index. On well-separated components,
+    ~2 of k triangular products a row instead of k.
 
     The bound allows for rounding: the GEMM's and the exact terms' errors are each at
     most ``γ (‖x‖ + ‖μ_j‖) ‖P_j‖_F`` in ``‖(x − μ_j) P_j‖`` (γ a generous ``(d + r)·u``),
