@@ -225,8 +225,8 @@ class ExactSum:
                 np.ascontiguousarray(self.bins.reshape(K, size)),
                 out,
             )
-            if np.isinf(out).any():  # finite sums past float64's range, as NumPy warns
-                warnings.warn("overflow encountered in to_float", RuntimeWarning, stacklevel=2)
+            if np.isinf(out).any():  # finite sums past float64's range
+                _overflow()
             return out.reshape(self.shape)
         acc = self
         if self.special:  # read apart, below
@@ -303,6 +303,19 @@ class ExactSum:
         limbs = np.where(negative, np.stack([d0, d1, d2, d3]), np.stack([c0, c1, c2, c3]))
         base = (self.top.astype(np.int64) - (K - 1)) * W
         return limbs, negative, base
+
+
+def _overflow() -> None:
+    """What NumPy's ``ldexp`` does under ``np.errstate`` when a read passes float64's
+    range: nothing (``ignore``), a ``FloatingPointError`` (``raise``), else a
+    ``RuntimeWarning``."""
+    mode = np.geterr()["over"]
+    if mode == "ignore":
+        return
+    message = "overflow encountered in to_float"
+    if mode == "raise":
+        raise FloatingPointError(message)
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def _check_parts(n: int) -> None:

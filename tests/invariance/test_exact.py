@@ -461,3 +461,20 @@ def test_statistics_read_from_a_record_are_symmetric():
     assert _same_bits(np.tril(got.sxx), np.tril(sxx))
     merged = SuffStats.merge_many([got, SuffStats.zero(k, d, "full")])
     assert _same_bits(merged.sxx, got.sxx)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_a_read_past_the_range_follows_errstate(compiled, monkeypatch):
+    """A sum past float64's range reads as inf: a RuntimeWarning, nothing under
+    ``errstate(over="ignore")``, a FloatingPointError under ``over="raise"``, with the
+    compiled loops as with NumPy's code."""
+    from dkm import exact
+
+    monkeypatch.setattr(exact, "COMPILED", compiled)
+    total = ExactSum.of(np.array([1e308, 1.0])).merge(ExactSum.of(np.array([1e308, 1.0])))
+    with pytest.warns(RuntimeWarning, match="overflow"):
+        assert total.to_float()[0] == np.inf
+    with np.errstate(over="ignore"):
+        assert _same_bits(total.to_float(), [np.inf, 2.0])
+    with np.errstate(over="raise"), pytest.raises(FloatingPointError):
+        total.to_float()
