@@ -297,7 +297,9 @@ class SuffStats:
 
     def _flat(self) -> F64:
         """The sums deposited: ``nk``, ``sx``, ``sxx`` (of full and tied moments, the
-        lower triangle of each matrix: they are symmetric, see :func:`symmetric`),
+        lower triangle of each matrix: they are symmetric, see :func:`symmetric`; a
+        total's upper triangle is its lower one, so statistics read from an earlier
+        dkm's record, a last bit from symmetric, merge as their lower triangle),
         ``objective``, ``n``."""
         sxx = [] if self.sxx is None else [_deposited_sxx(self.moments, self.sxx)]
         tail = np.array([self.objective, self.n])
@@ -345,9 +347,7 @@ class SuffStats:
         want = sxx_shape(moments, sx.shape[0], sx.shape[1])
         if (sxx is None) != (want is None) or (sxx is not None and sxx.shape != want):
             raise ValueError(f"sxx has the wrong shape for {moments} moments")
-        # full and tied moments made exactly symmetric (statistics written by an earlier
-        # dkm may be a last bit from it): their sums keep one triangle
-        return symmetric(cls(moments, nk, sx, sxx, objective, n, int(record.get("count", 0))))
+        return cls(moments, nk, sx, sxx, objective, n, int(record.get("count", 0)))
 
     def merge(self, other: SuffStats) -> SuffStats:
         """The exact elementwise sum, rounded once when read (associative and commutative
