@@ -271,36 +271,6 @@ def estep(
     bounds_key : k-means only: where this chunk's Hamerly bounds are kept between the
         passes of a fit, ``(fit, model, chunk)`` (see :func:`_kmeans_estep`).
     """
-    return symmetric(
-        _estep(
-            X,
-            params,
-            assignment=assignment,
-            moments=moments,
-            shift=shift,
-            sample_weight=sample_weight,
-            n_farthest=n_farthest,
-            row_offset=row_offset,
-            origin=origin,
-            bounds_key=bounds_key,
-        )
-    )
-
-
-def _estep(
-    X: NDArray[Any],
-    params: MixtureParams,
-    *,
-    assignment: Assignment,
-    moments: Moments,
-    shift: F64 | None = None,
-    sample_weight: NDArray[Any] | None = None,
-    n_farthest: int = 0,
-    row_offset: int = 0,
-    origin: F64 | None = None,
-    bounds_key: tuple[Hashable, ...] | None = None,
-) -> SuffStats:
-    """:func:`estep` before its second moments are made symmetric."""
     n, d = X.shape
     k = params.n_components
     w = np.ones(n) if sample_weight is None else np.asarray(sample_weight, np.float64)
@@ -309,10 +279,15 @@ def _estep(
     rows_of = _Rows(X, origin, cdtype, ws)
     hard = assignment == "hard"
     if params.kind.unit and hard:
-        return _kmeans_estep(rows_of, params, moments, shift, w, n_farthest, row_offset, bounds_key)
+        kmeans = _kmeans_estep(
+            rows_of, params, moments, shift, w, n_farthest, row_offset, bounds_key
+        )
+        return symmetric(kmeans)
     mkind = covariance.of_moments(moments)
     if params.kind.dense and d > WIDE_D and (mkind.unit or mkind.dense):
-        return _wide_full_estep(rows_of, params, hard, moments, shift, w, n_farthest, row_offset)
+        return symmetric(
+            _wide_full_estep(rows_of, params, hard, moments, shift, w, n_farthest, row_offset)
+        )
     quadratic: QuadraticForm | DiagonalQuadraticForm | None = None
     if params.kind.dense and not hard and mkind.dense:
         quadratic = QuadraticForm(params, np.log(params.weights))
@@ -338,7 +313,7 @@ def _estep(
                 quadratic,
             )
         )
-    return total
+    return symmetric(total)
 
 
 def _triangular_product(P: F64) -> Any:

@@ -255,10 +255,9 @@ def test_diagonal_log_densities_of_a_tight_far_component_stay_exact(ct, limit, m
         assert not exact  # what the limit is for
 
 
-def _screened_and_whole(X, params, monkeypatch, **kwargs):
-    """The wide E-step with its screen and without it, and the (component, rows) pairs
-    the screened one computed exactly."""
-    computed = []
+def _count_exact_terms(monkeypatch) -> list[tuple[int, int]]:
+    """(component, rows) of every exact log-density computation from now on."""
+    computed: list[tuple[int, int]] = []
     exact = E._mahalanobis_terms
 
     def counting(Xb, rows, j, *args):
@@ -266,8 +265,15 @@ def _screened_and_whole(X, params, monkeypatch, **kwargs):
         return exact(Xb, rows, j, *args)
 
     monkeypatch.setattr(E, "_mahalanobis_terms", counting)
+    return computed
+
+
+def _screened_and_whole(X, params, monkeypatch, **kwargs):
+    """The wide E-step with its screen and without it, and the (component, rows) pairs
+    the screened one computed exactly."""
+    computed = _count_exact_terms(monkeypatch)
     screened = estep(X, params, **kwargs)
-    monkeypatch.setattr(E, "_mahalanobis_terms", exact)
+    monkeypatch.undo()  # the exact terms uncounted
     monkeypatch.setattr(E, "SCREEN_MIN_D", 10**9)
     whole = estep(X, params, **kwargs)
     monkeypatch.undo()
@@ -411,14 +417,7 @@ def test_wide_screen_leaves_out_zero_weights(monkeypatch):
     weights[3] = 0.0
     params = MixtureParams("full", weights / weights.sum(), base.means, base.precisions_cholesky)
     X = sample_rows(base, n, seed=25)
-    computed = []
-    exact = E._mahalanobis_terms
-
-    def counting(Xb, rows, j, *args):
-        computed.append((j, Xb.shape[0] if rows is None else rows.size))
-        return exact(Xb, rows, j, *args)
-
-    monkeypatch.setattr(E, "_mahalanobis_terms", counting)
+    computed = _count_exact_terms(monkeypatch)
     with np.errstate(divide="ignore"):  # log(0) for the zero weight
         screened = estep(X, params, assignment="soft", moments="full", shift=params.means)
         assert sum(rows for j, rows in computed if j == 3) == 0
@@ -481,20 +480,13 @@ def test_wide_outputs_take_the_screened_log_densities(d, monkeypatch):
     with monkeypatch.context() as whole:
         whole.setattr(E, "SCREEN_MIN_D", 10**9)
         score, proba, labels = (f(X, params) for f in outputs)
-    computed = []
-    exact = E._mahalanobis_terms
-
-    def counting(Xb, rows, j, *args):
-        computed.append(Xb.shape[0] if rows is None else rows.size)
-        return exact(Xb, rows, j, *args)
-
-    monkeypatch.setattr(E, "_mahalanobis_terms", counting)
+    computed = _count_exact_terms(monkeypatch)
     np.testing.assert_allclose(E.score_samples(X, params), score, rtol=1e-14)
     np.testing.assert_allclose(E.predict_proba(X, params), proba, rtol=1e-13, atol=1e-300)
-    assert sum(computed) <= 2 * 1.5 * n  # two passes over X, of n·k = 6n each
+    assert sum(rows for _j, rows in computed) <= 2 * 1.5 * n  # two passes, of n·k = 6n each
     computed.clear()
     np.testing.assert_array_equal(predict_labels(X, params), labels)
-    assert sum(computed) <= 1.5 * n
+    assert sum(rows for _j, rows in computed) <= 1.5 * n
     logp = direct_log_prob(params, X)
     norm = logsumexp(logp, axis=1)
     np.testing.assert_allclose(score, norm, rtol=1e-8)
